@@ -1,0 +1,633 @@
+//! LLM API shapes: which API a request speaks, and what its body says that matters for
+//! counting — the model, the prompt, whether it streams, and how much output it may ask for.
+//!
+//! The API is chosen from the path (the suffix, so `/v1/chat/completions`, Azure's
+//! `/openai/deployments/{name}/chat/completions` and gateway prefixes all work), then the body
+//! must have that API's shape. Only the fields needed for counting are deserialised; the rest
+//! of the body is skipped by serde without being copied. A body that is not JSON, is not
+//! UTF-8, repeats a field, or lacks the API's required field is a [`RequestError`], never a
+//! guess.
+
+use std::fmt;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// The request shapes tokenfuse understands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ApiKind {
+    /// OpenAI Chat Completions (`…/chat/completions`).
+    ChatCompletions,
+    /// OpenAI legacy Completions (`…/completions`).
+    Completions,
+    /// OpenAI Responses (`…/responses`).
+    Responses,
+    /// OpenAI Embeddings (`…/embeddings`).
+    Embeddings,
+    /// Anthropic Messages (`…/v1/messages`).
+    AnthropicMessages,
+}
+
+impl ApiKind {
+    /// The API a POST to `path` speaks, if any. The query string is ignored.
+    pub fn from_path(path: &str) -> Option<ApiKind> {
+        let path = path.split(['?', '#']).next().unwrap_or(path);
+        let path = path.trim_end_matches('/');
+        if path.ends_with("/chat/completions") {
+            Some(ApiKind::ChatCompletions)
+        } else if path.ends_with("/completions") {
+            Some(ApiKind::Completions)
+        } else if path.ends_with("/responses") {
+            Some(ApiKind::Responses)
+        } else if path.ends_with("/embeddings") {
+            Some(ApiKind::Embeddings)
+        } else if path.ends_with("/v1/messages") {
+            // Only Anthropic's own path: OpenAI's Assistants API also has `…/messages`
+            // (`/v1/threads/{id}/messages`) with a different body.
+            Some(ApiKind::AnthropicMessages)
+        } else {
+            None
+        }
+    }
+
+    /// Short name used in stats and logs.
+    pub fn tag(self) -> &'static str {
+        match self {
+            ApiKind::ChatCompletions => "chat",
+            ApiKind::Completions => "completions",
+            ApiKind::Responses => "responses",
+            ApiKind::Embeddings => "embeddings",
+            ApiKind::AnthropicMessages => "anthropic",
+        }
+    }
+}
+
+/// The Azure OpenAI deployment named in a path (`/openai/deployments/{name}/…`): Azure
+/// requests may carry no `model` in the body, and the deployment stands for it.
+pub fn azure_deployment(path: &str) -> Option<&str> {
+    let rest = path.split("/deployments/").nth(1)?;
+    let name = rest.split(['/', '?']).next()?;
+    (!name.is_empty()).then_some(name)
+}
+
+/// Why a request body could not be read. Messages name positions and fields, never content.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RequestError {
+    /// The body is empty.
+    Empty,
+    /// Not JSON, or not UTF-8 (JSON strings must be valid UTF-8).
+    Syntax { line: usize, column: usize },
+    /// JSON, but not this API's shape (missing/duplicate field, wrong type).
+    Shape { detail: String },
+    /// A field has a value the API does not allow.
+    Invalid { field: &'static str, why: &'static str },
+}
+
+impl fmt::Display for RequestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RequestError::Empty => f.write_str("request body is empty"),
+            RequestError::Syntax { line, column } => write!(
+                f,
+                "request body is not valid JSON (or not UTF-8) at line {line}, column {column}"
+            ),
+            RequestError::Shape { detail } => write!(f, "request body has the wrong shape: {detail}"),
+            RequestError::Invalid { field, why } => write!(f, "`{field}` {why}"),
+        }
+    }
+}
+
+impl std::error::Error for RequestError {}
+
+impl RequestError {
+    fn from_serde(e: &serde_json::Error) -> Self {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Syntax | Category::Eof | Category::Io => RequestError::Syntax {
+                line: e.line(),
+                column: e.column(),
+            },
+            Category::Data => {
+                // Keep serde's field-level wording but never a quoted value from the body.
+                let text = e.to_string();
+                let text = text.split(" at line ").next().unwrap_or(&text);
+                let detail = if text.starts_with("missing field")
+                    || text.starts_with("duplicate field")
+                {
+                    text.to_string()
+                } else if let Some(pos) = text.find("expected") {
+                    format!("a field has the wrong type, {}", &text[pos..])
+                } else {
+                    "a field has the wrong type".to_string()
+                };
+                RequestError::Shape {
+                    detail: format!("{detail} (line {}, column {})", e.line(), e.column()),
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Shapes. Every struct lists only what counting needs; unknown fields are skipped.
+// ---------------------------------------------------------------------------------------
+
+/// Text, or a list of typed parts (OpenAI chat `content`, Responses `content`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+/// One part of multi-part content, any API. Only the fields counting reads.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+    pub refusal: Option<String>,
+    pub image_url: Option<ImageUrl>,
+    /// Responses API `input_image` and Anthropic image blocks carry `detail` here.
+    pub detail: Option<String>,
+    // Anthropic blocks.
+    pub name: Option<String>,
+    pub input: Option<Value>,
+    pub content: Option<Box<AnthropicContent>>,
+    pub thinking: Option<String>,
+}
+
+/// `image_url` is a string (Responses API) or `{url, detail}` (Chat Completions).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ImageUrl {
+    Url(String),
+    Object {
+        #[serde(default)]
+        detail: Option<String>,
+    },
+}
+
+/// A chat message (OpenAI Chat Completions).
+#[derive(Debug, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    #[serde(default)]
+    pub function_call: Option<FunctionCall>,
+    #[serde(default)]
+    pub refusal: Option<String>,
+}
+
+/// A tool call made by the assistant in an earlier turn.
+#[derive(Debug, Deserialize)]
+pub struct ToolCall {
+    #[serde(default)]
+    pub function: Option<FunctionCall>,
+}
+
+/// A function name and its JSON-encoded arguments.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct FunctionCall {
+    pub name: String,
+    pub arguments: String,
+}
+
+/// `stream_options` of streaming chat/completions requests.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct StreamOptions {
+    pub include_usage: Option<bool>,
+}
+
+/// OpenAI Chat Completions request.
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub messages: Vec<ChatMessage>,
+    #[serde(default)]
+    pub tools: Option<Vec<Value>>,
+    #[serde(default)]
+    pub functions: Option<Vec<Value>>,
+    #[serde(default)]
+    pub response_format: Option<Value>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    pub n: Option<i64>,
+}
+
+/// A legacy-completions prompt or an embeddings input: text, texts, or token ids.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum TextOrTokens {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+/// OpenAI legacy Completions request.
+#[derive(Debug, Deserialize)]
+pub struct CompletionsRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub prompt: TextOrTokens,
+    #[serde(default)]
+    pub suffix: Option<String>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
+    #[serde(default)]
+    pub n: Option<i64>,
+    #[serde(default)]
+    pub best_of: Option<i64>,
+}
+
+/// OpenAI Embeddings request.
+#[derive(Debug, Deserialize)]
+pub struct EmbeddingsRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub input: TextOrTokens,
+}
+
+/// Responses API `input`: a string, or a list of items.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ResponsesInput {
+    Text(String),
+    Items(Vec<ResponsesItem>),
+}
+
+/// One Responses API input item: a message, a function call, or a function call's output.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct ResponsesItem {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub role: Option<String>,
+    pub content: Option<Content>,
+    pub name: Option<String>,
+    pub arguments: Option<String>,
+    pub output: Option<Value>,
+}
+
+/// OpenAI Responses request.
+#[derive(Debug, Deserialize)]
+pub struct ResponsesRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub input: Option<ResponsesInput>,
+    #[serde(default)]
+    pub instructions: Option<String>,
+    #[serde(default)]
+    pub tools: Option<Vec<Value>>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub max_output_tokens: Option<i64>,
+}
+
+/// Anthropic content: a string or a list of blocks.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum AnthropicContent {
+    Text(String),
+    Blocks(Vec<ContentPart>),
+}
+
+/// An Anthropic message.
+#[derive(Debug, Deserialize)]
+pub struct AnthropicMessage {
+    pub role: String,
+    pub content: AnthropicContent,
+}
+
+/// Anthropic Messages request.
+#[derive(Debug, Deserialize)]
+pub struct AnthropicRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub system: Option<AnthropicContent>,
+    pub messages: Vec<AnthropicMessage>,
+    #[serde(default)]
+    pub tools: Option<Vec<Value>>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
+}
+
+/// A parsed request body of one of the known APIs.
+#[derive(Debug)]
+pub enum RequestBody {
+    Chat(ChatRequest),
+    Completions(CompletionsRequest),
+    Responses(ResponsesRequest),
+    Embeddings(EmbeddingsRequest),
+    Anthropic(AnthropicRequest),
+}
+
+/// Parse `body` as `kind`'s request shape.
+pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<RequestBody, RequestError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(RequestError::Empty);
+    }
+    let parsed = match kind {
+        ApiKind::ChatCompletions => serde_json::from_slice(body).map(RequestBody::Chat),
+        ApiKind::Completions => serde_json::from_slice(body).map(RequestBody::Completions),
+        ApiKind::Responses => serde_json::from_slice(body).map(RequestBody::Responses),
+        ApiKind::Embeddings => serde_json::from_slice(body).map(RequestBody::Embeddings),
+        ApiKind::AnthropicMessages => serde_json::from_slice(body).map(RequestBody::Anthropic),
+    }
+    .map_err(|e| RequestError::from_serde(&e))?;
+    parsed.validate()?;
+    Ok(parsed)
+}
+
+fn positive(value: Option<i64>, field: &'static str) -> Result<Option<u64>, RequestError> {
+    match value {
+        None => Ok(None),
+        Some(v) if v >= 1 => Ok(Some(v as u64)),
+        Some(_) => Err(RequestError::Invalid {
+            field,
+            why: "must be a positive integer",
+        }),
+    }
+}
+
+impl RequestBody {
+    fn validate(&self) -> Result<(), RequestError> {
+        match self {
+            RequestBody::Chat(r) => {
+                positive(r.max_tokens, "max_tokens")?;
+                positive(r.max_completion_tokens, "max_completion_tokens")?;
+                positive(r.n, "n")?;
+            }
+            RequestBody::Completions(r) => {
+                positive(r.max_tokens, "max_tokens")?;
+                positive(r.n, "n")?;
+                positive(r.best_of, "best_of")?;
+            }
+            RequestBody::Responses(r) => {
+                positive(r.max_output_tokens, "max_output_tokens")?;
+            }
+            RequestBody::Anthropic(r) => {
+                positive(r.max_tokens, "max_tokens")?;
+            }
+            RequestBody::Embeddings(_) => {}
+        }
+        Ok(())
+    }
+
+    /// The `model` field of the body, if any.
+    pub fn model(&self) -> Option<&str> {
+        match self {
+            RequestBody::Chat(r) => r.model.as_deref(),
+            RequestBody::Completions(r) => r.model.as_deref(),
+            RequestBody::Responses(r) => r.model.as_deref(),
+            RequestBody::Embeddings(r) => r.model.as_deref(),
+            RequestBody::Anthropic(r) => r.model.as_deref(),
+        }
+    }
+
+    /// Whether the response will be a server-sent event stream.
+    pub fn stream(&self) -> bool {
+        match self {
+            RequestBody::Chat(r) => r.stream,
+            RequestBody::Completions(r) => r.stream,
+            RequestBody::Responses(r) => r.stream,
+            RequestBody::Anthropic(r) => r.stream,
+            RequestBody::Embeddings(_) => None,
+        }
+        .unwrap_or(false)
+    }
+
+    /// Whether the client already asked OpenAI for a usage chunk at the end of the stream.
+    pub fn stream_usage_requested(&self) -> bool {
+        let opts = match self {
+            RequestBody::Chat(r) => r.stream_options.as_ref(),
+            RequestBody::Completions(r) => r.stream_options.as_ref(),
+            _ => None,
+        };
+        opts.and_then(|o| o.include_usage).unwrap_or(false)
+    }
+
+    /// Whether this API takes `stream_options.include_usage` (only OpenAI chat/completions).
+    pub fn accepts_stream_options(&self) -> bool {
+        matches!(self, RequestBody::Chat(_) | RequestBody::Completions(_))
+    }
+
+    /// The most output tokens the request allows, over all choices; `None` when the request
+    /// does not say (the caller then reserves its configured default). Embeddings produce no
+    /// output tokens.
+    pub fn max_output_tokens(&self) -> Option<u64> {
+        let choices = |n: Option<i64>| n.filter(|v| *v >= 1).unwrap_or(1) as u64;
+        let cap = |v: Option<i64>| v.filter(|v| *v >= 1).map(|v| v as u64);
+        match self {
+            RequestBody::Chat(r) => cap(r.max_completion_tokens.or(r.max_tokens))
+                .map(|m| m.saturating_mul(choices(r.n))),
+            RequestBody::Completions(r) => cap(r.max_tokens)
+                .map(|m| m.saturating_mul(choices(r.n).max(choices(r.best_of)))),
+            RequestBody::Responses(r) => cap(r.max_output_tokens),
+            RequestBody::Anthropic(r) => cap(r.max_tokens),
+            RequestBody::Embeddings(_) => Some(0),
+        }
+    }
+}
+
+/// Add `stream_options.include_usage: true` to a streaming chat/completions body, so the
+/// provider reports usage in a final chunk. Returns the new body, or `None` when nothing needs
+/// to change. The edit is textual when the body has no `stream_options` (the rest of the
+/// body stays byte for byte as the client sent it); otherwise the object is rebuilt.
+pub fn with_stream_usage(body: &[u8], parsed: &RequestBody) -> Option<Vec<u8>> {
+    if !parsed.accepts_stream_options() || !parsed.stream() || parsed.stream_usage_requested() {
+        return None;
+    }
+    let has_options = match parsed {
+        RequestBody::Chat(r) => r.stream_options.is_some(),
+        RequestBody::Completions(r) => r.stream_options.is_some(),
+        _ => false,
+    };
+    if !has_options {
+        let open = body.iter().position(|b| *b == b'{')?;
+        let mut out = Vec::with_capacity(body.len() + 40);
+        out.extend_from_slice(&body[..=open]);
+        out.extend_from_slice(br#""stream_options":{"include_usage":true},"#);
+        out.extend_from_slice(&body[open + 1..]);
+        return Some(out);
+    }
+    let mut value: Value = serde_json::from_slice(body).ok()?;
+    let options = value.get_mut("stream_options")?;
+    if !options.is_object() {
+        *options = Value::Object(serde_json::Map::new());
+    }
+    options
+        .as_object_mut()?
+        .insert("include_usage".into(), Value::Bool(true));
+    serde_json::to_vec(&value).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_select_the_api_by_suffix() {
+        assert_eq!(ApiKind::from_path("/v1/chat/completions"), Some(ApiKind::ChatCompletions));
+        assert_eq!(
+            ApiKind::from_path("/openai/deployments/gpt4o/chat/completions?api-version=2024-10-21"),
+            Some(ApiKind::ChatCompletions)
+        );
+        assert_eq!(ApiKind::from_path("/v1/completions"), Some(ApiKind::Completions));
+        assert_eq!(ApiKind::from_path("/v1/responses"), Some(ApiKind::Responses));
+        assert_eq!(ApiKind::from_path("/v1/embeddings/"), Some(ApiKind::Embeddings));
+        assert_eq!(ApiKind::from_path("/v1/messages"), Some(ApiKind::AnthropicMessages));
+        assert_eq!(ApiKind::from_path("/anthropic/v1/messages?beta=true"), Some(ApiKind::AnthropicMessages));
+    }
+
+    #[test]
+    fn other_paths_are_not_llm_calls() {
+        for p in ["/v1/models", "/", "/v1/threads/t1/messages", "/v1/responses/resp_1", "/v1/messages/count_tokens", "/healthz"] {
+            assert_eq!(ApiKind::from_path(p), None, "{p}");
+        }
+    }
+
+    #[test]
+    fn azure_deployment_is_read_from_the_path() {
+        assert_eq!(azure_deployment("/openai/deployments/prod-4o/chat/completions?x=1"), Some("prod-4o"));
+        assert_eq!(azure_deployment("/v1/chat/completions"), None);
+        assert_eq!(azure_deployment("/openai/deployments//chat"), None);
+    }
+
+    #[test]
+    fn empty_and_whitespace_bodies_are_empty() {
+        assert_eq!(parse_request(ApiKind::ChatCompletions, b"").unwrap_err(), RequestError::Empty);
+        assert_eq!(parse_request(ApiKind::ChatCompletions, b" \n").unwrap_err(), RequestError::Empty);
+    }
+
+    #[test]
+    fn truncated_json_is_a_syntax_error_with_position() {
+        let e = parse_request(ApiKind::ChatCompletions, br#"{"model":"gpt-4o","messages":[{"#).unwrap_err();
+        assert!(matches!(e, RequestError::Syntax { line: 1, .. }), "{e:?}");
+    }
+
+    #[test]
+    fn invalid_utf8_inside_a_string_is_a_syntax_error() {
+        let body = b"{\"model\":\"gpt-4o\",\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}";
+        assert!(matches!(parse_request(ApiKind::ChatCompletions, body), Err(RequestError::Syntax { .. })));
+    }
+
+    #[test]
+    fn duplicate_model_field_is_refused() {
+        let body = br#"{"model":"gpt-4o-mini","model":"gpt-4o","messages":[]}"#;
+        let e = parse_request(ApiKind::ChatCompletions, body).unwrap_err();
+        assert!(e.to_string().contains("duplicate field `model`"), "{e}");
+    }
+
+    #[test]
+    fn chat_without_messages_is_the_wrong_shape() {
+        let e = parse_request(ApiKind::ChatCompletions, br#"{"model":"gpt-4o"}"#).unwrap_err();
+        assert!(e.to_string().contains("missing field `messages`"), "{e}");
+    }
+
+    #[test]
+    fn shape_errors_do_not_quote_body_values() {
+        let body = br#"{"model":"gpt-4o","messages":"my secret prompt"}"#;
+        let e = parse_request(ApiKind::ChatCompletions, body).unwrap_err();
+        assert!(!e.to_string().contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn negative_max_tokens_is_invalid() {
+        let body = br#"{"model":"gpt-4o","messages":[],"max_tokens":-5}"#;
+        assert_eq!(
+            parse_request(ApiKind::ChatCompletions, body).unwrap_err(),
+            RequestError::Invalid { field: "max_tokens", why: "must be a positive integer" }
+        );
+    }
+
+    #[test]
+    fn output_cap_prefers_max_completion_tokens_and_multiplies_by_n() {
+        let b = parse_request(ApiKind::ChatCompletions, br#"{"messages":[],"max_tokens":10,"max_completion_tokens":20,"n":3}"#).unwrap();
+        assert_eq!(b.max_output_tokens(), Some(60));
+        let b = parse_request(ApiKind::ChatCompletions, br#"{"messages":[]}"#).unwrap();
+        assert_eq!(b.max_output_tokens(), None);
+        let b = parse_request(ApiKind::Completions, br#"{"prompt":"x","max_tokens":5,"n":2,"best_of":4}"#).unwrap();
+        assert_eq!(b.max_output_tokens(), Some(20));
+        let b = parse_request(ApiKind::Responses, br#"{"input":"x","max_output_tokens":7}"#).unwrap();
+        assert_eq!(b.max_output_tokens(), Some(7));
+        let b = parse_request(ApiKind::Embeddings, br#"{"input":"x"}"#).unwrap();
+        assert_eq!(b.max_output_tokens(), Some(0));
+    }
+
+    #[test]
+    fn absurd_max_tokens_saturates_instead_of_overflowing() {
+        let b = parse_request(ApiKind::ChatCompletions, br#"{"messages":[],"max_tokens":9223372036854775807,"n":4}"#).unwrap();
+        assert_eq!(b.max_output_tokens(), Some(u64::MAX));
+    }
+
+    #[test]
+    fn stream_usage_is_injected_textually_when_absent() {
+        let body = br#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        let parsed = parse_request(ApiKind::ChatCompletions, body).unwrap();
+        let out = with_stream_usage(body, &parsed).unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], Value::Bool(true));
+        assert!(out.ends_with(br#""messages":[{"role":"user","content":"hi"}]}"#));
+    }
+
+    #[test]
+    fn stream_usage_overrides_an_explicit_false() {
+        let body = br#"{"stream":true,"stream_options":{"include_usage":false,"x":1},"messages":[]}"#;
+        let parsed = parse_request(ApiKind::ChatCompletions, body).unwrap();
+        let v: Value = serde_json::from_slice(&with_stream_usage(body, &parsed).unwrap()).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], Value::Bool(true));
+        assert_eq!(v["stream_options"]["x"], 1);
+    }
+
+    #[test]
+    fn stream_usage_is_left_alone_when_not_needed() {
+        for (kind, body) in [
+            (ApiKind::ChatCompletions, &br#"{"messages":[]}"#[..]),
+            (ApiKind::ChatCompletions, br#"{"stream":true,"stream_options":{"include_usage":true},"messages":[]}"#),
+            (ApiKind::Responses, br#"{"stream":true,"input":"x"}"#),
+            (ApiKind::AnthropicMessages, br#"{"stream":true,"messages":[],"max_tokens":5}"#),
+        ] {
+            let parsed = parse_request(kind, body).unwrap();
+            assert!(with_stream_usage(body, &parsed).is_none());
+        }
+    }
+
+    #[test]
+    fn every_prompt_form_of_completions_and_embeddings_parses() {
+        for input in [r#""a""#, r#"["a","b"]"#, "[1,2,3]", "[[1,2],[3]]"] {
+            let body = format!(r#"{{"input":{input}}}"#);
+            assert!(parse_request(ApiKind::Embeddings, body.as_bytes()).is_ok(), "{input}");
+            let body = format!(r#"{{"prompt":{input}}}"#);
+            assert!(parse_request(ApiKind::Completions, body.as_bytes()).is_ok(), "{input}");
+        }
+    }
+}

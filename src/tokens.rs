@@ -1,0 +1,394 @@
+//! Tokenizers and the model map: which BPE encoding counts which model, built once per VM.
+//!
+//! OpenAI models are counted with their own encoding (`o200k_base` for the GPT-4o family,
+//! o-series and GPT-5; `cl100k_base` for GPT-4, GPT-3.5 and the v3 embeddings), so the
+//! filter's count is the provider's bill. Models with a private tokenizer (Anthropic, most
+//! self-hosted ones) borrow an encoding and multiply the count by a configured safety
+//! factor; such counts are estimates and are marked as such.
+//!
+//! Building a tokenizer is the expensive part of VM start (the o200k table holds 200k
+//! entries), so [`Tokenizers::build`] is called once per VM from `on_configure`, and only for
+//! the encodings the configuration can reach.
+
+use std::fmt;
+
+use serde::Deserialize;
+use tiktoken_rs::CoreBPE;
+
+/// A byte-pair encoding the filter can count with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+pub enum Encoding {
+    /// GPT-4o, GPT-4.1, GPT-4.5, o1/o3/o4, GPT-5.
+    #[serde(rename = "o200k_base")]
+    O200kBase,
+    /// GPT-4, GPT-3.5-turbo, text-embedding-3-*, text-embedding-ada-002.
+    #[serde(rename = "cl100k_base")]
+    Cl100kBase,
+}
+
+impl Encoding {
+    /// The encoding's name as tiktoken spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Encoding::O200kBase => "o200k_base",
+            Encoding::Cl100kBase => "cl100k_base",
+        }
+    }
+}
+
+impl fmt::Display for Encoding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How a model name is matched: the whole name, or a prefix (`gpt-4o*`).
+#[derive(Clone, Debug, PartialEq)]
+enum Pattern {
+    Exact(String),
+    Prefix(String),
+}
+
+/// One entry of the model map.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelRule {
+    pattern: Pattern,
+    encoding: Encoding,
+    safety_factor: f64,
+}
+
+impl ModelRule {
+    /// Parse `name` (exact) or `prefix*`. A `*` anywhere but at the end is refused, so an
+    /// operator never believes `gpt*4` does what it looks like.
+    pub fn parse(pattern: &str, encoding: Encoding, safety_factor: f64) -> Result<Self, String> {
+        if pattern.is_empty() {
+            return Err("must not be empty".into());
+        }
+        let star = pattern.find('*');
+        let pattern = match star {
+            None => Pattern::Exact(pattern.to_string()),
+            Some(i) if i + 1 == pattern.len() => Pattern::Prefix(pattern[..i].to_string()),
+            Some(_) => return Err("only a single trailing `*` (prefix match) is supported".into()),
+        };
+        Ok(ModelRule {
+            pattern,
+            encoding,
+            safety_factor,
+        })
+    }
+
+    fn matches(&self, model: &str) -> Option<usize> {
+        match &self.pattern {
+            Pattern::Exact(name) if name == model => Some(usize::MAX),
+            Pattern::Prefix(prefix) if model.starts_with(prefix.as_str()) => Some(prefix.len()),
+            _ => None,
+        }
+    }
+}
+
+/// How a model is to be counted.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ModelCounting {
+    /// The encoding to count with.
+    pub encoding: Encoding,
+    /// Multiplier on the raw count (1.0 for models counted with their own encoding).
+    pub safety_factor: f64,
+    /// True when the model matched a map entry (its own encoding, or an operator's choice);
+    /// false when the fallback was used.
+    pub matched: bool,
+}
+
+/// Model name → encoding. Exact names win over prefixes; among prefixes the longest wins,
+/// so `gpt-4o*` beats `gpt-4*`. Operator rules are consulted before the built-in ones.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelMap {
+    operator_rules: Vec<ModelRule>,
+    builtin_rules: Vec<ModelRule>,
+    fallback: Encoding,
+    fallback_factor: f64,
+}
+
+/// OpenAI's published model → encoding assignments (tiktoken's `model.py`).
+const BUILTIN: &[(&str, Encoding)] = &[
+    ("gpt-5*", Encoding::O200kBase),
+    ("gpt-4.1*", Encoding::O200kBase),
+    ("gpt-4.5*", Encoding::O200kBase),
+    ("gpt-4o*", Encoding::O200kBase),
+    ("chatgpt-4o*", Encoding::O200kBase),
+    ("gpt-oss*", Encoding::O200kBase),
+    ("o1*", Encoding::O200kBase),
+    ("o3*", Encoding::O200kBase),
+    ("o4*", Encoding::O200kBase),
+    ("gpt-4", Encoding::Cl100kBase),
+    ("gpt-4-*", Encoding::Cl100kBase),
+    ("gpt-3.5-turbo*", Encoding::Cl100kBase),
+    ("gpt-35-turbo*", Encoding::Cl100kBase),
+    ("text-embedding-3*", Encoding::Cl100kBase),
+    ("text-embedding-ada-002", Encoding::Cl100kBase),
+    ("davinci-002", Encoding::Cl100kBase),
+    ("babbage-002", Encoding::Cl100kBase),
+];
+
+impl ModelMap {
+    /// A map of only the operator's rules.
+    pub fn new(rules: Vec<ModelRule>, fallback: Encoding, fallback_factor: f64) -> Self {
+        ModelMap {
+            operator_rules: rules,
+            builtin_rules: Vec::new(),
+            fallback,
+            fallback_factor,
+        }
+    }
+
+    /// The built-in OpenAI map.
+    pub fn builtin(fallback: Encoding, fallback_factor: f64) -> Self {
+        let builtin_rules = BUILTIN
+            .iter()
+            .filter_map(|(p, e)| ModelRule::parse(p, *e, 1.0).ok())
+            .collect();
+        ModelMap {
+            operator_rules: Vec::new(),
+            builtin_rules,
+            fallback,
+            fallback_factor,
+        }
+    }
+
+    /// This map with `rules` consulted before the existing ones.
+    pub fn with_rules_first(mut self, rules: Vec<ModelRule>) -> Self {
+        self.operator_rules = rules;
+        self
+    }
+
+    /// How to count `model`.
+    pub fn resolve(&self, model: &str) -> ModelCounting {
+        for rules in [&self.operator_rules, &self.builtin_rules] {
+            let best = rules
+                .iter()
+                .filter_map(|r| r.matches(model).map(|score| (score, r)))
+                .max_by_key(|(score, _)| *score);
+            if let Some((_, rule)) = best {
+                return ModelCounting {
+                    encoding: rule.encoding,
+                    safety_factor: rule.safety_factor,
+                    matched: true,
+                };
+            }
+        }
+        ModelCounting {
+            encoding: self.fallback,
+            safety_factor: self.fallback_factor,
+            matched: false,
+        }
+    }
+
+    /// Every encoding some model (or the fallback) can resolve to, sorted, without repeats.
+    pub fn encodings(&self) -> Vec<Encoding> {
+        let mut all: Vec<Encoding> = self
+            .operator_rules
+            .iter()
+            .chain(self.builtin_rules.iter())
+            .map(|r| r.encoding)
+            .chain(std::iter::once(self.fallback))
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+}
+
+/// Why a tokenizer could not be built.
+#[derive(Debug)]
+pub struct TokenizerError {
+    encoding: Encoding,
+    cause: String,
+}
+
+impl fmt::Display for TokenizerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "could not build the {} tokenizer: {}",
+            self.encoding, self.cause
+        )
+    }
+}
+
+impl std::error::Error for TokenizerError {}
+
+/// The tokenizers of one VM.
+pub struct Tokenizers {
+    o200k: Option<CoreBPE>,
+    cl100k: Option<CoreBPE>,
+}
+
+impl fmt::Debug for Tokenizers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tokenizers")
+            .field("o200k_base", &self.o200k.is_some())
+            .field("cl100k_base", &self.cl100k.is_some())
+            .finish()
+    }
+}
+
+impl Tokenizers {
+    /// Build the given encodings (and no others).
+    pub fn build(encodings: &[Encoding]) -> Result<Tokenizers, TokenizerError> {
+        let mut t = Tokenizers {
+            o200k: None,
+            cl100k: None,
+        };
+        for &encoding in encodings {
+            let built = match encoding {
+                Encoding::O200kBase => tiktoken_rs::o200k_base(),
+                Encoding::Cl100kBase => tiktoken_rs::cl100k_base(),
+            }
+            .map_err(|e| TokenizerError {
+                encoding,
+                cause: e.to_string(),
+            })?;
+            match encoding {
+                Encoding::O200kBase => t.o200k = Some(built),
+                Encoding::Cl100kBase => t.cl100k = Some(built),
+            }
+        }
+        Ok(t)
+    }
+
+    /// A counter for `encoding`, if it was built.
+    pub fn counter(&self, encoding: Encoding) -> Option<TextCounter<'_>> {
+        let bpe = match encoding {
+            Encoding::O200kBase => self.o200k.as_ref(),
+            Encoding::Cl100kBase => self.cl100k.as_ref(),
+        }?;
+        Some(TextCounter { bpe, encoding })
+    }
+}
+
+/// Counts text with one encoding.
+#[derive(Clone, Copy)]
+pub struct TextCounter<'a> {
+    bpe: &'a CoreBPE,
+    encoding: Encoding,
+}
+
+impl TextCounter<'_> {
+    /// Tokens in `text`. Special-token spellings such as `<|endoftext|>` inside user text are
+    /// counted as ordinary text, as the provider's API treats them.
+    pub fn count(&self, text: &str) -> u64 {
+        if text.is_empty() {
+            return 0;
+        }
+        self.bpe.encode_ordinary(text).len() as u64
+    }
+
+    /// The encoding this counter uses.
+    pub fn encoding(&self) -> Encoding {
+        self.encoding
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+    use std::sync::OnceLock;
+
+    /// Building a tokenizer takes a while; tests share one instance with both encodings.
+    pub(crate) fn shared() -> &'static Tokenizers {
+        static T: OnceLock<Tokenizers> = OnceLock::new();
+        T.get_or_init(|| Tokenizers::build(&[Encoding::O200kBase, Encoding::Cl100kBase]).unwrap())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::shared;
+    use super::*;
+
+    fn resolve(model: &str) -> (Encoding, bool) {
+        let r = ModelMap::builtin(Encoding::Cl100kBase, 1.2).resolve(model);
+        (r.encoding, r.matched)
+    }
+
+    #[test]
+    fn gpt_4o_family_uses_o200k() {
+        for m in ["gpt-4o", "gpt-4o-mini", "gpt-4o-2024-08-06", "gpt-4.1", "gpt-4.1-nano", "o1-mini", "o3", "o4-mini", "gpt-5", "gpt-5-mini", "chatgpt-4o-latest"] {
+            assert_eq!(resolve(m), (Encoding::O200kBase, true), "{m}");
+        }
+    }
+
+    #[test]
+    fn gpt_4_and_3_5_use_cl100k() {
+        for m in ["gpt-4", "gpt-4-0613", "gpt-4-turbo", "gpt-3.5-turbo", "gpt-3.5-turbo-0125", "text-embedding-3-small", "text-embedding-ada-002"] {
+            assert_eq!(resolve(m), (Encoding::Cl100kBase, true), "{m}");
+        }
+    }
+
+    #[test]
+    fn longest_prefix_wins_over_shorter_one() {
+        // `gpt-4o-mini` starts with `gpt-4` too; the exact `gpt-4` rule must not catch it,
+        // and `gpt-4-*` must not catch `gpt-4o`.
+        assert_eq!(resolve("gpt-4o").0, Encoding::O200kBase);
+        assert_eq!(resolve("gpt-4-32k").0, Encoding::Cl100kBase);
+    }
+
+    #[test]
+    fn unknown_models_fall_back_with_the_safety_factor() {
+        let map = ModelMap::builtin(Encoding::Cl100kBase, 1.2);
+        let r = map.resolve("claude-sonnet-4-5");
+        assert_eq!(r, ModelCounting { encoding: Encoding::Cl100kBase, safety_factor: 1.2, matched: false });
+        // A name that merely contains a known model is not that model.
+        assert!(!map.resolve("my-gpt-4o").matched);
+    }
+
+    #[test]
+    fn operator_rules_override_builtin_ones() {
+        let rule = ModelRule::parse("gpt-4o-custom*", Encoding::Cl100kBase, 1.5).unwrap();
+        let map = ModelMap::builtin(Encoding::O200kBase, 1.0).with_rules_first(vec![rule]);
+        let r = map.resolve("gpt-4o-custom-1");
+        assert_eq!((r.encoding, r.safety_factor), (Encoding::Cl100kBase, 1.5));
+        assert_eq!(map.resolve("gpt-4o").encoding, Encoding::O200kBase);
+    }
+
+    #[test]
+    fn exact_rule_beats_prefix_rule() {
+        let rules = vec![
+            ModelRule::parse("m*", Encoding::Cl100kBase, 1.0).unwrap(),
+            ModelRule::parse("m1", Encoding::O200kBase, 1.0).unwrap(),
+        ];
+        let map = ModelMap::new(rules, Encoding::Cl100kBase, 1.0);
+        assert_eq!(map.resolve("m1").encoding, Encoding::O200kBase);
+        assert_eq!(map.resolve("m12").encoding, Encoding::Cl100kBase);
+    }
+
+    #[test]
+    fn pattern_with_inner_star_is_refused() {
+        assert!(ModelRule::parse("gpt*4", Encoding::O200kBase, 1.0).is_err());
+        assert!(ModelRule::parse("", Encoding::O200kBase, 1.0).is_err());
+    }
+
+    #[test]
+    fn counts_match_tiktoken_reference_values() {
+        // Reference values from OpenAI's tiktoken for these strings.
+        let t = shared();
+        let o = t.counter(Encoding::O200kBase).unwrap();
+        let c = t.counter(Encoding::Cl100kBase).unwrap();
+        assert_eq!(o.count("tiktoken is great!"), 6);
+        assert_eq!(c.count("tiktoken is great!"), 6);
+        assert_eq!(c.count("antidisestablishmentarianism"), 6);
+        assert_eq!(o.count(""), 0);
+    }
+
+    #[test]
+    fn special_token_text_counts_as_ordinary_text() {
+        let c = shared().counter(Encoding::Cl100kBase).unwrap();
+        assert!(c.count("<|endoftext|>") > 1);
+    }
+
+    #[test]
+    fn only_requested_encodings_are_built() {
+        let t = Tokenizers::build(&[Encoding::Cl100kBase]).unwrap();
+        assert!(t.counter(Encoding::O200kBase).is_none());
+        assert!(t.counter(Encoding::Cl100kBase).is_some());
+    }
+}

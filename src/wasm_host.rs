@@ -1,0 +1,110 @@
+//! [`Host`] over proxy-wasm host calls: the only place that talks to Envoy.
+//!
+//! Header values are read as bytes and decoded lossily, because the SDK's string getter
+//! unwraps UTF-8 and a client can send any bytes in a header. Metric ids are defined once
+//! per VM and cached (each `define_metric` call would allocate a new id in Envoy).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType};
+
+use crate::host::{Host, Level};
+
+thread_local! {
+    static METRICS: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
+}
+
+/// The host of the current HTTP context (proxy-wasm calls act on the active context).
+pub struct WasmHost;
+
+fn header(map: MapType, name: &str) -> Option<String> {
+    match hostcalls::get_map_value_bytes(map, name) {
+        Ok(Some(bytes)) => Some(String::from_utf8_lossy(&bytes).into_owned()),
+        _ => None,
+    }
+}
+
+fn set_header(map: MapType, name: &str, value: Option<&str>) {
+    let _ = hostcalls::set_map_value(map, name, value);
+}
+
+fn buffer(kind: BufferType, size: usize) -> Option<Vec<u8>> {
+    hostcalls::get_buffer(kind, 0, size).ok().flatten()
+}
+
+impl Host for WasmHost {
+    fn request_header(&self, name: &str) -> Option<String> {
+        header(MapType::HttpRequestHeaders, name)
+    }
+
+    fn set_request_header(&mut self, name: &str, value: Option<&str>) {
+        set_header(MapType::HttpRequestHeaders, name, value)
+    }
+
+    fn request_body(&self, size: usize) -> Option<Vec<u8>> {
+        buffer(BufferType::HttpRequestBody, size)
+    }
+
+    fn replace_request_body(&mut self, size: usize, body: &[u8]) {
+        let _ = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, size, body);
+    }
+
+    fn response_header(&self, name: &str) -> Option<String> {
+        header(MapType::HttpResponseHeaders, name)
+    }
+
+    fn set_response_header(&mut self, name: &str, value: Option<&str>) {
+        set_header(MapType::HttpResponseHeaders, name, value)
+    }
+
+    fn response_body(&self, size: usize) -> Option<Vec<u8>> {
+        buffer(BufferType::HttpResponseBody, size)
+    }
+
+    fn send_reply(&mut self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
+        let _ = hostcalls::send_http_response(status, headers.to_vec(), Some(body));
+    }
+
+    fn upstream_cluster(&self) -> Option<String> {
+        // Envoy's attribute is `xds.cluster_name`; older proxies (and Istio's docs) used
+        // the top-level `cluster_name`.
+        [vec!["xds", "cluster_name"], vec!["cluster_name"]]
+            .into_iter()
+            .find_map(|path| match hostcalls::get_property(path) {
+                Ok(Some(bytes)) if !bytes.is_empty() => {
+                    Some(String::from_utf8_lossy(&bytes).into_owned())
+                }
+                _ => None,
+            })
+    }
+
+    fn counter_add(&mut self, name: &str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let id = METRICS.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            if let Some(id) = cache.get(name) {
+                return Some(*id);
+            }
+            let id = hostcalls::define_metric(MetricType::Counter, name).ok()?;
+            cache.insert(name.to_string(), id);
+            Some(id)
+        });
+        if let Some(id) = id {
+            let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn log(&self, level: Level, message: &str) {
+        let level = match level {
+            Level::Debug => LogLevel::Debug,
+            Level::Info => LogLevel::Info,
+            Level::Warn => LogLevel::Warn,
+            Level::Error => LogLevel::Error,
+        };
+        let _ = hostcalls::log(level, message);
+    }
+}
