@@ -80,7 +80,10 @@ pub enum RequestError {
     /// JSON, but not this API's shape (missing/duplicate field, wrong type).
     Shape { detail: String },
     /// A field has a value the API does not allow.
-    Invalid { field: &'static str, why: &'static str },
+    Invalid {
+        field: &'static str,
+        why: &'static str,
+    },
 }
 
 impl fmt::Display for RequestError {
@@ -91,7 +94,9 @@ impl fmt::Display for RequestError {
                 f,
                 "request body is not valid JSON (or not UTF-8) at line {line}, column {column}"
             ),
-            RequestError::Shape { detail } => write!(f, "request body has the wrong shape: {detail}"),
+            RequestError::Shape { detail } => {
+                write!(f, "request body has the wrong shape: {detail}")
+            }
             RequestError::Invalid { field, why } => write!(f, "`{field}` {why}"),
         }
     }
@@ -111,15 +116,14 @@ impl RequestError {
                 // Keep serde's field-level wording but never a quoted value from the body.
                 let text = e.to_string();
                 let text = text.split(" at line ").next().unwrap_or(&text);
-                let detail = if text.starts_with("missing field")
-                    || text.starts_with("duplicate field")
-                {
-                    text.to_string()
-                } else if let Some(pos) = text.find("expected") {
-                    format!("a field has the wrong type, {}", &text[pos..])
-                } else {
-                    "a field has the wrong type".to_string()
-                };
+                let detail =
+                    if text.starts_with("missing field") || text.starts_with("duplicate field") {
+                        text.to_string()
+                    } else if let Some(pos) = text.find("expected") {
+                        format!("a field has the wrong type, {}", &text[pos..])
+                    } else {
+                        "a field has the wrong type".to_string()
+                    };
                 RequestError::Shape {
                     detail: format!("{detail} (line {}, column {})", e.line(), e.column()),
                 }
@@ -449,8 +453,9 @@ impl RequestBody {
         match self {
             RequestBody::Chat(r) => cap(r.max_completion_tokens.or(r.max_tokens))
                 .map(|m| m.saturating_mul(choices(r.n))),
-            RequestBody::Completions(r) => cap(r.max_tokens)
-                .map(|m| m.saturating_mul(choices(r.n).max(choices(r.best_of)))),
+            RequestBody::Completions(r) => {
+                cap(r.max_tokens).map(|m| m.saturating_mul(choices(r.n).max(choices(r.best_of))))
+            }
             RequestBody::Responses(r) => cap(r.max_output_tokens),
             RequestBody::Anthropic(r) => cap(r.max_tokens),
             RequestBody::Embeddings(_) => Some(0),
@@ -496,48 +501,90 @@ mod tests {
 
     #[test]
     fn paths_select_the_api_by_suffix() {
-        assert_eq!(ApiKind::from_path("/v1/chat/completions"), Some(ApiKind::ChatCompletions));
+        assert_eq!(
+            ApiKind::from_path("/v1/chat/completions"),
+            Some(ApiKind::ChatCompletions)
+        );
         assert_eq!(
             ApiKind::from_path("/openai/deployments/gpt4o/chat/completions?api-version=2024-10-21"),
             Some(ApiKind::ChatCompletions)
         );
-        assert_eq!(ApiKind::from_path("/v1/completions"), Some(ApiKind::Completions));
-        assert_eq!(ApiKind::from_path("/v1/responses"), Some(ApiKind::Responses));
-        assert_eq!(ApiKind::from_path("/v1/embeddings/"), Some(ApiKind::Embeddings));
-        assert_eq!(ApiKind::from_path("/v1/messages"), Some(ApiKind::AnthropicMessages));
-        assert_eq!(ApiKind::from_path("/anthropic/v1/messages?beta=true"), Some(ApiKind::AnthropicMessages));
+        assert_eq!(
+            ApiKind::from_path("/v1/completions"),
+            Some(ApiKind::Completions)
+        );
+        assert_eq!(
+            ApiKind::from_path("/v1/responses"),
+            Some(ApiKind::Responses)
+        );
+        assert_eq!(
+            ApiKind::from_path("/v1/embeddings/"),
+            Some(ApiKind::Embeddings)
+        );
+        assert_eq!(
+            ApiKind::from_path("/v1/messages"),
+            Some(ApiKind::AnthropicMessages)
+        );
+        assert_eq!(
+            ApiKind::from_path("/anthropic/v1/messages?beta=true"),
+            Some(ApiKind::AnthropicMessages)
+        );
     }
 
     #[test]
     fn other_paths_are_not_llm_calls() {
-        for p in ["/v1/models", "/", "/v1/threads/t1/messages", "/v1/responses/resp_1", "/v1/messages/count_tokens", "/healthz"] {
+        for p in [
+            "/v1/models",
+            "/",
+            "/v1/threads/t1/messages",
+            "/v1/responses/resp_1",
+            "/v1/messages/count_tokens",
+            "/healthz",
+        ] {
             assert_eq!(ApiKind::from_path(p), None, "{p}");
         }
     }
 
     #[test]
     fn azure_deployment_is_read_from_the_path() {
-        assert_eq!(azure_deployment("/openai/deployments/prod-4o/chat/completions?x=1"), Some("prod-4o"));
+        assert_eq!(
+            azure_deployment("/openai/deployments/prod-4o/chat/completions?x=1"),
+            Some("prod-4o")
+        );
         assert_eq!(azure_deployment("/v1/chat/completions"), None);
         assert_eq!(azure_deployment("/openai/deployments//chat"), None);
     }
 
     #[test]
     fn empty_and_whitespace_bodies_are_empty() {
-        assert_eq!(parse_request(ApiKind::ChatCompletions, b"").unwrap_err(), RequestError::Empty);
-        assert_eq!(parse_request(ApiKind::ChatCompletions, b" \n").unwrap_err(), RequestError::Empty);
+        assert_eq!(
+            parse_request(ApiKind::ChatCompletions, b"").unwrap_err(),
+            RequestError::Empty
+        );
+        assert_eq!(
+            parse_request(ApiKind::ChatCompletions, b" \n").unwrap_err(),
+            RequestError::Empty
+        );
     }
 
     #[test]
     fn truncated_json_is_a_syntax_error_with_position() {
-        let e = parse_request(ApiKind::ChatCompletions, br#"{"model":"gpt-4o","messages":[{"#).unwrap_err();
+        let e = parse_request(
+            ApiKind::ChatCompletions,
+            br#"{"model":"gpt-4o","messages":[{"#,
+        )
+        .unwrap_err();
         assert!(matches!(e, RequestError::Syntax { line: 1, .. }), "{e:?}");
     }
 
     #[test]
     fn invalid_utf8_inside_a_string_is_a_syntax_error() {
-        let body = b"{\"model\":\"gpt-4o\",\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}";
-        assert!(matches!(parse_request(ApiKind::ChatCompletions, body), Err(RequestError::Syntax { .. })));
+        let body =
+            b"{\"model\":\"gpt-4o\",\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}";
+        assert!(matches!(
+            parse_request(ApiKind::ChatCompletions, body),
+            Err(RequestError::Syntax { .. })
+        ));
     }
 
     #[test]
@@ -565,19 +612,34 @@ mod tests {
         let body = br#"{"model":"gpt-4o","messages":[],"max_tokens":-5}"#;
         assert_eq!(
             parse_request(ApiKind::ChatCompletions, body).unwrap_err(),
-            RequestError::Invalid { field: "max_tokens", why: "must be a positive integer" }
+            RequestError::Invalid {
+                field: "max_tokens",
+                why: "must be a positive integer"
+            }
         );
     }
 
     #[test]
     fn output_cap_prefers_max_completion_tokens_and_multiplies_by_n() {
-        let b = parse_request(ApiKind::ChatCompletions, br#"{"messages":[],"max_tokens":10,"max_completion_tokens":20,"n":3}"#).unwrap();
+        let b = parse_request(
+            ApiKind::ChatCompletions,
+            br#"{"messages":[],"max_tokens":10,"max_completion_tokens":20,"n":3}"#,
+        )
+        .unwrap();
         assert_eq!(b.max_output_tokens(), Some(60));
         let b = parse_request(ApiKind::ChatCompletions, br#"{"messages":[]}"#).unwrap();
         assert_eq!(b.max_output_tokens(), None);
-        let b = parse_request(ApiKind::Completions, br#"{"prompt":"x","max_tokens":5,"n":2,"best_of":4}"#).unwrap();
+        let b = parse_request(
+            ApiKind::Completions,
+            br#"{"prompt":"x","max_tokens":5,"n":2,"best_of":4}"#,
+        )
+        .unwrap();
         assert_eq!(b.max_output_tokens(), Some(20));
-        let b = parse_request(ApiKind::Responses, br#"{"input":"x","max_output_tokens":7}"#).unwrap();
+        let b = parse_request(
+            ApiKind::Responses,
+            br#"{"input":"x","max_output_tokens":7}"#,
+        )
+        .unwrap();
         assert_eq!(b.max_output_tokens(), Some(7));
         let b = parse_request(ApiKind::Embeddings, br#"{"input":"x"}"#).unwrap();
         assert_eq!(b.max_output_tokens(), Some(0));
@@ -585,13 +647,18 @@ mod tests {
 
     #[test]
     fn absurd_max_tokens_saturates_instead_of_overflowing() {
-        let b = parse_request(ApiKind::ChatCompletions, br#"{"messages":[],"max_tokens":9223372036854775807,"n":4}"#).unwrap();
+        let b = parse_request(
+            ApiKind::ChatCompletions,
+            br#"{"messages":[],"max_tokens":9223372036854775807,"n":4}"#,
+        )
+        .unwrap();
         assert_eq!(b.max_output_tokens(), Some(u64::MAX));
     }
 
     #[test]
     fn stream_usage_is_injected_textually_when_absent() {
-        let body = br#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        let body =
+            br#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
         let parsed = parse_request(ApiKind::ChatCompletions, body).unwrap();
         let out = with_stream_usage(body, &parsed).unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
@@ -601,7 +668,8 @@ mod tests {
 
     #[test]
     fn stream_usage_overrides_an_explicit_false() {
-        let body = br#"{"stream":true,"stream_options":{"include_usage":false,"x":1},"messages":[]}"#;
+        let body =
+            br#"{"stream":true,"stream_options":{"include_usage":false,"x":1},"messages":[]}"#;
         let parsed = parse_request(ApiKind::ChatCompletions, body).unwrap();
         let v: Value = serde_json::from_slice(&with_stream_usage(body, &parsed).unwrap()).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], Value::Bool(true));
@@ -612,9 +680,15 @@ mod tests {
     fn stream_usage_is_left_alone_when_not_needed() {
         for (kind, body) in [
             (ApiKind::ChatCompletions, &br#"{"messages":[]}"#[..]),
-            (ApiKind::ChatCompletions, br#"{"stream":true,"stream_options":{"include_usage":true},"messages":[]}"#),
+            (
+                ApiKind::ChatCompletions,
+                br#"{"stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
+            ),
             (ApiKind::Responses, br#"{"stream":true,"input":"x"}"#),
-            (ApiKind::AnthropicMessages, br#"{"stream":true,"messages":[],"max_tokens":5}"#),
+            (
+                ApiKind::AnthropicMessages,
+                br#"{"stream":true,"messages":[],"max_tokens":5}"#,
+            ),
         ] {
             let parsed = parse_request(kind, body).unwrap();
             assert!(with_stream_usage(body, &parsed).is_none());
@@ -625,9 +699,15 @@ mod tests {
     fn every_prompt_form_of_completions_and_embeddings_parses() {
         for input in [r#""a""#, r#"["a","b"]"#, "[1,2,3]", "[[1,2],[3]]"] {
             let body = format!(r#"{{"input":{input}}}"#);
-            assert!(parse_request(ApiKind::Embeddings, body.as_bytes()).is_ok(), "{input}");
+            assert!(
+                parse_request(ApiKind::Embeddings, body.as_bytes()).is_ok(),
+                "{input}"
+            );
             let body = format!(r#"{{"prompt":{input}}}"#);
-            assert!(parse_request(ApiKind::Completions, body.as_bytes()).is_ok(), "{input}");
+            assert!(
+                parse_request(ApiKind::Completions, body.as_bytes()).is_ok(),
+                "{input}"
+            );
         }
     }
 }

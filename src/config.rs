@@ -155,7 +155,9 @@ impl Config {
         if document.iter().all(u8::is_ascii_whitespace) {
             return Err(ConfigError::new(
                 ".",
-                format!("the configuration is empty; it needs at least {{\"api\": \"{API_VERSION}\"}}"),
+                format!(
+                    "the configuration is empty; it needs at least {{\"api\": \"{API_VERSION}\"}}"
+                ),
             ));
         }
         let mut de = serde_json::Deserializer::from_slice(document);
@@ -198,22 +200,21 @@ impl Config {
             ModelMap::new(rules, fallback, fallback_factor)
         };
 
-        let default_max_output_tokens = match raw.default_max_output_tokens {
-            Some(0) => {
-                return Err(ConfigError::new(
+        let default_max_output_tokens =
+            match raw.default_max_output_tokens {
+                Some(0) => return Err(ConfigError::new(
                     "default_max_output_tokens",
                     "must be at least 1 (it is the completion reservation for uncapped requests)",
-                ))
-            }
-            Some(n) if n > 10_000_000 => {
-                return Err(ConfigError::new(
-                    "default_max_output_tokens",
-                    "must be at most 10000000",
-                ))
-            }
-            Some(n) => n,
-            None => defaults.default_max_output_tokens,
-        };
+                )),
+                Some(n) if n > 10_000_000 => {
+                    return Err(ConfigError::new(
+                        "default_max_output_tokens",
+                        "must be at most 10000000",
+                    ))
+                }
+                Some(n) => n,
+                None => defaults.default_max_output_tokens,
+            };
 
         let (image_tokens_low, image_tokens_high) = match raw.image_tokens {
             Some(t) => (
@@ -375,14 +376,17 @@ mod tests {
 
     #[test]
     fn unknown_nested_field_reports_its_path() {
-        let e = err(r#"{"api":"v1","tokenizer":{"models":[{"match":"x*","encoding":"o200k_base","typo":1}]}}"#);
+        let e = err(
+            r#"{"api":"v1","tokenizer":{"models":[{"match":"x*","encoding":"o200k_base","typo":1}]}}"#,
+        );
         assert_eq!(e.field, "tokenizer.models[0].typo");
         assert!(e.reason.contains("typo"), "{e}");
     }
 
     #[test]
     fn unknown_encoding_is_refused_at_its_path() {
-        let e = err(r#"{"api":"v1","tokenizer":{"models":[{"match":"x*","encoding":"p50k_base"}]}}"#);
+        let e =
+            err(r#"{"api":"v1","tokenizer":{"models":[{"match":"x*","encoding":"p50k_base"}]}}"#);
         assert_eq!(e.field, "tokenizer.models[0].encoding");
         assert!(e.reason.contains("o200k_base"), "{e}");
     }
@@ -409,32 +413,48 @@ mod tests {
 
     #[test]
     fn zero_default_reservation_is_refused() {
-        assert_eq!(err(r#"{"api":"v1","default_max_output_tokens":0}"#).field, "default_max_output_tokens");
+        assert_eq!(
+            err(r#"{"api":"v1","default_max_output_tokens":0}"#).field,
+            "default_max_output_tokens"
+        );
     }
 
     #[test]
     fn safety_factor_outside_range_is_refused() {
         let e = err(r#"{"api":"v1","tokenizer":{"fallback_safety_factor":0.5}}"#);
         assert_eq!(e.field, "tokenizer.fallback_safety_factor");
-        let e = err(r#"{"api":"v1","tokenizer":{"models":[{"match":"claude-*","encoding":"cl100k_base","safety_factor":9}]}}"#);
+        let e = err(
+            r#"{"api":"v1","tokenizer":{"models":[{"match":"claude-*","encoding":"cl100k_base","safety_factor":9}]}}"#,
+        );
         assert_eq!(e.field, "tokenizer.models[0].safety_factor");
     }
 
     #[test]
     fn bad_pattern_is_refused_at_its_path() {
-        let e = err(r#"{"api":"v1","tokenizer":{"models":[{"match":"gpt*4","encoding":"o200k_base"}]}}"#);
+        let e = err(
+            r#"{"api":"v1","tokenizer":{"models":[{"match":"gpt*4","encoding":"o200k_base"}]}}"#,
+        );
         assert_eq!(e.field, "tokenizer.models[0].match");
     }
 
     #[test]
     fn image_low_above_high_is_refused() {
-        assert_eq!(err(r#"{"api":"v1","image_tokens":{"low":900}}"#).field, "image_tokens.low");
+        assert_eq!(
+            err(r#"{"api":"v1","image_tokens":{"low":900}}"#).field,
+            "image_tokens.low"
+        );
     }
 
     #[test]
     fn byte_limits_are_bounded() {
-        assert_eq!(err(r#"{"api":"v1","max_response_body_bytes":10}"#).field, "max_response_body_bytes");
-        assert_eq!(err(r#"{"api":"v1","max_stream_text_bytes":999999999999}"#).field, "max_stream_text_bytes");
+        assert_eq!(
+            err(r#"{"api":"v1","max_response_body_bytes":10}"#).field,
+            "max_response_body_bytes"
+        );
+        assert_eq!(
+            err(r#"{"api":"v1","max_stream_text_bytes":999999999999}"#).field,
+            "max_stream_text_bytes"
+        );
     }
 
     #[test]
@@ -447,6 +467,9 @@ mod tests {
     fn malformed_policy_pass_is_accepted() {
         let c = Config::parse(br#"{"api":"v1","malformed_request":"pass"}"#).unwrap();
         assert_eq!(c.malformed_request, MalformedPolicy::Pass);
-        assert_eq!(err(r#"{"api":"v1","malformed_request":"drop"}"#).field, "malformed_request");
+        assert_eq!(
+            err(r#"{"api":"v1","malformed_request":"drop"}"#).field,
+            "malformed_request"
+        );
     }
 }

@@ -160,7 +160,10 @@ impl Exchange {
             // does, the request is not worth failing for it.
             host.log(
                 Level::Error,
-                &format!("#{} no tokenizer for {}; passing through", self.id, counting.encoding),
+                &format!(
+                    "#{} no tokenizer for {}; passing through",
+                    self.id, counting.encoding
+                ),
             );
             host.counter_add(Stat::new("passthrough").tag("reason", "internal").name(), 1);
             self.phase = Phase::Idle;
@@ -302,7 +305,11 @@ impl Exchange {
             .or_else(|| host.upstream_cluster())
             .unwrap_or_else(|| "none".to_string());
         let model = call.model_tag.clone();
-        let tagged = |name: &str| Stat::new(name).tag("model", &model).tag("cluster", &cluster);
+        let tagged = |name: &str| {
+            Stat::new(name)
+                .tag("model", &model)
+                .tag("cluster", &cluster)
+        };
         host.counter_add(
             Stat::new("requests")
                 .tag("api", call.kind.tag())
@@ -330,7 +337,9 @@ impl Exchange {
                 self.parse_failure(host, call.kind, "encoded");
                 Some((Source::Counted, call.prompt.tokens, 0))
             }
-            Response::Json { overflowed: true, .. } => {
+            Response::Json {
+                overflowed: true, ..
+            } => {
                 self.parse_failure(host, call.kind, "too_large");
                 Some((Source::Counted, call.prompt.tokens, 0))
             }
@@ -448,7 +457,10 @@ impl Exchange {
         );
         match policy {
             MalformedPolicy::Pass => {
-                host.counter_add(Stat::new("passthrough").tag("reason", "malformed").name(), 1);
+                host.counter_add(
+                    Stat::new("passthrough").tag("reason", "malformed").name(),
+                    1,
+                );
                 Action::Continue
             }
             MalformedPolicy::Reject => {
@@ -477,7 +489,10 @@ impl Exchange {
         );
         match self.filter.config.malformed_request {
             MalformedPolicy::Pass => {
-                host.counter_add(Stat::new("passthrough").tag("reason", "malformed").name(), 1);
+                host.counter_add(
+                    Stat::new("passthrough").tag("reason", "malformed").name(),
+                    1,
+                );
                 Action::Continue
             }
             MalformedPolicy::Reject => {
@@ -530,7 +545,11 @@ fn json_output_tokens(body: &[u8], counter: TextCounter<'_>) -> u64 {
     for choice in v["choices"].as_array().into_iter().flatten() {
         count(choice["message"]["content"].as_str());
         count(choice["text"].as_str());
-        for call in choice["message"]["tool_calls"].as_array().into_iter().flatten() {
+        for call in choice["message"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             count(call["function"]["name"].as_str());
             count(call["function"]["arguments"].as_str());
         }
@@ -623,25 +642,48 @@ mod tests {
         Action::Continue
     }
 
-    fn respond(ex: &mut Exchange, host: &mut FakeHost, status: &str, content_type: &str, body: &[u8], split: usize) {
-        host.response_headers = vec![(":status".into(), status.into()), ("content-type".into(), content_type.into())];
-        assert_eq!(ex.on_response_headers(host, body.is_empty()), Action::Continue);
+    fn respond(
+        ex: &mut Exchange,
+        host: &mut FakeHost,
+        status: &str,
+        content_type: &str,
+        body: &[u8],
+        split: usize,
+    ) {
+        host.response_headers = vec![
+            (":status".into(), status.into()),
+            ("content-type".into(), content_type.into()),
+        ];
+        assert_eq!(
+            ex.on_response_headers(host, body.is_empty()),
+            Action::Continue
+        );
         let chunks: Vec<&[u8]> = body.chunks(split.max(1)).collect();
         for (i, c) in chunks.iter().enumerate() {
             host.response_chunk = c.to_vec();
-            assert_eq!(ex.on_response_body(host, c.len(), i + 1 == chunks.len()), Action::Continue);
+            assert_eq!(
+                ex.on_response_body(host, c.len(), i + 1 == chunks.len()),
+                Action::Continue
+            );
         }
         ex.on_done(host);
     }
 
     fn tokens(host: &FakeHost, kind: &str, source: &str) -> u64 {
-        host.counter_sum("tokenfuse_tokens", &[&format!("kind=.={kind};"), &format!("source=.={source};")])
+        host.counter_sum(
+            "tokenfuse_tokens",
+            &[&format!("kind=.={kind};"), &format!("source=.={source};")],
+        )
     }
 
     #[test]
     fn non_llm_requests_pass_untouched_and_are_counted() {
         let f = default_filter();
-        for (method, path) in [("GET", "/v1/models"), ("GET", "/v1/chat/completions"), ("POST", "/upload")] {
+        for (method, path) in [
+            ("GET", "/v1/models"),
+            ("GET", "/v1/chat/completions"),
+            ("POST", "/upload"),
+        ] {
             let mut host = FakeHost::post(path, b"{}");
             host.request_headers[0].1 = method.into();
             let before = host.request_headers.clone();
@@ -663,17 +705,34 @@ mod tests {
     fn chat_request_is_held_until_its_body_is_complete_then_counted() {
         let f = default_filter();
         let mut host = FakeHost::post("/v1/chat/completions", CHAT.as_bytes());
-        host.request_headers.push(("accept-encoding".into(), "gzip".into()));
+        host.request_headers
+            .push(("accept-encoding".into(), "gzip".into()));
         let mut ex = Exchange::new(f, 1);
         assert_eq!(ex.on_request_headers(&mut host, false), Action::Pause);
         assert!(host.req_header("accept-encoding").is_none());
         assert_eq!(ex.on_request_body(&mut host, 10, false), Action::Pause);
-        assert_eq!(ex.on_request_body(&mut host, CHAT.len(), true), Action::Continue);
-        respond(&mut ex, &mut host, "200", "application/json", br#"{"usage":{"prompt_tokens":8,"completion_tokens":3}}"#, 7);
+        assert_eq!(
+            ex.on_request_body(&mut host, CHAT.len(), true),
+            Action::Continue
+        );
+        respond(
+            &mut ex,
+            &mut host,
+            "200",
+            "application/json",
+            br#"{"usage":{"prompt_tokens":8,"completion_tokens":3}}"#,
+            7,
+        );
         assert_eq!(host.resp_header(PROMPT_TOKENS_HEADER).as_deref(), Some("8"));
         assert_eq!(tokens(&host, "prompt", "provider"), 8);
         assert_eq!(tokens(&host, "completion", "provider"), 3);
-        assert_eq!(host.counter_sum("tokenfuse_requests", &["api=.=chat;", "model=.=gpt-4o;", "cluster=.=primary;"]), 1);
+        assert_eq!(
+            host.counter_sum(
+                "tokenfuse_requests",
+                &["api=.=chat;", "model=.=gpt-4o;", "cluster=.=primary;"]
+            ),
+            1
+        );
         assert_eq!(host.counter_sum("tokenfuse_request_prompt_tokens", &[]), 8);
         assert_eq!(host.counter_sum("tokenfuse_usage_counted", &[]), 0);
     }
@@ -684,7 +743,14 @@ mod tests {
         let mut host = FakeHost::post("/v1/chat/completions", CHAT.as_bytes());
         let mut ex = Exchange::new(f, 1);
         send_request(&mut ex, &mut host, 5);
-        respond(&mut ex, &mut host, "200", "application/json", br#"{"choices":[{"message":{"role":"assistant","content":"tiktoken is great!"}}]}"#, 3);
+        respond(
+            &mut ex,
+            &mut host,
+            "200",
+            "application/json",
+            br#"{"choices":[{"message":{"role":"assistant","content":"tiktoken is great!"}}]}"#,
+            3,
+        );
         assert_eq!(tokens(&host, "prompt", "counted"), 8);
         assert_eq!(tokens(&host, "completion", "counted"), 6);
         assert_eq!(host.counter_sum("tokenfuse_usage_counted", &[]), 1);
@@ -698,28 +764,47 @@ mod tests {
             let mut host = FakeHost::post("/v1/chat/completions", CHAT.as_bytes());
             let mut ex = Exchange::new(f.clone(), 1);
             send_request(&mut ex, &mut host, 64);
-            respond(&mut ex, &mut host, "200", "text/event-stream; charset=utf-8", stream.as_bytes(), split);
+            respond(
+                &mut ex,
+                &mut host,
+                "200",
+                "text/event-stream; charset=utf-8",
+                stream.as_bytes(),
+                split,
+            );
             assert_eq!(tokens(&host, "completion", "provider"), 4, "split {split}");
-            assert_eq!(host.counter_sum("tokenfuse_parse_failures", &[]), 0, "split {split}");
+            assert_eq!(
+                host.counter_sum("tokenfuse_parse_failures", &[]),
+                0,
+                "split {split}"
+            );
         }
     }
 
     #[test]
     fn stream_usage_is_injected_with_a_fixed_content_length() {
         let f = filter(r#"{"api":"v1","inject_stream_usage":true}"#);
-        let body = r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hello"}]}"#;
+        let body =
+            r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hello"}]}"#;
         let mut host = FakeHost::post("/v1/chat/completions", body.as_bytes());
         let mut ex = Exchange::new(f, 1);
         send_request(&mut ex, &mut host, 1000);
         let sent: serde_json::Value = serde_json::from_slice(&host.request_body).unwrap();
         assert_eq!(sent["stream_options"]["include_usage"], true);
-        assert_eq!(host.req_header("content-length"), Some(host.request_body.len().to_string()));
+        assert_eq!(
+            host.req_header("content-length"),
+            Some(host.request_body.len().to_string())
+        );
     }
 
     #[test]
     fn malformed_body_is_rejected_with_an_openai_error_by_default() {
         let f = default_filter();
-        for (body, code) in [("{\"model\":", "invalid_json"), ("{\"model\":\"gpt-4o\"}", "invalid_request_shape"), ("{\"messages\":[],\"max_tokens\":-1}", "invalid_value")] {
+        for (body, code) in [
+            ("{\"model\":", "invalid_json"),
+            ("{\"model\":\"gpt-4o\"}", "invalid_request_shape"),
+            ("{\"messages\":[],\"max_tokens\":-1}", "invalid_value"),
+        ] {
             let mut host = FakeHost::post("/v1/chat/completions", body.as_bytes());
             let mut ex = Exchange::new(f.clone(), 1);
             send_request(&mut ex, &mut host, 4);
@@ -729,7 +814,10 @@ mod tests {
             let v: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
             assert_eq!(v["error"]["type"], "invalid_request_error");
             assert_eq!(v["error"]["code"], code);
-            assert!(v["error"]["message"].as_str().unwrap().starts_with("tokenfuse: "));
+            assert!(v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("tokenfuse: "));
         }
     }
 
@@ -740,7 +828,12 @@ mod tests {
         let mut ex = Exchange::new(f, 1);
         ex.on_request_headers(&mut host, true);
         assert_eq!(host.reply.as_ref().map(|r| r.status), Some(400));
-        assert_eq!(host.counter("tokenfuse_parse_failures.stage=.=request;.;api=.=chat;.;reason=.=empty;.;"), 1);
+        assert_eq!(
+            host.counter(
+                "tokenfuse_parse_failures.stage=.=request;.;api=.=chat;.;reason=.=empty;.;"
+            ),
+            1
+        );
     }
 
     #[test]
@@ -753,14 +846,18 @@ mod tests {
         assert_eq!(host.request_body, b"not json");
         respond(&mut ex, &mut host, "400", "application/json", b"{}", 10);
         assert!(host.resp_header(PROMPT_TOKENS_HEADER).is_none());
-        assert_eq!(host.counter("tokenfuse_passthrough.reason=.=malformed;.;"), 1);
+        assert_eq!(
+            host.counter("tokenfuse_passthrough.reason=.=malformed;.;"),
+            1
+        );
     }
 
     #[test]
     fn compressed_request_body_is_refused_with_415() {
         let f = default_filter();
         let mut host = FakeHost::post("/v1/chat/completions", b"\x1f\x8b...");
-        host.request_headers.push(("content-encoding".into(), "gzip".into()));
+        host.request_headers
+            .push(("content-encoding".into(), "gzip".into()));
         let mut ex = Exchange::new(f, 1);
         ex.on_request_headers(&mut host, false);
         assert_eq!(host.reply.as_ref().map(|r| r.status), Some(415));
@@ -772,9 +869,19 @@ mod tests {
         let mut host = FakeHost::post("/v1/chat/completions", CHAT.as_bytes());
         let mut ex = Exchange::new(f, 1);
         send_request(&mut ex, &mut host, 100);
-        respond(&mut ex, &mut host, "503", "application/json", br#"{"error":{"message":"overloaded"}}"#, 100);
+        respond(
+            &mut ex,
+            &mut host,
+            "503",
+            "application/json",
+            br#"{"error":{"message":"overloaded"}}"#,
+            100,
+        );
         assert_eq!(host.counter_sum("tokenfuse_tokens", &[]), 0);
-        assert_eq!(host.counter_sum("tokenfuse_upstream_errors", &["status=.=5xx;"]), 1);
+        assert_eq!(
+            host.counter_sum("tokenfuse_upstream_errors", &["status=.=5xx;"]),
+            1
+        );
         assert_eq!(host.resp_header(PROMPT_TOKENS_HEADER).as_deref(), Some("8"));
     }
 
@@ -784,7 +891,10 @@ mod tests {
         let mut host = FakeHost::post("/v1/chat/completions", CHAT.as_bytes());
         let mut ex = Exchange::new(f, 1);
         send_request(&mut ex, &mut host, 100);
-        host.response_headers = vec![(":status".into(), "200".into()), ("content-type".into(), "text/event-stream".into())];
+        host.response_headers = vec![
+            (":status".into(), "200".into()),
+            ("content-type".into(), "text/event-stream".into()),
+        ];
         ex.on_response_headers(&mut host, false);
         host.response_chunk = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"tiktoken is great!\"}}]}\n\ndata: {\"cho".to_vec();
         let n = host.response_chunk.len();
@@ -802,9 +912,22 @@ mod tests {
         let mut host = FakeHost::post("/v1/chat/completions", CHAT.as_bytes());
         let mut ex = Exchange::new(f, 1);
         send_request(&mut ex, &mut host, 100);
-        let big = format!("{{\"x\":\"{}\",\"usage\":{{\"prompt_tokens\":1}}}}", "a".repeat(4000));
-        respond(&mut ex, &mut host, "200", "application/json", big.as_bytes(), 500);
-        assert_eq!(host.counter_sum("tokenfuse_parse_failures", &["reason=.=too_large;"]), 1);
+        let big = format!(
+            "{{\"x\":\"{}\",\"usage\":{{\"prompt_tokens\":1}}}}",
+            "a".repeat(4000)
+        );
+        respond(
+            &mut ex,
+            &mut host,
+            "200",
+            "application/json",
+            big.as_bytes(),
+            500,
+        );
+        assert_eq!(
+            host.counter_sum("tokenfuse_parse_failures", &["reason=.=too_large;"]),
+            1
+        );
         assert_eq!(tokens(&host, "prompt", "counted"), 8);
     }
 
@@ -812,11 +935,24 @@ mod tests {
     fn model_from_azure_deployment_when_body_has_none() {
         let f = default_filter();
         let body = r#"{"messages":[{"role":"user","content":"hello"}]}"#;
-        let mut host = FakeHost::post("/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", body.as_bytes());
+        let mut host = FakeHost::post(
+            "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+            body.as_bytes(),
+        );
         let mut ex = Exchange::new(f, 1);
         send_request(&mut ex, &mut host, 100);
-        respond(&mut ex, &mut host, "200", "application/json", br#"{"usage":{"prompt_tokens":8,"completion_tokens":1}}"#, 100);
-        assert_eq!(host.counter_sum("tokenfuse_requests", &["model=.=gpt-4o;"]), 1);
+        respond(
+            &mut ex,
+            &mut host,
+            "200",
+            "application/json",
+            br#"{"usage":{"prompt_tokens":8,"completion_tokens":1}}"#,
+            100,
+        );
+        assert_eq!(
+            host.counter_sum("tokenfuse_requests", &["model=.=gpt-4o;"]),
+            1
+        );
     }
 
     #[test]
@@ -827,7 +963,10 @@ mod tests {
         let mut ex = Exchange::new(f.clone(), 1);
         send_request(&mut ex, &mut host, 100);
         respond(&mut ex, &mut host, "200", "text/event-stream", b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"SECRET-COMPLETION\"}}]}\n\n", 9);
-        let mut bad = FakeHost::post("/v1/chat/completions", br#"{"model":"gpt-4o","messages":"SECRET-PROMPT"}"#);
+        let mut bad = FakeHost::post(
+            "/v1/chat/completions",
+            br#"{"model":"gpt-4o","messages":"SECRET-PROMPT"}"#,
+        );
         send_request(&mut Exchange::new(f, 2), &mut bad, 100);
         for log in [host.log_text(), bad.log_text()] {
             assert!(!log.contains("SECRET") && !log.contains("sk-live"), "{log}");
@@ -848,6 +987,9 @@ mod tests {
                 *host.counters.entry(k).or_default() += v;
             }
         }
-        assert_eq!(host.counter_sum("tokenfuse_requests", &["model=.=other;"]), 2);
+        assert_eq!(
+            host.counter_sum("tokenfuse_requests", &["model=.=other;"]),
+            2
+        );
     }
 }

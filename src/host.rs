@@ -58,7 +58,10 @@ pub mod fake {
 
     impl Reply {
         pub fn header(&self, name: &str) -> Option<&str> {
-            self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+            self.headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
         }
     }
 

@@ -58,8 +58,7 @@ mod glue {
                 }
             };
             let started = now_ms();
-            let encodings: Vec<String> =
-                config.encodings().iter().map(|e| e.to_string()).collect();
+            let encodings: Vec<String> = config.encodings().iter().map(|e| e.to_string()).collect();
             match Filter::new(config) {
                 Ok(filter) => {
                     log::info(&format!(
@@ -110,7 +109,10 @@ mod glue {
 
     impl HttpContext for TokenfuseHttp {
         fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
-            action(self.exchange.on_request_headers(&mut WasmHost, end_of_stream))
+            action(
+                self.exchange
+                    .on_request_headers(&mut WasmHost, end_of_stream),
+            )
         }
 
         fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {

@@ -161,10 +161,11 @@ impl<'a> Tally<'a> {
                     self.json(input);
                 }
             }
-            "tool_result" => match part.content.as_deref() {
-                Some(c) => self.anthropic_content(c),
-                None => {}
-            },
+            "tool_result" => {
+                if let Some(c) = part.content.as_deref() {
+                    self.anthropic_content(c);
+                }
+            }
             "thinking" => {
                 if let Some(t) = &part.thinking {
                     self.text(t);
@@ -250,7 +251,10 @@ impl<'a> Tally<'a> {
             self.add(format.func_init);
             let name = def.get("name").and_then(Value::as_str).unwrap_or("");
             let desc = def.get("description").and_then(Value::as_str).unwrap_or("");
-            self.text(&format!("{name}:{}", desc.strip_suffix('.').unwrap_or(desc)));
+            self.text(&format!(
+                "{name}:{}",
+                desc.strip_suffix('.').unwrap_or(desc)
+            ));
             let props = def
                 .get("parameters")
                 .and_then(|p| p.get("properties"))
@@ -272,7 +276,10 @@ impl<'a> Tally<'a> {
                     }
                 }
                 let ptype = prop.get("type").and_then(Value::as_str).unwrap_or("");
-                let pdesc = prop.get("description").and_then(Value::as_str).unwrap_or("");
+                let pdesc = prop
+                    .get("description")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
                 self.text(&format!(
                     "{key}:{ptype}:{}",
                     pdesc.strip_suffix('.').unwrap_or(pdesc)
@@ -473,7 +480,14 @@ mod tests {
         // The OpenAI API reported 129 prompt tokens for gpt-3.5-turbo, gpt-4-0613 and gpt-4.
         for m in ["gpt-3.5-turbo", "gpt-4-0613", "gpt-4"] {
             let c = count(ApiKind::ChatCompletions, &with_model(COOKBOOK_CHAT, m));
-            assert_eq!(c, PromptCount { tokens: 129, exact: true }, "{m}");
+            assert_eq!(
+                c,
+                PromptCount {
+                    tokens: 129,
+                    exact: true
+                },
+                "{m}"
+            );
         }
     }
 
@@ -482,50 +496,99 @@ mod tests {
         // The OpenAI API reported 124 prompt tokens for gpt-4o and gpt-4o-mini.
         for m in ["gpt-4o", "gpt-4o-mini"] {
             let c = count(ApiKind::ChatCompletions, &with_model(COOKBOOK_CHAT, m));
-            assert_eq!(c, PromptCount { tokens: 124, exact: true }, "{m}");
+            assert_eq!(
+                c,
+                PromptCount {
+                    tokens: 124,
+                    exact: true
+                },
+                "{m}"
+            );
         }
     }
 
     #[test]
     fn cookbook_tools_example_matches_api_prompt_tokens() {
         // The OpenAI API reported 105 (gpt-3.5-turbo, gpt-4) and 101 (gpt-4o, gpt-4o-mini).
-        for (m, expected) in [("gpt-3.5-turbo", 105), ("gpt-4", 105), ("gpt-4o", 101), ("gpt-4o-mini", 101)] {
+        for (m, expected) in [
+            ("gpt-3.5-turbo", 105),
+            ("gpt-4", 105),
+            ("gpt-4o", 101),
+            ("gpt-4o-mini", 101),
+        ] {
             let c = count(ApiKind::ChatCompletions, &with_model(COOKBOOK_TOOLS, m));
-            assert_eq!(c, PromptCount { tokens: expected, exact: true }, "{m}");
+            assert_eq!(
+                c,
+                PromptCount {
+                    tokens: expected,
+                    exact: true
+                },
+                "{m}"
+            );
         }
     }
 
     #[test]
     fn legacy_functions_field_counts_like_tools() {
-        let tools = count(ApiKind::ChatCompletions, &with_model(COOKBOOK_TOOLS, "gpt-4o"));
+        let tools = count(
+            ApiKind::ChatCompletions,
+            &with_model(COOKBOOK_TOOLS, "gpt-4o"),
+        );
         let v: Value = serde_json::from_str(&with_model(COOKBOOK_TOOLS, "gpt-4o")).unwrap();
         let functions = serde_json::json!({
             "model": "gpt-4o",
             "messages": v["messages"],
             "functions": [v["tools"][0]["function"]],
         });
-        assert_eq!(count(ApiKind::ChatCompletions, &functions.to_string()), tools);
+        assert_eq!(
+            count(ApiKind::ChatCompletions, &functions.to_string()),
+            tools
+        );
     }
 
     #[test]
     fn single_user_message_costs_framing_role_content_and_priming() {
         // 3 (message) + "user" (1) + "hello" (1) + 3 (priming) = 8.
-        let c = count(ApiKind::ChatCompletions, r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hello"}]}"#);
-        assert_eq!(c, PromptCount { tokens: 8, exact: true });
+        let c = count(
+            ApiKind::ChatCompletions,
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hello"}]}"#,
+        );
+        assert_eq!(
+            c,
+            PromptCount {
+                tokens: 8,
+                exact: true
+            }
+        );
     }
 
     #[test]
     fn text_parts_count_like_plain_content() {
-        let plain = count(ApiKind::ChatCompletions, r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hello there"}]}"#);
-        let parts = count(ApiKind::ChatCompletions, r#"{"model":"gpt-4o","messages":[{"role":"user","content":[{"type":"text","text":"hello there"}]}]}"#);
+        let plain = count(
+            ApiKind::ChatCompletions,
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hello there"}]}"#,
+        );
+        let parts = count(
+            ApiKind::ChatCompletions,
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":[{"type":"text","text":"hello there"}]}]}"#,
+        );
         assert_eq!(plain, parts);
     }
 
     #[test]
     fn images_add_their_configured_cost_and_make_the_count_an_estimate() {
-        let text = count(ApiKind::ChatCompletions, r#"{"model":"gpt-4o","messages":[{"role":"user","content":[{"type":"text","text":"what is this"}]}]}"#);
-        let low = count(ApiKind::ChatCompletions, r#"{"model":"gpt-4o","messages":[{"role":"user","content":[{"type":"text","text":"what is this"},{"type":"image_url","image_url":{"url":"https://x/y.png","detail":"low"}}]}]}"#);
-        let high = count(ApiKind::ChatCompletions, r#"{"model":"gpt-4o","messages":[{"role":"user","content":[{"type":"text","text":"what is this"},{"type":"image_url","image_url":{"url":"https://x/y.png"}}]}]}"#);
+        let text = count(
+            ApiKind::ChatCompletions,
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":[{"type":"text","text":"what is this"}]}]}"#,
+        );
+        let low = count(
+            ApiKind::ChatCompletions,
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":[{"type":"text","text":"what is this"},{"type":"image_url","image_url":{"url":"https://x/y.png","detail":"low"}}]}]}"#,
+        );
+        let high = count(
+            ApiKind::ChatCompletions,
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":[{"type":"text","text":"what is this"},{"type":"image_url","image_url":{"url":"https://x/y.png"}}]}]}"#,
+        );
         assert_eq!(low.tokens, text.tokens + 85);
         assert_eq!(high.tokens, text.tokens + 765);
         assert!(!low.exact && !high.exact);
@@ -533,54 +596,121 @@ mod tests {
 
     #[test]
     fn response_format_schema_is_counted_as_an_estimate() {
-        let plain = count(ApiKind::ChatCompletions, r#"{"model":"gpt-4o","messages":[{"role":"user","content":"x"}]}"#);
-        let schema = count(ApiKind::ChatCompletions, r#"{"model":"gpt-4o","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"name":"r","schema":{"type":"object"}}}}"#);
+        let plain = count(
+            ApiKind::ChatCompletions,
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"x"}]}"#,
+        );
+        let schema = count(
+            ApiKind::ChatCompletions,
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"name":"r","schema":{"type":"object"}}}}"#,
+        );
         assert!(schema.tokens > plain.tokens);
         assert!(!schema.exact);
-        let json_mode = count(ApiKind::ChatCompletions, r#"{"model":"gpt-4o","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#);
+        let json_mode = count(
+            ApiKind::ChatCompletions,
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#,
+        );
         assert_eq!(json_mode, plain);
     }
 
     #[test]
     fn tool_results_and_earlier_tool_calls_are_counted() {
-        let base = count(ApiKind::ChatCompletions, r#"{"model":"gpt-4o","messages":[{"role":"user","content":"weather?"}]}"#);
-        let turn = count(ApiKind::ChatCompletions, r#"{"model":"gpt-4o","messages":[{"role":"user","content":"weather?"},
+        let base = count(
+            ApiKind::ChatCompletions,
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"weather?"}]}"#,
+        );
+        let turn = count(
+            ApiKind::ChatCompletions,
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"weather?"},
             {"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function","function":{"name":"get_weather","arguments":"{\"city\":\"Paris\"}"}}]},
-            {"role":"tool","tool_call_id":"call_1","content":"sunny"}]}"#);
+            {"role":"tool","tool_call_id":"call_1","content":"sunny"}]}"#,
+        );
         assert!(turn.tokens > base.tokens + 10, "{turn:?} vs {base:?}");
         assert!(!turn.exact);
     }
 
     #[test]
     fn completions_prompt_forms_count_text_and_token_ids() {
-        assert_eq!(count(ApiKind::Completions, r#"{"model":"gpt-4o","prompt":"tiktoken is great!"}"#).tokens, 6);
-        assert_eq!(count(ApiKind::Completions, r#"{"model":"gpt-4o","prompt":["tiktoken is great!","tiktoken is great!"]}"#).tokens, 12);
-        assert_eq!(count(ApiKind::Completions, r#"{"model":"gpt-4o","prompt":[1,2,3,4]}"#).tokens, 4);
-        assert_eq!(count(ApiKind::Completions, r#"{"model":"gpt-4o","prompt":[[1,2],[3]]}"#).tokens, 3);
+        assert_eq!(
+            count(
+                ApiKind::Completions,
+                r#"{"model":"gpt-4o","prompt":"tiktoken is great!"}"#
+            )
+            .tokens,
+            6
+        );
+        assert_eq!(
+            count(
+                ApiKind::Completions,
+                r#"{"model":"gpt-4o","prompt":["tiktoken is great!","tiktoken is great!"]}"#
+            )
+            .tokens,
+            12
+        );
+        assert_eq!(
+            count(
+                ApiKind::Completions,
+                r#"{"model":"gpt-4o","prompt":[1,2,3,4]}"#
+            )
+            .tokens,
+            4
+        );
+        assert_eq!(
+            count(
+                ApiKind::Completions,
+                r#"{"model":"gpt-4o","prompt":[[1,2],[3]]}"#
+            )
+            .tokens,
+            3
+        );
     }
 
     #[test]
     fn embeddings_count_each_input_without_framing() {
-        let c = count(ApiKind::Embeddings, r#"{"model":"text-embedding-3-small","input":["antidisestablishmentarianism","tiktoken is great!"]}"#);
-        assert_eq!(c, PromptCount { tokens: 12, exact: true });
+        let c = count(
+            ApiKind::Embeddings,
+            r#"{"model":"text-embedding-3-small","input":["antidisestablishmentarianism","tiktoken is great!"]}"#,
+        );
+        assert_eq!(
+            c,
+            PromptCount {
+                tokens: 12,
+                exact: true
+            }
+        );
     }
 
     #[test]
     fn responses_string_input_counts_like_a_user_message_estimate() {
-        let chat = count(ApiKind::ChatCompletions, r#"{"model":"gpt-4o","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hello"}]}"#);
-        let resp = count(ApiKind::Responses, r#"{"model":"gpt-4o","instructions":"be brief","input":"hello"}"#);
+        let chat = count(
+            ApiKind::ChatCompletions,
+            r#"{"model":"gpt-4o","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hello"}]}"#,
+        );
+        let resp = count(
+            ApiKind::Responses,
+            r#"{"model":"gpt-4o","instructions":"be brief","input":"hello"}"#,
+        );
         assert_eq!(resp.tokens, chat.tokens);
         assert!(!resp.exact);
-        let items = count(ApiKind::Responses, r#"{"model":"gpt-4o","instructions":"be brief","input":[{"role":"user","content":[{"type":"input_text","text":"hello"}]}]}"#);
+        let items = count(
+            ApiKind::Responses,
+            r#"{"model":"gpt-4o","instructions":"be brief","input":[{"role":"user","content":[{"type":"input_text","text":"hello"}]}]}"#,
+        );
         assert_eq!(items.tokens, chat.tokens);
     }
 
     #[test]
     fn responses_flat_function_tools_count_like_chat_tools() {
-        let chat_tools = count(ApiKind::ChatCompletions, &with_model(COOKBOOK_TOOLS, "gpt-4o"));
-        let chat_plain = count(ApiKind::ChatCompletions, r#"{"model":"gpt-4o","messages":[
+        let chat_tools = count(
+            ApiKind::ChatCompletions,
+            &with_model(COOKBOOK_TOOLS, "gpt-4o"),
+        );
+        let chat_plain = count(
+            ApiKind::ChatCompletions,
+            r#"{"model":"gpt-4o","messages":[
             {"role":"system","content":"You are a helpful assistant that can answer to questions about the weather."},
-            {"role":"user","content":"What's the weather like in San Francisco?"}]}"#);
+            {"role":"user","content":"What's the weather like in San Francisco?"}]}"#,
+        );
         let v: Value = serde_json::from_str(&with_model(COOKBOOK_TOOLS, "gpt-4o")).unwrap();
         let mut flat = v["tools"][0]["function"].clone();
         flat["type"] = Value::from("function");
@@ -604,7 +734,16 @@ mod tests {
         let map = ModelMap::builtin(Encoding::Cl100kBase, 1.25);
         let resolved = map.resolve("claude-sonnet-4-5");
         let counter = shared().counter(resolved.encoding).unwrap();
-        let plain = count_prompt(&parsed, "claude-sonnet-4-5", ModelCounting { safety_factor: 1.0, ..resolved }, counter, IMAGES);
+        let plain = count_prompt(
+            &parsed,
+            "claude-sonnet-4-5",
+            ModelCounting {
+                safety_factor: 1.0,
+                ..resolved
+            },
+            counter,
+            IMAGES,
+        );
         let scaled = count_prompt(&parsed, "claude-sonnet-4-5", resolved, counter, IMAGES);
         assert!(!plain.exact && !scaled.exact);
         assert_eq!(scaled.tokens, (plain.tokens as f64 * 1.25).ceil() as u64);
@@ -613,15 +752,30 @@ mod tests {
 
     #[test]
     fn unknown_model_counts_are_estimates() {
-        let c = count(ApiKind::ChatCompletions, r#"{"model":"llama-3-70b","messages":[{"role":"user","content":"hello"}]}"#);
-        assert_eq!(c, PromptCount { tokens: 8, exact: false });
+        let c = count(
+            ApiKind::ChatCompletions,
+            r#"{"model":"llama-3-70b","messages":[{"role":"user","content":"hello"}]}"#,
+        );
+        assert_eq!(
+            c,
+            PromptCount {
+                tokens: 8,
+                exact: false
+            }
+        );
     }
 
     #[test]
     fn gpt_35_turbo_0301_uses_its_own_framing() {
         // 4 per message, and a name costs -1: the name replaces the role.
-        let c = count(ApiKind::ChatCompletions, r#"{"model":"gpt-3.5-turbo-0301","messages":[{"role":"user","name":"bob","content":"hello"}]}"#);
-        let c2 = count(ApiKind::ChatCompletions, r#"{"model":"gpt-3.5-turbo","messages":[{"role":"user","name":"bob","content":"hello"}]}"#);
+        let c = count(
+            ApiKind::ChatCompletions,
+            r#"{"model":"gpt-3.5-turbo-0301","messages":[{"role":"user","name":"bob","content":"hello"}]}"#,
+        );
+        let c2 = count(
+            ApiKind::ChatCompletions,
+            r#"{"model":"gpt-3.5-turbo","messages":[{"role":"user","name":"bob","content":"hello"}]}"#,
+        );
         assert_eq!(c.tokens, c2.tokens + 1 - 2);
     }
 

@@ -224,7 +224,11 @@ impl StreamMeter {
         let merged = match self.usage {
             // Anthropic's message_delta repeats only some fields; keep the others.
             Some(prev) if anthropic => UsageReport {
-                input: if next.input > 0 { next.input } else { prev.input },
+                input: if next.input > 0 {
+                    next.input
+                } else {
+                    prev.input
+                },
                 output: next.output.max(prev.output),
                 cached_input: next.cached_input.max(prev.cached_input),
                 cache_creation: next.cache_creation.max(prev.cache_creation),
@@ -306,7 +310,10 @@ impl StreamMeter {
             }
             "content_block_delta" => {
                 if let Some(d) = &ev.delta {
-                    for t in [&d.text, &d.partial_json, &d.thinking].into_iter().flatten() {
+                    for t in [&d.text, &d.partial_json, &d.thinking]
+                        .into_iter()
+                        .flatten()
+                    {
                         self.push_text(ev.index.unwrap_or(0), t);
                     }
                 }
@@ -433,19 +440,35 @@ mod tests {
     }
 
     fn split_every_way(stream: &[u8]) -> Vec<Vec<&[u8]>> {
-        (1..stream.len()).map(|i| vec![&stream[..i], &stream[i..]]).collect()
+        (1..stream.len())
+            .map(|i| vec![&stream[..i], &stream[i..]])
+            .collect()
     }
 
     #[test]
     fn decoder_reads_events_fields_and_comments() {
-        let got = events_of(&[b": keep-alive\nevent: message_start\ndata: {\"a\":1}\n\ndata: x\ndata: y\nid: 7\n\n"]);
-        assert_eq!(got, vec![("message_start".into(), "{\"a\":1}".into()), ("".into(), "x\ny".into())]);
+        let got = events_of(&[
+            b": keep-alive\nevent: message_start\ndata: {\"a\":1}\n\ndata: x\ndata: y\nid: 7\n\n",
+        ]);
+        assert_eq!(
+            got,
+            vec![
+                ("message_start".into(), "{\"a\":1}".into()),
+                ("".into(), "x\ny".into())
+            ]
+        );
     }
 
     #[test]
     fn decoder_handles_crlf_and_cr_line_ends() {
-        let want = vec![("".to_string(), "a".to_string()), ("e".to_string(), "b".to_string())];
-        assert_eq!(events_of(&[b"data: a\r\n\r\nevent: e\r\ndata: b\r\n\r\n"]), want);
+        let want = vec![
+            ("".to_string(), "a".to_string()),
+            ("e".to_string(), "b".to_string()),
+        ];
+        assert_eq!(
+            events_of(&[b"data: a\r\n\r\nevent: e\r\ndata: b\r\n\r\n"]),
+            want
+        );
         assert_eq!(events_of(&[b"data: a\r\revent: e\rdata: b\r\r"]), want);
     }
 
@@ -457,7 +480,8 @@ mod tests {
 
     #[test]
     fn every_two_way_split_gives_the_same_events() {
-        let stream = "event: x\r\ndata: {\"t\":\"héllo 世界 🎉\"}\r\n\r\ndata: [DONE]\n\n".as_bytes();
+        let stream =
+            "event: x\r\ndata: {\"t\":\"héllo 世界 🎉\"}\r\n\r\ndata: [DONE]\n\n".as_bytes();
         let whole = events_of(&[stream]);
         assert_eq!(whole.len(), 2);
         for chunks in split_every_way(stream) {
@@ -476,8 +500,12 @@ mod tests {
     fn oversized_lines_are_dropped_not_buffered() {
         let mut d = SseDecoder::new(16);
         let mut out = Vec::new();
-        d.feed(b"data: aaaaaaaaaaaaaaaaaaaaaaaaaaaaa", |_, x| out.push(x.to_string()));
-        d.feed(b"aaaaaaaaaaaa\n\ndata: ok\n\n", |_, x| out.push(x.to_string()));
+        d.feed(b"data: aaaaaaaaaaaaaaaaaaaaaaaaaaaaa", |_, x| {
+            out.push(x.to_string())
+        });
+        d.feed(b"aaaaaaaaaaaa\n\ndata: ok\n\n", |_, x| {
+            out.push(x.to_string())
+        });
         assert_eq!(out, vec!["ok".to_string()]);
         assert_eq!(d.oversized_lines, 1);
         assert!(d.pending.len() <= 16);
@@ -505,7 +533,11 @@ mod tests {
     fn openai_final_usage_chunk_is_read_at_every_split_size() {
         for split in 1..CHAT_STREAM.len() {
             let o = meter(ApiKind::ChatCompletions, CHAT_STREAM.as_bytes(), split);
-            assert_eq!(o.reported.map(|u| (u.input, u.output)), Some((9, 10)), "split {split}");
+            assert_eq!(
+                o.reported.map(|u| (u.input, u.output)),
+                Some((9, 10)),
+                "split {split}"
+            );
             assert!(o.complete);
             assert_eq!(o.bad_events, 0);
         }
@@ -513,11 +545,18 @@ mod tests {
 
     #[test]
     fn openai_stream_without_usage_is_counted_from_deltas() {
-        let no_usage: String = CHAT_STREAM.lines().filter(|l| !l.contains("usage")).map(|l| format!("{l}\n")).collect();
+        let no_usage: String = CHAT_STREAM
+            .lines()
+            .filter(|l| !l.contains("usage"))
+            .map(|l| format!("{l}\n"))
+            .collect();
         let o = meter(ApiKind::ChatCompletions, no_usage.as_bytes(), 7);
         assert_eq!(o.reported, None);
         let counter = shared().counter(Encoding::O200kBase).unwrap();
-        assert_eq!(o.counted_output, counter.count("Hello! How can I help you today?"));
+        assert_eq!(
+            o.counted_output,
+            counter.count("Hello! How can I help you today?")
+        );
         assert!(o.counted_output > 0);
     }
 
@@ -562,7 +601,10 @@ mod tests {
     fn responses_stream_usage_comes_from_response_completed() {
         for split in [1, 2, 13, 64] {
             let o = meter(ApiKind::Responses, RESPONSES_STREAM.as_bytes(), split);
-            assert_eq!(o.reported.map(|u| (u.input, u.output, u.cached_input)), Some((12, 6, 4)));
+            assert_eq!(
+                o.reported.map(|u| (u.input, u.output, u.cached_input)),
+                Some((12, 6, 4))
+            );
             assert_eq!(o.counted_output, 6);
             assert!(o.complete);
         }
@@ -580,7 +622,11 @@ mod tests {
     #[test]
     fn anthropic_stream_merges_message_start_and_message_delta_usage() {
         for split in [1, 3, 50] {
-            let o = meter(ApiKind::AnthropicMessages, ANTHROPIC_STREAM.as_bytes(), split);
+            let o = meter(
+                ApiKind::AnthropicMessages,
+                ANTHROPIC_STREAM.as_bytes(),
+                split,
+            );
             let u = o.reported.unwrap();
             assert_eq!((u.input, u.output, u.cached_input), (125, 15, 100));
             assert!(o.complete);
@@ -602,11 +648,19 @@ mod tests {
         let counter = shared().counter(Encoding::O200kBase).unwrap();
         let mut m = StreamMeter::new(ApiKind::ChatCompletions, 64);
         for _ in 0..100 {
-            m.on_event("", "{\"choices\":[{\"index\":0,\"delta\":{\"content\":\"word word word \"}}]}", counter);
+            m.on_event(
+                "",
+                "{\"choices\":[{\"index\":0,\"delta\":{\"content\":\"word word word \"}}]}",
+                counter,
+            );
             assert!(m.text_bytes <= 64 + 15);
         }
         let o = m.finish(counter);
         let exact = counter.count(&"word word word ".repeat(100));
-        assert!(o.counted_output.abs_diff(exact) <= 25, "{} vs {exact}", o.counted_output);
+        assert!(
+            o.counted_output.abs_diff(exact) <= 25,
+            "{} vs {exact}",
+            o.counted_output
+        );
     }
 }

@@ -105,8 +105,13 @@ mod tests {
 
     #[test]
     fn names_carry_tags_in_istio_form() {
-        let s = Stat::new("tokens").tag("kind", "prompt").tag("model", "gpt-4.1");
-        assert_eq!(s.name(), "tokenfuse_tokens.kind=.=prompt;.;model=.=gpt-4.1;.;");
+        let s = Stat::new("tokens")
+            .tag("kind", "prompt")
+            .tag("model", "gpt-4.1");
+        assert_eq!(
+            s.name(),
+            "tokenfuse_tokens.kind=.=prompt;.;model=.=gpt-4.1;.;"
+        );
     }
 
     #[test]

@@ -312,14 +312,34 @@ mod tests {
 
     #[test]
     fn gpt_4o_family_uses_o200k() {
-        for m in ["gpt-4o", "gpt-4o-mini", "gpt-4o-2024-08-06", "gpt-4.1", "gpt-4.1-nano", "o1-mini", "o3", "o4-mini", "gpt-5", "gpt-5-mini", "chatgpt-4o-latest"] {
+        for m in [
+            "gpt-4o",
+            "gpt-4o-mini",
+            "gpt-4o-2024-08-06",
+            "gpt-4.1",
+            "gpt-4.1-nano",
+            "o1-mini",
+            "o3",
+            "o4-mini",
+            "gpt-5",
+            "gpt-5-mini",
+            "chatgpt-4o-latest",
+        ] {
             assert_eq!(resolve(m), (Encoding::O200kBase, true), "{m}");
         }
     }
 
     #[test]
     fn gpt_4_and_3_5_use_cl100k() {
-        for m in ["gpt-4", "gpt-4-0613", "gpt-4-turbo", "gpt-3.5-turbo", "gpt-3.5-turbo-0125", "text-embedding-3-small", "text-embedding-ada-002"] {
+        for m in [
+            "gpt-4",
+            "gpt-4-0613",
+            "gpt-4-turbo",
+            "gpt-3.5-turbo",
+            "gpt-3.5-turbo-0125",
+            "text-embedding-3-small",
+            "text-embedding-ada-002",
+        ] {
             assert_eq!(resolve(m), (Encoding::Cl100kBase, true), "{m}");
         }
     }
@@ -336,7 +356,14 @@ mod tests {
     fn unknown_models_fall_back_with_the_safety_factor() {
         let map = ModelMap::builtin(Encoding::Cl100kBase, 1.2);
         let r = map.resolve("claude-sonnet-4-5");
-        assert_eq!(r, ModelCounting { encoding: Encoding::Cl100kBase, safety_factor: 1.2, matched: false });
+        assert_eq!(
+            r,
+            ModelCounting {
+                encoding: Encoding::Cl100kBase,
+                safety_factor: 1.2,
+                matched: false
+            }
+        );
         // A name that merely contains a known model is not that model.
         assert!(!map.resolve("my-gpt-4o").matched);
     }

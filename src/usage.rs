@@ -119,7 +119,13 @@ mod tests {
             "prompt_tokens_details":{"cached_tokens":100,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":12}}}"#;
         assert_eq!(
             usage_from_json(body, false),
-            Ok(UsageReport { input: 120, output: 30, cached_input: 100, cache_creation: 0, reasoning: 12 })
+            Ok(UsageReport {
+                input: 120,
+                output: 30,
+                cached_input: 100,
+                cache_creation: 0,
+                reasoning: 12
+            })
         );
     }
 
@@ -129,14 +135,23 @@ mod tests {
             "input_tokens_details":{"cached_tokens":8},"output_tokens_details":{"reasoning_tokens":4}}}"#;
         assert_eq!(
             usage_from_json(body, false),
-            Ok(UsageReport { input: 50, output: 9, cached_input: 8, cache_creation: 0, reasoning: 4 })
+            Ok(UsageReport {
+                input: 50,
+                output: 9,
+                cached_input: 8,
+                cache_creation: 0,
+                reasoning: 4
+            })
         );
     }
 
     #[test]
     fn embeddings_usage_has_no_output() {
         let body = br#"{"object":"list","data":[],"usage":{"prompt_tokens":8,"total_tokens":8}}"#;
-        assert_eq!(usage_from_json(body, false).map(|u| (u.input, u.output)), Ok((8, 0)));
+        assert_eq!(
+            usage_from_json(body, false).map(|u| (u.input, u.output)),
+            Ok((8, 0))
+        );
     }
 
     #[test]
@@ -144,27 +159,51 @@ mod tests {
         let body = br#"{"type":"message","usage":{"input_tokens":10,"output_tokens":5,"cache_creation_input_tokens":200,"cache_read_input_tokens":1000}}"#;
         assert_eq!(
             usage_from_json(body, true),
-            Ok(UsageReport { input: 1210, output: 5, cached_input: 1000, cache_creation: 200, reasoning: 0 })
+            Ok(UsageReport {
+                input: 1210,
+                output: 5,
+                cached_input: 1000,
+                cache_creation: 200,
+                reasoning: 0
+            })
         );
     }
 
     #[test]
     fn missing_or_empty_usage_is_reported_as_missing() {
-        assert_eq!(usage_from_json(br#"{"choices":[]}"#, false), Err(UsageError::Missing));
-        assert_eq!(usage_from_json(br#"{"usage":null}"#, false), Err(UsageError::Missing));
-        assert_eq!(usage_from_json(br#"{"usage":{}}"#, false), Err(UsageError::Missing));
+        assert_eq!(
+            usage_from_json(br#"{"choices":[]}"#, false),
+            Err(UsageError::Missing)
+        );
+        assert_eq!(
+            usage_from_json(br#"{"usage":null}"#, false),
+            Err(UsageError::Missing)
+        );
+        assert_eq!(
+            usage_from_json(br#"{"usage":{}}"#, false),
+            Err(UsageError::Missing)
+        );
     }
 
     #[test]
     fn non_json_body_is_not_json() {
-        assert_eq!(usage_from_json(b"<html>bad gateway</html>", false), Err(UsageError::NotJson));
+        assert_eq!(
+            usage_from_json(b"<html>bad gateway</html>", false),
+            Err(UsageError::NotJson)
+        );
         assert_eq!(usage_from_json(b"[1,2]", false), Err(UsageError::NotJson));
         assert_eq!(usage_from_json(b"", false), Err(UsageError::NotJson));
     }
 
     #[test]
     fn negative_or_fractional_counts_are_not_usage() {
-        assert_eq!(usage_from_json(br#"{"usage":{"prompt_tokens":-1}}"#, false), Err(UsageError::NotJson));
-        assert_eq!(usage_from_json(br#"{"usage":{"prompt_tokens":1.5}}"#, false), Err(UsageError::NotJson));
+        assert_eq!(
+            usage_from_json(br#"{"usage":{"prompt_tokens":-1}}"#, false),
+            Err(UsageError::NotJson)
+        );
+        assert_eq!(
+            usage_from_json(br#"{"usage":{"prompt_tokens":1.5}}"#, false),
+            Err(UsageError::NotJson)
+        );
     }
 }

