@@ -104,7 +104,7 @@ Try:
   curl -sN http://127.0.0.1:10000/v1/chat/completions -H 'content-type: application/json' \
     -d '{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"Hello!"}]}'
 
-  curl -s http://127.0.0.1:9901/stats | grep tokenfuse
+  curl -s http://127.0.0.1:9901/stats/prometheus | grep ^tokenfuse
 
 Ctrl-C stops everything.
 INFO

@@ -591,10 +591,14 @@ fn error_code(e: &RequestError) -> &'static str {
 
 /// An OpenAI-style error reply: `{"error":{"message","type","param","code"}}`.
 fn send_error(host: &mut dyn Host, status: u32, message: &str, kind: &str, code: &str) {
-    let body = serde_json::json!({
-        "error": { "message": message, "type": kind, "param": null, "code": code }
-    });
-    let body = body.to_string();
+    // Written by hand to keep OpenAI's field order (serde_json's map would sort the keys).
+    let quote = |s: &str| serde_json::Value::from(s).to_string();
+    let body = format!(
+        r#"{{"error":{{"message":{},"type":{},"param":null,"code":{}}}}}"#,
+        quote(message),
+        quote(kind),
+        quote(code)
+    );
     host.send_reply(
         status,
         &[

@@ -35,17 +35,23 @@ struct Stack {
 
 const DEMO_CONFIG: &str = r#"{"api":"v1","inject_stream_usage":true}"#;
 
-/// The `stats_tags` the shipped config uses, so tests can read labelled Prometheus output.
+/// The `stats_config` block of the shipped `envoy/envoy.yaml`, so the tests read labels
+/// exactly as a user of that config would.
 fn stats_tags() -> String {
-    let mut yaml = String::from("stats_config:\n  stats_tags:\n");
-    for tag in [
-        "api", "model", "cluster", "kind", "source", "reason", "stage", "status",
-    ] {
-        yaml.push_str(&format!(
-            "  - {{ tag_name: {tag}, regex: '({tag}=\\.=(.+?);\\.;)' }}\n"
-        ));
-    }
-    yaml
+    let shipped =
+        std::fs::read_to_string(support::envoy::repo_root().join("envoy/envoy.yaml")).unwrap();
+    let mut lines = shipped
+        .lines()
+        .skip_while(|l| !l.starts_with("stats_config:"));
+    let first = lines
+        .next()
+        .expect("envoy/envoy.yaml has a top-level stats_config block");
+    // The block ends at the next top-level key.
+    let body = lines.take_while(|l| !l.starts_with(|c: char| c.is_ascii_alphabetic()));
+    std::iter::once(first)
+        .chain(body)
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 fn start_stack(config: &str) -> Stack {
