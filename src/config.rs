@@ -12,9 +12,14 @@
 
 use std::fmt;
 
+use std::collections::{BTreeMap, HashMap};
+
 use serde::Deserialize;
 
-use crate::tokens::{Encoding, ModelMap, ModelRule};
+use crate::budget::{Budget, Burst, KeySource, OversizeAction, Priority, TripAction, Unit};
+use crate::price::{usd_to_micro, Price, PriceList};
+use crate::tokens::{Encoding, ModelMap, ModelRule, Pattern};
+use crate::window::{PeakHours, Window, WindowKind};
 
 /// The only configuration schema version this build understands.
 pub const API_VERSION: &str = "v1";
@@ -50,6 +55,57 @@ pub struct Config {
     pub max_stream_text_bytes: usize,
     /// Distinct `model` tag values per VM before further models are tagged `other`.
     pub model_tag_limit: usize,
+    /// Budgets every LLM request must pass, in order.
+    pub budgets: Vec<Budget>,
+    /// Per-key base allowances, by budget index then key.
+    pub base_overrides: Vec<HashMap<String, u64>>,
+    /// Where a request's priority comes from.
+    pub priority: PrioritySource,
+    /// Model prices, for USD budgets.
+    pub prices: PriceList,
+    /// Where rerouted requests go.
+    pub reroute: Reroute,
+    /// The admin endpoint, when enabled.
+    pub admin: Option<Admin>,
+    /// CAS retries per shared-data update before the failure mode applies.
+    pub cas_retries: u32,
+    /// What happens when shared data cannot be updated.
+    pub on_store_failure: FailureMode,
+    /// `x-should-retry: false` is sent when the reset is further away than this.
+    pub should_retry_max_secs: u64,
+}
+
+/// Where a request's priority comes from: a trusted header, else the route, else a default.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PrioritySource {
+    pub header: Option<String>,
+    pub routes: HashMap<String, Priority>,
+    pub default: Priority,
+}
+
+/// Rerouting: the header that selects the economy route, and cheaper models.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reroute {
+    pub header: String,
+    pub value: String,
+    pub models: Vec<(Pattern, String)>,
+}
+
+/// The admin endpoint: a path and the bearer token that guards it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Admin {
+    pub path: String,
+    pub token: String,
+}
+
+/// Behaviour when a budget cannot be read or updated (CAS retries exhausted).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    /// Let the request through unreserved (counted in `tokenfuse_fail_open`).
+    Open,
+    /// Answer 503.
+    Closed,
 }
 
 impl Default for Config {
@@ -64,6 +120,23 @@ impl Default for Config {
             max_response_body_bytes: 8 << 20,
             max_stream_text_bytes: 1 << 20,
             model_tag_limit: 64,
+            budgets: Vec::new(),
+            base_overrides: Vec::new(),
+            priority: PrioritySource {
+                header: None,
+                routes: HashMap::new(),
+                default: Priority::P1,
+            },
+            prices: PriceList::default(),
+            reroute: Reroute {
+                header: "x-tokenfuse-route".into(),
+                value: "economy".into(),
+                models: Vec::new(),
+            },
+            admin: None,
+            cas_retries: 32,
+            on_store_failure: FailureMode::Open,
+            should_retry_max_secs: 60,
         }
     }
 }
@@ -83,6 +156,95 @@ pub struct RawConfig {
     max_stream_text_bytes: Option<u64>,
     #[serde(default)]
     stats: RawStats,
+    #[serde(default)]
+    budgets: Vec<RawBudget>,
+    priority: Option<RawPriority>,
+    #[serde(default)]
+    prices: BTreeMap<String, RawPrice>,
+    reroute: Option<RawReroute>,
+    admin: Option<RawAdmin>,
+    shared_data: Option<RawSharedData>,
+    should_retry_max_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBudget {
+    name: String,
+    key: String,
+    window: WindowKind,
+    utc_offset: Option<String>,
+    unit: Option<String>,
+    base: f64,
+    elastic: Option<f64>,
+    burst: Option<RawBurst>,
+    action: Option<String>,
+    warn_at: Option<f64>,
+    degrade_from: Option<f64>,
+    priority_ceilings: Option<RawCeilings>,
+    max_request_tokens: Option<f64>,
+    oversize: Option<String>,
+    max_keys: Option<u64>,
+    #[serde(default)]
+    base_overrides: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBurst {
+    amount: f64,
+    from: String,
+    to: String,
+    #[serde(default)]
+    weekdays: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCeilings {
+    p0: Option<f64>,
+    p1: Option<f64>,
+    p2: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPriority {
+    header: Option<String>,
+    #[serde(default)]
+    routes: BTreeMap<String, String>,
+    default: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrice {
+    input: f64,
+    cached_input: Option<f64>,
+    output: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReroute {
+    header: Option<String>,
+    value: Option<String>,
+    #[serde(default)]
+    models: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    path: String,
+    token: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSharedData {
+    cas_retries: Option<u32>,
+    on_failure: Option<FailureMode>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -252,7 +414,73 @@ impl Config {
             None => defaults.model_tag_limit,
         };
 
+        let prices = compile_prices(&raw.prices)?;
+        let mut budgets = Vec::with_capacity(raw.budgets.len());
+        let mut base_overrides = Vec::with_capacity(raw.budgets.len());
+        for (i, rb) in raw.budgets.iter().enumerate() {
+            let (budget, overrides) = compile_budget(i, rb)?;
+            if budgets.iter().any(|b: &Budget| b.name == budget.name) {
+                return Err(ConfigError::new(
+                    format!("budgets[{i}].name"),
+                    "budget names must be unique",
+                ));
+            }
+            if budget.unit == Unit::Usd && !prices.has_catch_all() {
+                return Err(ConfigError::new(
+                    "prices",
+                    "a USD budget needs a price for every model: add a catch-all entry \"*\"",
+                ));
+            }
+            budgets.push(budget);
+            base_overrides.push(overrides);
+        }
+        let priority = compile_priority(raw.priority.as_ref())?;
+        let reroute = compile_reroute(raw.reroute.as_ref(), &defaults.reroute)?;
+        let admin = match raw.admin {
+            None => None,
+            Some(a) => {
+                if !a.path.starts_with('/') || a.path.len() < 2 {
+                    return Err(ConfigError::new(
+                        "admin.path",
+                        "must be an absolute path other than `/`",
+                    ));
+                }
+                if a.token.len() < 16 {
+                    return Err(ConfigError::new(
+                        "admin.token",
+                        "must be at least 16 characters",
+                    ));
+                }
+                Some(Admin {
+                    path: a.path.trim_end_matches('/').to_string(),
+                    token: a.token,
+                })
+            }
+        };
+        let shared = raw.shared_data.unwrap_or(RawSharedData {
+            cas_retries: None,
+            on_failure: None,
+        });
+        let cas_retries = shared.cas_retries.unwrap_or(defaults.cas_retries);
+        if !(1..=1000).contains(&cas_retries) {
+            return Err(ConfigError::new(
+                "shared_data.cas_retries",
+                "must be between 1 and 1000",
+            ));
+        }
+
         Ok(Config {
+            budgets,
+            base_overrides,
+            priority,
+            prices,
+            reroute,
+            admin,
+            cas_retries,
+            on_store_failure: shared.on_failure.unwrap_or(defaults.on_store_failure),
+            should_retry_max_secs: raw
+                .should_retry_max_secs
+                .unwrap_or(defaults.should_retry_max_secs),
             models,
             default_max_output_tokens,
             inject_stream_usage: raw.inject_stream_usage.unwrap_or(false),
@@ -291,6 +519,291 @@ fn byte_limit(field: &str, value: Option<u64>, default: usize) -> Result<usize, 
         Some(n) => usize::try_from(n)
             .map_err(|_| ConfigError::new(field, "does not fit this platform's address space")),
     }
+}
+
+/// Budget and key names: short, and safe inside shared-data keys and stat tags.
+fn check_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 48
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            field,
+            "must be 1-48 characters of [A-Za-z0-9._-]",
+        ))
+    }
+}
+
+fn ratio(field: &str, value: Option<f64>, default: f64) -> Result<f64, ConfigError> {
+    let v = value.unwrap_or(default);
+    if !(v > 0.0 && v <= 1.0) {
+        return Err(ConfigError::new(field, "must be a fraction in (0, 1]"));
+    }
+    Ok(v)
+}
+
+/// An amount in the budget's unit: whole tokens, or USD (to the micro-dollar).
+fn amount(field: &str, value: f64, unit: Unit) -> Result<u64, ConfigError> {
+    match unit {
+        Unit::Tokens => {
+            if !(value.is_finite() && value >= 0.0 && value.fract() == 0.0 && value < 1e18) {
+                return Err(ConfigError::new(
+                    field,
+                    "must be a whole number of tokens, at least 0",
+                ));
+            }
+            Ok(value as u64)
+        }
+        Unit::Usd => usd_to_micro(value)
+            .ok_or_else(|| ConfigError::new(field, "must be a USD amount, at least 0")),
+    }
+}
+
+/// `+05:30`, `-08:00`, `Z` → seconds east of UTC.
+fn parse_offset(field: &str, text: &str) -> Result<i32, ConfigError> {
+    let bad = || ConfigError::new(field, "must look like +05:30, -08:00 or Z");
+    if text == "Z" || text == "z" {
+        return Ok(0);
+    }
+    let (sign, rest) = match text.as_bytes().first() {
+        Some(b'+') => (1, &text[1..]),
+        Some(b'-') => (-1, &text[1..]),
+        _ => return Err(bad()),
+    };
+    let (h, m) = rest.split_once(':').ok_or_else(bad)?;
+    let h: i32 = h.parse().map_err(|_| bad())?;
+    let m: i32 = m.parse().map_err(|_| bad())?;
+    if h > 14 || m > 59 || rest.len() != 5 {
+        return Err(bad());
+    }
+    Ok(sign * (h * 3600 + m * 60))
+}
+
+fn parse_key(field: &str, text: &str) -> Result<KeySource, ConfigError> {
+    let bad = || {
+        ConfigError::new(
+            field,
+            "must be `header:<name>`, `bearer`, `route` or `constant:<name>`",
+        )
+    };
+    match text.split_once(':') {
+        Some(("header", name)) if !name.is_empty() => {
+            Ok(KeySource::Header(name.to_ascii_lowercase()))
+        }
+        Some(("constant", name)) => {
+            check_name(field, name)?;
+            Ok(KeySource::Constant(name.to_string()))
+        }
+        None if text == "bearer" => Ok(KeySource::BearerHash),
+        None if text == "route" => Ok(KeySource::Route),
+        _ => Err(bad()),
+    }
+}
+
+fn compile_budget(i: usize, rb: &RawBudget) -> Result<(Budget, HashMap<String, u64>), ConfigError> {
+    let f = |name: &str| format!("budgets[{i}].{name}");
+    check_name(&f("name"), &rb.name)?;
+    let key = parse_key(&f("key"), &rb.key)?;
+    let offset = match &rb.utc_offset {
+        Some(t) => parse_offset(&f("utc_offset"), t)?,
+        None => 0,
+    };
+    let window =
+        Window::new(rb.window, offset).map_err(|why| ConfigError::new(f("utc_offset"), why))?;
+    let unit = match rb.unit.as_deref() {
+        None | Some("tokens") => Unit::Tokens,
+        Some("usd") => Unit::Usd,
+        Some(_) => return Err(ConfigError::new(f("unit"), "must be `tokens` or `usd`")),
+    };
+    let base = amount(&f("base"), rb.base, unit)?;
+    let elastic = amount(&f("elastic"), rb.elastic.unwrap_or(0.0), unit)?;
+    let burst = match &rb.burst {
+        None => None,
+        Some(b) => Some(Burst {
+            amount: amount(&f("burst.amount"), b.amount, unit)?,
+            peak: PeakHours::parse(&b.from, &b.to, &b.weekdays, offset)
+                .map_err(|why| ConfigError::new(f("burst"), why))?,
+        }),
+    };
+    let action = match rb.action.as_deref() {
+        None | Some("reject") => TripAction::Reject,
+        Some("reroute") => TripAction::Reroute,
+        Some(_) => {
+            return Err(ConfigError::new(
+                f("action"),
+                "must be `reject` or `reroute`",
+            ))
+        }
+    };
+    let warn_at = ratio(&f("warn_at"), rb.warn_at, 0.8)?;
+    let degrade_from = match rb.degrade_from {
+        None => None,
+        Some(d) if d > 0.0 && d < 1.0 => Some(d),
+        Some(_) => {
+            return Err(ConfigError::new(
+                f("degrade_from"),
+                "must be a fraction in (0, 1)",
+            ))
+        }
+    };
+    let c = rb.priority_ceilings.as_ref();
+    let ceilings = [
+        ratio(&f("priority_ceilings.p0"), c.and_then(|c| c.p0), 1.0)?,
+        ratio(&f("priority_ceilings.p1"), c.and_then(|c| c.p1), 0.9)?,
+        ratio(&f("priority_ceilings.p2"), c.and_then(|c| c.p2), 0.7)?,
+    ];
+    if !(ceilings[0] >= ceilings[1] && ceilings[1] >= ceilings[2]) {
+        return Err(ConfigError::new(
+            f("priority_ceilings"),
+            "must not increase from p0 to p2 (background work is shed first)",
+        ));
+    }
+    let max_request_tokens = match rb.max_request_tokens {
+        None => None,
+        Some(v) if v > 0.0 && v < 1.0 => {
+            if unit != Unit::Tokens {
+                return Err(ConfigError::new(
+                    f("max_request_tokens"),
+                    "a fraction of the base needs a token budget; give an absolute number",
+                ));
+            }
+            Some(((base as f64) * v).floor() as u64)
+        }
+        Some(v) if v >= 1.0 && v.fract() == 0.0 && v < 1e18 => Some(v as u64),
+        Some(_) => {
+            return Err(ConfigError::new(
+                f("max_request_tokens"),
+                "must be a whole number of tokens, or a fraction of the base in (0, 1)",
+            ))
+        }
+    };
+    let oversize = match rb.oversize.as_deref() {
+        None | Some("reject") => OversizeAction::Reject,
+        Some("truncate") => OversizeAction::Truncate,
+        Some(_) => {
+            return Err(ConfigError::new(
+                f("oversize"),
+                "must be `reject` or `truncate`",
+            ))
+        }
+    };
+    let max_keys = rb.max_keys.unwrap_or(10_000);
+    if !(1..=1_000_000).contains(&max_keys) {
+        return Err(ConfigError::new(
+            f("max_keys"),
+            "must be between 1 and 1000000",
+        ));
+    }
+    let mut overrides = HashMap::new();
+    for (k, v) in &rb.base_overrides {
+        check_name(&f(&format!("base_overrides.{k}")), k)?;
+        overrides.insert(
+            k.clone(),
+            amount(&f(&format!("base_overrides.{k}")), *v, unit)?,
+        );
+    }
+    Ok((
+        Budget {
+            name: rb.name.clone(),
+            key,
+            window,
+            unit,
+            base,
+            elastic,
+            burst,
+            action,
+            warn_at,
+            degrade_from,
+            ceilings,
+            max_request_tokens,
+            oversize,
+            max_keys,
+        },
+        overrides,
+    ))
+}
+
+fn compile_prices(raw: &BTreeMap<String, RawPrice>) -> Result<PriceList, ConfigError> {
+    let mut rules = Vec::with_capacity(raw.len());
+    for (pattern, p) in raw {
+        let field = |n: &str| format!("prices.{pattern}.{n}");
+        let pat = Pattern::parse(pattern)
+            .map_err(|why| ConfigError::new(format!("prices.{pattern}"), why))?;
+        let usd = |n: &str, v: f64| {
+            usd_to_micro(v).ok_or_else(|| {
+                ConfigError::new(field(n), "must be USD per million tokens, at least 0")
+            })
+        };
+        let input = usd("input", p.input)?;
+        rules.push((
+            pat,
+            Price {
+                input,
+                cached_input: match p.cached_input {
+                    Some(v) => usd("cached_input", v)?,
+                    None => input,
+                },
+                output: usd("output", p.output)?,
+            },
+        ));
+    }
+    Ok(PriceList::new(rules))
+}
+
+fn compile_priority(raw: Option<&RawPriority>) -> Result<PrioritySource, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(PrioritySource {
+            header: None,
+            routes: HashMap::new(),
+            default: Priority::P1,
+        });
+    };
+    let parse = |field: String, v: &str| {
+        Priority::parse(v).ok_or_else(|| ConfigError::new(field, "must be p0, p1 or p2"))
+    };
+    let mut routes = HashMap::new();
+    for (route, p) in &raw.routes {
+        routes.insert(route.clone(), parse(format!("priority.routes.{route}"), p)?);
+    }
+    Ok(PrioritySource {
+        header: raw.header.as_ref().map(|h| h.to_ascii_lowercase()),
+        routes,
+        default: match &raw.default {
+            Some(d) => parse("priority.default".into(), d)?,
+            None => Priority::P1,
+        },
+    })
+}
+
+fn compile_reroute(raw: Option<&RawReroute>, defaults: &Reroute) -> Result<Reroute, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(defaults.clone());
+    };
+    let mut models = Vec::with_capacity(raw.models.len());
+    for (from, to) in &raw.models {
+        let pat = Pattern::parse(from)
+            .map_err(|why| ConfigError::new(format!("reroute.models.{from}"), why))?;
+        if to.is_empty() {
+            return Err(ConfigError::new(
+                format!("reroute.models.{from}"),
+                "the cheaper model must not be empty",
+            ));
+        }
+        models.push((pat, to.clone()));
+    }
+    Ok(Reroute {
+        header: raw
+            .header
+            .clone()
+            .unwrap_or_else(|| defaults.header.clone())
+            .to_ascii_lowercase(),
+        value: raw.value.clone().unwrap_or_else(|| defaults.value.clone()),
+        models,
+    })
 }
 
 /// Turn a serde_json error into a sentence that names what was expected and where, without

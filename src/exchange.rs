@@ -15,18 +15,28 @@
 
 use std::rc::Rc;
 
+use crate::admin::{self, AdminStep};
 use crate::api::{self, ApiKind, RequestBody, RequestError};
-use crate::config::MalformedPolicy;
+use crate::budget::{self, OversizeAction, Priority, Unit};
+use crate::config::{FailureMode, MalformedPolicy};
+use crate::enforce::{self, Facts, Plan, RateHeaders, Rejection, Reservation};
 use crate::filter::Filter;
 use crate::host::{Host, Level};
+use crate::ledger;
 use crate::prompt::{count_prompt, ImageCosts, PromptCount};
 use crate::sse::{SseDecoder, StreamMeter};
 use crate::stats::Stat;
 use crate::tokens::{ModelCounting, TextCounter};
+use crate::truncate;
 use crate::usage::{usage_from_json, UsageError, UsageReport};
+use crate::window::go_duration;
 
 /// Response header carrying the filter's prompt count.
 pub const PROMPT_TOKENS_HEADER: &str = "x-tokenfuse-prompt-tokens";
+/// Response header naming budgets at or past their warning threshold.
+pub const WARNING_HEADER: &str = "x-tokenfuse-budget-warning";
+/// Response header naming the model a rerouted request was served by.
+pub const REROUTED_HEADER: &str = "x-tokenfuse-rerouted-to";
 
 /// What the glue tells Envoy after a callback.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,6 +61,8 @@ enum Phase {
     AwaitingBody { kind: ApiKind, path: String },
     /// Forwarded; the response is being read.
     Forwarded(Box<Call>),
+    /// An admin top-up whose body is still arriving.
+    AdminBody,
 }
 
 /// What the filter knows about a forwarded LLM call.
@@ -61,6 +73,25 @@ struct Call {
     prompt: PromptCount,
     response: Response,
     cluster: Option<String>,
+    /// The model that serves the request (the cheaper one when rerouted).
+    served_model: String,
+    /// What the budgets hold for this request until it settles.
+    reservations: Vec<Reservation>,
+    rate: Option<RateHeaders>,
+    warnings: Vec<String>,
+    rerouted: bool,
+    priority: Priority,
+}
+
+/// What a settled exchange is billed.
+enum Billed {
+    /// Nothing: the provider answered with an error, or not at all.
+    Nothing,
+    /// Known usage.
+    Usage { source: Source, usage: UsageReport },
+    /// The prompt is known, the output is not (an unreadable response): the budgets keep
+    /// the reservation, the stats record the prompt.
+    Unknown,
 }
 
 enum Response {
@@ -107,6 +138,14 @@ impl Exchange {
 
     /// Request headers arrived.
     pub fn on_request_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Action {
+        match admin::on_request_headers(host, &self.filter.config, end_of_stream) {
+            AdminStep::NotAdmin => {}
+            AdminStep::Replied => return Action::Pause,
+            AdminStep::AwaitBody => {
+                self.phase = Phase::AdminBody;
+                return Action::Pause;
+            }
+        }
         let method = host.request_header(":method").unwrap_or_default();
         let path = host.request_header(":path").unwrap_or_default();
         let kind = match ApiKind::from_path(&path) {
@@ -117,7 +156,7 @@ impl Exchange {
             }
         };
         if end_of_stream {
-            return self.malformed(host, kind, &RequestError::Empty, false);
+            return self.malformed(host, kind, &RequestError::Empty);
         }
         if let Some(encoding) = host.request_header("content-encoding") {
             if !encoding.eq_ignore_ascii_case("identity") {
@@ -137,6 +176,15 @@ impl Exchange {
         body_size: usize,
         end_of_stream: bool,
     ) -> Action {
+        if let Phase::AdminBody = self.phase {
+            if !end_of_stream {
+                return Action::Pause;
+            }
+            let body = host.request_body(body_size).unwrap_or_default();
+            admin::on_topup_body(host, &self.filter.config, &body);
+            self.phase = Phase::Idle;
+            return Action::Pause;
+        }
         let (kind, path) = match &self.phase {
             Phase::AwaitingBody { kind, path } => (*kind, path.clone()),
             _ => return Action::Continue,
@@ -144,10 +192,10 @@ impl Exchange {
         if !end_of_stream {
             return Action::Pause;
         }
-        let body = host.request_body(body_size).unwrap_or_default();
-        let parsed = match api::parse_request(kind, &body) {
+        let original = host.request_body(body_size).unwrap_or_default();
+        let parsed = match api::parse_request(kind, &original) {
             Ok(parsed) => parsed,
-            Err(e) => return self.malformed(host, kind, &e, true),
+            Err(e) => return self.malformed(host, kind, &e),
         };
         let model = parsed
             .model()
@@ -155,7 +203,7 @@ impl Exchange {
             .unwrap_or("unknown")
             .to_string();
         let counting = self.filter.config.models.resolve(&model);
-        let Some(counter) = self.filter.tokenizers.counter(counting.encoding) else {
+        if self.filter.tokenizers.counter(counting.encoding).is_none() {
             // Cannot happen with a validated config (its encodings are all built); if it
             // does, the request is not worth failing for it.
             host.log(
@@ -168,50 +216,353 @@ impl Exchange {
             host.counter_add(Stat::new("passthrough").tag("reason", "internal").name(), 1);
             self.phase = Phase::Idle;
             return Action::Continue;
+        }
+        let filter = Rc::clone(&self.filter);
+        let config = &filter.config;
+        let prompt = self.count(&parsed, &model, counting);
+        let max_output = parsed
+            .max_output_tokens()
+            .unwrap_or(config.default_max_output_tokens);
+        let mut call = Call {
+            kind,
+            model_tag: filter.model_tag(&model),
+            counting,
+            prompt,
+            response: Response::Pending,
+            cluster: None,
+            served_model: model.clone(),
+            reservations: Vec::new(),
+            rate: None,
+            warnings: Vec::new(),
+            rerouted: false,
+            priority: Priority::P1,
         };
+        // The body as it will go upstream; rewritten by truncation, rerouting and usage
+        // injection, and put back once at the end.
+        let mut body: Option<Vec<u8>> = None;
+        if !config.budgets.is_empty() {
+            match self.enforce(host, &original, &mut call, max_output) {
+                Ok(new_body) => body = new_body,
+                Err(reply) => {
+                    self.phase = Phase::Idle;
+                    return reply;
+                }
+            }
+        }
+        if config.inject_stream_usage {
+            let current = body.as_deref().unwrap_or(&original);
+            let reparsed;
+            let shape = if body.is_some() {
+                match api::parse_request(kind, current) {
+                    Ok(p) => {
+                        reparsed = p;
+                        &reparsed
+                    }
+                    Err(_) => &parsed,
+                }
+            } else {
+                &parsed
+            };
+            if let Some(new_body) = api::with_stream_usage(current, shape) {
+                body = Some(new_body);
+            }
+        }
+        if let Some(new_body) = body {
+            host.replace_request_body(original.len(), &new_body);
+            // Envoy does not fix content-length when a filter replaces the body.
+            host.set_request_header("content-length", Some(&new_body.len().to_string()));
+        }
+        host.log(
+            Level::Debug,
+            &format!(
+                "#{} {} model={} encoding={} prompt_tokens={} exact={} stream={} max_output={} priority={} reserved_in={} rerouted={}",
+                self.id,
+                kind.tag(),
+                crate::stats::sanitize(&model),
+                counting.encoding,
+                call.prompt.tokens,
+                call.prompt.exact,
+                parsed.stream(),
+                max_output,
+                call.priority.tag(),
+                call.reservations.len(),
+                call.rerouted,
+            ),
+        );
+        self.phase = Phase::Forwarded(Box::new(call));
+        Action::Continue
+    }
+
+    fn count(&self, parsed: &RequestBody, model: &str, counting: ModelCounting) -> PromptCount {
         let config = &self.filter.config;
         let images = ImageCosts {
             low: config.image_tokens_low,
             high: config.image_tokens_high,
         };
-        let prompt = count_prompt(&parsed, &model, counting, counter, images);
-        let stream = parsed.stream();
-        if config.inject_stream_usage {
-            self.inject_stream_usage(host, &body, &parsed);
+        match self.filter.tokenizers.counter(counting.encoding) {
+            Some(counter) => count_prompt(parsed, model, counting, counter, images),
+            None => PromptCount {
+                tokens: 0,
+                exact: false,
+            },
         }
-        host.log(
-            Level::Debug,
-            &format!(
-                "#{} {} model={} encoding={} prompt_tokens={} exact={} stream={} max_output={}",
-                self.id,
-                kind.tag(),
-                crate::stats::sanitize(&model),
-                counting.encoding,
-                prompt.tokens,
-                prompt.exact,
-                stream,
-                parsed
-                    .max_output_tokens()
-                    .unwrap_or(config.default_max_output_tokens)
-            ),
-        );
-        self.phase = Phase::Forwarded(Box::new(Call {
-            kind,
-            model_tag: self.filter.model_tag(&model),
-            counting,
-            prompt,
-            response: Response::Pending,
-            cluster: None,
-        }));
-        Action::Continue
     }
 
-    fn inject_stream_usage(&self, host: &mut dyn Host, body: &[u8], parsed: &RequestBody) {
-        if let Some(new_body) = api::with_stream_usage(body, parsed) {
-            host.replace_request_body(body.len(), &new_body);
-            // Envoy does not fix content-length when a filter replaces the body.
-            host.set_request_header("content-length", Some(&new_body.len().to_string()));
+    /// Apply the budgets: oversize check (or truncation), reservation, reroute. Returns the
+    /// rewritten body if any, or the action after a local reply.
+    fn enforce(
+        &mut self,
+        host: &mut dyn Host,
+        original: &[u8],
+        call: &mut Call,
+        max_output: u64,
+    ) -> Result<Option<Vec<u8>>, Action> {
+        let filter = Rc::clone(&self.filter);
+        let config = &filter.config;
+        let now_ms = host.now_ms();
+        let now = now_ms.div_euclid(1000);
+        call.priority = enforce::priority(host, config);
+        let mut body: Option<Vec<u8>> = None;
+
+        // Budget keys, under each budget's key cap.
+        let mut keys = Vec::with_capacity(config.budgets.len());
+        for budget in &config.budgets {
+            let id = enforce::identity(host, budget);
+            match ledger::admit_key(host, budget, &id, now, config.cas_retries) {
+                Ok(key) => {
+                    if key == ledger::OVERFLOW_KEY && id != key {
+                        host.counter_add(
+                            Stat::new("keys_overflowed")
+                                .tag("budget", &budget.name)
+                                .name(),
+                            1,
+                        );
+                    }
+                    keys.push(key);
+                }
+                Err(_) => match config.on_store_failure {
+                    FailureMode::Open => keys.push(id),
+                    FailureMode::Closed => {
+                        self.decision(host, "unavailable", Some(&budget.name), call.priority);
+                        send_error(
+                            host,
+                            503,
+                            "tokenfuse: budget store is busy; retry",
+                            "server_error",
+                            "budget_store_unavailable",
+                            &[],
+                        );
+                        return Err(Action::Pause);
+                    }
+                },
+            }
         }
+
+        // The per-request cap (circuit breaker).
+        let estimate = call.prompt.tokens.saturating_add(max_output);
+        let mut trunc_cap: Option<u64> = None;
+        for budget in &config.budgets {
+            let Some(cap) = budget.max_request_tokens else {
+                continue;
+            };
+            if estimate <= cap {
+                continue;
+            }
+            match budget.oversize {
+                OversizeAction::Reject => {
+                    return Err(self.oversize(host, &budget.name, cap, estimate, call.priority))
+                }
+                OversizeAction::Truncate => trunc_cap = Some(trunc_cap.map_or(cap, |c| c.min(cap))),
+            }
+        }
+        if let Some(cap) = trunc_cap {
+            let fitted = cap.checked_sub(max_output).and_then(|max_prompt| {
+                truncate::truncate(call.kind, original, max_prompt, |p| {
+                    let m = p.model().unwrap_or(&call.served_model).to_string();
+                    self.count(p, &m, call.counting).tokens
+                })
+            });
+            match fitted {
+                Some(t) => {
+                    host.counter_add(Stat::new("truncated_messages").name(), t.dropped as u64);
+                    self.decision(host, "truncated", None, call.priority);
+                    call.prompt = PromptCount {
+                        tokens: t.prompt,
+                        exact: call.prompt.exact,
+                    };
+                    body = Some(t.body);
+                }
+                None => {
+                    let name = config
+                        .budgets
+                        .iter()
+                        .find(|b| b.max_request_tokens == Some(cap))
+                        .map(|b| b.name.clone())
+                        .unwrap_or_default();
+                    return Err(self.oversize(host, &name, cap, estimate, call.priority));
+                }
+            }
+        }
+
+        let seed = host
+            .request_header("x-request-id")
+            .unwrap_or_else(|| format!("{}-{}", self.id, now_ms));
+        let facts = Facts {
+            model: &call.served_model,
+            prompt: call.prompt.tokens,
+            max_output,
+            priority: call.priority,
+            pick: budget::pick(&seed),
+            now_ms,
+        };
+        match enforce::plan(host, config, &keys, &facts) {
+            Plan::Reject(r) => {
+                self.decision(host, "rejected", Some(&r.budget), call.priority);
+                self.reject(host, &r, config.should_retry_max_secs);
+                Err(Action::Pause)
+            }
+            Plan::Unavailable { budget } => {
+                self.decision(host, "unavailable", Some(&budget), call.priority);
+                send_error(
+                    host,
+                    503,
+                    "tokenfuse: budget store is busy; retry",
+                    "server_error",
+                    "budget_store_unavailable",
+                    &[],
+                );
+                Err(Action::Pause)
+            }
+            Plan::Admit {
+                reservations,
+                reroute_to,
+                degraded,
+                warnings,
+                headers,
+                failed_open,
+                cas_retries,
+            } => {
+                if cas_retries > 0 {
+                    host.counter_add(Stat::new("cas_retries").name(), u64::from(cas_retries));
+                }
+                for name in &failed_open {
+                    host.counter_add(Stat::new("fail_open").tag("budget", name).name(), 1);
+                }
+                for r in &reservations {
+                    let b = &config.budgets[r.budget];
+                    add(
+                        host,
+                        &Stat::new("reserved")
+                            .tag("budget", &b.name)
+                            .tag("unit", b.unit.tag()),
+                        r.drawn.total(),
+                    );
+                }
+                let decision = match (&reroute_to, degraded, warnings.is_empty()) {
+                    (Some(_), true, _) => "degraded",
+                    (Some(_), false, _) => "rerouted",
+                    (None, _, false) => "warned",
+                    (None, _, true) => "allowed",
+                };
+                self.decision(host, decision, None, call.priority);
+                if let Some(to) = reroute_to {
+                    let current = body.as_deref().unwrap_or(original);
+                    body = Some(with_model(current, &to).unwrap_or_else(|| current.to_vec()));
+                    host.set_request_header(&config.reroute.header, Some(&config.reroute.value));
+                    host.clear_route_cache();
+                    call.served_model = to;
+                    call.rerouted = true;
+                }
+                call.reservations = reservations;
+                call.rate = headers;
+                call.warnings = warnings;
+                Ok(body)
+            }
+        }
+    }
+
+    fn decision(
+        &self,
+        host: &mut dyn Host,
+        decision: &str,
+        budget: Option<&str>,
+        priority: Priority,
+    ) {
+        let mut stat = Stat::new("decisions").tag("decision", decision);
+        if let Some(b) = budget {
+            stat = stat.tag("budget", b);
+        }
+        host.counter_add(stat.tag("priority", priority.tag()).name(), 1);
+    }
+
+    fn oversize(
+        &self,
+        host: &mut dyn Host,
+        budget: &str,
+        cap: u64,
+        estimate: u64,
+        priority: Priority,
+    ) -> Action {
+        self.decision(host, "oversize", Some(budget), priority);
+        send_error(
+            host,
+            400,
+            &format!(
+                "tokenfuse: this request needs {estimate} tokens (prompt plus maximum output), over the {cap}-token per-request limit of budget '{budget}'; shorten the conversation or lower max_tokens"
+            ),
+            "invalid_request_error",
+            "request_tokens_exceeded",
+            &[],
+        );
+        Action::Pause
+    }
+
+    fn reject(&self, host: &mut dyn Host, r: &Rejection, should_retry_max_secs: u64) {
+        let reset = go_duration(r.reset_ms);
+        let unit = if r.unit == Unit::Tokens {
+            "tokens"
+        } else {
+            "micro-USD"
+        };
+        // This window's limit stands in for the next one's (base, burst and elastic as
+        // they are now): a request above it cannot pass by waiting.
+        let hopeless = r.hopeless(r.limit);
+        let message = if r.no_cheaper_model {
+            format!("tokenfuse: budget '{}' is spent and this model has no cheaper alternative; it resets in {reset}", r.budget)
+        } else if hopeless {
+            format!(
+                "tokenfuse: this request needs {} {unit}, more than priority {} may use of budget '{}' ({}% of {}); lower max_tokens or shorten the prompt",
+                r.needed, r.priority.tag(), r.budget, (r.ceiling * 100.0).round(), r.limit
+            )
+        } else if r.needed <= r.remaining {
+            format!(
+                "tokenfuse: budget '{}' keeps its last {}% for higher priorities; this priority-{} request needs {} {unit} and {} of {} are left; it resets in {reset}",
+                r.budget, (100.0 - r.ceiling * 100.0).round(), r.priority.tag(), r.needed, r.remaining, r.limit
+            )
+        } else {
+            format!(
+                "tokenfuse: budget '{}' is spent for this key: this request needs {} {unit} and {} of {} are left; it resets in {reset}",
+                r.budget, r.needed, r.remaining, r.limit
+            )
+        };
+        let retry_after = r.retry_after_secs.to_string();
+        let (limit, remaining) = (r.limit.to_string(), r.remaining.to_string());
+        let mut headers: Vec<(&str, &str)> = vec![("retry-after", &retry_after)];
+        if r.unit == Unit::Tokens {
+            headers.push(("x-ratelimit-limit-tokens", &limit));
+            headers.push(("x-ratelimit-remaining-tokens", &remaining));
+            headers.push(("x-ratelimit-reset-tokens", &reset));
+        }
+        if hopeless || r.retry_after_secs > should_retry_max_secs {
+            headers.push(("x-should-retry", "false"));
+        }
+        headers.push(("x-tokenfuse-budget", &r.budget));
+        let kind = if r.unit == Unit::Tokens {
+            "tokens"
+        } else {
+            "usd"
+        };
+        send_error(host, 429, &message, kind, "rate_limit_exceeded", &headers);
     }
 
     /// Response headers arrived.
@@ -220,6 +571,23 @@ impl Exchange {
             return Action::Continue;
         };
         host.set_response_header(PROMPT_TOKENS_HEADER, Some(&call.prompt.tokens.to_string()));
+        if let Some(rate) = call.rate {
+            host.set_response_header("x-ratelimit-limit-tokens", Some(&rate.limit.to_string()));
+            host.set_response_header(
+                "x-ratelimit-remaining-tokens",
+                Some(&rate.remaining.to_string()),
+            );
+            host.set_response_header(
+                "x-ratelimit-reset-tokens",
+                Some(&go_duration(rate.reset_ms)),
+            );
+        }
+        if !call.warnings.is_empty() {
+            host.set_response_header(WARNING_HEADER, Some(&call.warnings.join(",")));
+        }
+        if call.rerouted {
+            host.set_response_header(REROUTED_HEADER, Some(&call.served_model));
+        }
         call.cluster = host.upstream_cluster();
         let status = host
             .response_header(":status")
@@ -294,7 +662,7 @@ impl Exchange {
         self.settle(host, false);
     }
 
-    /// Settle the exchange into stats, exactly once.
+    /// Settle the exchange into stats and budgets, exactly once.
     fn settle(&mut self, host: &mut dyn Host, ended: bool) {
         let Phase::Forwarded(mut call) = std::mem::replace(&mut self.phase, Phase::Idle) else {
             return;
@@ -322,46 +690,56 @@ impl Exchange {
         if !call.prompt.exact {
             host.counter_add(tagged("prompt_estimates").name(), 1);
         }
+        let counted = |output: u64| Billed::Usage {
+            source: Source::Counted,
+            usage: UsageReport {
+                input: call.prompt.tokens,
+                output,
+                ..UsageReport::default()
+            },
+        };
         let counter = self.filter.tokenizers.counter(call.counting.encoding);
-        let settled = match std::mem::replace(&mut call.response, Response::Pending) {
+        let billed = match std::mem::replace(&mut call.response, Response::Pending) {
             Response::Pending => {
                 host.counter_add(tagged("no_response").name(), 1);
-                None
+                Billed::Nothing
             }
             Response::UpstreamError { status } => {
                 let class = format!("{}xx", status / 100);
                 host.counter_add(tagged("upstream_errors").tag("status", &class).name(), 1);
-                None
+                Billed::Nothing
             }
             Response::Unreadable => {
                 self.parse_failure(host, call.kind, "encoded");
-                Some((Source::Counted, call.prompt.tokens, 0))
+                Billed::Unknown
             }
             Response::Json {
                 overflowed: true, ..
             } => {
                 self.parse_failure(host, call.kind, "too_large");
-                Some((Source::Counted, call.prompt.tokens, 0))
+                Billed::Unknown
             }
-            Response::Json { body, .. } if !ended => {
-                // The client or upstream went away mid-body: what arrived may not parse.
-                let _ = body;
+            Response::Json { .. } if !ended => {
+                // The client or upstream went away mid-body: what arrived may not parse,
+                // and the provider has produced (and bills) the whole answer.
                 host.counter_add(tagged("responses_incomplete").name(), 1);
-                Some((Source::Counted, call.prompt.tokens, 0))
+                Billed::Unknown
             }
             Response::Json { body, .. } => {
                 let anthropic = call.kind == ApiKind::AnthropicMessages;
                 match usage_from_json(&body, anthropic) {
-                    Ok(u) => Some(provider(u)),
-                    Err(UsageError::Missing) => {
-                        let output = counter
+                    Ok(usage) => Billed::Usage {
+                        source: Source::Provider,
+                        usage,
+                    },
+                    Err(UsageError::Missing) => counted(
+                        counter
                             .map(|c| scaled(&call, json_output_tokens(&body, c)))
-                            .unwrap_or(0);
-                        Some((Source::Counted, call.prompt.tokens, output))
-                    }
+                            .unwrap_or(0),
+                    ),
                     Err(UsageError::NotJson) => {
                         self.parse_failure(host, call.kind, "json");
-                        Some((Source::Counted, call.prompt.tokens, 0))
+                        Billed::Unknown
                     }
                 }
             }
@@ -376,18 +754,22 @@ impl Exchange {
                     }
                     match outcome.reported {
                         // A stream cut after its usage arrived is billed as reported.
-                        Some(u) => Some(provider(u)),
-                        None => Some((
-                            Source::Counted,
-                            call.prompt.tokens,
-                            scaled(&call, outcome.counted_output),
-                        )),
+                        Some(usage) => Billed::Usage {
+                            source: Source::Provider,
+                            usage,
+                        },
+                        None => counted(scaled(&call, outcome.counted_output)),
                     }
                 }
-                None => None,
+                None => Billed::Unknown,
             },
         };
-        if let Some((source, prompt, completion)) = settled {
+        let (prompt, completion, source) = match &billed {
+            Billed::Usage { source, usage } => (usage.input, usage.output, Some(*source)),
+            Billed::Unknown => (call.prompt.tokens, 0, Some(Source::Counted)),
+            Billed::Nothing => (0, 0, None),
+        };
+        if let Some(source) = source {
             if source == Source::Counted {
                 host.counter_add(tagged("usage_counted").name(), 1);
             }
@@ -399,15 +781,71 @@ impl Exchange {
                     .tag("cluster", &cluster);
                 add(host, &stat, n);
             }
+        }
+        self.settle_budgets(host, &call, &billed);
+        host.log(
+            Level::Debug,
+            &format!(
+                "#{} settled {} prompt={} completion={} source={}",
+                self.id,
+                call.kind.tag(),
+                prompt,
+                completion,
+                source.map_or("none", Source::tag)
+            ),
+        );
+    }
+
+    /// Replace the budgets' reservations by what the exchange cost.
+    fn settle_budgets(&self, host: &mut dyn Host, call: &Call, billed: &Billed) {
+        if call.reservations.is_empty() {
+            return;
+        }
+        let config = &self.filter.config;
+        let now_ms = host.now_ms();
+        let report = enforce::settle(
+            host,
+            config,
+            &call.reservations,
+            |_, budget| match billed {
+                Billed::Nothing => 0,
+                Billed::Usage { usage, .. } => {
+                    enforce::actual_amount(config, budget, &call.served_model, usage)
+                }
+                // Keep what was reserved: the output is unknown, the provider billed it.
+                Billed::Unknown => call
+                    .reservations
+                    .iter()
+                    .find(|r| {
+                        config
+                            .budgets
+                            .get(r.budget)
+                            .is_some_and(|b| b.name == budget.name)
+                    })
+                    .map(|r| r.drawn.total())
+                    .unwrap_or(0),
+            },
+            now_ms,
+        );
+        if report.cas_retries > 0 {
+            host.counter_add(
+                Stat::new("cas_retries").name(),
+                u64::from(report.cas_retries),
+            );
+        }
+        if report.refunded > 0 {
+            host.counter_add(Stat::new("refunded").name(), report.refunded);
+        }
+        if report.charged_extra > 0 {
+            host.counter_add(Stat::new("charged_extra").name(), report.charged_extra);
+        }
+        for name in &report.failed {
+            host.counter_add(Stat::new("settle_failures").tag("budget", name).name(), 1);
             host.log(
-                Level::Debug,
+                Level::Error,
                 &format!(
-                    "#{} settled {} prompt={} completion={} source={}",
-                    self.id,
-                    call.kind.tag(),
-                    prompt,
-                    completion,
-                    source.tag()
+                    "#{} could not settle budget {name}: shared data contended or unavailable",
+                    self.id
                 ),
             );
         }
@@ -425,13 +863,7 @@ impl Exchange {
     }
 
     /// An LLM request whose body cannot be read.
-    fn malformed(
-        &mut self,
-        host: &mut dyn Host,
-        kind: ApiKind,
-        error: &RequestError,
-        headers_sent_on: bool,
-    ) -> Action {
+    fn malformed(&mut self, host: &mut dyn Host, kind: ApiKind, error: &RequestError) -> Action {
         self.phase = Phase::Idle;
         let policy = self.filter.config.malformed_request;
         host.counter_add(
@@ -464,13 +896,13 @@ impl Exchange {
                 Action::Continue
             }
             MalformedPolicy::Reject => {
-                let _ = headers_sent_on;
                 send_error(
                     host,
                     400,
                     &format!("tokenfuse: {error}"),
                     "invalid_request_error",
                     error_code(error),
+                    &[],
                 );
                 Action::Pause
             }
@@ -502,15 +934,12 @@ impl Exchange {
                     "tokenfuse: compressed request bodies cannot be counted; send the body uncompressed",
                     "invalid_request_error",
                     "unsupported_content_encoding",
+                    &[],
                 );
                 Action::Pause
             }
         }
     }
-}
-
-fn provider(u: UsageReport) -> (Source, u64, u64) {
-    (Source::Provider, u.input, u.output)
 }
 
 /// Scale a count made with a borrowed encoding by the model's safety factor.
@@ -590,7 +1019,14 @@ fn error_code(e: &RequestError) -> &'static str {
 }
 
 /// An OpenAI-style error reply: `{"error":{"message","type","param","code"}}`.
-fn send_error(host: &mut dyn Host, status: u32, message: &str, kind: &str, code: &str) {
+fn send_error(
+    host: &mut dyn Host,
+    status: u32,
+    message: &str,
+    kind: &str,
+    code: &str,
+    extra: &[(&str, &str)],
+) {
     // Written by hand to keep OpenAI's field order (serde_json's map would sort the keys).
     let quote = |s: &str| serde_json::Value::from(s).to_string();
     let body = format!(
@@ -599,14 +1035,20 @@ fn send_error(host: &mut dyn Host, status: u32, message: &str, kind: &str, code:
         quote(kind),
         quote(code)
     );
-    host.send_reply(
-        status,
-        &[
-            ("content-type", "application/json"),
-            ("x-tokenfuse-error", code),
-        ],
-        body.as_bytes(),
-    );
+    let mut headers = vec![
+        ("content-type", "application/json"),
+        ("x-tokenfuse-error", code),
+    ];
+    headers.extend_from_slice(extra);
+    host.send_reply(status, &headers, body.as_bytes());
+}
+
+/// `body` with its `model` replaced (or added).
+fn with_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
+    let mut doc: serde_json::Value = serde_json::from_slice(body).ok()?;
+    doc.as_object_mut()?
+        .insert("model".into(), serde_json::Value::from(model));
+    serde_json::to_vec(&doc).ok()
 }
 
 #[cfg(test)]
@@ -995,5 +1437,265 @@ mod tests {
             host.counter_sum("tokenfuse_requests", &["model=.=other;"]),
             2
         );
+    }
+
+    const BUDGETS: &str = r#"{"api":"v1",
+        "budgets":[{"name":"minute","key":"header:x-tenant","window":"minute","base":1000,"max_request_tokens":5000,"oversize":"truncate","base_overrides":{"bigco":100000}},
+                   {"name":"usd","key":"header:x-tenant","window":"day","unit":"usd","base":1.0,"action":"reroute","base_overrides":{"thrifty":0.0001}}],
+        "prices":{"*":{"input":1,"output":1},"gpt-4o*":{"input":2.5,"output":10}},
+        "reroute":{"models":{"gpt-4o":"gpt-4o-mini"}},
+        "admin":{"path":"/admin","token":"0123456789abcdef"}}"#;
+
+    fn budget_host(tenant: &str, body: &str, shared: &FakeHost) -> FakeHost {
+        let mut h = FakeHost::post("/v1/chat/completions", body.as_bytes());
+        h.request_headers.push(("x-tenant".into(), tenant.into()));
+        h.request_headers
+            .push(("x-request-id".into(), "req-1".into()));
+        h.shared = shared.shared.clone();
+        h.now_ms.set(1_800_000_030_000);
+        h
+    }
+
+    fn chat_with(max_tokens: u64) -> String {
+        format!(
+            r#"{{"model":"gpt-4o","max_tokens":{max_tokens},"messages":[{{"role":"user","content":"hello"}}]}}"#
+        )
+    }
+
+    fn minute_used(shared: &FakeHost, f: &Filter, key: &str) -> u64 {
+        let b = &f.config.budgets[0];
+        let a = crate::ledger::read(
+            shared,
+            b,
+            &crate::ledger::account_key(b, key),
+            1_800_000_030,
+        )
+        .unwrap();
+        b.standing(&a, 1_800_000_030).used
+    }
+
+    #[test]
+    fn an_admitted_request_carries_rate_headers_and_settles_to_actual_usage() {
+        let f = filter(BUDGETS);
+        let shared = FakeHost::default();
+        let mut h = budget_host("acme", &chat_with(100), &shared);
+        let mut ex = Exchange::new(f.clone(), 1);
+        assert_eq!(send_request(&mut ex, &mut h, 64), Action::Continue);
+        assert_eq!(
+            minute_used(&shared, &f, "acme"),
+            108,
+            "8 prompt + 100 reserved"
+        );
+        respond(
+            &mut ex,
+            &mut h,
+            "200",
+            "application/json",
+            br#"{"usage":{"prompt_tokens":8,"completion_tokens":5}}"#,
+            10,
+        );
+        assert_eq!(
+            h.resp_header("x-ratelimit-limit-tokens").as_deref(),
+            Some("1000")
+        );
+        assert_eq!(
+            h.resp_header("x-ratelimit-remaining-tokens").as_deref(),
+            Some("892")
+        );
+        assert_eq!(
+            h.resp_header("x-ratelimit-reset-tokens").as_deref(),
+            Some("30s")
+        );
+        assert_eq!(minute_used(&shared, &f, "acme"), 13, "settled to 8 + 5");
+        assert_eq!(
+            h.counter_sum("tokenfuse_decisions", &["decision=.=allowed;"]),
+            1
+        );
+    }
+
+    #[test]
+    fn an_exhausted_budget_answers_429_with_openai_headers_and_body() {
+        let f = filter(BUDGETS);
+        let shared = FakeHost::default();
+        let mut h = budget_host("acme", &chat_with(995), &shared);
+        let mut ex = Exchange::new(f.clone(), 1);
+        send_request(&mut ex, &mut h, 64);
+        let reply = h.reply.clone().expect("a 429");
+        assert_eq!(reply.status, 429);
+        assert_eq!(reply.header("retry-after"), Some("30"));
+        assert_eq!(reply.header("x-ratelimit-limit-tokens"), Some("1000"));
+        assert_eq!(reply.header("x-ratelimit-remaining-tokens"), Some("1000"));
+        assert_eq!(reply.header("x-ratelimit-reset-tokens"), Some("30s"));
+        assert_eq!(reply.header("x-tokenfuse-budget"), Some("minute"));
+        // 1003 tokens can never fit a 1000-token window at 90%: no point retrying.
+        assert_eq!(reply.header("x-should-retry"), Some("false"));
+        let v: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+        assert_eq!(v["error"]["type"], "tokens");
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("priority p1"));
+        assert_eq!(minute_used(&shared, &f, "acme"), 0);
+        ex.on_done(&mut h);
+        assert_eq!(
+            h.counter_sum("tokenfuse_requests", &[]),
+            0,
+            "a refused request is not an exchange"
+        );
+    }
+
+    #[test]
+    fn a_spent_reroute_budget_rewrites_model_route_and_content_length() {
+        let f = filter(BUDGETS);
+        let shared = FakeHost::default();
+        let mut h = budget_host("thrifty", &chat_with(100), &shared);
+        let mut ex = Exchange::new(f, 1);
+        assert_eq!(send_request(&mut ex, &mut h, 64), Action::Continue);
+        let sent: serde_json::Value = serde_json::from_slice(&h.request_body).unwrap();
+        assert_eq!(sent["model"], "gpt-4o-mini");
+        assert_eq!(
+            h.req_header("content-length"),
+            Some(h.request_body.len().to_string())
+        );
+        assert_eq!(
+            h.req_header("x-tokenfuse-route").as_deref(),
+            Some("economy")
+        );
+        assert_eq!(h.route_cache_cleared, 1);
+        respond(
+            &mut ex,
+            &mut h,
+            "200",
+            "application/json",
+            br#"{"usage":{"prompt_tokens":8,"completion_tokens":5}}"#,
+            10,
+        );
+        assert_eq!(
+            h.resp_header(REROUTED_HEADER).as_deref(),
+            Some("gpt-4o-mini")
+        );
+    }
+
+    #[test]
+    fn oversize_conversations_are_truncated_to_the_cap() {
+        let f = filter(BUDGETS);
+        let shared = FakeHost::default();
+        let mut messages = vec![serde_json::json!({"role":"system","content":"be brief"})];
+        for i in 0..1000 {
+            messages.push(serde_json::json!({"role":"user","content":format!("message {i} with several words in it")}));
+        }
+        let body =
+            serde_json::json!({"model":"gpt-4o","max_tokens":100,"messages":messages}).to_string();
+        let mut h = budget_host("bigco", &body, &shared);
+        let mut ex = Exchange::new(f.clone(), 1);
+        assert_eq!(send_request(&mut ex, &mut h, 4096), Action::Continue);
+        let sent: serde_json::Value = serde_json::from_slice(&h.request_body).unwrap();
+        let kept = sent["messages"].as_array().unwrap();
+        assert!(kept.len() < 1001 && kept.len() > 2, "kept {}", kept.len());
+        assert_eq!(kept[0]["role"], "system");
+        assert_eq!(
+            kept.last().unwrap()["content"],
+            "message 999 with several words in it"
+        );
+        assert_eq!(
+            h.req_header("content-length"),
+            Some(h.request_body.len().to_string())
+        );
+        assert_eq!(
+            h.counter_sum("tokenfuse_decisions", &["decision=.=truncated;"]),
+            1
+        );
+        assert!(h.reply.is_none());
+        let prompt: u64 = h.counter_sum("tokenfuse_decisions", &[]);
+        assert_eq!(prompt, 2, "truncated, then allowed");
+        respond(
+            &mut ex,
+            &mut h,
+            "200",
+            "application/json",
+            br#"{"usage":{"prompt_tokens":1,"completion_tokens":1}}"#,
+            100,
+        );
+        let header: u64 = h
+            .resp_header(PROMPT_TOKENS_HEADER)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            header + 100 <= 5000,
+            "the new prompt count fits the cap: {header}"
+        );
+    }
+
+    #[test]
+    fn upstream_errors_and_lost_responses_refund_the_reservation() {
+        let f = filter(BUDGETS);
+        let shared = FakeHost::default();
+        let mut h = budget_host("acme", &chat_with(300), &shared);
+        let mut ex = Exchange::new(f.clone(), 1);
+        send_request(&mut ex, &mut h, 64);
+        assert_eq!(minute_used(&shared, &f, "acme"), 308);
+        respond(&mut ex, &mut h, "503", "application/json", b"{}", 10);
+        assert_eq!(minute_used(&shared, &f, "acme"), 0);
+        let mut h = budget_host("acme", &chat_with(300), &shared);
+        let mut ex = Exchange::new(f.clone(), 2);
+        send_request(&mut ex, &mut h, 64);
+        ex.on_done(&mut h);
+        assert_eq!(minute_used(&shared, &f, "acme"), 0);
+    }
+
+    #[test]
+    fn a_client_abort_mid_stream_is_charged_for_what_was_streamed() {
+        let f = filter(BUDGETS);
+        let shared = FakeHost::default();
+        let mut h = budget_host("acme", &chat_with(300), &shared);
+        let mut ex = Exchange::new(f.clone(), 1);
+        send_request(&mut ex, &mut h, 64);
+        h.response_headers = vec![
+            (":status".into(), "200".into()),
+            ("content-type".into(), "text/event-stream".into()),
+        ];
+        ex.on_response_headers(&mut h, false);
+        h.response_chunk = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"tiktoken is great!\"}}]}\n\n".to_vec();
+        let n = h.response_chunk.len();
+        ex.on_response_body(&mut h, n, false);
+        ex.on_done(&mut h);
+        assert_eq!(minute_used(&shared, &f, "acme"), 8 + 6);
+    }
+
+    #[test]
+    fn an_unreadable_response_keeps_the_reservation() {
+        let f = filter(BUDGETS);
+        let shared = FakeHost::default();
+        let mut h = budget_host("acme", &chat_with(300), &shared);
+        let mut ex = Exchange::new(f.clone(), 1);
+        send_request(&mut ex, &mut h, 64);
+        respond(
+            &mut ex,
+            &mut h,
+            "200",
+            "application/json",
+            b"<html>not json</html>",
+            10,
+        );
+        assert_eq!(minute_used(&shared, &f, "acme"), 308);
+    }
+
+    #[test]
+    fn admin_topup_through_the_exchange_never_reaches_upstream() {
+        let f = filter(BUDGETS);
+        let body = br#"{"budget":"minute","key":"acme","amount":250}"#;
+        let mut h = FakeHost::post("/admin/topup", body);
+        h.request_headers
+            .push(("authorization".into(), "Bearer 0123456789abcdef".into()));
+        h.now_ms.set(1_800_000_030_000);
+        let mut ex = Exchange::new(f, 1);
+        assert_eq!(ex.on_request_headers(&mut h, false), Action::Pause);
+        assert_eq!(ex.on_request_body(&mut h, body.len(), true), Action::Pause);
+        let reply = h.reply.clone().unwrap();
+        assert_eq!(reply.status, 200);
+        let v: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(v["tiers"]["elastic"]["balance"], 250);
     }
 }

@@ -13,6 +13,15 @@ pub enum Level {
     Error,
 }
 
+/// Why a shared-data write failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SharedError {
+    /// Another writer changed the value since it was read: read again and retry.
+    CasMismatch,
+    /// The proxy refused the write for another reason.
+    Failed,
+}
+
 /// What an exchange needs from the proxy for one HTTP stream.
 pub trait Host {
     /// A request header (`:method`, `:path` included).
@@ -37,16 +46,41 @@ pub trait Host {
     fn counter_add(&mut self, name: &str, n: u64);
     /// Write a log line. Callers never pass prompts, completions or credentials.
     fn log(&self, level: Level, message: &str);
+    /// Wall-clock time, Unix milliseconds.
+    fn now_ms(&self) -> i64;
+    /// A shared-data value (process-wide, all worker VMs) and its CAS token.
+    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)>;
+    /// Write a shared-data value if its CAS token is still `cas` (Envoy: 0 writes
+    /// unconditionally; a missing key is inserted whatever `cas` says).
+    fn shared_set(&mut self, key: &str, value: &[u8], cas: u32) -> Result<(), SharedError>;
+    /// Make Envoy pick the route again after routing headers changed.
+    fn clear_route_cache(&mut self);
+    /// The name of the route Envoy matched, if any.
+    fn route_name(&self) -> Option<String>;
 }
 
 #[cfg(test)]
 pub mod fake {
     //! An in-memory [`Host`] for tests.
 
-    use std::cell::RefCell;
-    use std::collections::BTreeMap;
+    use std::cell::{Cell, RefCell};
+    use std::collections::{BTreeMap, HashMap};
+    use std::rc::Rc;
 
-    use super::{Host, Level};
+    use super::{Host, Level, SharedError};
+
+    /// Shared data with Envoy's semantics, shareable between fake hosts (one per
+    /// simulated worker or request).
+    #[derive(Debug, Default)]
+    pub struct FakeShared {
+        pub values: HashMap<String, (Vec<u8>, u32)>,
+        next_cas: u32,
+        /// The next this-many writes with a non-zero CAS fail with a mismatch, as if
+        /// another worker had written in between.
+        pub forced_conflicts: u32,
+        /// Every write fails (the proxy refuses).
+        pub broken: bool,
+    }
 
     /// A local reply the exchange sent.
     #[derive(Clone, Debug, PartialEq)]
@@ -76,6 +110,10 @@ pub mod fake {
         pub reply: Option<Reply>,
         pub counters: BTreeMap<String, u64>,
         pub logs: RefCell<Vec<(Level, String)>>,
+        pub shared: Rc<RefCell<FakeShared>>,
+        pub now_ms: Cell<i64>,
+        pub route: Option<String>,
+        pub route_cache_cleared: u32,
     }
 
     fn get(list: &[(String, String)], name: &str) -> Option<String> {
@@ -181,6 +219,44 @@ pub mod fake {
         }
         fn log(&self, level: Level, message: &str) {
             self.logs.borrow_mut().push((level, message.to_string()));
+        }
+        fn now_ms(&self) -> i64 {
+            self.now_ms.get()
+        }
+        fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+            self.shared.borrow().values.get(key).cloned()
+        }
+        fn shared_set(&mut self, key: &str, value: &[u8], cas: u32) -> Result<(), SharedError> {
+            let mut shared = self.shared.borrow_mut();
+            if shared.broken {
+                return Err(SharedError::Failed);
+            }
+            if cas != 0 && shared.forced_conflicts > 0 {
+                shared.forced_conflicts -= 1;
+                return Err(SharedError::CasMismatch);
+            }
+            shared.next_cas = shared.next_cas.wrapping_add(1).max(1);
+            let next = shared.next_cas;
+            match shared.values.get_mut(key) {
+                Some(entry) => {
+                    if cas != 0 && cas != entry.1 {
+                        return Err(SharedError::CasMismatch);
+                    }
+                    *entry = (value.to_vec(), next);
+                }
+                None => {
+                    shared
+                        .values
+                        .insert(key.to_string(), (value.to_vec(), next));
+                }
+            }
+            Ok(())
+        }
+        fn clear_route_cache(&mut self) {
+            self.route_cache_cleared += 1;
+        }
+        fn route_name(&self) -> Option<String> {
+            self.route.clone()
         }
     }
 }

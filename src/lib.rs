@@ -6,16 +6,23 @@
 //! [`wasm_host::WasmHost`] adapter. Every decision lives in the host-independent modules
 //! below, which are tested natively against a fake host.
 
+pub mod admin;
 pub mod api;
+pub mod budget;
 pub mod config;
+pub mod enforce;
 pub mod exchange;
 pub mod filter;
 pub mod host;
+pub mod ledger;
+pub mod price;
 pub mod prompt;
 pub mod sse;
 pub mod stats;
 pub mod tokens;
+pub mod truncate;
 pub mod usage;
+pub mod window;
 
 #[cfg(target_arch = "wasm32")]
 mod wasm_host;

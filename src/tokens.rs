@@ -42,11 +42,45 @@ impl fmt::Display for Encoding {
     }
 }
 
-/// How a model name is matched: the whole name, or a prefix (`gpt-4o*`).
-#[derive(Clone, Debug, PartialEq)]
-enum Pattern {
+/// How a model name is matched: the whole name (`gpt-4`), or a prefix (`gpt-4o*`; `*` alone
+/// matches everything).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pattern {
     Exact(String),
     Prefix(String),
+}
+
+impl Pattern {
+    /// Parse `name` or `prefix*`. A `*` anywhere but at the end is refused, so an operator
+    /// never believes `gpt*4` does what it looks like.
+    pub fn parse(pattern: &str) -> Result<Pattern, String> {
+        if pattern.is_empty() {
+            return Err("must not be empty".into());
+        }
+        match pattern.find('*') {
+            None => Ok(Pattern::Exact(pattern.to_string())),
+            Some(i) if i + 1 == pattern.len() => Ok(Pattern::Prefix(pattern[..i].to_string())),
+            Some(_) => Err("only a single trailing `*` (prefix match) is supported".into()),
+        }
+    }
+
+    /// How well `model` matches: exact beats any prefix, a longer prefix beats a shorter one.
+    pub fn score(&self, model: &str) -> Option<usize> {
+        match self {
+            Pattern::Exact(name) if name == model => Some(usize::MAX),
+            Pattern::Prefix(prefix) if model.starts_with(prefix.as_str()) => Some(prefix.len()),
+            _ => None,
+        }
+    }
+}
+
+/// The best-matching entry of `rules` for `model`.
+pub fn best_match<'r, T>(rules: &'r [(Pattern, T)], model: &str) -> Option<&'r T> {
+    rules
+        .iter()
+        .filter_map(|(p, v)| p.score(model).map(|s| (s, v)))
+        .max_by_key(|(s, _)| *s)
+        .map(|(_, v)| v)
 }
 
 /// One entry of the model map.
@@ -58,31 +92,17 @@ pub struct ModelRule {
 }
 
 impl ModelRule {
-    /// Parse `name` (exact) or `prefix*`. A `*` anywhere but at the end is refused, so an
-    /// operator never believes `gpt*4` does what it looks like.
+    /// A rule for `pattern` (see [`Pattern::parse`]).
     pub fn parse(pattern: &str, encoding: Encoding, safety_factor: f64) -> Result<Self, String> {
-        if pattern.is_empty() {
-            return Err("must not be empty".into());
-        }
-        let star = pattern.find('*');
-        let pattern = match star {
-            None => Pattern::Exact(pattern.to_string()),
-            Some(i) if i + 1 == pattern.len() => Pattern::Prefix(pattern[..i].to_string()),
-            Some(_) => return Err("only a single trailing `*` (prefix match) is supported".into()),
-        };
         Ok(ModelRule {
-            pattern,
+            pattern: Pattern::parse(pattern)?,
             encoding,
             safety_factor,
         })
     }
 
     fn matches(&self, model: &str) -> Option<usize> {
-        match &self.pattern {
-            Pattern::Exact(name) if name == model => Some(usize::MAX),
-            Pattern::Prefix(prefix) if model.starts_with(prefix.as_str()) => Some(prefix.len()),
-            _ => None,
-        }
+        self.pattern.score(model)
     }
 }
 

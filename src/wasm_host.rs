@@ -8,9 +8,9 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType};
+use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType, Status};
 
-use crate::host::{Host, Level};
+use crate::host::{Host, Level, SharedError};
 
 thread_local! {
     static METRICS: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
@@ -106,5 +106,46 @@ impl Host for WasmHost {
             Level::Error => LogLevel::Error,
         };
         let _ = hostcalls::log(level, message);
+    }
+
+    fn now_ms(&self) -> i64 {
+        hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0)
+    }
+
+    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        match hostcalls::get_shared_data(key) {
+            Ok((Some(bytes), Some(cas))) => Some((bytes, cas)),
+            Ok((Some(bytes), None)) => Some((bytes, 0)),
+            _ => None,
+        }
+    }
+
+    fn shared_set(&mut self, key: &str, value: &[u8], cas: u32) -> Result<(), SharedError> {
+        match hostcalls::set_shared_data(key, Some(value), Some(cas)) {
+            Ok(()) => Ok(()),
+            Err(Status::CasMismatch) => Err(SharedError::CasMismatch),
+            Err(_) => Err(SharedError::Failed),
+        }
+    }
+
+    fn clear_route_cache(&mut self) {
+        // Newer ABIs no longer clear the route cache when a filter changes headers;
+        // Envoy exposes it as a foreign function.
+        let _ = hostcalls::call_foreign_function("clear_route_cache", Some(&[]));
+    }
+
+    fn route_name(&self) -> Option<String> {
+        [vec!["xds", "route_name"], vec!["route_name"]]
+            .into_iter()
+            .find_map(|path| match hostcalls::get_property(path) {
+                Ok(Some(bytes)) if !bytes.is_empty() => {
+                    Some(String::from_utf8_lossy(&bytes).into_owned())
+                }
+                _ => None,
+            })
     }
 }

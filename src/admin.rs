@@ -1,0 +1,429 @@
+//! The admin endpoint: read a key's budgets, top up an elastic balance.
+//!
+//! Off unless configured (`admin.path`, `admin.token`). Every request to the path is
+//! answered by the filter itself and never reaches an upstream; it must carry
+//! `authorization: Bearer <token>` (compared in constant time), else 401.
+//!
+//! - `GET <path>?key=<key>[&budget=<name>]`: the key's account in every (or one) budget.
+//! - `POST <path>/topup` with `{"budget": "<name>", "key": "<key>", "amount": <n>}`: add
+//!   `n` (tokens, or USD for USD budgets) to the key's elastic balance.
+//!
+//! Keys are the stored ones: the header value, `key-<hash>` for bearer budgets, the route
+//! name, or the constant.
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::budget::{Budget, Unit};
+use crate::config::{Admin, Config};
+use crate::host::Host;
+use crate::ledger;
+use crate::price::usd_to_micro;
+
+/// What the admin handler wants next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AdminStep {
+    /// Not an admin request.
+    NotAdmin,
+    /// Answered already.
+    Replied,
+    /// A top-up: wait for its body.
+    AwaitBody,
+}
+
+/// True when `path` (query ignored) is the admin path or below it.
+fn is_admin_path(admin: &Admin, path: &str) -> bool {
+    let p = path.split('?').next().unwrap_or(path);
+    p == admin.path || p.starts_with(&format!("{}/", admin.path))
+}
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte from timings.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorized(host: &dyn Host, admin: &Admin) -> bool {
+    let Some(auth) = host.request_header("authorization") else {
+        return false;
+    };
+    let auth = auth.trim();
+    auth.len() > 7
+        && auth[..7].eq_ignore_ascii_case("bearer ")
+        && same(auth[7..].trim().as_bytes(), admin.token.as_bytes())
+}
+
+fn reply(host: &mut dyn Host, status: u32, body: &Value) {
+    host.send_reply(
+        status,
+        &[
+            ("content-type", "application/json"),
+            ("cache-control", "no-store"),
+        ],
+        body.to_string().as_bytes(),
+    );
+}
+
+fn error(host: &mut dyn Host, status: u32, message: &str) {
+    reply(
+        host,
+        status,
+        &json!({"error": {"message": message, "type": "admin_error", "param": null, "code": status}}),
+    );
+}
+
+fn query_param(path: &str, name: &str) -> Option<String> {
+    let query = path.split_once('?')?.1;
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A budget's figures for one key, as JSON (amounts in the budget's unit: tokens or
+/// micro-USD).
+fn describe(host: &dyn Host, config: &Config, index: usize, key: &str, now_ms: i64) -> Value {
+    let budget = &config.budgets[index];
+    let base = config
+        .base_overrides
+        .get(index)
+        .and_then(|o| o.get(key))
+        .copied()
+        .unwrap_or(budget.base);
+    let effective = Budget {
+        base,
+        ..budget.clone()
+    };
+    let now = now_ms.div_euclid(1000);
+    let shared_key = ledger::account_key(budget, key);
+    let tracked = host.shared_get(&shared_key).is_some();
+    let account = ledger::read(host, &effective, &shared_key, now)
+        .unwrap_or_else(|| effective.open_account(now));
+    let standing = effective.standing(&account, now);
+    let burst_limit = budget.burst.as_ref().map(|b| b.amount).unwrap_or(0);
+    let burst_active = budget.burst.as_ref().is_some_and(|b| b.peak.contains(now));
+    json!({
+        "budget": budget.name,
+        "key": key,
+        "tracked": tracked,
+        "unit": if budget.unit == Unit::Usd { "micro_usd" } else { "tokens" },
+        "window": budget.window.kind.as_str(),
+        "window_start": account.window_start,
+        "resets_in_secs": budget.window.retry_after_secs(now_ms),
+        "used": standing.used,
+        "remaining": standing.remaining,
+        "limit": standing.limit,
+        "tiers": {
+            "base": {"limit": base, "used": account.base_used},
+            "elastic": {"balance": account.elastic_balance, "used_this_window": account.elastic_used},
+            "burst": {"limit": burst_limit, "used": account.burst_used, "active": burst_active},
+        },
+    })
+}
+
+/// Handle request headers of a possible admin request.
+pub fn on_request_headers(host: &mut dyn Host, config: &Config, end_of_stream: bool) -> AdminStep {
+    let Some(admin) = &config.admin else {
+        return AdminStep::NotAdmin;
+    };
+    let path = host.request_header(":path").unwrap_or_default();
+    if !is_admin_path(admin, &path) {
+        return AdminStep::NotAdmin;
+    }
+    if !authorized(host, admin) {
+        error(host, 401, "missing or wrong admin bearer token");
+        return AdminStep::Replied;
+    }
+    let method = host.request_header(":method").unwrap_or_default();
+    let bare = path.split('?').next().unwrap_or(&path);
+    match (method.as_str(), bare == admin.path) {
+        ("GET", true) => {
+            let Some(key) = query_param(&path, "key").filter(|k| !k.is_empty()) else {
+                error(host, 400, "query parameter `key` is required");
+                return AdminStep::Replied;
+            };
+            let wanted = query_param(&path, "budget");
+            let now_ms = host.now_ms();
+            let budgets: Vec<Value> = (0..config.budgets.len())
+                .filter(|i| {
+                    wanted
+                        .as_deref()
+                        .is_none_or(|w| config.budgets[*i].name == w)
+                })
+                .map(|i| describe(host, config, i, &key, now_ms))
+                .collect();
+            if budgets.is_empty() {
+                error(host, 404, "no such budget");
+            } else {
+                reply(host, 200, &json!({"key": key, "budgets": budgets}));
+            }
+            AdminStep::Replied
+        }
+        ("POST", false) if bare == format!("{}/topup", admin.path) => {
+            if end_of_stream {
+                error(host, 400, "a top-up needs a JSON body");
+                AdminStep::Replied
+            } else {
+                AdminStep::AwaitBody
+            }
+        }
+        _ => {
+            error(host, 405, "use GET <path>?key=… or POST <path>/topup");
+            AdminStep::Replied
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopUp {
+    budget: String,
+    key: String,
+    amount: f64,
+}
+
+/// Handle the complete body of a top-up.
+pub fn on_topup_body(host: &mut dyn Host, config: &Config, body: &[u8]) {
+    let Ok(topup) = serde_json::from_slice::<TopUp>(body) else {
+        error(
+            host,
+            400,
+            "body must be {\"budget\": …, \"key\": …, \"amount\": …}",
+        );
+        return;
+    };
+    let Some(index) = config.budgets.iter().position(|b| b.name == topup.budget) else {
+        error(host, 404, "no such budget");
+        return;
+    };
+    let budget = &config.budgets[index];
+    let amount = match budget.unit {
+        Unit::Tokens
+            if topup.amount >= 0.0 && topup.amount.fract() == 0.0 && topup.amount < 1e18 =>
+        {
+            topup.amount as u64
+        }
+        Unit::Usd => match usd_to_micro(topup.amount) {
+            Some(m) => m,
+            None => {
+                error(host, 400, "amount must be a USD amount, at least 0");
+                return;
+            }
+        },
+        Unit::Tokens => {
+            error(
+                host,
+                400,
+                "amount must be a whole number of tokens, at least 0",
+            );
+            return;
+        }
+    };
+    if topup.key.is_empty() || topup.key.len() > 80 {
+        error(host, 400, "key must be 1-80 characters");
+        return;
+    }
+    let now_ms = host.now_ms();
+    let now = now_ms.div_euclid(1000);
+    // A top-up creates the key's account, so it counts against the key cap like traffic.
+    let key = match ledger::admit_key(host, budget, &topup.key, now, config.cas_retries) {
+        Ok(k) if k == topup.key => k,
+        Ok(_) => {
+            error(
+                host,
+                409,
+                "the budget tracks its maximum number of keys; this key cannot be added",
+            );
+            return;
+        }
+        Err(_) => {
+            error(host, 503, "shared data is busy; retry");
+            return;
+        }
+    };
+    let result = ledger::update(
+        host,
+        budget,
+        &ledger::account_key(budget, &key),
+        now,
+        config.cas_retries.saturating_mul(4),
+        |account| {
+            account.elastic_balance = account.elastic_balance.saturating_add(amount);
+            (true, ())
+        },
+    );
+    match result {
+        Ok(_) => {
+            let state = describe(host, config, index, &key, now_ms);
+            reply(host, 200, &state);
+        }
+        Err(_) => error(host, 503, "shared data is busy; retry"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::fake::FakeHost;
+
+    fn config() -> Config {
+        Config::parse(br#"{"api":"v1","admin":{"path":"/tokenfuse/admin","token":"0123456789abcdef-token"},
+            "budgets":[{"name":"daily","key":"header:x-tenant","window":"day","base":1000},
+                       {"name":"spend","key":"header:x-tenant","window":"month","unit":"usd","base":5}],
+            "prices":{"*":{"input":1,"output":1}}}"#).unwrap()
+    }
+
+    fn admin_request(method: &str, path: &str, token: Option<&str>) -> FakeHost {
+        let mut h = FakeHost::post(path, b"");
+        h.request_headers[0].1 = method.into();
+        if let Some(t) = token {
+            h.request_headers
+                .push(("authorization".into(), format!("Bearer {t}")));
+        }
+        h.now_ms.set(1_800_000_000_000);
+        h
+    }
+
+    fn body_json(h: &FakeHost) -> Value {
+        serde_json::from_slice(&h.reply.as_ref().unwrap().body).unwrap()
+    }
+
+    #[test]
+    fn admin_is_off_unless_configured() {
+        let c = Config::parse(br#"{"api":"v1"}"#).unwrap();
+        let mut h = admin_request("GET", "/tokenfuse/admin?key=a", Some("x"));
+        assert_eq!(on_request_headers(&mut h, &c, true), AdminStep::NotAdmin);
+    }
+
+    #[test]
+    fn missing_or_wrong_tokens_get_401() {
+        let c = config();
+        for token in [
+            None,
+            Some("wrong"),
+            Some("0123456789abcdef-toke"),
+            Some("0123456789abcdef-tokenX"),
+        ] {
+            let mut h = admin_request("GET", "/tokenfuse/admin?key=a", token);
+            assert_eq!(on_request_headers(&mut h, &c, true), AdminStep::Replied);
+            assert_eq!(h.reply.as_ref().unwrap().status, 401, "{token:?}");
+        }
+    }
+
+    #[test]
+    fn get_reports_every_budget_of_a_key() {
+        let c = config();
+        let mut h = admin_request(
+            "GET",
+            "/tokenfuse/admin?key=acme",
+            Some("0123456789abcdef-token"),
+        );
+        assert_eq!(on_request_headers(&mut h, &c, true), AdminStep::Replied);
+        let v = body_json(&h);
+        assert_eq!(v["budgets"].as_array().unwrap().len(), 2);
+        assert_eq!(v["budgets"][0]["tiers"]["base"]["limit"], 1000);
+        assert_eq!(v["budgets"][0]["tracked"], false);
+        assert_eq!(v["budgets"][1]["unit"], "micro_usd");
+        assert_eq!(v["budgets"][1]["limit"], 5_000_000);
+    }
+
+    #[test]
+    fn topup_adds_to_the_elastic_balance() {
+        let c = config();
+        let mut h = admin_request(
+            "POST",
+            "/tokenfuse/admin/topup",
+            Some("0123456789abcdef-token"),
+        );
+        assert_eq!(on_request_headers(&mut h, &c, false), AdminStep::AwaitBody);
+        on_topup_body(
+            &mut h,
+            &c,
+            br#"{"budget":"daily","key":"acme","amount":500}"#,
+        );
+        let v = body_json(&h);
+        assert_eq!(v["tiers"]["elastic"]["balance"], 500);
+        assert_eq!(v["remaining"], 1500);
+        on_topup_body(
+            &mut h,
+            &c,
+            br#"{"budget":"spend","key":"acme","amount":2.5}"#,
+        );
+        assert_eq!(body_json(&h)["tiers"]["elastic"]["balance"], 2_500_000);
+    }
+
+    #[test]
+    fn bad_topups_are_refused() {
+        let c = config();
+        for (body, status) in [
+            (&br#"{"budget":"nope","key":"a","amount":1}"#[..], 404),
+            (br#"{"budget":"daily","key":"a","amount":-1}"#, 400),
+            (br#"{"budget":"daily","key":"a","amount":1.5}"#, 400),
+            (br#"{"budget":"daily","key":"","amount":1}"#, 400),
+            (br#"not json"#, 400),
+        ] {
+            let mut h = admin_request(
+                "POST",
+                "/tokenfuse/admin/topup",
+                Some("0123456789abcdef-token"),
+            );
+            on_topup_body(&mut h, &c, body);
+            assert_eq!(h.reply.as_ref().unwrap().status, status);
+        }
+    }
+
+    #[test]
+    fn other_methods_and_paths_get_405_and_key_is_required() {
+        let c = config();
+        let mut h = admin_request("DELETE", "/tokenfuse/admin", Some("0123456789abcdef-token"));
+        on_request_headers(&mut h, &c, true);
+        assert_eq!(h.reply.as_ref().unwrap().status, 405);
+        let mut h = admin_request("GET", "/tokenfuse/admin", Some("0123456789abcdef-token"));
+        on_request_headers(&mut h, &c, true);
+        assert_eq!(h.reply.as_ref().unwrap().status, 400);
+    }
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        assert_eq!(
+            query_param("/a?key=acme%2Dcorp&x=1", "key").as_deref(),
+            Some("acme-corp")
+        );
+        assert_eq!(query_param("/a?key=%zz", "key").as_deref(), Some("%zz"));
+        assert_eq!(query_param("/a?x=1", "key"), None);
+    }
+}

@@ -1,0 +1,748 @@
+//! Enforcement: turn a counted request into reservations against every budget, or into a
+//! refusal; and later settle those reservations with what the exchange really cost.
+//!
+//! Planning happens in two passes. The first reads each budget's account (no writes) to
+//! choose the route: a trip on a `reject` budget refuses the request; a trip on a `reroute`
+//! budget, or progressive degradation, sends it to the cheaper model. The second pass
+//! reserves, budget by budget, each in its own CAS transaction that judges the account
+//! again before drawing — so however many requests race, a budget only admits what fits.
+//! If a later budget refuses, the reservations already made are refunded.
+//!
+//! Rerouted requests are served: they are charged to every budget even beyond its limit
+//! (an operator who wants a hard stop adds a `reject` budget above the `reroute` one).
+
+use crate::budget::{Budget, Drawn, KeySource, Priority, TripAction, Unit, Verdict};
+use crate::config::{Config, FailureMode};
+use crate::host::Host;
+use crate::ledger::{self, LedgerError};
+use crate::tokens::best_match;
+use crate::usage::UsageReport;
+
+/// What is known about a request when it is planned.
+#[derive(Clone, Debug)]
+pub struct Facts<'a> {
+    pub model: &'a str,
+    pub prompt: u64,
+    pub max_output: u64,
+    pub priority: Priority,
+    /// Deterministic position in [0, 1) for progressive degradation.
+    pub pick: f64,
+    pub now_ms: i64,
+}
+
+/// Tokens reserved (or USD) in one budget for one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    pub budget: usize,
+    pub shared_key: String,
+    pub drawn: Drawn,
+    pub window_start: i64,
+}
+
+/// Figures for the `x-ratelimit-*-tokens` headers: the tightest token budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateHeaders {
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset_ms: u64,
+}
+
+/// A refusal because a budget is spent (429).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rejection {
+    pub budget: String,
+    pub unit: Unit,
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset_ms: u64,
+    pub retry_after_secs: u64,
+    /// Rerouting was wanted but the model has no cheaper counterpart.
+    pub no_cheaper_model: bool,
+    /// What the request needed.
+    pub needed: u64,
+    /// The share of the limit the request's priority may use.
+    pub ceiling: f64,
+    pub priority: Priority,
+}
+
+impl Rejection {
+    /// True when waiting cannot help: the request needs more than its priority may ever
+    /// use of this budget in a window.
+    pub fn hopeless(&self, budget_full_limit: u64) -> bool {
+        self.needed as f64 > self.ceiling * budget_full_limit as f64
+    }
+}
+
+/// The outcome of planning.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Plan {
+    /// Forward the request, possibly to the cheaper model.
+    Admit {
+        reservations: Vec<Reservation>,
+        reroute_to: Option<String>,
+        /// Whether the reroute comes from progressive degradation (not a trip).
+        degraded: bool,
+        /// Budgets at or above their warning threshold after this request.
+        warnings: Vec<String>,
+        headers: Option<RateHeaders>,
+        /// Budgets that could not be updated and were skipped under `on_failure: open`.
+        failed_open: Vec<String>,
+        cas_retries: u32,
+    },
+    /// 429.
+    Reject(Rejection),
+    /// Shared data could not be updated and the failure mode is closed (503).
+    Unavailable { budget: String },
+}
+
+/// The budget key of this request for `budget`: its identity from the configured trusted
+/// source, made safe for shared-data keys. Missing identities fall to `_default`.
+pub fn identity(host: &dyn Host, budget: &Budget) -> String {
+    let raw = match &budget.key {
+        KeySource::Header(name) => host.request_header(name),
+        KeySource::BearerHash => bearer(host).map(|secret| format!("key-{}", digest(&secret))),
+        KeySource::Route => host.route_name(),
+        KeySource::Constant(c) => Some(c.clone()),
+    };
+    match raw.map(|r| r.trim().to_string()) {
+        None => "_default".to_string(),
+        Some(r) if r.is_empty() => "_default".to_string(),
+        Some(r) if safe_key(&r) => r,
+        // Odd characters or a long value: keep it distinct but bounded.
+        Some(r) => format!("h-{}", digest(&r)),
+    }
+}
+
+fn safe_key(s: &str) -> bool {
+    s.len() <= 64
+        && !s.starts_with('_')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '@' | ':'))
+}
+
+/// The credential of `authorization: Bearer …`, else `x-api-key` (Anthropic).
+fn bearer(host: &dyn Host) -> Option<String> {
+    if let Some(auth) = host.request_header("authorization") {
+        let auth = auth.trim();
+        if auth.len() > 7 && auth[..7].eq_ignore_ascii_case("bearer ") {
+            return Some(auth[7..].trim().to_string());
+        }
+    }
+    host.request_header("x-api-key")
+}
+
+/// A short, stable, one-way digest (first 64 bits of SHA-256, hex): credentials are never
+/// stored, and an attacker cannot craft a value that lands on someone else's key.
+fn digest(s: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(s.as_bytes());
+    d[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The request's priority: the trusted header, else the route, else the default.
+pub fn priority(host: &dyn Host, config: &Config) -> Priority {
+    let source = &config.priority;
+    if let Some(p) = source
+        .header
+        .as_deref()
+        .and_then(|h| host.request_header(h))
+        .and_then(|v| Priority::parse(&v))
+    {
+        return p;
+    }
+    if !source.routes.is_empty() {
+        if let Some(p) = host
+            .route_name()
+            .and_then(|r| source.routes.get(&r).copied())
+        {
+            return p;
+        }
+    }
+    source.default
+}
+
+/// The cheaper model `model` is rerouted to, if the map has one (and it differs).
+pub fn cheaper_model(config: &Config, model: &str) -> Option<String> {
+    best_match(&config.reroute.models, model)
+        .filter(|to| to.as_str() != model)
+        .cloned()
+}
+
+/// A budget with this key's base override applied.
+fn effective<'c>(config: &'c Config, i: usize, key: &str) -> std::borrow::Cow<'c, Budget> {
+    let budget = &config.budgets[i];
+    match config.base_overrides.get(i).and_then(|o| o.get(key)) {
+        Some(base) => std::borrow::Cow::Owned(Budget {
+            base: *base,
+            ..budget.clone()
+        }),
+        None => std::borrow::Cow::Borrowed(budget),
+    }
+}
+
+/// What `budget` would reserve for a request to `model`.
+fn estimate(config: &Config, budget: &Budget, model: &str, facts: &Facts<'_>) -> u64 {
+    match budget.unit {
+        Unit::Tokens => facts.prompt.saturating_add(facts.max_output),
+        Unit::Usd => config
+            .prices
+            .get(model)
+            .map(|p| p.estimate(facts.prompt, facts.max_output))
+            .unwrap_or(u64::MAX),
+    }
+}
+
+fn rejection(
+    budget: &Budget,
+    standing: crate::budget::Standing,
+    facts: &Facts<'_>,
+    needed: u64,
+    no_cheaper: bool,
+) -> Rejection {
+    let now_ms = facts.now_ms;
+    Rejection {
+        needed,
+        ceiling: budget.ceilings[match facts.priority {
+            Priority::P0 => 0,
+            Priority::P1 => 1,
+            Priority::P2 => 2,
+        }],
+        priority: facts.priority,
+        budget: budget.name.clone(),
+        unit: budget.unit,
+        limit: standing.limit,
+        remaining: standing.remaining,
+        reset_ms: budget.window.ms_until_end(now_ms),
+        retry_after_secs: budget.window.retry_after_secs(now_ms),
+        no_cheaper_model: no_cheaper,
+    }
+}
+
+/// Plan a request against every budget. `keys[i]` is the admitted key for budget `i`.
+pub fn plan(host: &mut dyn Host, config: &Config, keys: &[String], facts: &Facts<'_>) -> Plan {
+    let now = facts.now_ms.div_euclid(1000);
+
+    // Pass 1, read-only: which route?
+    let mut wants_reroute = false;
+    let mut degraded = false;
+    for (i, key) in keys.iter().enumerate() {
+        let budget = effective(config, i, key);
+        let account = ledger::read(host, &budget, &ledger::account_key(&budget, key), now)
+            .unwrap_or_else(|| budget.open_account(now));
+        let standing = budget.standing(&account, now);
+        let est = estimate(config, &budget, facts.model, facts);
+        match budget.judge(&standing, est, facts.priority, facts.pick) {
+            Verdict::Trip if budget.action == TripAction::Reject => {
+                return Plan::Reject(rejection(&budget, standing, facts, est, false));
+            }
+            Verdict::Trip => wants_reroute = true,
+            Verdict::Degrade => degraded = true,
+            Verdict::Allow { .. } => {}
+        }
+    }
+    let reroute_to = if wants_reroute || degraded {
+        let target = cheaper_model(config, facts.model);
+        if target.is_none() && wants_reroute {
+            // Find the tripped reroute budget to report it.
+            for (i, key) in keys.iter().enumerate() {
+                let budget = effective(config, i, key);
+                let account = ledger::read(host, &budget, &ledger::account_key(&budget, key), now)
+                    .unwrap_or_else(|| budget.open_account(now));
+                let standing = budget.standing(&account, now);
+                if budget.action == TripAction::Reroute {
+                    let est = estimate(config, &budget, facts.model, facts);
+                    return Plan::Reject(rejection(&budget, standing, facts, est, true));
+                }
+            }
+        }
+        target
+    } else {
+        None
+    };
+    let degraded = degraded && !wants_reroute && reroute_to.is_some();
+    let model = reroute_to.as_deref().unwrap_or(facts.model);
+
+    // Pass 2: reserve, judging again inside each CAS transaction.
+    let mut reservations: Vec<Reservation> = Vec::with_capacity(keys.len());
+    let mut warnings = Vec::new();
+    let mut headers: Option<RateHeaders> = None;
+    let mut failed_open = Vec::new();
+    let mut cas_retries = 0;
+    for (i, key) in keys.iter().enumerate() {
+        let budget = effective(config, i, key);
+        let shared_key = ledger::account_key(&budget, key);
+        let est = estimate(config, &budget, model, facts);
+        let rerouted = reroute_to.is_some();
+        let result = ledger::update(
+            host,
+            &budget,
+            &shared_key,
+            now,
+            config.cas_retries,
+            |account| {
+                let standing = budget.standing(account, now);
+                let verdict = budget.judge(&standing, est, facts.priority, facts.pick);
+                let tripped = verdict == Verdict::Trip;
+                if tripped && (!rerouted || budget.action == TripAction::Reject) {
+                    return (false, Err(standing));
+                }
+                let drawn = budget.draw(account, est, now, rerouted);
+                (true, Ok(drawn))
+            },
+        );
+        match result {
+            Ok(updated) => {
+                cas_retries += updated.retries;
+                match updated.value {
+                    Ok(drawn) => {
+                        let standing = budget.standing(&updated.account, now);
+                        if standing.ratio() >= budget.warn_at {
+                            warnings.push(budget.name.clone());
+                        }
+                        if budget.unit == Unit::Tokens {
+                            let h = RateHeaders {
+                                limit: standing.limit,
+                                remaining: standing.remaining,
+                                reset_ms: budget.window.ms_until_end(facts.now_ms),
+                            };
+                            if headers.is_none_or(|old| h.remaining < old.remaining) {
+                                headers = Some(h);
+                            }
+                        }
+                        reservations.push(Reservation {
+                            budget: i,
+                            shared_key,
+                            drawn,
+                            window_start: updated.account.window_start,
+                        });
+                    }
+                    Err(standing) => {
+                        // Another request took what was left between the passes.
+                        settle(host, config, &reservations, |_, _| 0, facts.now_ms);
+                        return Plan::Reject(rejection(&budget, standing, facts, est, false));
+                    }
+                }
+            }
+            Err(e) => match config.on_store_failure {
+                FailureMode::Open => {
+                    let _ = e;
+                    failed_open.push(budget.name.clone());
+                }
+                FailureMode::Closed => {
+                    settle(host, config, &reservations, |_, _| 0, facts.now_ms);
+                    return Plan::Unavailable {
+                        budget: budget.name.clone(),
+                    };
+                }
+            },
+        }
+    }
+    Plan::Admit {
+        reservations,
+        reroute_to,
+        degraded,
+        warnings,
+        headers,
+        failed_open,
+        cas_retries,
+    }
+}
+
+/// Actual cost of an exchange in `budget`'s unit, for `model`.
+pub fn actual_amount(config: &Config, budget: &Budget, model: &str, usage: &UsageReport) -> u64 {
+    match budget.unit {
+        Unit::Tokens => usage.input.saturating_add(usage.output),
+        Unit::Usd => config
+            .prices
+            .get(model)
+            .map(|p| p.actual(usage))
+            .unwrap_or(0),
+    }
+}
+
+/// Why some settlements could not be written.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SettleReport {
+    pub refunded: u64,
+    pub charged_extra: u64,
+    pub cas_retries: u32,
+    /// Budgets whose settlement was lost (retries exhausted or store failure).
+    pub failed: Vec<String>,
+}
+
+/// Replace each reservation by `actual(unit, budget)`. Settlement retries four times as
+/// long as a reservation does: losing one would leave a reservation standing forever.
+pub fn settle(
+    host: &mut dyn Host,
+    config: &Config,
+    reservations: &[Reservation],
+    actual: impl Fn(Unit, &Budget) -> u64,
+    now_ms: i64,
+) -> SettleReport {
+    let now = now_ms.div_euclid(1000);
+    let mut report = SettleReport::default();
+    for r in reservations {
+        let Some(budget) = config.budgets.get(r.budget) else {
+            continue;
+        };
+        let amount = actual(budget.unit, budget);
+        let result = ledger::update(
+            host,
+            budget,
+            &r.shared_key,
+            now,
+            config.cas_retries.saturating_mul(4),
+            |account| {
+                budget.settle(account, r.drawn, r.window_start, amount, now);
+                (true, ())
+            },
+        );
+        match result {
+            Ok(u) => {
+                report.cas_retries += u.retries;
+                let reserved = r.drawn.total();
+                if amount < reserved {
+                    report.refunded += reserved - amount;
+                } else {
+                    report.charged_extra += amount - reserved;
+                }
+            }
+            Err(LedgerError::Contended { .. }) | Err(LedgerError::Unavailable) => {
+                report.failed.push(budget.name.clone())
+            }
+        }
+    }
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::host::fake::FakeHost;
+
+    const NOW_MS: i64 = 1_800_000_000_000; // 2027-01-15T08:00:00Z
+
+    fn config(budgets: &str) -> Config {
+        let doc = format!(
+            r#"{{"api":"v1","budgets":{budgets},"prices":{{"*":{{"input":1,"output":2}},"gpt-4o*":{{"input":2.5,"cached_input":1.25,"output":10}},"gpt-4o-mini*":{{"input":0.15,"output":0.6}}}},
+               "reroute":{{"models":{{"gpt-4o":"gpt-4o-mini"}}}}}}"#
+        );
+        Config::parse(doc.as_bytes()).unwrap()
+    }
+
+    fn facts(model: &str, prompt: u64, max_output: u64, priority: Priority) -> Facts<'_> {
+        Facts {
+            model,
+            prompt,
+            max_output,
+            priority,
+            pick: 0.5,
+            now_ms: NOW_MS,
+        }
+    }
+
+    fn host() -> FakeHost {
+        let h = FakeHost::default();
+        h.now_ms.set(NOW_MS);
+        h
+    }
+
+    fn keys(c: &Config, h: &mut FakeHost) -> Vec<String> {
+        c.budgets
+            .iter()
+            .map(|b| {
+                let id = identity(h, b);
+                ledger::admit_key(h, b, &id, NOW_MS / 1000, 8).unwrap()
+            })
+            .collect()
+    }
+
+    fn used(h: &FakeHost, c: &Config, i: usize, key: &str) -> u64 {
+        let b = &c.budgets[i];
+        let a = ledger::read(h, b, &ledger::account_key(b, key), NOW_MS / 1000).unwrap();
+        b.standing(&a, NOW_MS / 1000).used
+    }
+
+    const DAILY_1000: &str =
+        r#"[{"name":"daily","key":"header:x-tenant","window":"day","base":1000}]"#;
+
+    #[test]
+    fn admitted_requests_reserve_prompt_plus_output() {
+        let c = config(DAILY_1000);
+        let mut h = host();
+        h.request_headers.push(("x-tenant".into(), "acme".into()));
+        let k = keys(&c, &mut h);
+        assert_eq!(k, vec!["acme"]);
+        let plan = plan(&mut h, &c, &k, &facts("gpt-4o", 100, 200, Priority::P0));
+        let Plan::Admit {
+            reservations,
+            headers,
+            warnings,
+            ..
+        } = plan
+        else {
+            panic!("{plan:?}")
+        };
+        assert_eq!(reservations[0].drawn.total(), 300);
+        assert_eq!(headers.unwrap().remaining, 700);
+        assert!(warnings.is_empty());
+        assert_eq!(used(&h, &c, 0, "acme"), 300);
+    }
+
+    #[test]
+    fn an_exhausted_budget_rejects_with_its_reset_time() {
+        let c = config(DAILY_1000);
+        let mut h = host();
+        let k = keys(&c, &mut h);
+        assert!(matches!(
+            plan(&mut h, &c, &k, &facts("gpt-4o", 500, 400, Priority::P0)),
+            Plan::Admit { .. }
+        ));
+        let Plan::Reject(r) = plan(&mut h, &c, &k, &facts("gpt-4o", 50, 60, Priority::P0)) else {
+            panic!()
+        };
+        assert_eq!(
+            (r.budget.as_str(), r.limit, r.remaining),
+            ("daily", 1000, 100)
+        );
+        // 08:00 UTC: the day resets in 16 hours.
+        assert_eq!(r.retry_after_secs, 16 * 3600);
+        assert_eq!(
+            used(&h, &c, 0, "_default"),
+            900,
+            "a rejection reserves nothing"
+        );
+    }
+
+    #[test]
+    fn settlement_refunds_the_unused_reservation() {
+        let c = config(DAILY_1000);
+        let mut h = host();
+        let k = keys(&c, &mut h);
+        let Plan::Admit { reservations, .. } =
+            plan(&mut h, &c, &k, &facts("gpt-4o", 100, 800, Priority::P0))
+        else {
+            panic!()
+        };
+        let report = settle(&mut h, &c, &reservations, |_, _| 130, NOW_MS);
+        assert_eq!(report.refunded, 770);
+        assert_eq!(used(&h, &c, 0, "_default"), 130);
+    }
+
+    #[test]
+    fn a_reroute_budget_sends_tripped_requests_to_the_cheaper_model_and_charges_them() {
+        let c = config(
+            r#"[{"name":"d","key":"constant:all","window":"day","base":100,"action":"reroute"}]"#,
+        );
+        let mut h = host();
+        let k = keys(&c, &mut h);
+        let Plan::Admit {
+            reroute_to,
+            degraded,
+            ..
+        } = plan(&mut h, &c, &k, &facts("gpt-4o", 80, 100, Priority::P0))
+        else {
+            panic!()
+        };
+        assert_eq!(reroute_to.as_deref(), Some("gpt-4o-mini"));
+        assert!(!degraded);
+        assert_eq!(
+            used(&h, &c, 0, "all"),
+            180,
+            "rerouted requests are charged beyond the limit"
+        );
+        // No cheaper model: rejected.
+        let Plan::Reject(r) = plan(&mut h, &c, &k, &facts("claude-x", 1, 1, Priority::P0)) else {
+            panic!()
+        };
+        assert!(r.no_cheaper_model);
+    }
+
+    #[test]
+    fn several_budgets_must_all_pass_and_a_refusal_refunds_the_others() {
+        let c = config(
+            r#"[{"name":"big","key":"constant:all","window":"day","base":10000},
+                          {"name":"small","key":"constant:all","window":"minute","base":100}]"#,
+        );
+        let mut h = host();
+        let k = keys(&c, &mut h);
+        let Plan::Reject(r) = plan(&mut h, &c, &k, &facts("gpt-4o", 150, 0, Priority::P0)) else {
+            panic!()
+        };
+        assert_eq!(r.budget, "small");
+        assert_eq!(used(&h, &c, 0, "all"), 0);
+    }
+
+    #[test]
+    fn the_second_pass_refunds_when_a_race_took_the_budget() {
+        // Budget 2 is read as fitting in pass 1, but a concurrent request fills it before
+        // pass 2: simulate by pre-filling between passes is not possible with plan(), so
+        // check the rollback path directly through two budgets where the second trips.
+        let c = config(
+            r#"[{"name":"a","key":"constant:all","window":"day","base":1000},
+                          {"name":"b","key":"constant:all","window":"day","base":1000,"priority_ceilings":{"p1":0.5,"p2":0.5}}]"#,
+        );
+        let mut h = host();
+        let k = keys(&c, &mut h);
+        let Plan::Reject(r) = plan(&mut h, &c, &k, &facts("gpt-4o", 600, 0, Priority::P1)) else {
+            panic!()
+        };
+        assert_eq!(r.budget, "b");
+        assert_eq!(used(&h, &c, 0, "all"), 0);
+    }
+
+    #[test]
+    fn usd_budgets_charge_by_price_and_settle_with_cached_rates() {
+        let c = config(
+            r#"[{"name":"usd","key":"constant:all","window":"month","unit":"usd","base":1.0}]"#,
+        );
+        let mut h = host();
+        let k = keys(&c, &mut h);
+        // 1000 prompt at $2.50/M = 2500 µ$, 100 output at $10/M = 1000 µ$.
+        let Plan::Admit {
+            reservations,
+            headers,
+            ..
+        } = plan(&mut h, &c, &k, &facts("gpt-4o", 1000, 100, Priority::P0))
+        else {
+            panic!()
+        };
+        assert_eq!(reservations[0].drawn.total(), 3500);
+        assert!(
+            headers.is_none(),
+            "x-ratelimit-*-tokens come from token budgets only"
+        );
+        let usage = UsageReport {
+            input: 1000,
+            cached_input: 1000,
+            output: 10,
+            ..Default::default()
+        };
+        let b = &c.budgets[0];
+        settle(
+            &mut h,
+            &c,
+            &reservations,
+            |_, b2| actual_amount(&c, b2, "gpt-4o", &usage),
+            NOW_MS,
+        );
+        assert_eq!(used(&h, &c, 0, "all"), 1250 + 100);
+        let _ = b;
+    }
+
+    #[test]
+    fn priority_comes_from_the_trusted_header_then_route_then_default() {
+        let c = Config::parse(br#"{"api":"v1","priority":{"header":"x-prio","routes":{"batch":"p2"},"default":"p1"}}"#).unwrap();
+        let mut h = host();
+        assert_eq!(priority(&h, &c), Priority::P1);
+        h.route = Some("batch".into());
+        assert_eq!(priority(&h, &c), Priority::P2);
+        h.request_headers.push(("x-prio".into(), "p0".into()));
+        assert_eq!(priority(&h, &c), Priority::P0);
+        // Without a configured header, a client's header is ignored.
+        let c = Config::parse(br#"{"api":"v1"}"#).unwrap();
+        assert_eq!(priority(&h, &c), Priority::P1);
+    }
+
+    #[test]
+    fn identities_are_sanitised_hashed_or_defaulted() {
+        let b =
+            &config(r#"[{"name":"t","key":"header:x-tenant","window":"day","base":1}]"#).budgets[0];
+        let mut h = host();
+        assert_eq!(identity(&h, b), "_default");
+        h.request_headers
+            .push(("x-tenant".into(), "acme-corp".into()));
+        assert_eq!(identity(&h, b), "acme-corp");
+        h.request_headers[0].1 = "_overflow".into();
+        assert!(
+            identity(&h, b).starts_with("h-"),
+            "clients cannot name reserved keys"
+        );
+        h.request_headers[0].1 = "a/b\nc".into();
+        assert!(identity(&h, b).starts_with("h-"));
+        let b = &config(r#"[{"name":"t","key":"bearer","window":"day","base":1}]"#).budgets[0];
+        let mut h = host();
+        h.request_headers
+            .push(("authorization".into(), "Bearer sk-live-SECRET".into()));
+        let id = identity(&h, b);
+        assert!(id.starts_with("key-") && !id.contains("SECRET"), "{id}");
+        assert_eq!(id.len(), 4 + 16);
+    }
+
+    #[test]
+    fn base_overrides_give_known_keys_their_own_allowance() {
+        let c = config(
+            r#"[{"name":"d","key":"header:x-tenant","window":"day","base":100,"base_overrides":{"acme":5000}}]"#,
+        );
+        let mut h = host();
+        h.request_headers.push(("x-tenant".into(), "acme".into()));
+        let k = keys(&c, &mut h);
+        assert!(matches!(
+            plan(&mut h, &c, &k, &facts("gpt-4o", 1000, 0, Priority::P0)),
+            Plan::Admit { .. }
+        ));
+        let mut other = host();
+        other.shared = h.shared.clone();
+        other
+            .request_headers
+            .push(("x-tenant".into(), "unknown-co".into()));
+        let k = keys(&c, &mut other);
+        assert!(matches!(
+            plan(&mut other, &c, &k, &facts("gpt-4o", 1000, 0, Priority::P0)),
+            Plan::Reject(_)
+        ));
+    }
+
+    #[test]
+    fn store_failures_follow_the_failure_mode() {
+        let mut c = config(DAILY_1000);
+        let mut h = host();
+        let k = keys(&c, &mut h);
+        h.shared.borrow_mut().broken = true;
+        let Plan::Admit {
+            failed_open,
+            reservations,
+            ..
+        } = plan(&mut h, &c, &k, &facts("gpt-4o", 1, 1, Priority::P0))
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (failed_open, reservations.len()),
+            (vec!["daily".to_string()], 0)
+        );
+        c.on_store_failure = FailureMode::Closed;
+        assert_eq!(
+            plan(&mut h, &c, &k, &facts("gpt-4o", 1, 1, Priority::P0)),
+            Plan::Unavailable {
+                budget: "daily".into()
+            }
+        );
+    }
+
+    #[test]
+    fn concurrent_reservations_never_exceed_the_budget() {
+        // 50 "workers" interleave: each reads, then a conflict is injected before its
+        // write, forcing the retry path; every admitted reservation must still fit.
+        let c = config(r#"[{"name":"g","key":"constant:all","window":"day","base":1000}]"#);
+        let shared = host().shared.clone();
+        let mut admitted = 0;
+        for i in 0..50 {
+            let mut h = host();
+            h.shared = shared.clone();
+            shared.borrow_mut().forced_conflicts = (i % 3) as u32;
+            let k = keys(&c, &mut h);
+            if let Plan::Admit { reservations, .. } =
+                plan(&mut h, &c, &k, &facts("gpt-4o", 60, 10, Priority::P0))
+            {
+                admitted += reservations[0].drawn.total();
+            }
+        }
+        assert_eq!(admitted, 980);
+        let h = host();
+        let mut h2 = h;
+        h2.shared = shared;
+        assert_eq!(used(&h2, &c, 0, "all"), 980);
+    }
+}
