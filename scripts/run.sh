@@ -97,12 +97,12 @@ tokenfuse demo is up.
   admin     http://127.0.0.1:9901
   Envoy log .run/envoy.log
 
-Try:
+Try (more in README.md, "Budgets"):
   curl -s http://127.0.0.1:10000/v1/chat/completions -H 'content-type: application/json' \
-    -d '{"model":"gpt-4o","messages":[{"role":"user","content":"Hello!"}]}' -D -
+    -H 'x-tenant: acme' -d '{"model":"gpt-4o","max_tokens":800,"messages":[{"role":"user","content":"Hello!"}]}' -D -
 
-  curl -sN http://127.0.0.1:10000/v1/chat/completions -H 'content-type: application/json' \
-    -d '{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"Hello!"}]}'
+  curl -s http://127.0.0.1:10000/v1/chat/completions -H 'content-type: application/json' \
+    -H 'x-tenant: thrifty' -d '{"model":"gpt-4o","max_tokens":100,"messages":[{"role":"user","content":"Hello!"}]}' -D -
 
   curl -s http://127.0.0.1:9901/stats/prometheus | grep ^tokenfuse
 

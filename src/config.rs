@@ -55,6 +55,10 @@ pub struct Config {
     pub max_stream_text_bytes: usize,
     /// Distinct `model` tag values per VM before further models are tagged `other`.
     pub model_tag_limit: usize,
+    /// Where the `tenant` stat tag comes from; `None` switches the tag off.
+    pub tenant_tag: Option<KeySource>,
+    /// Distinct `tenant` tag values per VM before further tenants are tagged `other`.
+    pub tenant_tag_limit: usize,
     /// Budgets every LLM request must pass, in order.
     pub budgets: Vec<Budget>,
     /// Per-key base allowances, by budget index then key.
@@ -120,6 +124,8 @@ impl Default for Config {
             max_response_body_bytes: 8 << 20,
             max_stream_text_bytes: 1 << 20,
             model_tag_limit: 64,
+            tenant_tag: None,
+            tenant_tag_limit: 100,
             budgets: Vec::new(),
             base_overrides: Vec::new(),
             priority: PrioritySource {
@@ -277,6 +283,8 @@ struct RawImageTokens {
 #[serde(deny_unknown_fields)]
 struct RawStats {
     model_tag_limit: Option<u64>,
+    tenant: Option<String>,
+    tenant_tag_limit: Option<u64>,
 }
 
 /// Why a configuration was refused: the field and the reason, ready for a log line.
@@ -469,7 +477,26 @@ impl Config {
             ));
         }
 
+        // The tenant tag: as configured ("off" disables it), else the first budget's key.
+        let tenant_tag = match raw.stats.tenant.as_deref() {
+            Some("off") => None,
+            Some(source) => Some(parse_key("stats.tenant", source)?),
+            None => budgets.first().map(|b| b.key.clone()),
+        };
+        let tenant_tag_limit = match raw.stats.tenant_tag_limit {
+            Some(n) if n > 10_000 => {
+                return Err(ConfigError::new(
+                    "stats.tenant_tag_limit",
+                    "must be at most 10000 (each value is a metric series per VM)",
+                ))
+            }
+            Some(n) => n as usize,
+            None => defaults.tenant_tag_limit,
+        };
+
         Ok(Config {
+            tenant_tag,
+            tenant_tag_limit,
             budgets,
             base_overrides,
             priority,

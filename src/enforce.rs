@@ -11,7 +11,7 @@
 //! Rerouted requests are served: they are charged to every budget even beyond its limit
 //! (an operator who wants a hard stop adds a `reject` budget above the `reroute` one).
 
-use crate::budget::{Budget, Drawn, KeySource, Priority, TripAction, Unit, Verdict};
+use crate::budget::{Budget, Drawn, KeySource, Priority, Standing, TripAction, Unit, Verdict};
 use crate::config::{Config, FailureMode};
 use crate::host::Host;
 use crate::ledger::{self, LedgerError};
@@ -34,6 +34,8 @@ pub struct Facts<'a> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reservation {
     pub budget: usize,
+    /// The budget key (identity) the reservation was made for.
+    pub key: String,
     pub shared_key: String,
     pub drawn: Drawn,
     pub window_start: i64,
@@ -88,6 +90,8 @@ pub enum Plan {
         /// Budgets that could not be updated and were skipped under `on_failure: open`.
         failed_open: Vec<String>,
         cas_retries: u32,
+        /// Each reserved budget's position after the reservation.
+        standings: Vec<(usize, String, Standing)>,
     },
     /// 429.
     Reject(Rejection),
@@ -98,7 +102,12 @@ pub enum Plan {
 /// The budget key of this request for `budget`: its identity from the configured trusted
 /// source, made safe for shared-data keys. Missing identities fall to `_default`.
 pub fn identity(host: &dyn Host, budget: &Budget) -> String {
-    let raw = match &budget.key {
+    identity_from(host, &budget.key)
+}
+
+/// The identity `source` gives this request (see [`identity`]).
+pub fn identity_from(host: &dyn Host, source: &KeySource) -> String {
+    let raw = match source {
         KeySource::Header(name) => host.request_header(name),
         KeySource::BearerHash => bearer(host).map(|secret| format!("key-{}", digest(&secret))),
         KeySource::Route => host.route_name(),
@@ -268,6 +277,7 @@ pub fn plan(host: &mut dyn Host, config: &Config, keys: &[String], facts: &Facts
     let mut headers: Option<RateHeaders> = None;
     let mut failed_open = Vec::new();
     let mut cas_retries = 0;
+    let mut standings = Vec::with_capacity(keys.len());
     for (i, key) in keys.iter().enumerate() {
         let budget = effective(config, i, key);
         let shared_key = ledger::account_key(&budget, key);
@@ -296,6 +306,7 @@ pub fn plan(host: &mut dyn Host, config: &Config, keys: &[String], facts: &Facts
                 match updated.value {
                     Ok(drawn) => {
                         let standing = budget.standing(&updated.account, now);
+                        standings.push((i, key.clone(), standing));
                         if standing.ratio() >= budget.warn_at {
                             warnings.push(budget.name.clone());
                         }
@@ -311,6 +322,7 @@ pub fn plan(host: &mut dyn Host, config: &Config, keys: &[String], facts: &Facts
                         }
                         reservations.push(Reservation {
                             budget: i,
+                            key: key.clone(),
                             shared_key,
                             drawn,
                             window_start: updated.account.window_start,
@@ -345,6 +357,7 @@ pub fn plan(host: &mut dyn Host, config: &Config, keys: &[String], facts: &Facts
         headers,
         failed_open,
         cas_retries,
+        standings,
     }
 }
 
@@ -368,6 +381,8 @@ pub struct SettleReport {
     pub cas_retries: u32,
     /// Budgets whose settlement was lost (retries exhausted or store failure).
     pub failed: Vec<String>,
+    /// Each settled budget's position afterwards.
+    pub standings: Vec<(usize, String, Standing)>,
 }
 
 /// Replace each reservation by `actual(unit, budget)`. Settlement retries four times as
@@ -400,6 +415,21 @@ pub fn settle(
         match result {
             Ok(u) => {
                 report.cas_retries += u.retries;
+                let base = config
+                    .base_overrides
+                    .get(r.budget)
+                    .and_then(|o| o.get(&r.key))
+                    .copied()
+                    .unwrap_or(budget.base);
+                let effective = Budget {
+                    base,
+                    ..budget.clone()
+                };
+                report.standings.push((
+                    r.budget,
+                    r.key.clone(),
+                    effective.standing(&u.account, now),
+                ));
                 let reserved = r.drawn.total();
                 if amount < reserved {
                     report.refunded += reserved - amount;

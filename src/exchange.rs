@@ -81,6 +81,8 @@ struct Call {
     warnings: Vec<String>,
     rerouted: bool,
     priority: Priority,
+    /// The `tenant` stat tag, when tenant tagging is on.
+    tenant_tag: Option<String>,
 }
 
 /// What a settled exchange is billed.
@@ -236,6 +238,10 @@ impl Exchange {
             warnings: Vec::new(),
             rerouted: false,
             priority: Priority::P1,
+            tenant_tag: config
+                .tenant_tag
+                .as_ref()
+                .map(|source| filter.tenant_tag(&enforce::identity_from(host, source))),
         };
         // The body as it will go upstream; rewritten by truncation, rerouting and usage
         // injection, and put back once at the end.
@@ -343,7 +349,7 @@ impl Exchange {
                 Err(_) => match config.on_store_failure {
                     FailureMode::Open => keys.push(id),
                     FailureMode::Closed => {
-                        self.decision(host, "unavailable", Some(&budget.name), call.priority);
+                        self.decision(host, call, "unavailable", Some(budget.name.as_str()));
                         send_error(
                             host,
                             503,
@@ -370,7 +376,7 @@ impl Exchange {
             }
             match budget.oversize {
                 OversizeAction::Reject => {
-                    return Err(self.oversize(host, &budget.name, cap, estimate, call.priority))
+                    return Err(self.oversize(host, call, &budget.name, cap, estimate))
                 }
                 OversizeAction::Truncate => trunc_cap = Some(trunc_cap.map_or(cap, |c| c.min(cap))),
             }
@@ -385,7 +391,7 @@ impl Exchange {
             match fitted {
                 Some(t) => {
                     host.counter_add(Stat::new("truncated_messages").name(), t.dropped as u64);
-                    self.decision(host, "truncated", None, call.priority);
+                    self.decision(host, call, "truncated", None);
                     call.prompt = PromptCount {
                         tokens: t.prompt,
                         exact: call.prompt.exact,
@@ -399,7 +405,7 @@ impl Exchange {
                         .find(|b| b.max_request_tokens == Some(cap))
                         .map(|b| b.name.clone())
                         .unwrap_or_default();
-                    return Err(self.oversize(host, &name, cap, estimate, call.priority));
+                    return Err(self.oversize(host, call, &name, cap, estimate));
                 }
             }
         }
@@ -417,12 +423,12 @@ impl Exchange {
         };
         match enforce::plan(host, config, &keys, &facts) {
             Plan::Reject(r) => {
-                self.decision(host, "rejected", Some(&r.budget), call.priority);
+                self.decision(host, call, "rejected", Some(&r.budget));
                 self.reject(host, &r, config.should_retry_max_secs);
                 Err(Action::Pause)
             }
             Plan::Unavailable { budget } => {
-                self.decision(host, "unavailable", Some(&budget), call.priority);
+                self.decision(host, call, "unavailable", Some(&budget));
                 send_error(
                     host,
                     503,
@@ -441,7 +447,9 @@ impl Exchange {
                 headers,
                 failed_open,
                 cas_retries,
+                standings,
             } => {
+                self.budget_gauges(host, &standings);
                 if cas_retries > 0 {
                     host.counter_add(Stat::new("cas_retries").name(), u64::from(cas_retries));
                 }
@@ -464,12 +472,14 @@ impl Exchange {
                     (None, _, false) => "warned",
                     (None, _, true) => "allowed",
                 };
-                self.decision(host, decision, None, call.priority);
+                self.decision(host, call, decision, None);
                 if let Some(to) = reroute_to {
                     let current = body.as_deref().unwrap_or(original);
                     body = Some(with_model(current, &to).unwrap_or_else(|| current.to_vec()));
                     host.set_request_header(&config.reroute.header, Some(&config.reroute.value));
                     host.clear_route_cache();
+                    // Stats follow the model that serves (and bills) the request.
+                    call.model_tag = filter.model_tag(&to);
                     call.served_model = to;
                     call.rerouted = true;
                 }
@@ -481,29 +491,28 @@ impl Exchange {
         }
     }
 
-    fn decision(
-        &self,
-        host: &mut dyn Host,
-        decision: &str,
-        budget: Option<&str>,
-        priority: Priority,
-    ) {
-        let mut stat = Stat::new("decisions").tag("decision", decision);
+    /// Count a budget decision: `tokenfuse_decisions.[tenant.]decision.[budget.]priority`.
+    fn decision(&self, host: &mut dyn Host, call: &Call, decision: &str, budget: Option<&str>) {
+        let mut stat = Stat::new("decisions");
+        if let Some(t) = &call.tenant_tag {
+            stat = stat.tag("tenant", t);
+        }
+        stat = stat.tag("decision", decision);
         if let Some(b) = budget {
             stat = stat.tag("budget", b);
         }
-        host.counter_add(stat.tag("priority", priority.tag()).name(), 1);
+        host.counter_add(stat.tag("priority", call.priority.tag()).name(), 1);
     }
 
     fn oversize(
         &self,
         host: &mut dyn Host,
+        call: &Call,
         budget: &str,
         cap: u64,
         estimate: u64,
-        priority: Priority,
     ) -> Action {
-        self.decision(host, "oversize", Some(budget), priority);
+        self.decision(host, call, "oversize", Some(budget));
         send_error(
             host,
             400,
@@ -673,13 +682,19 @@ impl Exchange {
             .or_else(|| host.upstream_cluster())
             .unwrap_or_else(|| "none".to_string());
         let model = call.model_tag.clone();
+        let tenant = call.tenant_tag.clone();
+        // `name.tenant.…`: the tenant tag only when tenant tagging is on.
+        let with_tenant = |name: &str| match &tenant {
+            Some(t) => Stat::new(name).tag("tenant", t),
+            None => Stat::new(name),
+        };
         let tagged = |name: &str| {
             Stat::new(name)
                 .tag("model", &model)
                 .tag("cluster", &cluster)
         };
         host.counter_add(
-            Stat::new("requests")
+            with_tenant("requests")
                 .tag("api", call.kind.tag())
                 .tag("model", &model)
                 .tag("cluster", &cluster)
@@ -774,7 +789,7 @@ impl Exchange {
                 host.counter_add(tagged("usage_counted").name(), 1);
             }
             for (kind, n) in [("prompt", prompt), ("completion", completion)] {
-                let stat = Stat::new("tokens")
+                let stat = with_tenant("tokens")
                     .tag("kind", kind)
                     .tag("source", source.tag())
                     .tag("model", &model)
@@ -833,6 +848,7 @@ impl Exchange {
                 u64::from(report.cas_retries),
             );
         }
+        self.budget_gauges(host, &report.standings);
         if report.refunded > 0 {
             host.counter_add(Stat::new("refunded").name(), report.refunded);
         }
@@ -848,6 +864,31 @@ impl Exchange {
                     self.id
                 ),
             );
+        }
+    }
+
+    /// Gauges of each touched budget key: used, limit and remaining, in the budget's unit.
+    /// Keys beyond the tenant tag cap get no gauges (an `other` gauge would be meaningless).
+    fn budget_gauges(&self, host: &mut dyn Host, standings: &[(usize, String, budget::Standing)]) {
+        for (i, key, standing) in standings {
+            let Some(b) = self.filter.config.budgets.get(*i) else {
+                continue;
+            };
+            let tenant = self.filter.tenant_tag(key);
+            if tenant == "other" {
+                continue;
+            }
+            for (name, value) in [
+                ("budget_used", standing.used),
+                ("budget_limit", standing.limit),
+                ("budget_remaining", standing.remaining),
+            ] {
+                let stat = Stat::new(name)
+                    .tag("budget", &b.name)
+                    .tag("tenant", &tenant)
+                    .tag("unit", b.unit.tag());
+                host.gauge_set(stat.name(), value);
+            }
         }
     }
 
@@ -1575,6 +1616,12 @@ mod tests {
             h.resp_header(REROUTED_HEADER).as_deref(),
             Some("gpt-4o-mini")
         );
+        // Stats follow the model that served the request.
+        assert_eq!(tokens(&h, "completion", "provider"), 5);
+        assert_eq!(
+            h.counter_sum("tokenfuse_tokens", &["model=.=gpt-4o-mini;"]),
+            13
+        );
     }
 
     #[test]
@@ -1697,5 +1744,81 @@ mod tests {
         assert_eq!(reply.status, 200);
         let v: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
         assert_eq!(v["tiers"]["elastic"]["balance"], 250);
+    }
+
+    #[test]
+    fn stats_carry_the_tenant_and_budget_gauges_follow_each_key() {
+        let f = filter(BUDGETS);
+        let shared = FakeHost::default();
+        let mut h = budget_host("acme", &chat_with(100), &shared);
+        let mut ex = Exchange::new(f, 1);
+        send_request(&mut ex, &mut h, 64);
+        assert_eq!(
+            h.gauges
+                .get("tokenfuse_budget_used.budget=.=minute;.;tenant=.=acme;.;unit=.=tokens;.;"),
+            Some(&108)
+        );
+        respond(
+            &mut ex,
+            &mut h,
+            "200",
+            "application/json",
+            br#"{"usage":{"prompt_tokens":8,"completion_tokens":5}}"#,
+            10,
+        );
+        assert_eq!(
+            h.gauges
+                .get("tokenfuse_budget_used.budget=.=minute;.;tenant=.=acme;.;unit=.=tokens;.;"),
+            Some(&13)
+        );
+        assert_eq!(
+            h.gauges
+                .get("tokenfuse_budget_limit.budget=.=minute;.;tenant=.=acme;.;unit=.=tokens;.;"),
+            Some(&1000)
+        );
+        assert_eq!(
+            h.gauges.get(
+                "tokenfuse_budget_remaining.budget=.=minute;.;tenant=.=acme;.;unit=.=tokens;.;"
+            ),
+            Some(&987)
+        );
+        assert_eq!(
+            h.counter_sum("tokenfuse_tokens.tenant=.=acme;", &["kind=.=prompt;"]),
+            8
+        );
+        assert_eq!(h.counter_sum("tokenfuse_requests.tenant=.=acme;", &[]), 1);
+        assert_eq!(
+            h.counter_sum(
+                "tokenfuse_decisions.tenant=.=acme;",
+                &["decision=.=allowed;"]
+            ),
+            1
+        );
+    }
+
+    #[test]
+    fn the_tenant_tag_can_be_switched_off() {
+        let f = filter(&BUDGETS.replacen(
+            r#""api":"v1","#,
+            r#""api":"v1","stats":{"tenant":"off"},"#,
+            1,
+        ));
+        let shared = FakeHost::default();
+        let mut h = budget_host("acme", &chat_with(100), &shared);
+        let mut ex = Exchange::new(f, 1);
+        send_request(&mut ex, &mut h, 64);
+        respond(
+            &mut ex,
+            &mut h,
+            "200",
+            "application/json",
+            br#"{"usage":{"prompt_tokens":8,"completion_tokens":5}}"#,
+            10,
+        );
+        assert!(
+            h.counters.keys().all(|k| !k.contains("tenant=")),
+            "{:?}",
+            h.counters.keys()
+        );
     }
 }

@@ -18,6 +18,7 @@ pub struct Filter {
     /// Tokenizers for exactly the encodings `config` can reach.
     pub tokenizers: Tokenizers,
     model_tags: RefCell<TagLimiter>,
+    tenant_tags: RefCell<TagLimiter>,
 }
 
 impl Filter {
@@ -26,15 +27,22 @@ impl Filter {
     pub fn new(config: Config) -> Result<Filter, TokenizerError> {
         let tokenizers = Tokenizers::build(&config.encodings())?;
         let model_tags = RefCell::new(TagLimiter::new(config.model_tag_limit));
+        let tenant_tags = RefCell::new(TagLimiter::new(config.tenant_tag_limit));
         Ok(Filter {
             config,
             tokenizers,
             model_tags,
+            tenant_tags,
         })
     }
 
     /// The `model` tag value for `model`, under the configured cardinality cap.
     pub fn model_tag(&self, model: &str) -> String {
         self.model_tags.borrow_mut().admit(model)
+    }
+
+    /// The `tenant` tag value for `tenant`, under the configured cardinality cap.
+    pub fn tenant_tag(&self, tenant: &str) -> String {
+        self.tenant_tags.borrow_mut().admit(tenant)
     }
 }

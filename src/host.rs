@@ -44,6 +44,8 @@ pub trait Host {
     fn upstream_cluster(&self) -> Option<String>;
     /// Add `n` (> 0) to the counter `name`, defining it on first use.
     fn counter_add(&mut self, name: &str, n: u64);
+    /// Set the gauge `name` to `value`, defining it on first use.
+    fn gauge_set(&mut self, name: &str, value: u64);
     /// Write a log line. Callers never pass prompts, completions or credentials.
     fn log(&self, level: Level, message: &str);
     /// Wall-clock time, Unix milliseconds.
@@ -109,6 +111,7 @@ pub mod fake {
         pub cluster: Option<String>,
         pub reply: Option<Reply>,
         pub counters: BTreeMap<String, u64>,
+        pub gauges: BTreeMap<String, u64>,
         pub logs: RefCell<Vec<(Level, String)>>,
         pub shared: Rc<RefCell<FakeShared>>,
         pub now_ms: Cell<i64>,
@@ -219,6 +222,9 @@ pub mod fake {
         }
         fn log(&self, level: Level, message: &str) {
             self.logs.borrow_mut().push((level, message.to_string()));
+        }
+        fn gauge_set(&mut self, name: &str, value: u64) {
+            self.gauges.insert(name.to_string(), value);
         }
         fn now_ms(&self) -> i64 {
             self.now_ms.get()

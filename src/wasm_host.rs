@@ -16,6 +16,19 @@ thread_local! {
     static METRICS: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
 }
 
+/// The metric id of `name`, defined (once per VM) with `kind` on first use.
+fn metric_id(kind: MetricType, name: &str) -> Option<u32> {
+    METRICS.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some(id) = cache.get(name) {
+            return Some(*id);
+        }
+        let id = hostcalls::define_metric(kind, name).ok()?;
+        cache.insert(name.to_string(), id);
+        Some(id)
+    })
+}
+
 /// The host of the current HTTP context (proxy-wasm calls act on the active context).
 pub struct WasmHost;
 
@@ -81,20 +94,18 @@ impl Host for WasmHost {
     }
 
     fn counter_add(&mut self, name: &str, n: u64) {
+        // Envoy rejects increments of zero.
         if n == 0 {
             return;
         }
-        let id = METRICS.with(|cache| {
-            let mut cache = cache.borrow_mut();
-            if let Some(id) = cache.get(name) {
-                return Some(*id);
-            }
-            let id = hostcalls::define_metric(MetricType::Counter, name).ok()?;
-            cache.insert(name.to_string(), id);
-            Some(id)
-        });
-        if let Some(id) = id {
+        if let Some(id) = metric_id(MetricType::Counter, name) {
             let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn gauge_set(&mut self, name: &str, value: u64) {
+        if let Some(id) = metric_id(MetricType::Gauge, name) {
+            let _ = hostcalls::record_metric(id, value);
         }
     }
 
