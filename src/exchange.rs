@@ -797,6 +797,15 @@ impl Exchange {
                 add(host, &stat, n);
             }
         }
+        // Spend, when the operator priced the serving model.
+        if let Billed::Usage { usage, .. } = &billed {
+            if let Some(price) = self.filter.config.prices.get(&call.served_model) {
+                let stat = with_tenant("cost_micro_usd")
+                    .tag("model", &model)
+                    .tag("cluster", &cluster);
+                add(host, &stat, price.actual(usage));
+            }
+        }
         self.settle_budgets(host, &call, &billed);
         host.log(
             Level::Debug,
