@@ -26,7 +26,7 @@ WASM := target/$(WASM_TARGET)/release/tokenfuse.wasm
 export TOKENFUSE_ENVOY := $(abspath $(ENVOY))
 export TOKENFUSE_WASM := $(abspath $(WASM))
 
-.PHONY: build envoy run test cargo-test wasm-test lint validate clean
+.PHONY: build envoy run test cargo-test wasm-test lint validate clean soak
 
 ## build: the Wasm filter (adds the rustup target when missing)
 build:
@@ -78,6 +78,11 @@ lint:
 ## validate: Envoy accepts envoy/envoy.yaml, Wasm module included
 validate:
 	$(ENVOY) --mode validate -l warning -c envoy/envoy.yaml
+
+## soak: minutes of mixed load, then counters, budgets and upstream reconciled (not in CI)
+SOAK_SECS ?= 120
+soak: build envoy
+	SOAK_SECS=$(SOAK_SECS) $(CARGO) test --release --test soak -- --ignored --nocapture
 
 clean:
 	$(CARGO) clean
