@@ -490,3 +490,24 @@ fn base64_encode(data: &[u8]) -> String {
     }
     out
 }
+
+#[test]
+fn an_envoy_restart_starts_every_local_budget_from_zero() {
+    // Shared data lives in the Envoy process: a new process (restart, or a hot restart
+    // into a new process) has empty budgets. This pins the documented behaviour.
+    let primary = MockUpstream::start("primary").unwrap();
+    let spec = || EnvoySpec::new(config(), primary.port(), primary.port());
+    let first = Envoy::start(spec()).unwrap();
+    let r = first
+        .post_json(
+            "/v1/chat/completions",
+            &[("x-tenant", "restart")],
+            &chat("hello"),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(used(&first, "restart", 18), 18);
+    drop(first);
+    let second = Envoy::start(spec()).unwrap();
+    assert_eq!(used(&second, "restart", 0), 0);
+}
