@@ -14,7 +14,7 @@
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::budget::{Budget, Unit};
+use crate::budget::Unit;
 use crate::config::{Admin, Config};
 use crate::host::Host;
 use crate::ledger;
@@ -117,17 +117,11 @@ fn percent_decode(s: &str) -> String {
 /// A budget's figures for one key, as JSON (amounts in the budget's unit: tokens or
 /// micro-USD).
 fn describe(host: &dyn Host, config: &Config, index: usize, key: &str, now_ms: i64) -> Value {
-    let budget = &config.budgets[index];
-    let base = config
-        .base_overrides
-        .get(index)
-        .and_then(|o| o.get(key))
-        .copied()
-        .unwrap_or(budget.base);
-    let effective = Budget {
-        base,
-        ..budget.clone()
+    let Some(effective) = config.budget_for(index, key) else {
+        return Value::Null;
     };
+    let budget = &effective;
+    let base = budget.base;
     let now = now_ms.div_euclid(1000);
     let shared_key = ledger::account_key(budget, key);
     let tracked = host.shared_get(&shared_key).is_some();

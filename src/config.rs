@@ -520,6 +520,20 @@ impl Config {
         })
     }
 
+    /// Budget `index` as it applies to `key`: with the key's base override, if it has one.
+    pub fn budget_for(&self, index: usize, key: &str) -> Option<std::borrow::Cow<'_, Budget>> {
+        let budget = self.budgets.get(index)?;
+        Some(
+            match self.base_overrides.get(index).and_then(|o| o.get(key)) {
+                Some(base) => std::borrow::Cow::Owned(Budget {
+                    base: *base,
+                    ..budget.clone()
+                }),
+                None => std::borrow::Cow::Borrowed(budget),
+            },
+        )
+    }
+
     /// The encodings this configuration can ask for: exactly the tokenizers to build.
     pub fn encodings(&self) -> Vec<Encoding> {
         self.models.encodings()

@@ -177,18 +177,6 @@ pub fn cheaper_model(config: &Config, model: &str) -> Option<String> {
         .cloned()
 }
 
-/// A budget with this key's base override applied.
-fn effective<'c>(config: &'c Config, i: usize, key: &str) -> std::borrow::Cow<'c, Budget> {
-    let budget = &config.budgets[i];
-    match config.base_overrides.get(i).and_then(|o| o.get(key)) {
-        Some(base) => std::borrow::Cow::Owned(Budget {
-            base: *base,
-            ..budget.clone()
-        }),
-        None => std::borrow::Cow::Borrowed(budget),
-    }
-}
-
 /// What `budget` would reserve for a request to `model`.
 fn estimate(config: &Config, budget: &Budget, model: &str, facts: &Facts<'_>) -> u64 {
     match budget.unit {
@@ -235,7 +223,9 @@ pub fn plan(host: &mut dyn Host, config: &Config, keys: &[String], facts: &Facts
     let mut wants_reroute = false;
     let mut degraded = false;
     for (i, key) in keys.iter().enumerate() {
-        let budget = effective(config, i, key);
+        let Some(budget) = config.budget_for(i, key) else {
+            continue;
+        };
         let account = ledger::read(host, &budget, &ledger::account_key(&budget, key), now)
             .unwrap_or_else(|| budget.open_account(now));
         let standing = budget.standing(&account, now);
@@ -254,7 +244,9 @@ pub fn plan(host: &mut dyn Host, config: &Config, keys: &[String], facts: &Facts
         if target.is_none() && wants_reroute {
             // Find the tripped reroute budget to report it.
             for (i, key) in keys.iter().enumerate() {
-                let budget = effective(config, i, key);
+                let Some(budget) = config.budget_for(i, key) else {
+                    continue;
+                };
                 let account = ledger::read(host, &budget, &ledger::account_key(&budget, key), now)
                     .unwrap_or_else(|| budget.open_account(now));
                 let standing = budget.standing(&account, now);
@@ -279,7 +271,9 @@ pub fn plan(host: &mut dyn Host, config: &Config, keys: &[String], facts: &Facts
     let mut cas_retries = 0;
     let mut standings = Vec::with_capacity(keys.len());
     for (i, key) in keys.iter().enumerate() {
-        let budget = effective(config, i, key);
+        let Some(budget) = config.budget_for(i, key) else {
+            continue;
+        };
         let shared_key = ledger::account_key(&budget, key);
         let est = estimate(config, &budget, model, facts);
         let rerouted = reroute_to.is_some();
@@ -397,13 +391,15 @@ pub fn settle(
     let now = now_ms.div_euclid(1000);
     let mut report = SettleReport::default();
     for r in reservations {
-        let Some(budget) = config.budgets.get(r.budget) else {
+        // Settle against the budget as it applies to this key (its base override), so an
+        // extra charge draws from the key's own base before its elastic balance.
+        let Some(budget) = config.budget_for(r.budget, &r.key) else {
             continue;
         };
-        let amount = actual(budget.unit, budget);
+        let amount = actual(budget.unit, &budget);
         let result = ledger::update(
             host,
-            budget,
+            &budget,
             &r.shared_key,
             now,
             config.cas_retries.saturating_mul(4),
@@ -415,21 +411,9 @@ pub fn settle(
         match result {
             Ok(u) => {
                 report.cas_retries += u.retries;
-                let base = config
-                    .base_overrides
-                    .get(r.budget)
-                    .and_then(|o| o.get(&r.key))
-                    .copied()
-                    .unwrap_or(budget.base);
-                let effective = Budget {
-                    base,
-                    ..budget.clone()
-                };
-                report.standings.push((
-                    r.budget,
-                    r.key.clone(),
-                    effective.standing(&u.account, now),
-                ));
+                report
+                    .standings
+                    .push((r.budget, r.key.clone(), budget.standing(&u.account, now)));
                 let reserved = r.drawn.total();
                 if amount < reserved {
                     report.refunded += reserved - amount;
@@ -722,6 +706,27 @@ mod tests {
             plan(&mut other, &c, &k, &facts("gpt-4o", 1000, 0, Priority::P0)),
             Plan::Reject(_)
         ));
+    }
+
+    #[test]
+    fn an_extra_charge_for_an_overridden_key_draws_its_own_base_before_elastic() {
+        // Default base 100, acme's own 5000, everyone starts with 1000 elastic: a request
+        // that reserved 50 and used 500 must take the extra 450 from acme's base.
+        let c = config(
+            r#"[{"name":"d","key":"header:x-tenant","window":"day","base":100,"elastic":1000,"base_overrides":{"acme":5000}}]"#,
+        );
+        let mut h = host();
+        h.request_headers.push(("x-tenant".into(), "acme".into()));
+        let k = keys(&c, &mut h);
+        let Plan::Admit { reservations, .. } =
+            plan(&mut h, &c, &k, &facts("gpt-4o", 40, 10, Priority::P0))
+        else {
+            panic!()
+        };
+        settle(&mut h, &c, &reservations, |_, _| 500, NOW_MS);
+        let b = c.budget_for(0, "acme").unwrap();
+        let a = ledger::read(&h, &b, &ledger::account_key(&b, "acme"), NOW_MS / 1000).unwrap();
+        assert_eq!((a.base_used, a.elastic_balance), (500, 1000));
     }
 
     #[test]
