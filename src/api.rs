@@ -213,6 +213,15 @@ pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
 
+/// `stream_options` when the key is present, `null` included (as empty options): a body with
+/// `"stream_options": null` must have that key rewritten by [`with_stream_usage`], not a
+/// second `stream_options` key added in front of it.
+fn present_stream_options<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<StreamOptions>, D::Error> {
+    Option::<StreamOptions>::deserialize(d).map(|o| Some(o.unwrap_or_default()))
+}
+
 /// OpenAI Chat Completions request.
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
@@ -227,7 +236,7 @@ pub struct ChatRequest {
     pub response_format: Option<Value>,
     #[serde(default)]
     pub stream: Option<bool>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present_stream_options")]
     pub stream_options: Option<StreamOptions>,
     #[serde(default)]
     pub max_tokens: Option<i64>,
@@ -257,7 +266,7 @@ pub struct CompletionsRequest {
     pub suffix: Option<String>,
     #[serde(default)]
     pub stream: Option<bool>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present_stream_options")]
     pub stream_options: Option<StreamOptions>,
     #[serde(default)]
     pub max_tokens: Option<i64>,
@@ -674,6 +683,29 @@ mod tests {
         let v: Value = serde_json::from_slice(&with_stream_usage(body, &parsed).unwrap()).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], Value::Bool(true));
         assert_eq!(v["stream_options"]["x"], 1);
+    }
+
+    #[test]
+    fn stream_usage_replaces_a_null_stream_options_instead_of_duplicating_the_key() {
+        // Found by `make fuzz` (request_body): the textual edit used to put a second
+        // `stream_options` key in front of `"stream_options":null`, and JSON readers take
+        // the last one, so usage was never asked for (and tokenfuse itself refuses the body).
+        for (kind, body) in [
+            (
+                ApiKind::Completions,
+                &br#"{"model":"davinci-002","prompt":[1,2,3,4],"stream":true,"stream_options":null}"#[..],
+            ),
+            (
+                ApiKind::ChatCompletions,
+                br#"{"stream_options":null,"stream":true,"messages":[]}"#,
+            ),
+        ] {
+            let parsed = parse_request(kind, body).unwrap();
+            let out = with_stream_usage(body, &parsed).unwrap();
+            let v: Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(v["stream_options"]["include_usage"], Value::Bool(true));
+            assert!(parse_request(kind, &out).unwrap().stream_usage_requested());
+        }
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub struct Exchange {
     filter: Rc<Filter>,
     id: u32,
     phase: Phase,
+    /// Request body bytes buffered so far (for trailers, which end the body without a size).
+    buffered: usize,
 }
 
 enum Phase {
@@ -135,6 +137,7 @@ impl Exchange {
             filter,
             id,
             phase: Phase::Idle,
+            buffered: 0,
         }
     }
 
@@ -178,6 +181,7 @@ impl Exchange {
         body_size: usize,
         end_of_stream: bool,
     ) -> Action {
+        self.buffered = body_size;
         if let Phase::AdminBody = self.phase {
             if !end_of_stream {
                 return Action::Pause;
@@ -297,6 +301,18 @@ impl Exchange {
         );
         self.phase = Phase::Forwarded(Box::new(call));
         Action::Continue
+    }
+
+    /// Request trailers arrived: the body is complete (HTTP/2 requests with trailers never
+    /// flag the end of their body, and must not slip through uncounted).
+    pub fn on_request_trailers(&mut self, host: &mut dyn Host) -> Action {
+        match self.phase {
+            Phase::AwaitingBody { .. } | Phase::AdminBody => {
+                let size = self.buffered;
+                self.on_request_body(host, size, true)
+            }
+            _ => Action::Continue,
+        }
     }
 
     fn count(&self, parsed: &RequestBody, model: &str, counting: ModelCounting) -> PromptCount {
@@ -1829,5 +1845,27 @@ mod tests {
             "{:?}",
             h.counters.keys()
         );
+    }
+
+    #[test]
+    fn trailers_end_the_request_body_so_it_is_still_counted() {
+        let f = default_filter();
+        let mut host = FakeHost::post("/v1/chat/completions", CHAT.as_bytes());
+        let mut ex = Exchange::new(f, 1);
+        assert_eq!(ex.on_request_headers(&mut host, false), Action::Pause);
+        assert_eq!(
+            ex.on_request_body(&mut host, CHAT.len(), false),
+            Action::Pause
+        );
+        assert_eq!(ex.on_request_trailers(&mut host), Action::Continue);
+        respond(
+            &mut ex,
+            &mut host,
+            "200",
+            "application/json",
+            br#"{"usage":{"prompt_tokens":8,"completion_tokens":1}}"#,
+            100,
+        );
+        assert_eq!(host.resp_header(PROMPT_TOKENS_HEADER).as_deref(), Some("8"));
     }
 }

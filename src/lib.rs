@@ -129,6 +129,10 @@ mod glue {
             )
         }
 
+        fn on_http_request_trailers(&mut self, _: usize) -> Action {
+            action(self.exchange.on_request_trailers(&mut WasmHost))
+        }
+
         fn on_http_response_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
             action(
                 self.exchange
