@@ -170,6 +170,11 @@ impl Exchange {
         }
         // Ask the provider for an uncompressed response: its usage must be readable.
         host.set_request_header("accept-encoding", None);
+        // The reroute header is the filter's to set: a client must not pick the economy
+        // route (and a cheaper model's budget treatment) for itself.
+        if !self.filter.config.budgets.is_empty() {
+            host.set_request_header(&self.filter.config.reroute.header, None);
+        }
         self.phase = Phase::AwaitingBody { kind, path };
         Action::Pause
     }
@@ -1867,5 +1872,17 @@ mod tests {
             100,
         );
         assert_eq!(host.resp_header(PROMPT_TOKENS_HEADER).as_deref(), Some("8"));
+    }
+
+    #[test]
+    fn a_client_cannot_set_the_reroute_header_itself() {
+        let f = filter(BUDGETS);
+        let shared = FakeHost::default();
+        let mut h = budget_host("acme", &chat_with(10), &shared);
+        h.request_headers
+            .push(("x-tokenfuse-route".into(), "economy".into()));
+        let mut ex = Exchange::new(f, 1);
+        assert_eq!(send_request(&mut ex, &mut h, 64), Action::Continue);
+        assert!(h.req_header("x-tokenfuse-route").is_none());
     }
 }

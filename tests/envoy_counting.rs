@@ -556,11 +556,17 @@ fn economy_route_is_tagged_with_its_cluster() {
         ),
         1
     );
-    assert!(s
+    let seen = s
         .economy
         .requests()
-        .iter()
-        .any(|q| q.json().is_some_and(|v| v["model"] == model)));
+        .into_iter()
+        .find(|q| q.json().is_some_and(|v| v["model"] == model))
+        .expect("the economy upstream got the request");
+    assert_eq!(
+        seen.header("x-tokenfuse-route"),
+        None,
+        "the routing header stays in Envoy"
+    );
 }
 
 #[test]

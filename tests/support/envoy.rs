@@ -97,6 +97,12 @@ pub struct EnvoySpec {
     /// Leave the Wasm filter out entirely (plain proxy; harness checks and
     /// baseline benchmarks).
     pub no_filter: bool,
+    /// Use this HTTP filter entry instead of the generated Wasm filter: one YAML list
+    /// item written at column 0 (`- name: …`), placed before the router; `{wasm}` in it
+    /// becomes the module's path (a YAML double-quoted string). For filter
+    /// configurations shaped elsewhere, e.g. as Istio renders an EnvoyFilter's or a
+    /// WasmPlugin's. `plugin_config` and `failure_policy` are then unused.
+    pub http_filter_yaml: Option<String>,
     /// Use this module instead of [`wasm_path`].
     pub wasm: Option<PathBuf>,
     /// `failure_policy` of the plugin. Default `FAIL_CLOSED`, as shipped.
@@ -121,6 +127,7 @@ impl Default for EnvoySpec {
             extra_clusters_yaml: None,
             extra_bootstrap_yaml: None,
             no_filter: false,
+            http_filter_yaml: None,
             wasm: None,
             failure_policy: "FAIL_CLOSED".to_string(),
             buffer_limit_bytes: 4 * 1024 * 1024,
@@ -168,9 +175,15 @@ fn yaml_str(s: &str) -> String {
 /// The bootstrap for `spec`: `envoy/envoy.yaml` with ports 0 (chosen by Envoy),
 /// an absolute Wasm path and the spec's knobs.
 pub fn bootstrap_yaml(spec: &EnvoySpec, wasm: Option<&Path>) -> String {
-    let wasm_filter = match wasm {
-        None => String::new(),
-        Some(wasm) => format!(
+    let wasm_filter = match (wasm, &spec.http_filter_yaml) {
+        (None, _) => String::new(),
+        (Some(wasm), Some(filter)) => {
+            indent(
+                &filter.replace("{wasm}", &yaml_str(&wasm.to_string_lossy())),
+                10,
+            ) + "\n"
+        }
+        (Some(wasm), None) => format!(
             r#"          - name: envoy.filters.http.wasm
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
@@ -249,6 +262,7 @@ static_resources:
                   headers:
                   - name: x-tokenfuse-route
                     string_match: {{ exact: economy }}
+                request_headers_to_remove: ["x-tokenfuse-route"]
                 route: {{ cluster: economy, timeout: {timeout}s }}
               - match: {{ prefix: "/" }}
                 route: {{ cluster: primary, timeout: {timeout}s }}
