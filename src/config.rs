@@ -43,6 +43,13 @@ pub struct Config {
     pub default_max_output_tokens: u64,
     /// Add `stream_options.include_usage: true` to streaming chat/completions requests.
     pub inject_stream_usage: bool,
+    /// Hold LLM request headers until the body is read (needs Envoy's
+    /// `allow_on_headers_stop_iteration`). `false` is count-and-reject mode, for proxies
+    /// that cannot set that flag (Istio's WasmPlugin): headers go on at once, the body is
+    /// still read before it is forwarded, so counting, reservations and 429/400 work, but
+    /// nothing that changes routing or the body (reroute, degradation, truncation, usage
+    /// injection) can.
+    pub hold_request_headers: bool,
     /// Outcome for unreadable bodies on LLM paths.
     pub malformed_request: MalformedPolicy,
     /// Tokens charged for an image part with `detail: "low"`.
@@ -118,6 +125,7 @@ impl Default for Config {
             models: ModelMap::builtin(Encoding::O200kBase, 1.0),
             default_max_output_tokens: 4096,
             inject_stream_usage: false,
+            hold_request_headers: true,
             malformed_request: MalformedPolicy::Reject,
             image_tokens_low: 85,
             image_tokens_high: 765,
@@ -156,6 +164,7 @@ pub struct RawConfig {
     tokenizer: RawTokenizer,
     default_max_output_tokens: Option<u64>,
     inject_stream_usage: Option<bool>,
+    hold_request_headers: Option<bool>,
     malformed_request: Option<MalformedPolicy>,
     image_tokens: Option<RawImageTokens>,
     max_response_body_bytes: Option<u64>,
@@ -422,6 +431,27 @@ impl Config {
             None => defaults.model_tag_limit,
         };
 
+        let hold_request_headers = raw.hold_request_headers.unwrap_or(true);
+        if !hold_request_headers {
+            // The headers (route, content-length) are upstream before the body is read.
+            let why = "cannot work with hold_request_headers: false (the request headers, \
+                       route and content-length included, have gone upstream before the body \
+                       is read)";
+            if raw.inject_stream_usage == Some(true) {
+                return Err(ConfigError::new("inject_stream_usage", why));
+            }
+            for (i, b) in raw.budgets.iter().enumerate() {
+                if b.action.as_deref() == Some("reroute") {
+                    return Err(ConfigError::new(format!("budgets[{i}].action"), why));
+                }
+                if b.degrade_from.is_some() {
+                    return Err(ConfigError::new(format!("budgets[{i}].degrade_from"), why));
+                }
+                if b.oversize.as_deref() == Some("truncate") {
+                    return Err(ConfigError::new(format!("budgets[{i}].oversize"), why));
+                }
+            }
+        }
         let prices = compile_prices(&raw.prices)?;
         let mut budgets = Vec::with_capacity(raw.budgets.len());
         let mut base_overrides = Vec::with_capacity(raw.budgets.len());
@@ -511,6 +541,7 @@ impl Config {
             models,
             default_max_output_tokens,
             inject_stream_usage: raw.inject_stream_usage.unwrap_or(false),
+            hold_request_headers,
             malformed_request: raw.malformed_request.unwrap_or(MalformedPolicy::Reject),
             image_tokens_low,
             image_tokens_high,
@@ -1015,6 +1046,40 @@ mod tests {
     fn without_builtin_models_only_configured_encodings_are_built() {
         let c = Config::parse(br#"{"api":"v1","tokenizer":{"builtin_models":false,"fallback_encoding":"o200k_base","models":[{"match":"gpt-4o*","encoding":"o200k_base"}]}}"#).unwrap();
         assert_eq!(c.encodings(), vec![Encoding::O200kBase]);
+    }
+
+    #[test]
+    fn count_and_reject_mode_refuses_what_needs_held_headers() {
+        let base = r#""budgets":[{"name":"b","key":"constant:all","window":"day","base":10"#;
+        for (extra, field) in [
+            (r#","inject_stream_usage":true"#, "inject_stream_usage"),
+            (
+                &format!(r#",{base},"action":"reroute"}}]"#)[..],
+                "budgets[0].action",
+            ),
+            (
+                &format!(r#",{base},"degrade_from":0.5}}]"#)[..],
+                "budgets[0].degrade_from",
+            ),
+            (
+                &format!(r#",{base},"oversize":"truncate"}}]"#)[..],
+                "budgets[0].oversize",
+            ),
+        ] {
+            let doc = format!(r#"{{"api":"v1","hold_request_headers":false{extra}}}"#);
+            let e = err(&doc);
+            assert_eq!(e.field, field, "{doc}");
+            assert!(e.reason.contains("hold_request_headers"), "{e}");
+        }
+        let ok = format!(
+            r#"{{"api":"v1","hold_request_headers":false,{base},"max_request_tokens":5}}]}}"#
+        );
+        assert!(!Config::parse(ok.as_bytes()).unwrap().hold_request_headers);
+        assert!(
+            Config::parse(br#"{"api":"v1"}"#)
+                .unwrap()
+                .hold_request_headers
+        );
     }
 
     #[test]

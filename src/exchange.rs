@@ -59,8 +59,12 @@ pub struct Exchange {
 enum Phase {
     /// Not an LLM call, or already settled: the filter stays out of the way.
     Idle,
-    /// An LLM call whose request body is still arriving.
-    AwaitingBody { kind: ApiKind, path: String },
+    /// An LLM call whose request body is still arriving, with what its headers said.
+    AwaitingBody {
+        kind: ApiKind,
+        path: String,
+        who: Box<Identity>,
+    },
     /// Forwarded; the response is being read.
     Forwarded(Box<Call>),
     /// An admin top-up whose body is still arriving.
@@ -84,6 +88,18 @@ struct Call {
     rerouted: bool,
     priority: Priority,
     /// The `tenant` stat tag, when tenant tagging is on.
+    tenant_tag: Option<String>,
+}
+
+/// What the request headers say about who is asking, read in the headers callback: once
+/// the headers have gone on (count-and-reject mode), Envoy no longer lets the filter read
+/// them.
+struct Identity {
+    /// The identity per budget, in budget order.
+    budget_ids: Vec<String>,
+    priority: Priority,
+    /// Seed of the deterministic degradation pick (Envoy's `x-request-id`).
+    request_id: Option<String>,
     tenant_tag: Option<String>,
 }
 
@@ -175,8 +191,32 @@ impl Exchange {
         if !self.filter.config.budgets.is_empty() {
             host.set_request_header(&self.filter.config.reroute.header, None);
         }
-        self.phase = Phase::AwaitingBody { kind, path };
-        Action::Pause
+        let config = &self.filter.config;
+        let who = Identity {
+            budget_ids: config
+                .budgets
+                .iter()
+                .map(|b| enforce::identity(host, b))
+                .collect(),
+            priority: enforce::priority(host, config),
+            request_id: host.request_header("x-request-id"),
+            tenant_tag: config.tenant_tag.as_ref().map(|source| {
+                self.filter
+                    .tenant_tag(&enforce::identity_from(host, source))
+            }),
+        };
+        self.phase = Phase::AwaitingBody {
+            kind,
+            path,
+            who: Box::new(who),
+        };
+        if self.filter.config.hold_request_headers {
+            Action::Pause
+        } else {
+            // Count-and-reject mode: the headers go on now, the body is still held (in
+            // on_request_body) until it is complete and judged.
+            Action::Continue
+        }
     }
 
     /// A request body chunk arrived; `body_size` is everything buffered so far.
@@ -196,13 +236,17 @@ impl Exchange {
             self.phase = Phase::Idle;
             return Action::Pause;
         }
-        let (kind, path) = match &self.phase {
-            Phase::AwaitingBody { kind, path } => (*kind, path.clone()),
-            _ => return Action::Continue,
-        };
+        if !matches!(self.phase, Phase::AwaitingBody { .. }) {
+            return Action::Continue;
+        }
         if !end_of_stream {
             return Action::Pause;
         }
+        let Phase::AwaitingBody { kind, path, who } =
+            std::mem::replace(&mut self.phase, Phase::Idle)
+        else {
+            return Action::Continue;
+        };
         let original = host.request_body(body_size).unwrap_or_default();
         let parsed = match api::parse_request(kind, &original) {
             Ok(parsed) => parsed,
@@ -246,17 +290,14 @@ impl Exchange {
             rate: None,
             warnings: Vec::new(),
             rerouted: false,
-            priority: Priority::P1,
-            tenant_tag: config
-                .tenant_tag
-                .as_ref()
-                .map(|source| filter.tenant_tag(&enforce::identity_from(host, source))),
+            priority: who.priority,
+            tenant_tag: who.tenant_tag.clone(),
         };
         // The body as it will go upstream; rewritten by truncation, rerouting and usage
         // injection, and put back once at the end.
         let mut body: Option<Vec<u8>> = None;
         if !config.budgets.is_empty() {
-            match self.enforce(host, &original, &mut call, max_output) {
+            match self.enforce(host, &original, &mut call, &who, max_output) {
                 Ok(new_body) => body = new_body,
                 Err(reply) => {
                     self.phase = Phase::Idle;
@@ -342,19 +383,19 @@ impl Exchange {
         host: &mut dyn Host,
         original: &[u8],
         call: &mut Call,
+        who: &Identity,
         max_output: u64,
     ) -> Result<Option<Vec<u8>>, Action> {
         let filter = Rc::clone(&self.filter);
         let config = &filter.config;
         let now_ms = host.now_ms();
         let now = now_ms.div_euclid(1000);
-        call.priority = enforce::priority(host, config);
         let mut body: Option<Vec<u8>> = None;
 
         // Budget keys, under each budget's key cap.
         let mut keys = Vec::with_capacity(config.budgets.len());
-        for budget in &config.budgets {
-            let id = enforce::identity(host, budget);
+        for (budget, id) in config.budgets.iter().zip(&who.budget_ids) {
+            let id = id.clone();
             match ledger::admit_key(host, budget, &id, now, config.cas_retries) {
                 Ok(key) => {
                     if key == ledger::OVERFLOW_KEY && id != key {
@@ -431,8 +472,9 @@ impl Exchange {
             }
         }
 
-        let seed = host
-            .request_header("x-request-id")
+        let seed = who
+            .request_id
+            .clone()
             .unwrap_or_else(|| format!("{}-{}", self.id, now_ms));
         let facts = Facts {
             model: &call.served_model,
@@ -1884,5 +1926,26 @@ mod tests {
         let mut ex = Exchange::new(f, 1);
         assert_eq!(send_request(&mut ex, &mut h, 64), Action::Continue);
         assert!(h.req_header("x-tokenfuse-route").is_none());
+    }
+
+    #[test]
+    fn count_and_reject_mode_lets_headers_go_and_still_judges_the_body() {
+        let config = r#"{"api":"v1","hold_request_headers":false,
+            "budgets":[{"name":"m","key":"header:x-tenant","window":"minute","base":1000}]}"#;
+        let f = filter(config);
+        let shared = FakeHost::default();
+        let mut h = budget_host("acme", &chat_with(10), &shared);
+        let mut ex = Exchange::new(f.clone(), 1);
+        assert_eq!(ex.on_request_headers(&mut h, false), Action::Continue);
+        let n = h.request_body.len();
+        assert_eq!(ex.on_request_body(&mut h, n / 2, false), Action::Pause);
+        assert_eq!(ex.on_request_body(&mut h, n, true), Action::Continue);
+        assert_eq!(minute_used(&shared, &f, "acme"), 18);
+        let mut h = budget_host("acme", &chat_with(2000), &shared);
+        let mut ex = Exchange::new(f, 2);
+        assert_eq!(ex.on_request_headers(&mut h, false), Action::Continue);
+        let n = h.request_body.len();
+        ex.on_request_body(&mut h, n, true);
+        assert_eq!(h.reply.as_ref().map(|r| r.status), Some(429));
     }
 }

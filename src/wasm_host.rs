@@ -32,9 +32,40 @@ fn metric_id(kind: MetricType, name: &str) -> Option<u32> {
 /// The host of the current HTTP context (proxy-wasm calls act on the active context).
 pub struct WasmHost;
 
+#[link(wasm_import_module = "env")]
+extern "C" {
+    // The ABI function behind the SDK's `get_map_value_bytes`, called directly: the SDK
+    // panics (killing the VM) on any status but Ok and NotFound, and Envoy answers
+    // BadArgument when a map is not available in the current phase — request headers in
+    // the body phase after they went on, for instance.
+    fn proxy_get_header_map_value(
+        map_type: MapType,
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
+}
+
+/// `Status::Ok` in the ABI (a plain integer here: an unknown status from a newer host must
+/// not become an invalid enum value).
+const ABI_OK: u32 = 0;
+
 fn header(map: MapType, name: &str) -> Option<String> {
-    match hostcalls::get_map_value_bytes(map, name) {
-        Ok(Some(bytes)) => Some(String::from_utf8_lossy(&bytes).into_owned()),
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the key pointer and length describe a live &str; on Ok the host has written
+    // a buffer it allocated through this module's `proxy_on_memory_allocate` (the SDK's
+    // allocator export), which we take ownership of exactly once.
+    let status =
+        unsafe { proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut data, &mut size) };
+    match status {
+        ABI_OK if data.is_null() => Some(String::new()),
+        ABI_OK => {
+            // SAFETY: see above; `size` is the length the host wrote.
+            let bytes = unsafe { Vec::from_raw_parts(data, size, size) };
+            Some(String::from_utf8_lossy(&bytes).into_owned())
+        }
         _ => None,
     }
 }
