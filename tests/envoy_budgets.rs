@@ -23,56 +23,16 @@ use std::sync::{Arc, Barrier, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
-use support::envoy::{Envoy, EnvoySpec};
+use support::envoy::Envoy;
 use support::http;
-use support::mock_upstream::{MockUpstream, DEFAULT_COMPLETION};
-use tokenfuse::api::{parse_request, ApiKind};
-use tokenfuse::prompt::{count_prompt, ImageCosts};
-use tokenfuse::tokens::{Encoding, ModelMap, Tokenizers};
-
-struct Stack {
-    primary: MockUpstream,
-    economy: MockUpstream,
-    envoy: Envoy,
-}
+use support::mock_upstream::DEFAULT_COMPLETION;
+use support::stack::{bearer_key, counter_sum, native_count, text_tokens, Stack};
+use tokenfuse::api::ApiKind;
+use tokenfuse::tokens::Encoding;
 
 const ADMIN_TOKEN: &str = "budget-tests-admin-token-0123456789";
 const ADMIN_PATH: &str = "/tokenfuse/admin";
 const CHAT: &str = "/v1/chat/completions";
-
-/// The `stats_config` block of the shipped `envoy/envoy.yaml`, so the tests read labels
-/// exactly as a user of that config would.
-fn stats_tags() -> String {
-    let shipped =
-        std::fs::read_to_string(support::envoy::repo_root().join("envoy/envoy.yaml")).unwrap();
-    let mut lines = shipped
-        .lines()
-        .skip_while(|l| !l.starts_with("stats_config:"));
-    let first = lines
-        .next()
-        .expect("envoy/envoy.yaml has a top-level stats_config block");
-    // The block ends at the next top-level key.
-    let body = lines.take_while(|l| !l.starts_with(|c: char| c.is_ascii_alphabetic()));
-    std::iter::once(first)
-        .chain(body)
-        .map(|l| format!("{l}\n"))
-        .collect()
-}
-
-fn start_stack(config: &str) -> Stack {
-    let primary = MockUpstream::start("primary").expect("start primary mock");
-    let economy = MockUpstream::start("economy").expect("start economy mock");
-    let spec = EnvoySpec {
-        extra_bootstrap_yaml: Some(stats_tags()),
-        ..EnvoySpec::new(config, primary.port(), economy.port())
-    };
-    let envoy = Envoy::start(spec).unwrap_or_else(|e| panic!("Envoy did not start: {e}"));
-    Stack {
-        primary,
-        economy,
-        envoy,
-    }
-}
 
 /// The stack most tests share: a day budget and a minute budget on `x-tenant`, both
 /// generous by default, with small allowances for the tenants that tests exhaust; the
@@ -92,7 +52,7 @@ fn main_stack() -> &'static Stack {
             "priority": {"header": "x-tokenfuse-priority"},
             "admin": {"path": ADMIN_PATH, "token": ADMIN_TOKEN}
         });
-        start_stack(&config.to_string())
+        Stack::start(&config.to_string())
     })
 }
 
@@ -114,7 +74,7 @@ fn reroute_stack() -> &'static Stack {
                        "gpt-4o*": {"input": 2.5, "cached_input": 1.25, "output": 10.0}},
             "reroute": {"models": {"gpt-4o": "gpt-4o-mini"}}
         });
-        start_stack(&config.to_string())
+        Stack::start(&config.to_string())
     })
 }
 
@@ -127,56 +87,12 @@ fn truncate_stack() -> &'static Stack {
             "budgets": [{"name": "capped-requests", "key": "header:x-tenant", "window": "day",
                          "base": 100_000, "max_request_tokens": 300, "oversize": "truncate"}]
         });
-        start_stack(&config.to_string())
+        Stack::start(&config.to_string())
     })
 }
 
-fn tokenizers() -> &'static Tokenizers {
-    static T: OnceLock<Tokenizers> = OnceLock::new();
-    T.get_or_init(|| Tokenizers::build(&[Encoding::O200kBase]).unwrap())
-}
-
-/// The filter's counting rules, run natively on `body`.
-fn native_count(kind: ApiKind, body: &[u8]) -> u64 {
-    let parsed = parse_request(kind, body).unwrap();
-    let model = parsed.model().unwrap_or("unknown").to_string();
-    let resolved = ModelMap::builtin(Encoding::O200kBase, 1.0).resolve(&model);
-    let counter = tokenizers().counter(resolved.encoding).unwrap();
-    count_prompt(
-        &parsed,
-        &model,
-        resolved,
-        counter,
-        ImageCosts { low: 85, high: 765 },
-    )
-    .tokens
-}
-
 fn native_text_tokens(text: &str) -> u64 {
-    tokenizers()
-        .counter(Encoding::O200kBase)
-        .unwrap()
-        .count(text)
-}
-
-/// Sum of counters whose name contains every one of `parts`, polled until it reaches
-/// `at_least` (or 5 s pass): stats land when Envoy ends a stream.
-fn counter_sum(envoy: &Envoy, parts: &[&str], at_least: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let total: u64 = envoy
-            .stats_text()
-            .lines()
-            .filter(|l| {
-                l.starts_with("wasmcustom.tokenfuse_") && parts.iter().all(|p| l.contains(p))
-            })
-            .filter_map(|l| l.rsplit(": ").next()?.trim().parse::<u64>().ok())
-            .sum();
-        if total >= at_least || Instant::now() > deadline {
-            return total;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    text_tokens(Encoding::O200kBase, text)
 }
 
 /// The `"Hello!"` chat with gpt-4o: 9 prompt tokens, so it reserves `9 + max_tokens`.
@@ -1179,7 +1095,7 @@ fn an_oversize_request_is_refused_with_400_and_never_reaches_the_upstream() {
         "budgets": [{"name": "strict", "key": "header:x-tenant", "window": "day",
                      "base": 1000, "max_request_tokens": 0.3, "oversize": "reject"}]
     });
-    let s = start_stack(&config.to_string());
+    let s = Stack::start(&config.to_string());
     let body = long_conversation(50).to_string();
     let estimate = native_count(ApiKind::ChatCompletions, body.as_bytes()) + 50;
     assert!(estimate > 300);
@@ -1230,7 +1146,7 @@ fn concurrent_requests_across_workers_never_reserve_more_than_the_budget() {
                      "priority_ceilings": {"p1": 1.0}}],
         "admin": {"path": ADMIN_PATH, "token": ADMIN_TOKEN}
     });
-    let s = start_stack(&config.to_string());
+    let s = Stack::start(&config.to_string());
     away_from_window_end(DAY, 120);
     let body = hello(EACH - HELLO_PROMPT);
     let port = s.envoy.listener_port;
@@ -1380,7 +1296,7 @@ fn busy_stack() -> &'static Stack {
             ],
             "admin": {"path": ADMIN_PATH, "token": ADMIN_TOKEN}
         });
-        start_stack(&config.to_string())
+        Stack::start(&config.to_string())
     })
 }
 
@@ -1431,19 +1347,9 @@ fn concurrent_writes_from_both_workers_lose_no_tokens() {
 
 #[test]
 fn bearer_budgets_key_on_a_hash_of_the_credential() {
-    use sha2::{Digest, Sha256};
     let s = busy_stack();
     away_from_window_end(DAY, 120);
-    let key = |secret: &str| {
-        let d = Sha256::digest(secret.as_bytes());
-        format!(
-            "key-{}",
-            d[..8]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        )
-    };
+    let key = bearer_key;
     let alpha = key("sk-test-alpha-credential");
     let beta = key("sk-ant-beta-credential");
     assert_ne!(alpha, beta);
@@ -1500,7 +1406,7 @@ fn identities_beyond_max_keys_share_the_overflow_key() {
                      "base": 100_000, "max_keys": 3}],
         "admin": {"path": ADMIN_PATH, "token": ADMIN_TOKEN}
     });
-    let s = start_stack(&config.to_string());
+    let s = Stack::start(&config.to_string());
     away_from_window_end(DAY, 120);
     let tenants = ["t1", "t2", "t3", "t4", "t5"];
     // Each settles before the next is sent: the first three take the three slots.

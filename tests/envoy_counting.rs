@@ -17,86 +17,23 @@
 mod support;
 
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::envoy::{Envoy, EnvoySpec};
 use support::http;
-use support::mock_upstream::MockUpstream;
-use tokenfuse::api::{parse_request, ApiKind};
-use tokenfuse::prompt::{count_prompt, ImageCosts};
-use tokenfuse::tokens::{Encoding, ModelMap, Tokenizers};
-
-struct Stack {
-    primary: MockUpstream,
-    economy: MockUpstream,
-    envoy: Envoy,
-}
+use support::stack::{counter_sum, native_count, text_tokens, Stack};
+use tokenfuse::api::ApiKind;
+use tokenfuse::tokens::Encoding;
 
 const DEMO_CONFIG: &str = r#"{"api":"v1","inject_stream_usage":true}"#;
 
-/// The `stats_config` block of the shipped `envoy/envoy.yaml`, so the tests read labels
-/// exactly as a user of that config would.
-fn stats_tags() -> String {
-    let shipped =
-        std::fs::read_to_string(support::envoy::repo_root().join("envoy/envoy.yaml")).unwrap();
-    let mut lines = shipped
-        .lines()
-        .skip_while(|l| !l.starts_with("stats_config:"));
-    let first = lines
-        .next()
-        .expect("envoy/envoy.yaml has a top-level stats_config block");
-    // The block ends at the next top-level key.
-    let body = lines.take_while(|l| !l.starts_with(|c: char| c.is_ascii_alphabetic()));
-    std::iter::once(first)
-        .chain(body)
-        .map(|l| format!("{l}\n"))
-        .collect()
-}
-
-fn start_stack(config: &str) -> Stack {
-    let primary = MockUpstream::start("primary").expect("start primary mock");
-    let economy = MockUpstream::start("economy").expect("start economy mock");
-    let spec = EnvoySpec {
-        extra_bootstrap_yaml: Some(stats_tags()),
-        ..EnvoySpec::new(config, primary.port(), economy.port())
-    };
-    let envoy = Envoy::start(spec).unwrap_or_else(|e| panic!("Envoy did not start: {e}"));
-    Stack {
-        primary,
-        economy,
-        envoy,
-    }
-}
-
 fn shared() -> &'static Stack {
     static STACK: OnceLock<Stack> = OnceLock::new();
-    STACK.get_or_init(|| start_stack(DEMO_CONFIG))
-}
-
-fn tokenizers() -> &'static Tokenizers {
-    static T: OnceLock<Tokenizers> = OnceLock::new();
-    T.get_or_init(|| Tokenizers::build(&[Encoding::O200kBase, Encoding::Cl100kBase]).unwrap())
-}
-
-/// The filter's counting rules, run natively on `body`.
-fn native_count(kind: ApiKind, body: &str) -> u64 {
-    let parsed = parse_request(kind, body.as_bytes()).unwrap();
-    let model = parsed.model().unwrap_or("unknown").to_string();
-    let resolved = ModelMap::builtin(Encoding::O200kBase, 1.0).resolve(&model);
-    let counter = tokenizers().counter(resolved.encoding).unwrap();
-    count_prompt(
-        &parsed,
-        &model,
-        resolved,
-        counter,
-        ImageCosts { low: 85, high: 765 },
-    )
-    .tokens
+    STACK.get_or_init(|| Stack::start(DEMO_CONFIG))
 }
 
 fn native_text_tokens(encoding: Encoding, text: &str) -> u64 {
-    tokenizers().counter(encoding).unwrap().count(text)
+    text_tokens(encoding, text)
 }
 
 fn prompt_header(r: &http::Response) -> u64 {
@@ -110,27 +47,6 @@ fn prompt_header(r: &http::Response) -> u64 {
         })
         .parse()
         .unwrap()
-}
-
-/// Sum of counters whose name contains every one of `parts` (tag fragments like
-/// `model=.=gpt-4o-x;`), polled briefly: a settlement lands when Envoy ends the stream,
-/// a moment after the client has read the last byte.
-fn counter_sum(envoy: &Envoy, parts: &[&str], at_least: u64) -> u64 {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let total: u64 = envoy
-            .stats_text()
-            .lines()
-            .filter(|l| {
-                l.starts_with("wasmcustom.tokenfuse_") && parts.iter().all(|p| l.contains(p))
-            })
-            .filter_map(|l| l.rsplit(": ").next()?.trim().parse::<u64>().ok())
-            .sum();
-        if total >= at_least || std::time::Instant::now() > deadline {
-            return total;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn model_tag(model: &str) -> String {
@@ -222,7 +138,7 @@ fn every_api_shape_is_counted_in_envoy_as_natively() {
     for (kind, path, body) in cases {
         let r = s.envoy.post_json(path, &[], &body).unwrap();
         assert_eq!(r.status, 200, "{path}: {}", r.text());
-        let expected = native_count(kind, &body);
+        let expected = native_count(kind, body.as_bytes());
         assert!(expected > 0);
         assert_eq!(prompt_header(&r), expected, "{path} {body}");
     }
@@ -665,7 +581,7 @@ fn unreadable_request_bodies_get_a_400_and_the_vm_stays_alive() {
 
 #[test]
 fn malformed_bodies_pass_through_when_configured_to() {
-    let stack = start_stack(r#"{"api":"v1","malformed_request":"pass"}"#);
+    let stack = Stack::start(r#"{"api":"v1","malformed_request":"pass"}"#);
     let r = http::request(
         stack.envoy.listener_port,
         "POST",
@@ -818,6 +734,6 @@ fn a_large_prompt_is_counted_exactly() {
     assert_eq!(r.status, 200);
     assert_eq!(
         prompt_header(&r),
-        native_count(ApiKind::ChatCompletions, &body)
+        native_count(ApiKind::ChatCompletions, body.as_bytes())
     );
 }

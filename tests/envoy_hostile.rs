@@ -18,6 +18,8 @@ use serde_json::{json, Value};
 use support::envoy::{Envoy, EnvoySpec};
 use support::http;
 use support::mock_upstream::MockUpstream;
+use support::stack::{bearer_key, text_tokens, Stack};
+use tokenfuse::tokens::Encoding;
 
 const ADMIN_TOKEN: &str = "hostile-admin-token-0123456789";
 
@@ -30,26 +32,12 @@ fn config() -> String {
     .to_string()
 }
 
-struct Stack {
-    primary: MockUpstream,
-    _economy: MockUpstream,
-    envoy: Envoy,
-}
-
 fn start(config: &str, extra_args: &[&str], route_timeout_secs: u32) -> Stack {
-    let primary = MockUpstream::start("primary").unwrap();
-    let economy = MockUpstream::start("economy").unwrap();
-    let spec = EnvoySpec {
+    Stack::start_with(config, |spec| EnvoySpec {
         extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
         route_timeout_secs,
-        ..EnvoySpec::new(config, primary.port(), economy.port())
-    };
-    let envoy = Envoy::start(spec).unwrap_or_else(|e| panic!("Envoy did not start: {e}"));
-    Stack {
-        primary,
-        _economy: economy,
-        envoy,
-    }
+        ..spec
+    })
 }
 
 fn shared() -> &'static Stack {
@@ -444,29 +432,14 @@ fn a_client_cannot_pick_its_tenant_or_priority_when_they_come_from_elsewhere() {
     assert_eq!(r.status, 200);
     let r = ask(40, &[("authorization", "Bearer sk-client-two")]);
     assert_eq!(r.status, 200);
-    let key = |secret: &str| {
-        use sha2::{Digest, Sha256};
-        let d = Sha256::digest(secret.as_bytes());
-        format!(
-            "key-{}",
-            d[..8]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        )
-    };
+    let key = bearer_key;
     assert_eq!(used(&s.envoy, &key("sk-client-one"), 18), 18);
     assert_eq!(used(&s.envoy, &key("sk-client-two"), 18), 18);
     assert_eq!(used(&s.envoy, "someone-else", 0), 0);
 }
 
 fn o200k(text: &str) -> u64 {
-    use tokenfuse::tokens::{Encoding, Tokenizers};
-    static T: OnceLock<Tokenizers> = OnceLock::new();
-    T.get_or_init(|| Tokenizers::build(&[Encoding::O200kBase]).unwrap())
-        .counter(Encoding::O200kBase)
-        .unwrap()
-        .count(text)
+    text_tokens(Encoding::O200kBase, text)
 }
 
 /// Standard base64, for the mock's `b64:` control header values.

@@ -11,3 +11,4 @@
 pub mod envoy;
 pub mod http;
 pub mod mock_upstream;
+pub mod stack;
