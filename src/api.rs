@@ -368,12 +368,22 @@ pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<RequestBody, RequestE
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(RequestError::Empty);
     }
+    // serde_json checks UTF-8 only in the strings it keeps, not in skipped fields: check it
+    // all, so a body that is not UTF-8 is refused, never forwarded.
+    let text = std::str::from_utf8(body).map_err(|e| {
+        let valid = &body[..e.valid_up_to()];
+        let line_start = valid.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        RequestError::Syntax {
+            line: 1 + valid.iter().filter(|b| **b == b'\n').count(),
+            column: 1 + valid.len() - line_start,
+        }
+    })?;
     let parsed = match kind {
-        ApiKind::ChatCompletions => serde_json::from_slice(body).map(RequestBody::Chat),
-        ApiKind::Completions => serde_json::from_slice(body).map(RequestBody::Completions),
-        ApiKind::Responses => serde_json::from_slice(body).map(RequestBody::Responses),
-        ApiKind::Embeddings => serde_json::from_slice(body).map(RequestBody::Embeddings),
-        ApiKind::AnthropicMessages => serde_json::from_slice(body).map(RequestBody::Anthropic),
+        ApiKind::ChatCompletions => serde_json::from_str(text).map(RequestBody::Chat),
+        ApiKind::Completions => serde_json::from_str(text).map(RequestBody::Completions),
+        ApiKind::Responses => serde_json::from_str(text).map(RequestBody::Responses),
+        ApiKind::Embeddings => serde_json::from_str(text).map(RequestBody::Embeddings),
+        ApiKind::AnthropicMessages => serde_json::from_str(text).map(RequestBody::Anthropic),
     }
     .map_err(|e| RequestError::from_serde(&e))?;
     parsed.validate()?;
@@ -594,6 +604,25 @@ mod tests {
             parse_request(ApiKind::ChatCompletions, body),
             Err(RequestError::Syntax { .. })
         ));
+    }
+
+    #[test]
+    fn invalid_utf8_in_a_skipped_field_is_a_syntax_error() {
+        // Found by `make fuzz` (request_body): serde_json skips unknown fields without
+        // checking their UTF-8, so such a body used to parse and be forwarded.
+        let body = b"{\"stream\":true,\"extra\":{\"k\xffey\":false},\n \"messages\":[]}";
+        assert_eq!(
+            parse_request(ApiKind::ChatCompletions, body).unwrap_err(),
+            RequestError::Syntax {
+                line: 1,
+                column: 27
+            }
+        );
+        let body = b"{\"messages\":[],\n\"x\":\"\xc3\"}";
+        assert_eq!(
+            parse_request(ApiKind::ChatCompletions, body).unwrap_err(),
+            RequestError::Syntax { line: 2, column: 6 }
+        );
     }
 
     #[test]

@@ -48,6 +48,9 @@ impl SseDecoder {
 
     /// Feed one chunk; `on_event(event_name, data)` is called for every event it completes.
     pub fn feed(&mut self, chunk: &[u8], mut on_event: impl FnMut(&str, &str)) {
+        if chunk.is_empty() {
+            return; // nothing to read, and a pending `\r` must still meet its `\n`
+        }
         let mut rest = chunk;
         if self.after_cr {
             self.after_cr = false;
@@ -57,7 +60,9 @@ impl SseDecoder {
         }
         while let Some(end) = rest.iter().position(|b| *b == b'\n' || *b == b'\r') {
             let (line, tail) = rest.split_at(end);
-            if self.pending.is_empty() {
+            // A line longer than `max_line` goes through `push_pending` even when whole in
+            // this chunk, so it is dropped the same wherever the chunks were split.
+            if self.pending.is_empty() && line.len() <= self.max_line {
                 self.line(line, &mut on_event);
             } else {
                 self.push_pending(line);
@@ -479,6 +484,14 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_chunk_between_cr_and_lf_keeps_them_one_line_end() {
+        // Found with the sse_stream fuzz target: an empty chunk used to forget the pending
+        // `\r`, so the `\n` after it ended a second (blank) line and cut the event in two.
+        let got = events_of(&[b"data: a\r", b"", b"\ndata: b\n\n"]);
+        assert_eq!(got, vec![("".into(), "a\nb".into())]);
+    }
+
+    #[test]
     fn every_two_way_split_gives_the_same_events() {
         let stream =
             "event: x\r\ndata: {\"t\":\"héllo 世界 🎉\"}\r\n\r\ndata: [DONE]\n\n".as_bytes();
@@ -509,6 +522,26 @@ mod tests {
         assert_eq!(out, vec!["ok".to_string()]);
         assert_eq!(d.oversized_lines, 1);
         assert!(d.pending.len() <= 16);
+    }
+
+    #[test]
+    fn an_oversized_line_is_dropped_whether_it_arrives_whole_or_split() {
+        // Found by `make fuzz` (sse_stream): a too-long line arriving whole in one chunk used
+        // to be read, the same line split across chunks dropped.
+        let stream = b"event: message_start\ndata: {\"a\":1}\n\n";
+        let feed = |chunks: &[&[u8]]| {
+            let mut d = SseDecoder::new(16);
+            let mut out = Vec::new();
+            for c in chunks {
+                d.feed(c, |e, x| out.push((e.to_string(), x.to_string())));
+            }
+            (out, d.oversized_lines)
+        };
+        let want = (vec![(String::new(), "{\"a\":1}".to_string())], 1);
+        assert_eq!(feed(&[stream]), want);
+        for chunks in split_every_way(stream) {
+            assert_eq!(feed(&chunks), want);
+        }
     }
 
     fn meter(kind: ApiKind, stream: &[u8], split: usize) -> StreamOutcome {
