@@ -84,6 +84,8 @@ pub enum RequestError {
         field: &'static str,
         why: &'static str,
     },
+    /// The body is content-encoded (gzip, …): the filter does not decompress.
+    Encoded,
 }
 
 impl fmt::Display for RequestError {
@@ -98,6 +100,9 @@ impl fmt::Display for RequestError {
                 write!(f, "request body has the wrong shape: {detail}")
             }
             RequestError::Invalid { field, why } => write!(f, "`{field}` {why}"),
+            RequestError::Encoded => f.write_str(
+                "compressed request bodies cannot be counted; send the body uncompressed",
+            ),
         }
     }
 }

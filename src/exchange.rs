@@ -181,7 +181,7 @@ impl Exchange {
         }
         if let Some(encoding) = host.request_header("content-encoding") {
             if !encoding.eq_ignore_ascii_case("identity") {
-                return self.unreadable_encoding(host, kind);
+                return self.malformed(host, kind, &RequestError::Encoded);
             }
         }
         // Ask the provider for an uncompressed response: its usage must be readable.
@@ -269,7 +269,6 @@ impl Exchange {
                 ),
             );
             host.counter_add(Stat::new("passthrough").tag("reason", "internal").name(), 1);
-            self.phase = Phase::Idle;
             return Action::Continue;
         }
         let filter = Rc::clone(&self.filter);
@@ -299,27 +298,18 @@ impl Exchange {
         if !config.budgets.is_empty() {
             match self.enforce(host, &original, &mut call, &who, max_output) {
                 Ok(new_body) => body = new_body,
-                Err(reply) => {
-                    self.phase = Phase::Idle;
-                    return reply;
-                }
+                Err(reply) => return reply,
             }
         }
         if config.inject_stream_usage {
+            // A rewritten body (truncated, rerouted) is the one to inject into.
             let current = body.as_deref().unwrap_or(&original);
-            let reparsed;
-            let shape = if body.is_some() {
-                match api::parse_request(kind, current) {
-                    Ok(p) => {
-                        reparsed = p;
-                        &reparsed
-                    }
-                    Err(_) => &parsed,
-                }
-            } else {
-                &parsed
-            };
-            if let Some(new_body) = api::with_stream_usage(current, shape) {
+            let rewritten = body
+                .as_deref()
+                .and_then(|b| api::parse_request(kind, b).ok());
+            if let Some(new_body) =
+                api::with_stream_usage(current, rewritten.as_ref().unwrap_or(&parsed))
+            {
                 body = Some(new_body);
             }
         }
@@ -1009,44 +999,18 @@ impl Exchange {
                 Action::Continue
             }
             MalformedPolicy::Reject => {
+                // A compressed body is well-formed but unreadable here: 415, not 400.
+                let status = if *error == RequestError::Encoded {
+                    415
+                } else {
+                    400
+                };
                 send_error(
                     host,
-                    400,
+                    status,
                     &format!("tokenfuse: {error}"),
                     "invalid_request_error",
                     error_code(error),
-                    &[],
-                );
-                Action::Pause
-            }
-        }
-    }
-
-    fn unreadable_encoding(&mut self, host: &mut dyn Host, kind: ApiKind) -> Action {
-        self.phase = Phase::Idle;
-        host.counter_add(
-            Stat::new("parse_failures")
-                .tag("stage", "request")
-                .tag("api", kind.tag())
-                .tag("reason", "encoded")
-                .name(),
-            1,
-        );
-        match self.filter.config.malformed_request {
-            MalformedPolicy::Pass => {
-                host.counter_add(
-                    Stat::new("passthrough").tag("reason", "malformed").name(),
-                    1,
-                );
-                Action::Continue
-            }
-            MalformedPolicy::Reject => {
-                send_error(
-                    host,
-                    415,
-                    "tokenfuse: compressed request bodies cannot be counted; send the body uncompressed",
-                    "invalid_request_error",
-                    "unsupported_content_encoding",
                     &[],
                 );
                 Action::Pause
@@ -1119,6 +1083,7 @@ fn error_reason(e: &RequestError) -> &'static str {
         RequestError::Syntax { .. } => "json",
         RequestError::Shape { .. } => "shape",
         RequestError::Invalid { .. } => "invalid",
+        RequestError::Encoded => "encoded",
     }
 }
 
@@ -1128,6 +1093,7 @@ fn error_code(e: &RequestError) -> &'static str {
         RequestError::Syntax { .. } => "invalid_json",
         RequestError::Shape { .. } => "invalid_request_shape",
         RequestError::Invalid { .. } => "invalid_value",
+        RequestError::Encoded => "unsupported_content_encoding",
     }
 }
 
