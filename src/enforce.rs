@@ -219,8 +219,9 @@ fn rejection(
 pub fn plan(host: &mut dyn Host, config: &Config, keys: &[String], facts: &Facts<'_>) -> Plan {
     let now = facts.now_ms.div_euclid(1000);
 
-    // Pass 1, read-only: which route?
-    let mut wants_reroute = false;
+    // Pass 1, read-only: which route? A tripped `reroute` budget is remembered, to report
+    // it if the model turns out to have no cheaper counterpart.
+    let mut tripped_reroute: Option<Rejection> = None;
     let mut degraded = false;
     for (i, key) in keys.iter().enumerate() {
         let Some(budget) = config.budget_for(i, key) else {
@@ -234,29 +235,22 @@ pub fn plan(host: &mut dyn Host, config: &Config, keys: &[String], facts: &Facts
             Verdict::Trip if budget.action == TripAction::Reject => {
                 return Plan::Reject(rejection(&budget, standing, facts, est, false));
             }
-            Verdict::Trip => wants_reroute = true,
+            Verdict::Trip => {
+                if tripped_reroute.is_none() {
+                    tripped_reroute = Some(rejection(&budget, standing, facts, est, true));
+                }
+            }
             Verdict::Degrade => degraded = true,
             Verdict::Allow { .. } => {}
         }
     }
+    let wants_reroute = tripped_reroute.is_some();
     let reroute_to = if wants_reroute || degraded {
         let target = cheaper_model(config, facts.model);
-        if target.is_none() && wants_reroute {
-            // Find the tripped reroute budget to report it.
-            for (i, key) in keys.iter().enumerate() {
-                let Some(budget) = config.budget_for(i, key) else {
-                    continue;
-                };
-                let account = ledger::read(host, &budget, &ledger::account_key(&budget, key), now)
-                    .unwrap_or_else(|| budget.open_account(now));
-                let standing = budget.standing(&account, now);
-                if budget.action == TripAction::Reroute {
-                    let est = estimate(config, &budget, facts.model, facts);
-                    return Plan::Reject(rejection(&budget, standing, facts, est, true));
-                }
-            }
+        match (target, tripped_reroute) {
+            (None, Some(rejection)) => return Plan::Reject(rejection),
+            (target, _) => target,
         }
-        target
     } else {
         None
     };
@@ -571,6 +565,21 @@ mod tests {
             panic!()
         };
         assert!(r.no_cheaper_model);
+    }
+
+    #[test]
+    fn a_reroute_refusal_names_the_budget_that_tripped() {
+        // Two reroute budgets; only the second is spent, and the model has no cheaper one.
+        let c = config(
+            r#"[{"name":"roomy","key":"constant:all","window":"day","base":100000,"action":"reroute"},
+                {"name":"spent","key":"constant:all","window":"day","base":10,"action":"reroute"}]"#,
+        );
+        let mut h = host();
+        let k = keys(&c, &mut h);
+        let Plan::Reject(r) = plan(&mut h, &c, &k, &facts("claude-x", 50, 0, Priority::P0)) else {
+            panic!()
+        };
+        assert_eq!((r.budget.as_str(), r.no_cheaper_model), ("spent", true));
     }
 
     #[test]
