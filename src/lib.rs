@@ -37,6 +37,7 @@ mod glue {
     use crate::config::Config;
     use crate::exchange::{self, Exchange};
     use crate::filter::Filter;
+    use crate::host::{Host, Level};
     use crate::wasm_host::WasmHost;
 
     proxy_wasm::main! {{
@@ -60,24 +61,27 @@ mod glue {
             let config = match Config::parse(&document) {
                 Ok(c) => c,
                 Err(e) => {
-                    log::error(&format!("{e}; the plugin is not started"));
+                    WasmHost.log(Level::Error, &format!("{e}; the plugin is not started"));
                     return false;
                 }
             };
-            let started = now_ms();
+            let started = WasmHost.now_ms();
             let encodings: Vec<String> = config.encodings().iter().map(|e| e.to_string()).collect();
             match Filter::new(config) {
                 Ok(filter) => {
-                    log::info(&format!(
-                        "configured; tokenizers [{}] built in {} ms",
-                        encodings.join(", "),
-                        now_ms().saturating_sub(started)
-                    ));
+                    WasmHost.log(
+                        Level::Info,
+                        &format!(
+                            "configured; tokenizers [{}] built in {} ms",
+                            encodings.join(", "),
+                            WasmHost.now_ms().saturating_sub(started)
+                        ),
+                    );
                     self.filter = Some(Rc::new(filter));
                     true
                 }
                 Err(e) => {
-                    log::error(&format!("{e}; the plugin is not started"));
+                    WasmHost.log(Level::Error, &format!("{e}; the plugin is not started"));
                     false
                 }
             }
@@ -149,27 +153,6 @@ mod glue {
 
         fn on_log(&mut self) {
             self.exchange.on_done(&mut WasmHost);
-        }
-    }
-
-    fn now_ms() -> u64 {
-        proxy_wasm::hostcalls::get_current_time()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
-    }
-
-    mod log {
-        use proxy_wasm::hostcalls;
-        use proxy_wasm::types::LogLevel;
-
-        pub fn info(message: &str) {
-            let _ = hostcalls::log(LogLevel::Info, message);
-        }
-
-        pub fn error(message: &str) {
-            let _ = hostcalls::log(LogLevel::Error, message);
         }
     }
 }
