@@ -9,6 +9,8 @@
 #   make validate   envoy --mode validate on every envoy/*.yaml (loads the .wasm)
 #   make alerts-test  promtool: check and unit-test envoy/prometheus/ alert rules
 #   make fuzz       each cargo-fuzz target for FUZZ_SECONDS s (default 60); not in test
+#   make bench      Envoy without/with the filter under wrk load, tokenizer and memory
+#                   figures: results/bench.{md,svg,json} + README "Performance" (~7 min)
 #   make clean
 
 SHELL := bash
@@ -32,7 +34,7 @@ WASM := target/$(WASM_TARGET)/release/tokenfuse.wasm
 export TOKENFUSE_ENVOY := $(abspath $(ENVOY))
 export TOKENFUSE_WASM := $(abspath $(WASM))
 
-.PHONY: build envoy run test cargo-test wasm-test lint validate alerts-test promtool clean soak fuzz
+.PHONY: build envoy run test cargo-test wasm-test lint validate alerts-test promtool clean soak fuzz bench wrk
 
 ## build: the Wasm filter (adds the rustup target when missing)
 build:
@@ -114,6 +116,27 @@ FUZZ_SECONDS ?= 60
 fuzz:
 	@$(CARGO) fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz
 	FUZZ_SECONDS='$(FUZZ_SECONDS)' CARGO='$(CARGO)' scripts/fuzz.sh
+
+## bench: the benchmark (bench/run.py): no filter vs. tokenfuse counting vs. tokenfuse with a
+## budget vs. a Lua bytes/4 peer under wrk, plus tokenizer speed (native vs. V8), VM start and
+## memory per worker VM. Writes results/bench.{md,svg,json} and README.md's "Performance".
+## BENCH_ARGS passes options through, e.g. BENCH_ARGS='--rounds 5' or '--quick --no-readme'.
+BENCH_ARGS ?=
+bench:
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory build envoy wrk && \
+	$(CARGO) build --release --example mock_upstream --example count_bench && \
+	$(CARGO) build --release --example count_bench --target $(WASM_TARGET) && \
+	BENCH_STARTED=$$start ENVOY='$(ENVOY)' NODE='$(NODE)' $(PYTHON) bench/run.py $(BENCH_ARGS)
+
+## wrk: the load generator for `make bench` (Debian package wrk), installed when missing
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { \
+	  echo "wrk not found; installing it (apt-get install -y --no-install-recommends wrk)" >&2; \
+	  { apt-get install -y --no-install-recommends wrk || \
+	    { apt-get update && apt-get install -y --no-install-recommends wrk; }; } || { \
+	  echo "could not install wrk: install it yourself (Debian/Ubuntu: apt-get install wrk)" >&2; \
+	  exit 1; }; }
 
 clean:
 	$(CARGO) clean

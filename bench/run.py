@@ -1,0 +1,843 @@
+#!/usr/bin/env python3
+"""tokenfuse benchmark: `make bench` runs this (Python 3.11, standard library only).
+
+Side by side, on this machine, in one run:
+
+* Envoy with no filter (the limit), Envoy + tokenfuse counting only, Envoy + tokenfuse
+  enforcing a budget (every request reserves and settles; the budget never trips), and
+  Envoy's Lua filter estimating tokens as body bytes / 4 (a cheap peer); all in front of
+  the same mock upstream (examples/mock_upstream.rs), `--concurrency 2`.
+* Load from wrk at fixed concurrency: chat completions with 1 KB, 16 KB and 128 KB prompts
+  of mixed English, code and CJK text (max_tokens 16), and a streamed response (1 KB
+  prompt, "stream": true). Configurations run one at a time, in an order rotated every
+  round; figures are medians over the rounds, ratios are per-round ratios to the no-filter
+  run of the same round (then the median).
+* The filter's own figures: tokenizer throughput compiled to wasm32-wasip1 in V8 (Node)
+  next to tiktoken-rs natively on the same text (examples/count_bench.rs), tokenizer build
+  time per encoding (natively, in Node's V8, and as logged by the filter inside Envoy), and
+  Envoy's RSS growth per added worker VM.
+
+Writes results/bench.{json,md,svg} and rewrites README.md between
+`<!-- bench:start -->` and `<!-- bench:end -->`. Timings belong here, never in tests.
+
+    python3 bench/run.py [--rounds 3] [--duration 5] [--no-lua] [--quick] [--no-readme]
+
+Expects (the Makefile's `bench` target builds them): the filter
+target/wasm32-wasip1/release/tokenfuse.wasm, the release examples mock_upstream and
+count_bench (native), count_bench.wasm (wasm32-wasip1), Envoy (.venv/bin/envoy or $ENVOY),
+wrk and node on PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import http.client
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WASM = ROOT / "target/wasm32-wasip1/release/tokenfuse.wasm"
+MOCK = ROOT / "target/release/examples/mock_upstream"
+COUNT_NATIVE = ROOT / "target/release/examples/count_bench"
+COUNT_WASM = ROOT / "target/wasm32-wasip1/release/examples/count_bench.wasm"
+WASI_RUN = ROOT / "scripts/wasi-run.mjs"
+PATH_CHAT = "/v1/chat/completions"
+COMMAND = "make bench"
+
+CASES = [  # name, prompt bytes, stream
+    ("1 KB", 1024, False),
+    ("16 KB", 16 * 1024, False),
+    ("128 KB", 128 * 1024, False),
+    ("1 KB streamed", 1024, True),
+]
+
+CONFIGS = {
+    "none": "Envoy, no filter",
+    "count": "tokenfuse, counting only",
+    "budget": "tokenfuse, counting + budget",
+    "lua": "Lua filter, bytes/4 estimate",
+}
+
+COUNT_CONFIG = {"api": "v1"}
+BUDGET_CONFIG = {
+    "api": "v1",
+    "budgets": [
+        {"name": "bench", "key": "header:x-tenant", "window": "minute", "base": 1e15}
+    ],
+}
+O200K_ONLY_CONFIG = {
+    "api": "v1",
+    "tokenizer": {"builtin_models": False, "fallback_encoding": "o200k_base"},
+}
+CL100K_ONLY_CONFIG = {
+    "api": "v1",
+    "tokenizer": {"builtin_models": False, "fallback_encoding": "cl100k_base"},
+}
+
+LUA_SOURCE = """
+function envoy_on_request(handle)
+  local body = handle:body()
+  local n = 0
+  if body then n = body:length() end
+  handle:headers():add("x-estimated-tokens", tostring(math.floor(n / 4)))
+end
+"""
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Prompt text: deterministic mix of English prose, code and CJK
+# ---------------------------------------------------------------------------
+
+ENGLISH = [
+    "The quarterly report shows that revenue grew by twelve percent, driven mostly by the "
+    "new subscription tier and a steady decline in churn among small business customers.",
+    "Before you deploy the service, make sure the health checks pass and the configuration "
+    "has been reviewed by someone who did not write it.",
+    "She walked along the river at dusk, counting the lanterns that drifted past, and "
+    "wondered whether anyone upstream was counting them too.",
+    "Please summarise the following document in three bullet points, keeping the tone "
+    "neutral and avoiding any speculation about future plans.",
+    "Latency budgets are easy to state and hard to keep: every layer adds a little, and "
+    "nobody owns the sum.",
+]
+CODE = [
+    "fn fib(n: u64) -> u64 {\n    if n < 2 { return n; }\n    fib(n - 1) + fib(n - 2)\n}\n",
+    "def merge(a, b):\n    out = []\n    while a and b:\n        out.append((a if a[0] < b[0] else b).pop(0))\n    return out + a + b\n",
+    "SELECT tenant, SUM(tokens) AS used FROM usage WHERE ts > now() - interval '1 day' GROUP BY tenant;\n",
+    "const res = await fetch(`/v1/chat/completions`, { method: 'POST', body: JSON.stringify(req) });\n",
+    "for (int i = 0; i < n; ++i) { sum += a[i] * b[i]; }  // dot product\n",
+]
+CJK = [
+    "今天天气很好，我们去公园散步吧。请把这份文件翻译成英文，并保持原来的格式。",
+    "東京の天気は晴れのち曇り、午後から雨が降るでしょう。会議は三時に始まります。",
+    "인공지능 모델은 입력된 텍스트를 토큰 단위로 나누어 처리합니다. 오늘 회의는 취소되었습니다.",
+    "机器学习模型的推理成本取决于输入和输出的令牌数量，因此需要对每个租户设置预算。",
+]
+
+
+def mixed_text(size: int, seed: int) -> str:
+    """About `size` UTF-8 bytes (never more) of interleaved prose, code and CJK."""
+    rng = random.Random(seed)
+    parts: list[str] = []
+    total = 0
+    while total < size:
+        kind = rng.random()
+        pool = ENGLISH if kind < 0.5 else CODE if kind < 0.8 else CJK
+        piece = rng.choice(pool)
+        if pool is ENGLISH:
+            piece = piece.replace("twelve", str(rng.randint(2, 99)))
+        piece += "\n" if rng.random() < 0.3 else " "
+        parts.append(piece)
+        total += len(piece.encode())
+    data = "".join(parts).encode()[:size]
+    return data.decode("utf-8", errors="ignore")
+
+
+def chat_body(prompt: str, stream: bool) -> bytes:
+    body = {
+        "model": "gpt-4o",
+        "max_tokens": 16,
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": prompt},
+        ],
+    }
+    if stream:
+        body["stream"] = True
+    return json.dumps(body, ensure_ascii=False).encode()
+
+
+# ---------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def http_post(port: int, path: str, body: bytes, headers: dict) -> tuple[int, dict, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", path, body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def start_mock(port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [str(MOCK), "--name", "primary", "--port", str(port), "--quiet"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline() if proc.stdout else ""
+    if "listening" not in line:
+        stop(proc)
+        sys.exit(f"mock upstream did not start: {line!r}")
+    return proc
+
+
+def envoy_bootstrap(kind: str, listener: int, admin: int, upstream: int, plugin: dict | None) -> dict:
+    filters = []
+    if kind == "lua":
+        filters.append(
+            {
+                "name": "envoy.filters.http.lua",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                    "default_source_code": {"inline_string": LUA_SOURCE},
+                },
+            }
+        )
+    elif kind != "none":
+        filters.append(
+            {
+                "name": "envoy.filters.http.wasm",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                    "config": {
+                        "name": "tokenfuse",
+                        "root_id": "tokenfuse",
+                        "vm_config": {
+                            "vm_id": "tokenfuse",
+                            "runtime": "envoy.wasm.runtime.v8",
+                            "code": {"local": {"filename": str(WASM)}},
+                        },
+                        "allow_on_headers_stop_iteration": True,
+                        "failure_policy": "FAIL_CLOSED",
+                        "configuration": {
+                            "@type": "type.googleapis.com/google.protobuf.StringValue",
+                            "value": json.dumps(plugin),
+                        },
+                    },
+                },
+            }
+        )
+    filters.append(
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+            },
+        }
+    )
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "bench",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": listener}},
+                    "per_connection_buffer_limit_bytes": 4194304,
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                                        "stat_prefix": "bench",
+                                        "codec_type": "AUTO",
+                                        "route_config": {
+                                            "name": "bench",
+                                            "virtual_hosts": [
+                                                {
+                                                    "name": "llm",
+                                                    "domains": ["*"],
+                                                    "routes": [
+                                                        {
+                                                            "match": {"prefix": "/"},
+                                                            "route": {"cluster": "primary", "timeout": "60s"},
+                                                        }
+                                                    ],
+                                                }
+                                            ],
+                                        },
+                                        "http_filters": filters,
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "primary",
+                    "type": "STATIC",
+                    "connect_timeout": "2s",
+                    "load_assignment": {
+                        "cluster_name": "primary",
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": {
+                                                "socket_address": {
+                                                    "address": "127.0.0.1",
+                                                    "port_value": upstream,
+                                                }
+                                            }
+                                        }
+                                    }
+                                ]
+                            }
+                        ],
+                    },
+                }
+            ],
+        },
+    }
+
+
+class Envoy:
+    def __init__(self, envoy: str, workdir: Path, kind: str, upstream: int, plugin: dict | None,
+                 concurrency: int = 2):
+        self.kind = kind
+        self.listener = free_port()
+        self.admin = free_port()
+        cfg = workdir / f"envoy-{kind}-{concurrency}.json"
+        cfg.write_text(json.dumps(envoy_bootstrap(kind, self.listener, self.admin, upstream, plugin)))
+        self.log_path = workdir / f"envoy-{kind}-{concurrency}.log"
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [envoy, "-c", str(cfg), "--concurrency", str(concurrency), "-l", "warning",
+             "--component-log-level", "wasm:info", "--use-dynamic-base-id",
+             "--log-path", str(self.log_path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                sys.exit(f"Envoy ({kind}) exited with {self.proc.returncode}:\n"
+                         + self.log_path.read_text(errors="replace")[-3000:])
+            try:
+                status, body = http_get(self.admin, "/ready", timeout=0.5)
+                if status == 200 and "LIVE" in body:
+                    with socket.create_connection(("127.0.0.1", self.listener), timeout=0.5):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                sys.exit(f"Envoy ({kind}) not ready after 60 s; log: {self.log_path}")
+            time.sleep(0.05)
+        self.ready_s = time.monotonic() - self.started
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def build_times_ms(self) -> list[int]:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return [int(m) for m in re.findall(r"built in (\d+) ms", text)]
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+
+# ---------------------------------------------------------------------------
+# Load
+# ---------------------------------------------------------------------------
+
+WRK_SCRIPT = """
+local f = assert(io.open("{body}", "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["content-type"] = "application/json"
+wrk.headers["x-tenant"] = "bench"
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH {{"requests":%d,"duration_us":%d,"bytes":%d,"connect":%d,"read":%d,"write":%d,' ..
+    '"status":%d,"timeout":%d,"p50_us":%d,"p99_us":%d,"mean_us":%f}}\\n',
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write,
+    e.status, e.timeout, latency:percentile(50), latency:percentile(99), latency.mean))
+end
+"""
+
+
+def run_wrk(port: int, script: Path, args: argparse.Namespace, duration: float) -> dict:
+    cmd = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{max(1, round(duration))}s", "--latency",
+           "-s", str(script), f"http://127.0.0.1:{port}{PATH_CHAT}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+    m = re.search(r"^BENCH (\{.*\})$", out.stdout, re.M)
+    if not m:
+        sys.exit(f"wrk gave no result:\n{out.stdout}\n{out.stderr}")
+    r = json.loads(m.group(1))
+    r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+    r["errors"] = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
+    return r
+
+
+def sanity(port: int, kind: str, body: bytes) -> dict:
+    """One request by hand: 200, and the filter under test really did its work."""
+    status, headers, payload = http_post(
+        port, PATH_CHAT, body, {"content-type": "application/json", "x-tenant": "bench"})
+    if status != 200:
+        sys.exit(f"{kind}: sanity request got {status}: {payload[:300]!r}")
+    want = {"count": "x-tokenfuse-prompt-tokens", "budget": "x-ratelimit-remaining-tokens"}.get(kind)
+    if want and want not in headers:
+        sys.exit(f"{kind}: response lacks {want}: {headers}")
+    return {k: v for k, v in headers.items() if k.startswith(("x-tokenfuse", "x-ratelimit"))}
+
+
+# ---------------------------------------------------------------------------
+# Filter figures
+# ---------------------------------------------------------------------------
+
+
+def count_bench(files: list[str], rounds: int) -> list[dict]:
+    rows = []
+    for label, cmd in (
+        ("native", [str(COUNT_NATIVE)]),
+        ("wasm32-wasip1 (V8)", [os.environ.get("NODE", "node"), str(WASI_RUN), str(COUNT_WASM)]),
+    ):
+        log(f"tokenizer benchmark: {label}")
+        out = subprocess.run(cmd + ["--rounds", str(rounds)] + files, capture_output=True,
+                             text=True, cwd=ROOT, timeout=600)
+        if out.returncode != 0:
+            sys.exit(f"count_bench ({label}) failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+        for line in out.stdout.splitlines():
+            if line.startswith("{"):
+                rows.append(json.loads(line))
+    return rows
+
+
+def memory(envoy: str, workdir: Path, upstream: int, body: bytes, concurrencies: list[int]) -> list[dict]:
+    rows = []
+    variants = [("none", None), ("both", COUNT_CONFIG), ("o200k", O200K_ONLY_CONFIG),
+                ("cl100k", CL100K_ONLY_CONFIG)]
+    for conc in concurrencies:
+        for name, plugin in variants:
+            e = Envoy(envoy, workdir, "none" if plugin is None else f"mem-{name}", upstream,
+                      plugin, concurrency=conc)
+            try:
+                for _ in range(2 * conc):
+                    http_post(e.listener, PATH_CHAT, body, {"content-type": "application/json"})
+                time.sleep(1.5)
+                rows.append({"variant": name, "concurrency": conc, "rss_mb": e.rss_mb(),
+                             "ready_s": e.ready_s, "build_ms": e.build_times_ms()})
+            finally:
+                e.stop()
+            log(f"memory: {name} --concurrency {conc}: {rows[-1]['rss_mb']:.1f} MB, "
+                f"ready {rows[-1]['ready_s']:.2f} s, builds {rows[-1]['build_ms']}")
+    return rows
+
+
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of y over x."""
+    mx = statistics.fmean(x for x, _ in points)
+    my = statistics.fmean(y for _, y in points)
+    den = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / den if den else float("nan")
+
+
+# ---------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu": cpu, "kernel": platform.release()}
+
+
+def summarise(data: dict) -> dict:
+    """Medians over rounds; ratios and added latency per round against `none`, then median."""
+    runs = data["load"]
+    out: dict = {}
+    for kind in data["configs"]:
+        for case, _, _ in CASES:
+            mine = [r for r in runs if r["config"] == kind and r["case"] == case]
+            if not mine:
+                continue
+            base = {r["round"]: r for r in runs if r["config"] == "none" and r["case"] == case}
+            paired = [(r, base[r["round"]]) for r in mine if r["round"] in base]
+            out[f"{kind}|{case}"] = {
+                "config": kind,
+                "case": case,
+                "rps": statistics.median(r["rps"] for r in mine),
+                "p50_ms": statistics.median(r["p50_us"] for r in mine) / 1e3,
+                "p99_ms": statistics.median(r["p99_us"] for r in mine) / 1e3,
+                "ratio": statistics.median(r["rps"] / b["rps"] for r, b in paired),
+                "added_p50_ms": statistics.median((r["p50_us"] - b["p50_us"]) / 1e3 for r, b in paired),
+                "added_p99_ms": statistics.median((r["p99_us"] - b["p99_us"]) / 1e3 for r, b in paired),
+                "errors": sum(r["errors"] for r in mine),
+                "rounds": len(mine),
+            }
+    return out
+
+
+def fmt(x: float, digits: int = 2) -> str:
+    return f"{x:+.{digits}f}" if x == x else "n/a"
+
+
+def render_md(data: dict) -> str:
+    s = data["summary"]
+    m = data["machine"]
+    a = data["args"]
+    f = data["filter_figures"]
+    lines = [
+        f"Measured {data['date']} with `{COMMAND}` "
+        + (f"({data['total_s'] / 60:.1f} min including builds, {data['runtime_s'] / 60:.1f} min measuring) "
+           if data.get("total_s") else f"({data['runtime_s'] / 60:.1f} min measuring) ")
+        + f"on "
+        f"{m['nproc']} × {m['cpu']}, Linux {m['kernel']}; Envoy {data['envoy_version']}, "
+        f"`--concurrency 2`; wrk {a['threads']} threads, {a['connections']} connections, "
+        f"{a['duration']} s per point after {a['warmup']} s warm-up, {a['rounds']} rounds in "
+        f"rotated order, medians. Load generator, mock upstream and Envoy share the machine's "
+        f"cores. Noisy machine: treat differences under ~10% as noise.",
+        "",
+        "| configuration | case | requests/s | ratio to no filter | p50 ms | p99 ms | added p50 ms | added p99 ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for kind in data["configs"]:
+        for case, _, _ in CASES:
+            r = s.get(f"{kind}|{case}")
+            if not r:
+                continue
+            added = ("—", "—") if kind == "none" else (fmt(r["added_p50_ms"]), fmt(r["added_p99_ms"]))
+            err = f" ({r['errors']} errors)" if r["errors"] else ""
+            lines.append(
+                f"| {CONFIGS[kind]} | {case} | {r['rps']:.0f}{err} | "
+                f"{r['ratio']:.2f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {added[0]} | {added[1]} |")
+    mock = data.get("mock_direct")
+    if mock:
+        lines += ["", f"Mock upstream alone (wrk straight at it, 1 KB case): {mock['rps']:.0f} requests/s, "
+                  f"p50 {mock['p50_us'] / 1e3:.2f} ms, p99 {mock['p99_us'] / 1e3:.2f} ms — "
+                  + ("well above Envoy's no-filter figure, so the upstream is not the bottleneck."
+                     if mock["rps"] > 1.5 * s.get("none|1 KB", {}).get("rps", 0)
+                     else "**not** far above Envoy's no-filter figure: the mock may limit the no-filter run.")]
+
+    # Tokenizer figures.
+    tok = data["tokenizer"]
+    lines += ["", "Tokenizer (`examples/count_bench.rs`: `tokenfuse::tokens` on the same prompt text, "
+              "natively and as wasm32-wasip1 in Node's V8; medians):", "",
+              "| encoding | text | tokens | native MB/s | V8 MB/s | V8 / native |", "|---|---|---:|---:|---:|---:|"]
+    counts = [r for r in tok if r["kind"] == "count"]
+    for r in counts:
+        if r["target"] != "native":
+            continue
+        w = next((x for x in counts if x["target"] != "native" and x["encoding"] == r["encoding"]
+                  and x["file"] == r["file"]), None)
+        size = Path(r["file"]).stem.replace("prompt-", "").upper().replace("KB", " KB")
+        wr = w["median_mb_s"] if w else float("nan")
+        lines.append(f"| {r['encoding']} | {size} | {r['tokens']} | {r['median_mb_s']:.1f} | "
+                     f"{wr:.1f} | {wr / r['median_mb_s']:.2f} |")
+    builds = [r for r in tok if r["kind"] == "build"]
+    lines += ["", "| encoding | tokenizer build, native ms | tokenizer build, V8 (Node) ms | tokenizer build in Envoy's V8 at VM start (filter log, `--concurrency 1`) ms |",
+              "|---|---:|---:|---:|"]
+    mem = data["memory"]
+    for enc in ("o200k_base", "cl100k_base"):
+        nat = next((r["median_ms"] for r in builds if r["encoding"] == enc and r["target"] == "native"), float("nan"))
+        v8 = next((r["median_ms"] for r in builds if r["encoding"] == enc and r["target"] != "native"), float("nan"))
+        ms = f["vm_start_ms"].get(enc, float("nan"))
+        envoy_ms = f"{ms:.0f}" if ms == ms else "n/a"
+        lines.append(f"| {enc} | {nat:.1f} | {v8:.1f} | {envoy_ms} |")
+    both = f["vm_start_ms"].get("both", float("nan"))
+    lines.append(f"| both (the default configuration) | | | {both:.0f} |")
+
+    lines += ["", "Memory: Envoy RSS 1.5 s after start and a few requests (MB), by `--concurrency`:", "",
+              "| | " + " | ".join(str(c) for c in data["concurrencies"]) + " | per added worker |",
+              "|---|" + "---:|" * (len(data["concurrencies"]) + 1)]
+    for variant, label in (("none", "no filter"), ("both", "tokenfuse, both encodings (default)"),
+                           ("o200k", "tokenfuse, o200k_base only"), ("cl100k", "tokenfuse, cl100k_base only")):
+        row = [next((r["rss_mb"] for r in mem if r["variant"] == variant and r["concurrency"] == c), float("nan"))
+               for c in data["concurrencies"]]
+        growth = "—" if variant == "none" else f"{f['per_worker_mb'][variant]:.1f} MB"
+        lines.append(f"| {label} | " + " | ".join(f"{x:.0f}" for x in row) + f" | {growth} |")
+    lines += ["", "Per added worker: least-squares slope of RSS over `--concurrency`, minus the "
+              "no-filter slope (each worker runs its own Wasm VM with its own tokenizers)."]
+    lines += ["", "Targets (from the performance issue):", "",
+              "| target | measured | met |", "|---|---|---|"]
+    for t in data["targets"]:
+        lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |")
+    lines += ["", "Reproduce: `make bench` (about 7 minutes on this machine, builds included; "
+              "`make bench BENCH_ARGS='--rounds 5'` for more rounds, `--no-lua` without the Lua peer). "
+              "It writes `results/bench.md` (this text), `results/bench.svg` (throughput ratios as a "
+              "bar chart) and `results/bench.json` (every run's raw numbers); `results/` is not committed."]
+    return "\n".join(lines) + "\n"
+
+
+def targets(data: dict) -> list[dict]:
+    s = data["summary"]
+    f = data["filter_figures"]
+    out = []
+
+    def add(target: str, measured: str, met: bool) -> None:
+        out.append({"target": target, "measured": measured, "met": bool(met)})
+
+    for case, floor in (("1 KB", 0.8), ("16 KB", 0.5)):
+        r = s.get(f"budget|{case}")
+        if r:
+            add(f"throughput ratio, counting + budget, {case} ≥ {floor}", f"{r['ratio']:.2f}", r["ratio"] >= floor)
+    r = s.get("budget|1 KB")
+    if r:
+        add("p99 added latency, counting + budget, 1 KB < 1 ms", f"{r['added_p99_ms']:.2f} ms", r["added_p99_ms"] < 1.0)
+    for enc, v in f["v8_over_native"].items():
+        add(f"V8 counting ≥ native tiktoken-rs ({enc}, 128 KB text)", f"{v:.2f}× native", v >= 1.0)
+    for enc, ms in f["vm_start_ms"].items():
+        if enc in ("o200k_base", "cl100k_base"):
+            add(f"VM start < 50 ms ({enc}; tokenizer build logged in Envoy)", f"{ms:.0f} ms", ms < 50)
+    add("memory < 16 MB per worker VM per encoding (o200k_base)", f"{f['per_worker_mb']['o200k_enc']:.1f} MB",
+        f["per_worker_mb"]["o200k_enc"] < 16)
+    add("memory < 16 MB per worker VM per encoding (cl100k_base)", f"{f['per_worker_mb']['cl100k_enc']:.1f} MB",
+        f["per_worker_mb"]["cl100k_enc"] < 16)
+    return out
+
+
+def render_svg(data: dict) -> str:
+    s = data["summary"]
+    kinds = [k for k in data["configs"] if k != "none"]
+    colours = {"count": "#4e79a7", "budget": "#e15759", "lua": "#76b7b2"}
+    w, h, left, top, bottom = 720, 360, 60, 40, 60
+    plot_h = h - top - bottom
+    group_w = (w - left - 20) / len(CASES)
+    bar_w = group_w * 0.8 / len(kinds)
+    ymax = 1.2
+    y = lambda v: top + plot_h * (1 - min(v, ymax) / ymax)  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+             f'<rect width="{w}" height="{h}" fill="white"/>',
+             f'<text x="{w / 2}" y="20" text-anchor="middle" font-size="14">Throughput relative to Envoy without a filter (median of {data["args"]["rounds"]} rounds)</text>']
+    for tick in (0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2):
+        parts.append(f'<line x1="{left}" x2="{w - 20}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" stroke="{"#333" if tick == 1.0 else "#ddd"}"/>')
+        parts.append(f'<text x="{left - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:.1f}</text>')
+    for i, (case, _, _) in enumerate(CASES):
+        gx = left + i * group_w + group_w * 0.1
+        for j, kind in enumerate(kinds):
+            r = s.get(f"{kind}|{case}")
+            if not r:
+                continue
+            x = gx + j * bar_w
+            parts.append(f'<rect x="{x:.1f}" y="{y(r["ratio"]):.1f}" width="{bar_w - 2:.1f}" '
+                         f'height="{top + plot_h - y(r["ratio"]):.1f}" fill="{colours[kind]}"/>')
+            parts.append(f'<text x="{x + bar_w / 2 - 1:.1f}" y="{y(r["ratio"]) - 3:.1f}" text-anchor="middle" font-size="10">{r["ratio"]:.2f}</text>')
+        parts.append(f'<text x="{left + i * group_w + group_w / 2:.1f}" y="{top + plot_h + 18}" text-anchor="middle">{case}</text>')
+    lx = left
+    for kind in kinds:
+        parts.append(f'<rect x="{lx}" y="{h - 22}" width="12" height="12" fill="{colours[kind]}"/>')
+        parts.append(f'<text x="{lx + 16}" y="{h - 12}">{CONFIGS[kind]}</text>')
+        lx += 220
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def update_readme(readme: Path, md: str) -> None:
+    text = readme.read_text()
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    block = f"{start}\n<!-- generated by `{COMMAND}` (bench/run.py); edits here are overwritten -->\n{md}{end}"
+    if start in text and end in text:
+        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        section = f"## Performance\n\n{block}\n\n"
+        anchor = "## Development"
+        text = text.replace(anchor, section + anchor, 1) if anchor in text else text + "\n" + section
+    readme.write_text(text)
+
+
+# ---------------------------------------------------------------------------
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--duration", type=int, default=4, help="seconds per point")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up seconds before each point (0: none)")
+    p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-lua", action="store_true", help="leave out the Lua peer")
+    p.add_argument("--quick", action="store_true", help="1 round, 2 s points (a smoke run)")
+    p.add_argument("--no-readme", action="store_true", help="do not rewrite README.md")
+    p.add_argument("--out", default="results")
+    p.add_argument("--render-only", action="store_true",
+                   help="re-render bench.md/svg and README from an existing results/bench.json")
+    args = p.parse_args()
+    if args.render_only:
+        out = ROOT / args.out
+        report(json.loads((out / "bench.json").read_text()), out, args.no_readme)
+        return
+    if args.quick:
+        args.rounds, args.duration, args.warmup = 1, 2, 1
+    t0 = time.monotonic()
+    # `make bench` passes its own start (epoch seconds), so the builds count too.
+    make_started = float(os.environ.get("BENCH_STARTED", "0")) or None
+    envoy = os.environ.get("ENVOY", str(ROOT / ".venv/bin/envoy"))
+    for need in (WASM, MOCK, COUNT_NATIVE, COUNT_WASM, Path(envoy)):
+        if not need.exists():
+            sys.exit(f"missing {need}: run `make bench` (it builds everything first)")
+    if not shutil.which("wrk"):
+        sys.exit("wrk not found: apt-get install -y wrk")
+    out = ROOT / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="tokenfuse-bench-"))
+    envoy_version = subprocess.run([envoy, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"/(\d+\.\d+\.\d+)/", envoy_version)
+    envoy_version = m.group(1) if m else envoy_version.strip()
+
+    # Inputs.
+    scripts = {}
+    bodies = {}
+    prompt_files = []
+    for i, (case, size, stream) in enumerate(CASES):
+        prompt = mixed_text(size, seed=size)  # the streamed case reuses the 1 KB text
+        slug = case.replace(" ", "").lower()
+        if not stream:
+            pf = out / f"prompt-{slug}.txt"
+            pf.write_text(prompt)
+            prompt_files.append(str(pf.relative_to(ROOT)))
+        body = chat_body(prompt, stream)
+        bf = workdir / f"body-{slug}.json"
+        bf.write_bytes(body)
+        bodies[case] = body
+        sf = workdir / f"wrk-{slug}.lua"
+        sf.write_text(WRK_SCRIPT.format(body=bf))
+        scripts[case] = sf
+
+    configs = ["none", "count", "budget"] + ([] if args.no_lua else ["lua"])
+    plugins = {"none": None, "lua": None, "count": COUNT_CONFIG, "budget": BUDGET_CONFIG}
+    data: dict = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "envoy_version": envoy_version,
+        "args": vars(args),
+        "configs": configs,
+        "cases": [c for c, _, _ in CASES],
+        "load": [],
+    }
+
+    upstream_port = free_port()
+    mock = start_mock(upstream_port)
+    try:
+        log(f"mock upstream on :{upstream_port}; wrk straight at it (1 KB case)")
+        run_wrk(upstream_port, scripts["1 KB"], args, args.warmup)
+        data["mock_direct"] = run_wrk(upstream_port, scripts["1 KB"], args, args.duration)
+        log(f"mock alone: {data['mock_direct']['rps']:.0f} req/s")
+
+        for rnd in range(args.rounds):
+            order = configs[rnd % len(configs):] + configs[:rnd % len(configs)]
+            for kind in order:
+                e = Envoy(envoy, workdir, kind, upstream_port, plugins[kind])
+                try:
+                    for case, _, _ in CASES:
+                        headers = sanity(e.listener, kind, bodies[case])
+                        if args.warmup > 0:
+                            run_wrk(e.listener, scripts[case], args, args.warmup)
+                        r = run_wrk(e.listener, scripts[case], args, args.duration)
+                        r.update(config=kind, case=case, round=rnd, filter_headers=headers)
+                        data["load"].append(r)
+                        log(f"round {rnd + 1}/{args.rounds} {kind:6} {case:14} {r['rps']:8.0f} req/s "
+                            f"p50 {r['p50_us'] / 1e3:6.2f} ms p99 {r['p99_us'] / 1e3:6.2f} ms"
+                            + (f"  {r['errors']} errors" if r["errors"] else ""))
+                finally:
+                    e.stop()
+
+        concurrencies = [1, 2, 4]
+        data["concurrencies"] = concurrencies
+        data["memory"] = memory(envoy, workdir, upstream_port, bodies["1 KB"], concurrencies)
+    finally:
+        stop(mock)
+
+    data["tokenizer"] = count_bench([f for f in prompt_files if "1kb" not in f], rounds=3)
+    data["summary"] = summarise(data)
+
+    # Filter figures.
+    mem = data["memory"]
+    per_worker = {}
+    raw_slope = {v: slope([(r["concurrency"], r["rss_mb"]) for r in mem if r["variant"] == v])
+                 for v in ("none", "both", "o200k", "cl100k")}
+    per_worker["none"] = raw_slope["none"]
+    for v in ("both", "o200k", "cl100k"):  # growth over the no-filter Envoy
+        per_worker[v] = raw_slope[v] - raw_slope["none"]
+    per_worker["o200k_enc"] = per_worker["o200k"]
+    per_worker["cl100k_enc"] = per_worker["cl100k"]
+    tok = data["tokenizer"]
+    big = max(prompt_files, key=lambda f: (ROOT / f).stat().st_size)
+    v8_over_native = {}
+    vm_start = {}
+    for enc in ("o200k_base", "cl100k_base"):
+        rates = {r["target"]: r["median_mb_s"] for r in tok
+                 if r["kind"] == "count" and r["encoding"] == enc and r["file"] == big}
+        v8_over_native[enc] = rates.get("wasm32-wasip1", float("nan")) / rates.get("native", float("nan"))
+    for variant, enc in (("o200k", "o200k_base"), ("cl100k", "cl100k_base"), ("both", "both")):
+        logged = [b for r in mem if r["variant"] == variant and r["concurrency"] == 1 for b in r["build_ms"]]
+        vm_start[enc] = statistics.median(logged) if logged else float("nan")
+    data["filter_figures"] = {"per_worker_mb": per_worker, "v8_over_native": v8_over_native,
+                              "vm_start_ms": vm_start}
+    data["runtime_s"] = time.monotonic() - t0
+    data["total_s"] = time.time() - make_started if make_started else None
+    (out / "bench.json").write_text(json.dumps(data, indent=1))
+    report(data, out, args.no_readme)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def report(data: dict, out: Path, no_readme: bool) -> None:
+    data["targets"] = targets(data)
+    md = render_md(data)
+    (out / "bench.json").write_text(json.dumps(data, indent=1))
+    (out / "bench.md").write_text("# tokenfuse benchmark\n\n" + md)
+    (out / "bench.svg").write_text(render_svg(data))
+    if not no_readme:
+        update_readme(ROOT / "README.md", md)
+    print()
+    print(md)
+    log(f"done in {data['runtime_s']:.0f} s: {out}/bench.md, bench.svg, bench.json"
+        + ("" if no_readme else ", README.md (## Performance)"))
+
+
+if __name__ == "__main__":
+    main()
