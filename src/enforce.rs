@@ -373,13 +373,13 @@ pub struct SettleReport {
     pub standings: Vec<(usize, String, Standing)>,
 }
 
-/// Replace each reservation by `actual(unit, budget)`. Settlement retries four times as
+/// Replace each reservation by `actual(budget, reservation)`. Settlement retries four times as
 /// long as a reservation does: losing one would leave a reservation standing forever.
 pub fn settle(
     host: &mut dyn Host,
     config: &Config,
     reservations: &[Reservation],
-    actual: impl Fn(Unit, &Budget) -> u64,
+    actual: impl Fn(&Budget, &Reservation) -> u64,
     now_ms: i64,
 ) -> SettleReport {
     let now = now_ms.div_euclid(1000);
@@ -390,7 +390,7 @@ pub fn settle(
         let Some(budget) = config.budget_for(r.budget, &r.key) else {
             continue;
         };
-        let amount = actual(budget.unit, &budget);
+        let amount = actual(&budget, r);
         let result = ledger::update(
             host,
             &budget,
@@ -647,7 +647,7 @@ mod tests {
             &mut h,
             &c,
             &reservations,
-            |_, b2| actual_amount(&c, b2, "gpt-4o", &usage),
+            |b2, _| actual_amount(&c, b2, "gpt-4o", &usage),
             NOW_MS,
         );
         assert_eq!(used(&h, &c, 0, "all"), 1250 + 100);

@@ -23,7 +23,7 @@ use crate::enforce::{self, Facts, Plan, RateHeaders, Rejection, Reservation};
 use crate::filter::Filter;
 use crate::host::{Host, Level};
 use crate::ledger;
-use crate::prompt::{count_prompt, ImageCosts, PromptCount};
+use crate::prompt::{count_prompt, scale, ImageCosts, PromptCount};
 use crate::sse::{SseDecoder, StreamMeter};
 use crate::stats::Stat;
 use crate::tokens::{ModelCounting, TextCounter};
@@ -802,7 +802,9 @@ impl Exchange {
                     },
                     Err(UsageError::Missing) => counted(
                         counter
-                            .map(|c| scaled(&call, json_output_tokens(&body, c)))
+                            .map(|c| {
+                                scale(json_output_tokens(&body, c), call.counting.safety_factor)
+                            })
                             .unwrap_or(0),
                     ),
                     Err(UsageError::NotJson) => {
@@ -826,7 +828,7 @@ impl Exchange {
                             source: Source::Provider,
                             usage,
                         },
-                        None => counted(scaled(&call, outcome.counted_output)),
+                        None => counted(scale(outcome.counted_output, call.counting.safety_factor)),
                     }
                 }
                 None => Billed::Unknown,
@@ -884,23 +886,13 @@ impl Exchange {
             host,
             config,
             &call.reservations,
-            |_, budget| match billed {
+            |budget, reservation| match billed {
                 Billed::Nothing => 0,
                 Billed::Usage { usage, .. } => {
                     enforce::actual_amount(config, budget, &call.served_model, usage)
                 }
                 // Keep what was reserved: the output is unknown, the provider billed it.
-                Billed::Unknown => call
-                    .reservations
-                    .iter()
-                    .find(|r| {
-                        config
-                            .budgets
-                            .get(r.budget)
-                            .is_some_and(|b| b.name == budget.name)
-                    })
-                    .map(|r| r.drawn.total())
-                    .unwrap_or(0),
+                Billed::Unknown => reservation.drawn.total(),
             },
             now_ms,
         );
@@ -1016,16 +1008,6 @@ impl Exchange {
                 Action::Pause
             }
         }
-    }
-}
-
-/// Scale a count made with a borrowed encoding by the model's safety factor.
-fn scaled(call: &Call, raw: u64) -> u64 {
-    let f = call.counting.safety_factor;
-    if f == 1.0 {
-        raw
-    } else {
-        (raw as f64 * f).ceil() as u64
     }
 }
 

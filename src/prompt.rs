@@ -307,8 +307,9 @@ impl<'a> Tally<'a> {
     }
 }
 
-/// `ceil(raw × factor)`, saturating.
-fn scale(raw: u64, factor: f64) -> u64 {
+/// `ceil(raw × factor)`, saturating: a count made with a borrowed encoding, scaled by the
+/// model's safety factor.
+pub fn scale(raw: u64, factor: f64) -> u64 {
     if factor == 1.0 {
         return raw;
     }
