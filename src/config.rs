@@ -66,8 +66,12 @@ pub struct Config {
     pub tenant_tag: Option<KeySource>,
     /// Distinct `tenant` tag values per VM before further tenants are tagged `other`.
     pub tenant_tag_limit: usize,
-    /// Budgets every LLM request must pass, in order.
+    /// Budgets every LLM request must pass, in order (the local, shared-data ones).
     pub budgets: Vec<Budget>,
+    /// Budgets kept by a rate limit service, across proxies (`backend: global`).
+    pub global_budgets: Vec<GlobalBudget>,
+    /// The rate limit service global budgets ask; set when there is any global budget.
+    pub rate_limit_service: Option<RateLimitService>,
     /// Per-key base allowances, by budget index then key.
     pub base_overrides: Vec<HashMap<String, u64>>,
     /// Where a request's priority comes from.
@@ -109,6 +113,37 @@ pub struct Admin {
     pub token: String,
 }
 
+/// A budget kept by a rate limit service (envoyproxy/ratelimit, Limitador) for every proxy
+/// that asks it: the service owns the limit and the window, the filter sends what each
+/// request reserves as `hits_addend` on the descriptor `budget=<name>, key=<identity>`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GlobalBudget {
+    pub name: String,
+    pub key: KeySource,
+    /// What one hit is: a token, or a micro-dollar.
+    pub unit: Unit,
+    /// Largest prompt + completion reservation one request may carry, in tokens.
+    pub max_request_tokens: Option<u64>,
+    pub oversize: OversizeAction,
+}
+
+/// Where global budgets are kept, and what happens when it cannot answer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RateLimitService {
+    /// The Envoy cluster (HTTP/2) of the rate limit service.
+    pub cluster: String,
+    /// The descriptor domain (Limitador: the namespace).
+    pub domain: String,
+    /// How long a request waits for the service's verdict.
+    pub timeout_ms: u64,
+    /// What a request gets when the service fails or times out.
+    pub on_failure: FailureMode,
+    /// How often each worker sends its queued settlements.
+    pub flush_interval_ms: u64,
+    /// How long a settlement the service cannot take is retried before it is dropped.
+    pub settle_retry_secs: u64,
+}
+
 /// Behaviour when a budget cannot be read or updated (CAS retries exhausted).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -135,6 +170,8 @@ impl Default for Config {
             tenant_tag: None,
             tenant_tag_limit: 100,
             budgets: Vec::new(),
+            global_budgets: Vec::new(),
+            rate_limit_service: None,
             base_overrides: Vec::new(),
             priority: PrioritySource {
                 header: None,
@@ -179,7 +216,19 @@ pub struct RawConfig {
     reroute: Option<RawReroute>,
     admin: Option<RawAdmin>,
     shared_data: Option<RawSharedData>,
+    rate_limit_service: Option<RawRateLimitService>,
     should_retry_max_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimitService {
+    cluster: String,
+    domain: Option<String>,
+    timeout_ms: Option<u64>,
+    on_failure: Option<FailureMode>,
+    flush_interval_ms: Option<u64>,
+    settle_retry_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -187,10 +236,11 @@ pub struct RawConfig {
 struct RawBudget {
     name: String,
     key: String,
-    window: WindowKind,
+    backend: Option<String>,
+    window: Option<WindowKind>,
     utc_offset: Option<String>,
     unit: Option<String>,
-    base: f64,
+    base: Option<f64>,
     elastic: Option<f64>,
     burst: Option<RawBurst>,
     action: Option<String>,
@@ -455,23 +505,54 @@ impl Config {
         let prices = compile_prices(&raw.prices)?;
         let mut budgets = Vec::with_capacity(raw.budgets.len());
         let mut base_overrides = Vec::with_capacity(raw.budgets.len());
+        let mut global_budgets: Vec<GlobalBudget> = Vec::new();
         for (i, rb) in raw.budgets.iter().enumerate() {
-            let (budget, overrides) = compile_budget(i, rb)?;
-            if budgets.iter().any(|b: &Budget| b.name == budget.name) {
+            let (name, unit) = match rb.backend.as_deref() {
+                None | Some("local") => {
+                    let (budget, overrides) = compile_budget(i, rb)?;
+                    let named = (budget.name.clone(), budget.unit);
+                    budgets.push(budget);
+                    base_overrides.push(overrides);
+                    named
+                }
+                Some("global") => {
+                    let budget = compile_global_budget(i, rb)?;
+                    let named = (budget.name.clone(), budget.unit);
+                    global_budgets.push(budget);
+                    named
+                }
+                Some(_) => {
+                    return Err(ConfigError::new(
+                        format!("budgets[{i}].backend"),
+                        "must be `local` (this proxy's shared data) or `global` (the rate limit service)",
+                    ))
+                }
+            };
+            let uses = budgets.iter().filter(|b| b.name == name).count()
+                + global_budgets.iter().filter(|b| b.name == name).count();
+            if uses > 1 {
                 return Err(ConfigError::new(
                     format!("budgets[{i}].name"),
                     "budget names must be unique",
                 ));
             }
-            if budget.unit == Unit::Usd && !prices.has_catch_all() {
+            if unit == Unit::Usd && !prices.has_catch_all() {
                 return Err(ConfigError::new(
                     "prices",
                     "a USD budget needs a price for every model: add a catch-all entry \"*\"",
                 ));
             }
-            budgets.push(budget);
-            base_overrides.push(overrides);
         }
+        let rate_limit_service = match raw.rate_limit_service {
+            Some(r) => Some(compile_rate_limit_service(r)?),
+            None if !global_budgets.is_empty() => {
+                return Err(ConfigError::new(
+                    "rate_limit_service",
+                    "a global budget needs `rate_limit_service` (at least its Envoy `cluster`)",
+                ))
+            }
+            None => None,
+        };
         let priority = compile_priority(raw.priority.as_ref())?;
         let reroute = compile_reroute(raw.reroute.as_ref(), &defaults.reroute)?;
         let admin = match raw.admin {
@@ -511,7 +592,10 @@ impl Config {
         let tenant_tag = match raw.stats.tenant.as_deref() {
             Some("off") => None,
             Some(source) => Some(parse_key("stats.tenant", source)?),
-            None => budgets.first().map(|b| b.key.clone()),
+            None => budgets
+                .first()
+                .map(|b| b.key.clone())
+                .or_else(|| global_budgets.first().map(|b| b.key.clone())),
         };
         let tenant_tag_limit = match raw.stats.tenant_tag_limit {
             Some(n) if n > 10_000 => {
@@ -528,6 +612,8 @@ impl Config {
             tenant_tag,
             tenant_tag_limit,
             budgets,
+            global_budgets,
+            rate_limit_service,
             base_overrides,
             priority,
             prices,
@@ -563,6 +649,24 @@ impl Config {
                 None => std::borrow::Cow::Borrowed(budget),
             },
         )
+    }
+
+    /// Whether any budget, local or global, applies to LLM requests.
+    pub fn has_budgets(&self) -> bool {
+        !self.budgets.is_empty() || !self.global_budgets.is_empty()
+    }
+
+    /// Every per-request cap: (budget name, cap in tokens, what to do above it).
+    pub fn request_caps(&self) -> impl Iterator<Item = (&str, u64, OversizeAction)> {
+        let local = self
+            .budgets
+            .iter()
+            .filter_map(|b| Some((b.name.as_str(), b.max_request_tokens?, b.oversize)));
+        let global = self
+            .global_budgets
+            .iter()
+            .filter_map(|b| Some((b.name.as_str(), b.max_request_tokens?, b.oversize)));
+        local.chain(global)
     }
 
     /// The encodings this configuration can ask for: exactly the tokenizers to build.
@@ -684,14 +788,15 @@ fn compile_budget(i: usize, rb: &RawBudget) -> Result<(Budget, HashMap<String, u
         Some(t) => parse_offset(&f("utc_offset"), t)?,
         None => 0,
     };
-    let window =
-        Window::new(rb.window, offset).map_err(|why| ConfigError::new(f("utc_offset"), why))?;
-    let unit = match rb.unit.as_deref() {
-        None | Some("tokens") => Unit::Tokens,
-        Some("usd") => Unit::Usd,
-        Some(_) => return Err(ConfigError::new(f("unit"), "must be `tokens` or `usd`")),
-    };
-    let base = amount(&f("base"), rb.base, unit)?;
+    let kind = rb
+        .window
+        .ok_or_else(|| ConfigError::new(f("window"), "missing field `window`"))?;
+    let window = Window::new(kind, offset).map_err(|why| ConfigError::new(f("utc_offset"), why))?;
+    let unit = budget_unit(i, rb)?;
+    let base = rb
+        .base
+        .ok_or_else(|| ConfigError::new(f("base"), "missing field `base`"))?;
+    let base = amount(&f("base"), base, unit)?;
     let elastic = amount(&f("elastic"), rb.elastic.unwrap_or(0.0), unit)?;
     let burst = match &rb.burst {
         None => None,
@@ -753,16 +858,7 @@ fn compile_budget(i: usize, rb: &RawBudget) -> Result<(Budget, HashMap<String, u
             ))
         }
     };
-    let oversize = match rb.oversize.as_deref() {
-        None | Some("reject") => OversizeAction::Reject,
-        Some("truncate") => OversizeAction::Truncate,
-        Some(_) => {
-            return Err(ConfigError::new(
-                f("oversize"),
-                "must be `reject` or `truncate`",
-            ))
-        }
-    };
+    let oversize = oversize_action(i, rb)?;
     let max_keys = rb.max_keys.unwrap_or(10_000);
     if !(1..=1_000_000).contains(&max_keys) {
         return Err(ConfigError::new(
@@ -797,6 +893,115 @@ fn compile_budget(i: usize, rb: &RawBudget) -> Result<(Budget, HashMap<String, u
         },
         overrides,
     ))
+}
+
+fn budget_unit(i: usize, rb: &RawBudget) -> Result<Unit, ConfigError> {
+    match rb.unit.as_deref() {
+        None | Some("tokens") => Ok(Unit::Tokens),
+        Some("usd") => Ok(Unit::Usd),
+        Some(_) => Err(ConfigError::new(
+            format!("budgets[{i}].unit"),
+            "must be `tokens` or `usd`",
+        )),
+    }
+}
+
+fn oversize_action(i: usize, rb: &RawBudget) -> Result<OversizeAction, ConfigError> {
+    match rb.oversize.as_deref() {
+        None | Some("reject") => Ok(OversizeAction::Reject),
+        Some("truncate") => Ok(OversizeAction::Truncate),
+        Some(_) => Err(ConfigError::new(
+            format!("budgets[{i}].oversize"),
+            "must be `reject` or `truncate`",
+        )),
+    }
+}
+
+/// A `backend: global` budget: the rate limit service owns its limit and window, so the
+/// fields that describe them here are refused rather than silently ignored.
+fn compile_global_budget(i: usize, rb: &RawBudget) -> Result<GlobalBudget, ConfigError> {
+    let f = |name: &str| format!("budgets[{i}].{name}");
+    check_name(&f("name"), &rb.name)?;
+    let key = parse_key(&f("key"), &rb.key)?;
+    let kept_by_service = [
+        ("window", rb.window.is_some()),
+        ("utc_offset", rb.utc_offset.is_some()),
+        ("base", rb.base.is_some()),
+        ("elastic", rb.elastic.is_some()),
+        ("burst", rb.burst.is_some()),
+        ("warn_at", rb.warn_at.is_some()),
+        ("degrade_from", rb.degrade_from.is_some()),
+        ("priority_ceilings", rb.priority_ceilings.is_some()),
+        ("max_keys", rb.max_keys.is_some()),
+        ("base_overrides", !rb.base_overrides.is_empty()),
+    ];
+    if let Some((field, _)) = kept_by_service.iter().find(|(_, set)| *set) {
+        return Err(ConfigError::new(
+            f(field),
+            "does not apply to a global budget: its limit and window are set in the rate limit \
+             service's own limits (see the README, \"Global budgets\")",
+        ));
+    }
+    match rb.action.as_deref() {
+        None | Some("reject") => {}
+        Some(_) => {
+            return Err(ConfigError::new(
+                f("action"),
+                "a global budget can only `reject` (the service has already counted a request \
+                 it refuses, so it cannot be re-planned on a cheaper model)",
+            ))
+        }
+    }
+    let max_request_tokens = match rb.max_request_tokens {
+        None => None,
+        Some(v) if v >= 1.0 && v.fract() == 0.0 && v < 1e18 => Some(v as u64),
+        Some(_) => {
+            return Err(ConfigError::new(
+                f("max_request_tokens"),
+                "must be a whole number of tokens (a global budget has no base to take a \
+                 fraction of)",
+            ))
+        }
+    };
+    Ok(GlobalBudget {
+        name: rb.name.clone(),
+        key,
+        unit: budget_unit(i, rb)?,
+        max_request_tokens,
+        oversize: oversize_action(i, rb)?,
+    })
+}
+
+fn compile_rate_limit_service(raw: RawRateLimitService) -> Result<RateLimitService, ConfigError> {
+    if raw.cluster.trim().is_empty() {
+        return Err(ConfigError::new(
+            "rate_limit_service.cluster",
+            "must name the Envoy cluster (HTTP/2) of the rate limit service",
+        ));
+    }
+    let domain = raw.domain.unwrap_or_else(|| "tokenfuse".to_string());
+    if domain.is_empty() {
+        return Err(ConfigError::new(
+            "rate_limit_service.domain",
+            "must not be empty (engines refuse an empty domain)",
+        ));
+    }
+    let bounded = |field: &str, v: Option<u64>, default: u64, lo: u64, hi: u64| match v {
+        None => Ok(default),
+        Some(v) if (lo..=hi).contains(&v) => Ok(v),
+        Some(_) => Err(ConfigError::new(
+            format!("rate_limit_service.{field}"),
+            format!("must be between {lo} and {hi}"),
+        )),
+    };
+    Ok(RateLimitService {
+        cluster: raw.cluster,
+        domain,
+        timeout_ms: bounded("timeout_ms", raw.timeout_ms, 100, 1, 60_000)?,
+        on_failure: raw.on_failure.unwrap_or(FailureMode::Open),
+        flush_interval_ms: bounded("flush_interval_ms", raw.flush_interval_ms, 100, 10, 60_000)?,
+        settle_retry_secs: bounded("settle_retry_secs", raw.settle_retry_secs, 300, 0, 86_400)?,
+    })
 }
 
 fn compile_prices(raw: &BTreeMap<String, RawPrice>) -> Result<PriceList, ConfigError> {
@@ -1090,5 +1295,79 @@ mod tests {
             err(r#"{"api":"v1","malformed_request":"drop"}"#).field,
             "malformed_request"
         );
+    }
+
+    #[test]
+    fn global_budgets_compile_apart_from_local_ones() {
+        let c = Config::parse(
+            br#"{"api":"v1","rate_limit_service":{"cluster":"rls"},
+                 "budgets":[{"name":"m","key":"header:x-tenant","window":"minute","base":10},
+                            {"name":"g","key":"header:x-team","backend":"global","max_request_tokens":500}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.budgets.len(), 1);
+        assert_eq!(c.global_budgets.len(), 1);
+        let s = c.rate_limit_service.as_ref().unwrap();
+        assert_eq!(
+            (
+                s.domain.as_str(),
+                s.timeout_ms,
+                s.on_failure,
+                s.flush_interval_ms,
+                s.settle_retry_secs
+            ),
+            ("tokenfuse", 100, FailureMode::Open, 100, 300)
+        );
+        let caps: Vec<_> = c.request_caps().map(|(n, cap, _)| (n, cap)).collect();
+        assert_eq!(caps, vec![("g", 500)]);
+    }
+
+    #[test]
+    fn a_global_budget_refuses_what_the_service_decides() {
+        for (extra, field) in [
+            (r#""window":"day""#, "budgets[0].window"),
+            (r#""base":100"#, "budgets[0].base"),
+            (
+                r#""burst":{"amount":1,"from":"09:00","to":"17:00"}"#,
+                "budgets[0].burst",
+            ),
+            (
+                r#""priority_ceilings":{"p2":0.5}"#,
+                "budgets[0].priority_ceilings",
+            ),
+            (r#""action":"reroute""#, "budgets[0].action"),
+            (
+                r#""max_request_tokens":0.5"#,
+                "budgets[0].max_request_tokens",
+            ),
+        ] {
+            let doc = format!(
+                r#"{{"api":"v1","rate_limit_service":{{"cluster":"rls"}},
+                    "budgets":[{{"name":"g","key":"header:x","backend":"global",{extra}}}]}}"#
+            );
+            assert_eq!(err(&doc).field, field, "{extra}");
+        }
+    }
+
+    #[test]
+    fn a_global_budget_needs_the_service_and_a_known_backend() {
+        let e = err(r#"{"api":"v1","budgets":[{"name":"g","key":"header:x","backend":"global"}]}"#);
+        assert_eq!(e.field, "rate_limit_service");
+        let e = err(r#"{"api":"v1","budgets":[{"name":"g","key":"header:x","backend":"redis"}]}"#);
+        assert_eq!(e.field, "budgets[0].backend");
+        let e = err(r#"{"api":"v1","budgets":[{"name":"g","key":"header:x","base":5}]}"#);
+        assert_eq!(e.field, "budgets[0].window");
+        let e = err(r#"{"api":"v1","rate_limit_service":{"cluster":"rls"},
+                "budgets":[{"name":"g","key":"header:x","window":"day","base":5},
+                           {"name":"g","key":"header:x","backend":"global"}]}"#);
+        assert_eq!(e.field, "budgets[1].name");
+        for (service, field) in [
+            (r#"{"cluster":"rls","timeout_ms":0}"#, "timeout_ms"),
+            (r#"{"cluster":"rls","domain":""}"#, "domain"),
+            (r#"{"cluster":" "}"#, "cluster"),
+        ] {
+            let doc = format!(r#"{{"api":"v1","rate_limit_service":{service}}}"#);
+            assert_eq!(err(&doc).field, format!("rate_limit_service.{field}"));
+        }
     }
 }

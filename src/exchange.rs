@@ -21,9 +21,11 @@ use crate::budget::{self, OversizeAction, Priority, Unit};
 use crate::config::{FailureMode, MalformedPolicy};
 use crate::enforce::{self, Facts, Plan, RateHeaders, Rejection, Reservation};
 use crate::filter::Filter;
+use crate::global;
 use crate::host::{Host, Level};
 use crate::ledger;
 use crate::prompt::{count_prompt, scale, ImageCosts, PromptCount};
+use crate::rls;
 use crate::sse::{SseDecoder, StreamMeter};
 use crate::stats::Stat;
 use crate::tokens::{ModelCounting, TextCounter};
@@ -65,6 +67,11 @@ enum Phase {
         path: String,
         who: Box<Identity>,
     },
+    /// Admitted locally, held while the rate limit service judges the global budgets.
+    Checking {
+        call: Box<Call>,
+        checks: Vec<global::Check>,
+    },
     /// Forwarded; the response is being read.
     Forwarded(Box<Call>),
     /// An admin top-up whose body is still arriving.
@@ -89,6 +96,10 @@ struct Call {
     priority: Priority,
     /// The `tenant` stat tag, when tenant tagging is on.
     tenant_tag: Option<String>,
+    /// What the rate limit service holds for this request, per global budget.
+    holds: Vec<global::Hold>,
+    /// The admission decision, counted once every budget has had its say.
+    decision: Option<&'static str>,
 }
 
 /// What the request headers say about who is asking, read in the headers callback: once
@@ -97,6 +108,8 @@ struct Call {
 struct Identity {
     /// The identity per budget, in budget order.
     budget_ids: Vec<String>,
+    /// The identity per global budget, in order.
+    global_ids: Vec<String>,
     priority: Priority,
     /// Seed of the deterministic degradation pick (Envoy's `x-request-id`).
     request_id: Option<String>,
@@ -198,6 +211,11 @@ impl Exchange {
                 .iter()
                 .map(|b| enforce::identity(host, b))
                 .collect(),
+            global_ids: config
+                .global_budgets
+                .iter()
+                .map(|b| enforce::identity_from(host, &b.key))
+                .collect(),
             priority: enforce::priority(host, config),
             request_id: host.request_header("x-request-id"),
             tenant_tag: config.tenant_tag.as_ref().map(|source| {
@@ -291,11 +309,13 @@ impl Exchange {
             rerouted: false,
             priority: who.priority,
             tenant_tag: who.tenant_tag.clone(),
+            holds: Vec::new(),
+            decision: None,
         };
         // The body as it will go upstream; rewritten by truncation, rerouting and usage
         // injection, and put back once at the end.
         let mut body: Option<Vec<u8>> = None;
-        if !config.budgets.is_empty() {
+        if config.has_budgets() {
             match self.enforce(host, &original, &mut call, &who, max_output) {
                 Ok(new_body) => body = new_body,
                 Err(reply) => return reply,
@@ -335,8 +355,232 @@ impl Exchange {
                 call.rerouted,
             ),
         );
-        self.phase = Phase::Forwarded(Box::new(call));
+        if !config.global_budgets.is_empty() {
+            return self.check_global(host, Box::new(call), &who.global_ids, max_output);
+        }
+        self.admitted(host, Box::new(call));
         Action::Continue
+    }
+
+    /// The request is admitted: count the decision and read the response as it comes.
+    fn admitted(&mut self, host: &mut dyn Host, mut call: Box<Call>) {
+        if let Some(decision) = call.decision.take() {
+            self.decision(host, &call, decision, None);
+        }
+        self.phase = Phase::Forwarded(call);
+    }
+
+    /// Ask the rate limit service to reserve the request on every global budget, and hold
+    /// the request until it answers (or answer now, if no call could be sent).
+    fn check_global(
+        &mut self,
+        host: &mut dyn Host,
+        call: Box<Call>,
+        ids: &[String],
+        max_output: u64,
+    ) -> Action {
+        let filter = Rc::clone(&self.filter);
+        let config = &filter.config;
+        let Some(service) = &config.rate_limit_service else {
+            self.admitted(host, call);
+            return Action::Continue;
+        };
+        let hits: Vec<u64> = config
+            .global_budgets
+            .iter()
+            .map(|budget| {
+                global::reservation(
+                    &config.prices,
+                    budget,
+                    &call.served_model,
+                    call.prompt.tokens,
+                    max_output,
+                )
+                .unwrap_or(u64::MAX)
+            })
+            .collect();
+        if let Some(i) = hits.iter().position(|&h| h > u64::from(u32::MAX)) {
+            // More than one call can carry: this request can never pass. Nothing is sent.
+            let check = global::Check {
+                token: 0,
+                budget: i,
+                key: ids[i].clone(),
+                hits: hits[i],
+                outcome: Some(global::Outcome::OverLimit(None)),
+            };
+            return self.conclude(host, call, vec![check]);
+        }
+        let mut checks = Vec::with_capacity(config.global_budgets.len());
+        for (i, (budget, key)) in config.global_budgets.iter().zip(ids).enumerate() {
+            let (token, outcome) =
+                match global::dispatch_check(host, service, &budget.name, key, hits[i]) {
+                    Ok(token) => (token, None),
+                    Err(reason) => (0, Some(global::Outcome::Failed(reason))),
+                };
+            checks.push(global::Check {
+                token,
+                budget: i,
+                key: key.clone(),
+                hits: hits[i],
+                outcome,
+            });
+        }
+        if checks.iter().all(|c| c.outcome.is_some()) {
+            return self.conclude(host, call, checks);
+        }
+        self.phase = Phase::Checking { call, checks };
+        Action::Pause
+    }
+
+    /// The rate limit service answered call `token` (`grpc_status` as Envoy reports it).
+    pub fn on_grpc_response(
+        &mut self,
+        host: &mut dyn Host,
+        token: u32,
+        grpc_status: u32,
+        body_size: usize,
+    ) {
+        let Phase::Checking { checks, .. } = &mut self.phase else {
+            return;
+        };
+        let Some(check) = checks
+            .iter_mut()
+            .find(|c| c.token == token && c.outcome.is_none())
+        else {
+            return;
+        };
+        let body = if grpc_status == 0 {
+            host.grpc_response_body(body_size)
+        } else {
+            None
+        };
+        check.outcome = Some(global::outcome(grpc_status, body.as_deref()));
+        if checks.iter().any(|c| c.outcome.is_none()) {
+            return;
+        }
+        let Phase::Checking { call, checks } = std::mem::replace(&mut self.phase, Phase::Idle)
+        else {
+            return;
+        };
+        if self.conclude(host, call, checks) == Action::Continue {
+            host.resume_request();
+        }
+    }
+
+    /// Every global check has an outcome: admit (Continue) or answer (Pause).
+    fn conclude(
+        &mut self,
+        host: &mut dyn Host,
+        mut call: Box<Call>,
+        checks: Vec<global::Check>,
+    ) -> Action {
+        let filter = Rc::clone(&self.filter);
+        let config = &filter.config;
+        let mode = config
+            .rate_limit_service
+            .as_ref()
+            .map_or(FailureMode::Open, |s| s.on_failure);
+        let mut refusal: Option<(&global::Check, Option<rls::DescriptorStatus>)> = None;
+        let mut failure: Option<&global::Check> = None;
+        for check in &checks {
+            let name = config.global_budgets[check.budget].name.as_str();
+            match &check.outcome {
+                Some(global::Outcome::Ok(status)) => {
+                    call.holds.push(global::Hold {
+                        budget: check.budget,
+                        key: check.key.clone(),
+                        hits: check.hits,
+                    });
+                    let budget = &config.global_budgets[check.budget];
+                    if let (Unit::Tokens, Some(s)) = (budget.unit, status) {
+                        if let Some(limit) = s.limit {
+                            let h = RateHeaders {
+                                limit: u64::from(limit),
+                                remaining: u64::from(s.remaining),
+                                reset_ms: s.reset_secs.unwrap_or(0).saturating_mul(1000),
+                            };
+                            if call.rate.is_none_or(|old| h.remaining < old.remaining) {
+                                call.rate = Some(h);
+                            }
+                        }
+                    }
+                }
+                Some(global::Outcome::OverLimit(status)) if refusal.is_none() => {
+                    refusal = Some((check, *status));
+                }
+                Some(global::Outcome::OverLimit(_)) => {}
+                Some(global::Outcome::Failed(reason)) => {
+                    host.counter_add(
+                        Stat::new("global_errors")
+                            .tag("budget", name)
+                            .tag("call", "reserve")
+                            .tag("reason", reason)
+                            .name(),
+                        1,
+                    );
+                    host.log(
+                        Level::Warn,
+                        &format!(
+                            "#{} global budget {name}: no verdict from the rate limit service ({reason}); failing {}",
+                            self.id,
+                            match mode {
+                                FailureMode::Open => "open",
+                                FailureMode::Closed => "closed",
+                            }
+                        ),
+                    );
+                    match mode {
+                        FailureMode::Open => {
+                            host.counter_add(Stat::new("fail_open").tag("budget", name).name(), 1);
+                        }
+                        FailureMode::Closed => {
+                            if failure.is_none() {
+                                failure = Some(check);
+                            }
+                        }
+                    }
+                }
+                None => {}
+            }
+        }
+        if refusal.is_none() && failure.is_none() {
+            self.admitted(host, call);
+            return Action::Continue;
+        }
+        // Refused: local reservations go back; what the service already took cannot.
+        let now_ms = host.now_ms();
+        enforce::settle(host, config, &call.reservations, |_, _| 0, now_ms);
+        for hold in &call.holds {
+            let name = &config.global_budgets[hold.budget].name;
+            add(
+                host,
+                &Stat::new("global_unreturned").tag("budget", name),
+                hold.hits,
+            );
+        }
+        if let Some((check, status)) = refusal {
+            let budget = &config.global_budgets[check.budget];
+            self.decision(host, &call, "rejected", Some(&budget.name));
+            reject_global(
+                host,
+                budget,
+                check.hits,
+                status,
+                config.should_retry_max_secs,
+            );
+        } else if let Some(check) = failure {
+            let name = &config.global_budgets[check.budget].name;
+            self.decision(host, &call, "unavailable", Some(name));
+            send_error(
+                host,
+                503,
+                "tokenfuse: the budget service did not answer; retry",
+                "server_error",
+                "budget_service_unavailable",
+                &[("retry-after", "1")],
+            );
+        }
+        Action::Pause
     }
 
     /// Request trailers arrived: the body is complete (HTTP/2 requests with trailers never
@@ -418,22 +662,23 @@ impl Exchange {
 
         // The per-request cap (circuit breaker).
         let estimate = call.prompt.tokens.saturating_add(max_output);
-        let mut trunc_cap: Option<u64> = None;
-        for budget in &config.budgets {
-            let Some(cap) = budget.max_request_tokens else {
-                continue;
-            };
+        let mut trunc_cap: Option<(u64, &str)> = None;
+        for (name, cap, oversize) in config.request_caps() {
             if estimate <= cap {
                 continue;
             }
-            match budget.oversize {
+            match oversize {
                 OversizeAction::Reject => {
-                    return Err(self.oversize(host, call, &budget.name, cap, estimate))
+                    return Err(self.oversize(host, call, name, cap, estimate))
                 }
-                OversizeAction::Truncate => trunc_cap = Some(trunc_cap.map_or(cap, |c| c.min(cap))),
+                OversizeAction::Truncate => {
+                    if trunc_cap.is_none_or(|(c, _)| cap < c) {
+                        trunc_cap = Some((cap, name));
+                    }
+                }
             }
         }
-        if let Some(cap) = trunc_cap {
+        if let Some((cap, cap_budget)) = trunc_cap {
             let fitted = cap.checked_sub(max_output).and_then(|max_prompt| {
                 truncate::truncate(call.kind, original, max_prompt, |p| {
                     let m = p.model().unwrap_or(&call.served_model).to_string();
@@ -450,15 +695,7 @@ impl Exchange {
                     };
                     body = Some(t.body);
                 }
-                None => {
-                    let name = config
-                        .budgets
-                        .iter()
-                        .find(|b| b.max_request_tokens == Some(cap))
-                        .map(|b| b.name.clone())
-                        .unwrap_or_default();
-                    return Err(self.oversize(host, call, &name, cap, estimate));
-                }
+                None => return Err(self.oversize(host, call, cap_budget, cap, estimate)),
             }
         }
 
@@ -525,7 +762,8 @@ impl Exchange {
                     (None, _, false) => "warned",
                     (None, _, true) => "allowed",
                 };
-                self.decision(host, call, decision, None);
+                // Counted once the global budgets (if any) have admitted it too.
+                call.decision = Some(decision);
                 if let Some(to) = reroute_to {
                     let current = body.as_deref().unwrap_or(original);
                     body = Some(with_model(current, &to).unwrap_or_else(|| current.to_vec()));
@@ -726,8 +964,15 @@ impl Exchange {
 
     /// Settle the exchange into stats and budgets, exactly once.
     fn settle(&mut self, host: &mut dyn Host, ended: bool) {
-        let Phase::Forwarded(mut call) = std::mem::replace(&mut self.phase, Phase::Idle) else {
-            return;
+        let mut call = match std::mem::replace(&mut self.phase, Phase::Idle) {
+            Phase::Forwarded(call) => call,
+            // The client left while the rate limit service was asked: Envoy cancels the
+            // calls, nothing went upstream, local reservations go back.
+            Phase::Checking { mut call, .. } => {
+                call.decision = None;
+                call
+            }
+            _ => return,
         };
         let cluster = call
             .cluster
@@ -862,6 +1107,7 @@ impl Exchange {
             }
         }
         self.settle_budgets(host, &call, &billed);
+        self.settle_global(host, &call, &billed);
         host.log(
             Level::Debug,
             &format!(
@@ -918,6 +1164,39 @@ impl Exchange {
                     self.id
                 ),
             );
+        }
+    }
+
+    /// Queue what the global budgets are owed beyond their holds; count what they keep
+    /// beyond the cost (the protocol cannot give hits back).
+    fn settle_global(&self, host: &mut dyn Host, call: &Call, billed: &Billed) {
+        let config = &self.filter.config;
+        for hold in &call.holds {
+            let Some(budget) = config.global_budgets.get(hold.budget) else {
+                continue;
+            };
+            let cost = match billed {
+                Billed::Nothing => 0,
+                Billed::Usage { usage, .. } => {
+                    global::actual(&config.prices, budget, &call.served_model, usage)
+                }
+                Billed::Unknown => hold.hits,
+            };
+            if cost > hold.hits {
+                self.filter.settlements.borrow_mut().add(
+                    host,
+                    config,
+                    hold.budget,
+                    &hold.key,
+                    cost - hold.hits,
+                );
+            } else {
+                add(
+                    host,
+                    &Stat::new("global_unreturned").tag("budget", &budget.name),
+                    hold.hits - cost,
+                );
+            }
         }
     }
 
@@ -1009,6 +1288,64 @@ impl Exchange {
             }
         }
     }
+}
+
+/// 429 for a global budget the rate limit service says is spent.
+fn reject_global(
+    host: &mut dyn Host,
+    budget: &crate::config::GlobalBudget,
+    needed: u64,
+    status: Option<rls::DescriptorStatus>,
+    should_retry_max_secs: u64,
+) {
+    let hopeless = needed > u64::from(u32::MAX);
+    // Without a reset from the service, a minute is a polite guess.
+    let retry_after_secs = status.and_then(|s| s.reset_secs).unwrap_or(60).max(1);
+    let unit = if budget.unit == Unit::Tokens {
+        "tokens"
+    } else {
+        "micro-USD"
+    };
+    let message = if hopeless {
+        format!(
+            "tokenfuse: this request needs {needed} {unit}, more than global budget '{}' can ever grant; lower max_tokens or shorten the prompt",
+            budget.name
+        )
+    } else {
+        format!(
+            "tokenfuse: global budget '{}' is spent for this key: this request needs {needed} {unit}; retry in {retry_after_secs}s",
+            budget.name
+        )
+    };
+    let retry_after = retry_after_secs.to_string();
+    let reset = go_duration(retry_after_secs.saturating_mul(1000));
+    let known = match (budget.unit, status) {
+        (
+            Unit::Tokens,
+            Some(rls::DescriptorStatus {
+                limit: Some(l),
+                remaining: r,
+                ..
+            }),
+        ) => Some((l.to_string(), r.to_string())),
+        _ => None,
+    };
+    let mut headers: Vec<(&str, &str)> = vec![("retry-after", &retry_after)];
+    if let Some((limit, remaining)) = &known {
+        headers.push(("x-ratelimit-limit-tokens", limit));
+        headers.push(("x-ratelimit-remaining-tokens", remaining));
+        headers.push(("x-ratelimit-reset-tokens", &reset));
+    }
+    if hopeless || retry_after_secs > should_retry_max_secs {
+        headers.push(("x-should-retry", "false"));
+    }
+    headers.push(("x-tokenfuse-budget", &budget.name));
+    let kind = if budget.unit == Unit::Tokens {
+        "tokens"
+    } else {
+        "usd"
+    };
+    send_error(host, 429, &message, kind, "rate_limit_exceeded", &headers);
 }
 
 fn add(host: &mut dyn Host, stat: &Stat, n: u64) {
@@ -1895,5 +2232,290 @@ mod tests {
         let n = h.request_body.len();
         ex.on_request_body(&mut h, n, true);
         assert_eq!(h.reply.as_ref().map(|r| r.status), Some(429));
+    }
+
+    const GLOBAL: &str = r#"{"api":"v1",
+        "rate_limit_service":{"cluster":"rls","domain":"tf","timeout_ms":80,"on_failure":"closed"},
+        "budgets":[{"name":"minute","key":"header:x-tenant","window":"minute","base":1000},
+                   {"name":"daily","key":"header:x-tenant","backend":"global","max_request_tokens":4000}]}"#;
+
+    fn global_request(config: &str, shared: &FakeHost) -> (Rc<Filter>, Exchange, FakeHost) {
+        let f = filter(config);
+        let h = budget_host("acme", &chat_with(100), shared);
+        let ex = Exchange::new(f.clone(), 1);
+        (f, ex, h)
+    }
+
+    fn rls_answer(ex: &mut Exchange, h: &mut FakeHost, call: usize, grpc_status: u32, body: &[u8]) {
+        h.grpc_body = body.to_vec();
+        let token = h.grpc_calls[call].token;
+        ex.on_grpc_response(h, token, grpc_status, body.len());
+    }
+
+    #[test]
+    fn a_global_budget_holds_the_request_until_the_service_admits_it() {
+        let shared = FakeHost::default();
+        let (f, mut ex, mut h) = global_request(GLOBAL, &shared);
+        assert_eq!(send_request(&mut ex, &mut h, 1 << 20), Action::Pause);
+        assert_eq!(h.grpc_calls.len(), 1);
+        let call = &h.grpc_calls[0];
+        assert_eq!(
+            (
+                call.cluster.as_str(),
+                call.service.as_str(),
+                call.method.as_str()
+            ),
+            ("rls", rls::SERVICE, rls::METHOD)
+        );
+        assert_eq!(call.timeout_ms, 80);
+        let service = f.config.rate_limit_service.as_ref().unwrap();
+        assert_eq!(
+            call.message,
+            global::request_message(service, "daily", "acme", 108),
+            "prompt 8 + max_tokens 100"
+        );
+        assert_eq!(
+            minute_used(&shared, &f, "acme"),
+            108,
+            "local reserved first"
+        );
+        assert_eq!(h.resumed, 0);
+        assert_eq!(
+            h.counter_sum("tokenfuse_decisions", &[]),
+            0,
+            "not decided yet"
+        );
+        rls_answer(&mut ex, &mut h, 0, 0, &[0x08, 1]);
+        assert_eq!(h.resumed, 1);
+        assert!(h.reply.is_none());
+        assert_eq!(
+            h.counter_sum("tokenfuse_decisions", &["decision=.=allowed;"]),
+            1
+        );
+        // Cost above the hold (8 + 300 > 108): the difference is queued for the root.
+        respond(
+            &mut ex,
+            &mut h,
+            "200",
+            "application/json",
+            br#"{"usage":{"prompt_tokens":8,"completion_tokens":300}}"#,
+            7,
+        );
+        let mut queue = f.settlements.borrow_mut();
+        assert_eq!(queue.len(), 1);
+        let before = h.grpc_calls.len();
+        queue.flush(&mut h, &f.config);
+        assert_eq!(
+            h.grpc_calls[before].message,
+            global::request_message(service, "daily", "acme", 200)
+        );
+    }
+
+    #[test]
+    fn a_cost_below_the_hold_is_counted_as_unreturned() {
+        let shared = FakeHost::default();
+        let (f, mut ex, mut h) = global_request(GLOBAL, &shared);
+        send_request(&mut ex, &mut h, 1 << 20);
+        rls_answer(&mut ex, &mut h, 0, 0, &[0x08, 1]);
+        respond(
+            &mut ex,
+            &mut h,
+            "200",
+            "application/json",
+            br#"{"usage":{"prompt_tokens":8,"completion_tokens":2}}"#,
+            7,
+        );
+        assert!(f.settlements.borrow().is_empty());
+        assert_eq!(
+            h.counter("tokenfuse_global_unreturned.budget=.=daily;.;"),
+            98
+        );
+        assert_eq!(
+            minute_used(&shared, &f, "acme"),
+            10,
+            "local settles exactly"
+        );
+    }
+
+    #[test]
+    fn over_limit_answers_429_and_gives_the_local_reservation_back() {
+        let shared = FakeHost::default();
+        let (f, mut ex, mut h) = global_request(GLOBAL, &shared);
+        send_request(&mut ex, &mut h, 1 << 20);
+        // OVER_LIMIT with a status: limit 5000, 0 left, resets in 120 s.
+        let limit = [0x08, 0x88, 0x27, 0x10, 4];
+        let reset = [0x08, 120];
+        let status = [
+            &[0x08, 2, 0x12, limit.len() as u8][..],
+            &limit,
+            &[0x18, 0, 0x22, reset.len() as u8],
+            &reset,
+        ]
+        .concat();
+        let body = [&[0x08, 2, 0x12, status.len() as u8][..], &status].concat();
+        rls_answer(&mut ex, &mut h, 0, 0, &body);
+        let reply = h.reply.clone().expect("a local reply");
+        assert_eq!(reply.status, 429);
+        assert_eq!(reply.header("retry-after"), Some("120"));
+        assert_eq!(reply.header("x-ratelimit-limit-tokens"), Some("5000"));
+        assert_eq!(reply.header("x-ratelimit-remaining-tokens"), Some("0"));
+        assert_eq!(reply.header("x-tokenfuse-budget"), Some("daily"));
+        assert_eq!(
+            reply.header("x-should-retry"),
+            Some("false"),
+            "120 s > 60 s"
+        );
+        assert!(String::from_utf8_lossy(&reply.body).contains("global budget 'daily'"));
+        assert_eq!(h.resumed, 0);
+        assert_eq!(minute_used(&shared, &f, "acme"), 0, "local refunded");
+        assert_eq!(
+            h.counter_sum(
+                "tokenfuse_decisions",
+                &["decision=.=rejected;", "budget=.=daily;"]
+            ),
+            1
+        );
+        assert_eq!(h.counter_sum("tokenfuse_decisions", &[]), 1, "decided once");
+        ex.on_done(&mut h);
+        assert!(f.settlements.borrow().is_empty());
+    }
+
+    #[test]
+    fn a_timeout_fails_closed_with_503_when_configured() {
+        let shared = FakeHost::default();
+        let (f, mut ex, mut h) = global_request(GLOBAL, &shared);
+        send_request(&mut ex, &mut h, 1 << 20);
+        rls_answer(&mut ex, &mut h, 0, 4, &[]);
+        assert_eq!(h.reply.as_ref().map(|r| r.status), Some(503));
+        assert_eq!(minute_used(&shared, &f, "acme"), 0);
+        assert_eq!(
+            h.counter_sum(
+                "tokenfuse_global_errors",
+                &["budget=.=daily;", "call=.=reserve;", "reason=.=timeout"]
+            ),
+            1
+        );
+        assert_eq!(
+            h.counter_sum("tokenfuse_decisions", &["decision=.=unavailable;"]),
+            1
+        );
+    }
+
+    #[test]
+    fn a_failure_fails_open_by_default_and_holds_nothing() {
+        let config = GLOBAL.replace(r#","on_failure":"closed""#, "");
+        let shared = FakeHost::default();
+        let (f, mut ex, mut h) = global_request(&config, &shared);
+        send_request(&mut ex, &mut h, 1 << 20);
+        rls_answer(&mut ex, &mut h, 0, 14, &[]);
+        assert!(h.reply.is_none());
+        assert_eq!(h.resumed, 1);
+        assert_eq!(h.counter("tokenfuse_fail_open.budget=.=daily;.;"), 1);
+        respond(
+            &mut ex,
+            &mut h,
+            "200",
+            "application/json",
+            br#"{"usage":{"prompt_tokens":8,"completion_tokens":500}}"#,
+            64,
+        );
+        assert!(
+            f.settlements.borrow().is_empty(),
+            "nothing was held, so nothing is settled"
+        );
+    }
+
+    #[test]
+    fn a_call_that_cannot_be_sent_applies_the_failure_mode_without_pausing() {
+        let config = GLOBAL.replace(r#""closed""#, r#""open""#);
+        let shared = FakeHost::default();
+        let (_f, mut ex, mut h) = global_request(&config, &shared);
+        h.grpc_broken = true;
+        assert_eq!(send_request(&mut ex, &mut h, 1 << 20), Action::Continue);
+        assert_eq!(
+            h.counter_sum("tokenfuse_global_errors", &["reason=.=dispatch"]),
+            1
+        );
+        assert_eq!(h.resumed, 0, "never paused, nothing to resume");
+    }
+
+    #[test]
+    fn a_garbled_or_unknown_answer_is_a_failure_not_an_admission() {
+        for body in [&[0x12, 9][..], &[][..], &[0x08, 0][..]] {
+            let shared = FakeHost::default();
+            let (_f, mut ex, mut h) = global_request(GLOBAL, &shared);
+            send_request(&mut ex, &mut h, 1 << 20);
+            rls_answer(&mut ex, &mut h, 0, 0, body);
+            assert_eq!(h.reply.as_ref().map(|r| r.status), Some(503), "{body:?}");
+        }
+    }
+
+    #[test]
+    fn a_client_that_leaves_during_the_check_gets_its_local_reservation_back() {
+        let shared = FakeHost::default();
+        let (f, mut ex, mut h) = global_request(GLOBAL, &shared);
+        send_request(&mut ex, &mut h, 1 << 20);
+        ex.on_done(&mut h);
+        assert_eq!(minute_used(&shared, &f, "acme"), 0);
+        // A late answer for a finished exchange changes nothing.
+        rls_answer(&mut ex, &mut h, 0, 0, &[0x08, 1]);
+        assert_eq!(h.resumed, 0);
+        assert_eq!(h.counter_sum("tokenfuse_decisions", &[]), 0);
+    }
+
+    #[test]
+    fn the_per_request_cap_of_a_global_budget_applies_before_asking() {
+        let shared = FakeHost::default();
+        let f = filter(GLOBAL);
+        let mut h = budget_host("acme", &chat_with(5000), &shared);
+        let mut ex = Exchange::new(f, 1);
+        send_request(&mut ex, &mut h, 1 << 20);
+        assert_eq!(h.reply.as_ref().map(|r| r.status), Some(400));
+        assert!(h.grpc_calls.is_empty());
+    }
+
+    #[test]
+    fn a_request_larger_than_a_call_can_carry_is_refused_without_a_call() {
+        let config = GLOBAL.replace(r#","max_request_tokens":4000"#, "");
+        let config = config.replace(r#""base":1000"#, r#""base":1e15"#);
+        let shared = FakeHost::default();
+        let f = filter(&config);
+        let mut h = budget_host("acme", &chat_with(5_000_000_000), &shared);
+        let mut ex = Exchange::new(f, 1);
+        send_request(&mut ex, &mut h, 1 << 20);
+        let reply = h.reply.clone().unwrap();
+        assert_eq!(reply.status, 429);
+        assert_eq!(reply.header("x-should-retry"), Some("false"));
+        assert!(h.grpc_calls.is_empty());
+    }
+
+    #[test]
+    fn every_global_budget_is_asked_and_any_refusal_wins() {
+        let config = r#"{"api":"v1","rate_limit_service":{"cluster":"rls"},
+            "prices":{"*":{"input":1,"output":1}},
+            "budgets":[{"name":"tok","key":"header:x-tenant","backend":"global"},
+                       {"name":"usd","key":"constant:all","backend":"global","unit":"usd"}]}"#;
+        let shared = FakeHost::default();
+        let (f, mut ex, mut h) = global_request(config, &shared);
+        assert_eq!(send_request(&mut ex, &mut h, 1 << 20), Action::Pause);
+        assert_eq!(h.grpc_calls.len(), 2);
+        let service = f.config.rate_limit_service.as_ref().unwrap();
+        assert_eq!(
+            h.grpc_calls[1].message,
+            global::request_message(service, "usd", "all", 108),
+            "$1/M each way: 108 micro-USD"
+        );
+        rls_answer(&mut ex, &mut h, 1, 0, &[0x08, 1]);
+        assert!(
+            h.reply.is_none() && h.resumed == 0,
+            "still waiting for the first"
+        );
+        rls_answer(&mut ex, &mut h, 0, 0, &[0x08, 2]);
+        assert_eq!(h.reply.as_ref().map(|r| r.status), Some(429));
+        assert_eq!(
+            h.counter("tokenfuse_global_unreturned.budget=.=usd;.;"),
+            108,
+            "the admitting budget keeps its hits"
+        );
     }
 }

@@ -7,6 +7,7 @@
 use std::cell::RefCell;
 
 use crate::config::Config;
+use crate::global::SettleQueue;
 use crate::stats::TagLimiter;
 use crate::tokens::{TokenizerError, Tokenizers};
 
@@ -19,6 +20,8 @@ pub struct Filter {
     pub tokenizers: Tokenizers,
     model_tags: RefCell<TagLimiter>,
     tenant_tags: RefCell<TagLimiter>,
+    /// Global-budget settlements waiting for the root context's next tick.
+    pub settlements: RefCell<SettleQueue>,
 }
 
 impl Filter {
@@ -33,6 +36,7 @@ impl Filter {
             tokenizers,
             model_tags,
             tenant_tags,
+            settlements: RefCell::new(SettleQueue::default()),
         })
     }
 

@@ -22,6 +22,10 @@ pub enum SharedError {
     Failed,
 }
 
+/// The proxy refused to start a gRPC call (unknown cluster, say).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GrpcRefused;
+
 /// What an exchange needs from the proxy for one HTTP stream.
 pub trait Host {
     /// A request header (`:method`, `:path` included).
@@ -59,6 +63,21 @@ pub trait Host {
     fn clear_route_cache(&mut self);
     /// The name of the route Envoy matched, if any.
     fn route_name(&self) -> Option<String>;
+    /// Start a unary gRPC call on `cluster`; its answer reaches the calling context's
+    /// `on_grpc_response` with the returned token (Envoy ends it after `timeout_ms`).
+    /// `Err` when the proxy refused to start it (no such cluster, say).
+    fn grpc_call(
+        &mut self,
+        cluster: &str,
+        service: &str,
+        method: &str,
+        message: &[u8],
+        timeout_ms: u64,
+    ) -> Result<u32, GrpcRefused>;
+    /// The body of the gRPC response being delivered, `size` bytes.
+    fn grpc_response_body(&self, size: usize) -> Option<Vec<u8>>;
+    /// Let a request held in the body phase go on upstream.
+    fn resume_request(&mut self);
 }
 
 #[cfg(test)]
@@ -69,7 +88,7 @@ pub mod fake {
     use std::collections::{BTreeMap, HashMap};
     use std::rc::Rc;
 
-    use super::{Host, Level, SharedError};
+    use super::{GrpcRefused, Host, Level, SharedError};
 
     /// Shared data with Envoy's semantics, shareable between fake hosts (one per
     /// simulated worker or request).
@@ -101,6 +120,17 @@ pub mod fake {
         }
     }
 
+    /// A gRPC call the code under test started.
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct GrpcCall {
+        pub token: u32,
+        pub cluster: String,
+        pub service: String,
+        pub method: String,
+        pub message: Vec<u8>,
+        pub timeout_ms: u64,
+    }
+
     /// Records everything; tests set the request/response side and read the effects.
     #[derive(Debug, Default)]
     pub struct FakeHost {
@@ -117,6 +147,12 @@ pub mod fake {
         pub now_ms: Cell<i64>,
         pub route: Option<String>,
         pub route_cache_cleared: u32,
+        pub grpc_calls: Vec<GrpcCall>,
+        /// Every `grpc_call` is refused.
+        pub grpc_broken: bool,
+        /// What `grpc_response_body` returns.
+        pub grpc_body: Vec<u8>,
+        pub resumed: u32,
     }
 
     fn get(list: &[(String, String)], name: &str) -> Option<String> {
@@ -263,6 +299,34 @@ pub mod fake {
         }
         fn route_name(&self) -> Option<String> {
             self.route.clone()
+        }
+        fn grpc_call(
+            &mut self,
+            cluster: &str,
+            service: &str,
+            method: &str,
+            message: &[u8],
+            timeout_ms: u64,
+        ) -> Result<u32, GrpcRefused> {
+            if self.grpc_broken {
+                return Err(GrpcRefused);
+            }
+            let token = 100 + self.grpc_calls.len() as u32;
+            self.grpc_calls.push(GrpcCall {
+                token,
+                cluster: cluster.to_string(),
+                service: service.to_string(),
+                method: method.to_string(),
+                message: message.to_vec(),
+                timeout_ms,
+            });
+            Ok(token)
+        }
+        fn grpc_response_body(&self, size: usize) -> Option<Vec<u8>> {
+            Some(self.grpc_body[..size.min(self.grpc_body.len())].to_vec())
+        }
+        fn resume_request(&mut self) {
+            self.resumed += 1;
         }
     }
 }

@@ -13,10 +13,12 @@ pub mod config;
 pub mod enforce;
 pub mod exchange;
 pub mod filter;
+pub mod global;
 pub mod host;
 pub mod ledger;
 pub mod price;
 pub mod prompt;
+pub mod rls;
 pub mod sse;
 pub mod stats;
 pub mod tokens;
@@ -30,6 +32,7 @@ mod wasm_host;
 #[cfg(target_arch = "wasm32")]
 mod glue {
     use std::rc::Rc;
+    use std::time::Duration;
 
     use proxy_wasm::traits::{Context, HttpContext, RootContext};
     use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -52,7 +55,25 @@ mod glue {
         filter: Option<Rc<Filter>>,
     }
 
-    impl Context for TokenfuseRoot {}
+    impl Context for TokenfuseRoot {
+        fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+            let Some(filter) = &self.filter else {
+                return;
+            };
+            let body = if status_code == 0 {
+                WasmHost.grpc_response_body(response_size)
+            } else {
+                None
+            };
+            filter.settlements.borrow_mut().on_response(
+                &mut WasmHost,
+                &filter.config,
+                token_id,
+                status_code,
+                body.as_deref(),
+            );
+        }
+    }
 
     impl RootContext for TokenfuseRoot {
         fn on_configure(&mut self, size: usize) -> bool {
@@ -77,12 +98,26 @@ mod glue {
                             WasmHost.now_ms().saturating_sub(started)
                         ),
                     );
+                    if let Some(service) = &filter.config.rate_limit_service {
+                        // Global-budget settlements go out on the root's tick: the calls
+                        // must outlive the requests that owe them.
+                        self.set_tick_period(Duration::from_millis(service.flush_interval_ms));
+                    }
                     self.filter = Some(Rc::new(filter));
                     true
                 }
                 Err(e) => {
                     WasmHost.log(Level::Error, &format!("{e}; the plugin is not started"));
                     false
+                }
+            }
+        }
+
+        fn on_tick(&mut self) {
+            if let Some(filter) = &self.filter {
+                let mut queue = filter.settlements.borrow_mut();
+                if !queue.is_empty() {
+                    queue.flush(&mut WasmHost, &filter.config);
                 }
             }
         }
@@ -112,6 +147,11 @@ mod glue {
     }
 
     impl Context for TokenfuseHttp {
+        fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+            self.exchange
+                .on_grpc_response(&mut WasmHost, token_id, status_code, response_size);
+        }
+
         fn on_done(&mut self) -> bool {
             self.exchange.on_done(&mut WasmHost);
             true

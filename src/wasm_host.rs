@@ -5,15 +5,18 @@
 //! per VM and cached (each `define_metric` call would allocate a new id in Envoy).
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType, Status};
 
-use crate::host::{Host, Level, SharedError};
+use crate::host::{GrpcRefused, Host, Level, SharedError};
 
 thread_local! {
     static METRICS: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
+    /// Clusters Envoy has accepted a gRPC call for (see [`grpc_cluster_ready`]).
+    static GRPC_CLUSTERS: RefCell<HashSet<String>> = RefCell::new(HashSet::new());
 }
 
 /// The metric id of `name`, defined (once per VM) with `kind` on first use.
@@ -45,6 +48,68 @@ extern "C" {
         return_value_data: *mut *mut u8,
         return_value_size: *mut usize,
     ) -> u32;
+}
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    // The ABI behind the SDK's `dispatch_grpc_call`, used only to probe a cluster: the SDK
+    // panics on any status but Ok, ParseFailure and InternalFailure.
+    fn proxy_grpc_call(
+        upstream_data: *const u8,
+        upstream_size: usize,
+        service_name_data: *const u8,
+        service_name_size: usize,
+        method_name_data: *const u8,
+        method_name_size: usize,
+        initial_metadata_data: *const u8,
+        initial_metadata_size: usize,
+        request_data: *const u8,
+        request_size: usize,
+        timeout_milliseconds: u32,
+        token_ptr: *mut u32,
+    ) -> u32;
+    fn proxy_grpc_cancel(token_id: u32) -> u32;
+}
+
+/// Whether Envoy takes gRPC calls for `cluster`, found once per VM with a call to a method
+/// no service has, cancelled at once (no effect on the service). The SDK's dispatch panics
+/// — killing the VM — on the status Envoy gives for a cluster it cannot reach a client
+/// for; an unknown cluster must instead apply the failure mode.
+fn grpc_cluster_ready(cluster: &str) -> bool {
+    if GRPC_CLUSTERS.with(|c| c.borrow().contains(cluster)) {
+        return true;
+    }
+    const SERVICE: &str = "tokenfuse.Probe";
+    const METHOD: &str = "Probe";
+    // An empty metadata map in the ABI's serialisation: a zero count.
+    let metadata = 0u32.to_le_bytes();
+    let mut token = 0u32;
+    // SAFETY: every pointer/length pair describes a live slice; `token` is a valid u32.
+    let status = unsafe {
+        proxy_grpc_call(
+            cluster.as_ptr(),
+            cluster.len(),
+            SERVICE.as_ptr(),
+            SERVICE.len(),
+            METHOD.as_ptr(),
+            METHOD.len(),
+            metadata.as_ptr(),
+            metadata.len(),
+            std::ptr::null(),
+            0,
+            1,
+            &mut token,
+        )
+    };
+    if status != ABI_OK {
+        return false;
+    }
+    // SAFETY: a plain ABI call with the token Envoy just returned.
+    unsafe {
+        proxy_grpc_cancel(token);
+    }
+    GRPC_CLUSTERS.with(|c| c.borrow_mut().insert(cluster.to_string()));
+    true
 }
 
 /// `Status::Ok` in the ABI (a plain integer here: an unknown status from a newer host must
@@ -178,6 +243,36 @@ impl Host for WasmHost {
         // Newer ABIs no longer clear the route cache when a filter changes headers;
         // Envoy exposes it as a foreign function.
         let _ = hostcalls::call_foreign_function("clear_route_cache", Some(&[]));
+    }
+
+    fn grpc_call(
+        &mut self,
+        cluster: &str,
+        service: &str,
+        method: &str,
+        message: &[u8],
+        timeout_ms: u64,
+    ) -> Result<u32, GrpcRefused> {
+        if !grpc_cluster_ready(cluster) {
+            return Err(GrpcRefused);
+        }
+        hostcalls::dispatch_grpc_call(
+            cluster,
+            service,
+            method,
+            Vec::new(),
+            Some(message),
+            Duration::from_millis(timeout_ms),
+        )
+        .map_err(|_| GrpcRefused)
+    }
+
+    fn grpc_response_body(&self, size: usize) -> Option<Vec<u8>> {
+        buffer(BufferType::GrpcReceiveBuffer, size)
+    }
+
+    fn resume_request(&mut self) {
+        let _ = hostcalls::resume_http_request();
     }
 
     fn route_name(&self) -> Option<String> {
