@@ -513,7 +513,6 @@ impl Exchange {
                     host.counter_add(
                         Stat::new("global_errors")
                             .tag("budget", name)
-                            .tag("call", "reserve")
                             .tag("reason", reason)
                             .name(),
                         1,
@@ -2391,7 +2390,7 @@ mod tests {
         assert_eq!(
             h.counter_sum(
                 "tokenfuse_global_errors",
-                &["budget=.=daily;", "call=.=reserve;", "reason=.=timeout"]
+                &["budget=.=daily;", "reason=.=timeout"]
             ),
             1
         );

@@ -280,9 +280,8 @@ impl SettleQueue {
             }
             Outcome::Failed(reason) => {
                 host.counter_add(
-                    Stat::new("global_errors")
+                    Stat::new("global_settle_errors")
                         .tag("budget", name)
-                        .tag("call", "settle")
                         .tag("reason", reason)
                         .name(),
                     1,
@@ -432,10 +431,7 @@ mod tests {
             42
         );
         assert_eq!(
-            host.counter_sum(
-                "tokenfuse_global_errors",
-                &["call=.=settle", "reason=.=unavailable"]
-            ),
+            host.counter_sum("tokenfuse_global_settle_errors", &["reason=.=unavailable"]),
             1
         );
         assert!(host.log_text().contains("gave up settling 42 hits"));

@@ -83,7 +83,7 @@ fn an_unreachable_service_applies_the_failure_mode_quickly_and_is_counted() {
         }
         let errors = counter_sum(
             &stack.envoy,
-            &["tokenfuse_global_errors", "call=.=reserve;"],
+            &["tokenfuse_global_errors", "budget=.=daily;"],
             3,
         );
         assert_eq!(errors, 3, "{mode}");
