@@ -35,14 +35,26 @@ impl RlsClient {
         &mut self,
         request: RateLimitRequest,
     ) -> Result<RateLimitResponse, Status> {
+        self.call(SHOULD_RATE_LIMIT_PATH, request).await
+    }
+
+    /// Sends `request` to the method at gRPC `path` (`/package.Service/Method`).
+    pub async fn call(
+        &mut self,
+        path: &'static str,
+        request: RateLimitRequest,
+    ) -> Result<RateLimitResponse, Status> {
         self.grpc
             .ready()
             .await
             .map_err(|e| Status::unavailable(format!("connection not ready: {e}")))?;
-        let path = PathAndQuery::from_static(SHOULD_RATE_LIMIT_PATH);
         let codec = tonic_prost::ProstCodec::default();
         self.grpc
-            .unary(Request::new(request), path, codec)
+            .unary(
+                Request::new(request),
+                PathAndQuery::from_static(path),
+                codec,
+            )
             .await
             .map(tonic::Response::into_inner)
     }

@@ -201,3 +201,70 @@ async fn run(args: Args) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, String> {
+        Args::parse(args.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn listen_defaults_to_a_loopback_port_the_os_picks() {
+        let args = parse(&["--redis", "redis://127.0.0.1:6379", "--limits", "l.yaml"]).unwrap();
+        assert_eq!(args.listen, SocketAddr::from(([127, 0, 0, 1], 0)));
+        assert_eq!(args.headers, RateLimitHeaders::None);
+        assert!(!args.verbose && !args.validate);
+    }
+
+    #[test]
+    fn every_option_is_read() {
+        let args = parse(&[
+            "--listen",
+            "127.0.0.1:8081",
+            "--redis",
+            "redis://r:1",
+            "--limits",
+            "l.yaml",
+            "--rate-limit-headers",
+            "DRAFT_VERSION_03",
+            "-v",
+        ])
+        .unwrap();
+        assert_eq!(args.listen.port(), 8081);
+        assert_eq!(args.redis.as_deref(), Some("redis://r:1"));
+        assert_eq!(args.limits, PathBuf::from("l.yaml"));
+        assert_eq!(args.headers, RateLimitHeaders::DraftVersion03);
+        assert!(args.verbose);
+    }
+
+    #[test]
+    fn redis_is_required_except_to_validate() {
+        assert_eq!(
+            parse(&["--limits", "l.yaml"]).err().as_deref(),
+            Some("--redis is required")
+        );
+        assert!(parse(&["--validate", "--limits", "l.yaml"]).is_ok());
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        assert_eq!(
+            parse(&["--listen", "localhost:1"]).err().as_deref(),
+            Some("--listen \"localhost:1\" is not an IP:PORT address")
+        );
+        assert_eq!(
+            parse(&["--limits"]).err().as_deref(),
+            Some("--limits needs a value")
+        );
+        assert_eq!(
+            parse(&["--rate-limit-headers", "ON"]).err().as_deref(),
+            Some("--rate-limit-headers \"ON\": expected NONE or DRAFT_VERSION_03")
+        );
+        assert_eq!(
+            parse(&["--bogus"]).err().as_deref(),
+            Some("unknown argument \"--bogus\"")
+        );
+    }
+}
