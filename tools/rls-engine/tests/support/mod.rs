@@ -84,7 +84,7 @@ pub fn redis_server_binary() -> PathBuf {
         .unwrap_or(false);
     if !found {
         panic!(
-            "redis-server not found ({}): install it with `apt-get install -y redis-server` \
+            "redis-server not found ({}): install it with `apt-get install -y --no-install-recommends redis-server` \
              (Debian/Ubuntu) or set TOKENFUSE_REDIS_SERVER to its path",
             PathBuf::from(&name).display()
         );
