@@ -11,7 +11,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::envoy::EnvoySpec;
-use support::stack::{counter_sum, Stack};
+use support::http::Response;
+use support::redis::Redis;
+use support::rls_engine::{budget_limit_yaml, RlsEngine};
+use support::stack::{counter_sum, native_count, Stack};
+use tokenfuse::api::ApiKind;
 
 /// An HTTP/2 cluster `rls` at `port` (the rate limit service must be spoken to in HTTP/2).
 fn rls_cluster(name: &str, port: u16) -> String {
@@ -49,6 +53,252 @@ fn chat(max_tokens: u64) -> String {
     json!({"model": "gpt-4o", "max_tokens": max_tokens,
            "messages": [{"role": "user", "content": "hello there"}]})
     .to_string()
+}
+
+/// A chat body whose prompt plus `max_tokens` is exactly `reserve` tokens, and its prompt.
+fn chat_reserving(reserve: u64) -> (String, u64) {
+    let prompt = native_count(ApiKind::ChatCompletions, chat(1).as_bytes());
+    let body = chat(reserve - prompt);
+    assert_eq!(
+        native_count(ApiKind::ChatCompletions, body.as_bytes()),
+        prompt
+    );
+    (body, prompt)
+}
+
+/// POST `body` as `tenant`; the mock reports `prompt` + `completion` tokens of usage.
+fn ask(stack: &Stack, tenant: &str, body: &str, prompt: u64, completion: u64) -> Response {
+    let (p, c) = (prompt.to_string(), completion.to_string());
+    stack
+        .envoy
+        .post_json(
+            "/v1/chat/completions",
+            &[
+                ("x-tenant", tenant),
+                ("x-mock-prompt-tokens", &p),
+                ("x-mock-completion-tokens", &c),
+            ],
+            body,
+        )
+        .unwrap()
+}
+
+/// A stack whose filter runs `config`, with the engine as cluster `ratelimit`.
+fn stack_on(engine: &RlsEngine, config: &str) -> Stack {
+    Stack::start_with(config, |spec| EnvoySpec {
+        extra_clusters_yaml: Some(engine.envoy_cluster_yaml("ratelimit")),
+        ..spec
+    })
+}
+
+/// Requests alternate between the two proxies, one at a time, until `n` are sent; returns
+/// how many each admitted (200) and refused (429).
+fn alternate(
+    stacks: [&Stack; 2],
+    n: usize,
+    body: &str,
+    prompt: u64,
+    completion: u64,
+) -> [(u32, u32); 2] {
+    let mut tally = [(0, 0); 2];
+    for i in 0..n {
+        let r = ask(stacks[i % 2], "acme", body, prompt, completion);
+        match r.status {
+            200 => tally[i % 2].0 += 1,
+            429 => tally[i % 2].1 += 1,
+            s => panic!("request {i} on proxy {}: {s} {}", i % 2, r.text()),
+        }
+    }
+    tally
+}
+
+#[test]
+fn two_proxies_share_one_global_budget_where_local_budgets_double_it() {
+    const BUDGET: u64 = 10_000;
+    const RESERVE: u64 = 500;
+    let redis = Redis::start();
+    let engine = RlsEngine::start(&redis, &budget_limit_yaml("shared", BUDGET, 86_400));
+    let (body, prompt) = chat_reserving(RESERVE);
+    // The mock bills exactly the reservation, so neither backend refunds or charges extra.
+    let completion = RESERVE - prompt;
+
+    let global = json!({
+        "api": "v1",
+        "rate_limit_service": {"cluster": "ratelimit", "timeout_ms": 1000, "on_failure": "closed"},
+        "budgets": [{"name": "shared", "key": "header:x-tenant", "backend": "global"}],
+    })
+    .to_string();
+    let (a, b) = (stack_on(&engine, &global), stack_on(&engine, &global));
+    let g = alternate([&a, &b], 60, &body, prompt, completion);
+
+    let local = json!({
+        "api": "v1",
+        // p1 (the default priority) may use the whole limit, as on the global side.
+        "budgets": [{"name": "shared", "key": "header:x-tenant", "window": "day", "base": BUDGET,
+                     "priority_ceilings": {"p1": 1.0}}],
+    })
+    .to_string();
+    let (c, d) = (Stack::start(&local), Stack::start(&local));
+    let l = alternate([&c, &d], 60, &body, prompt, completion);
+
+    let admitted = |t: [(u32, u32); 2]| u64::from(t[0].0 + t[1].0);
+    println!(
+        "\n60 requests of {RESERVE} tokens, alternating over two Envoys, budget {BUDGET} tokens:\n\
+         | backend | proxy A admitted/refused | proxy B admitted/refused | admitted in total | tokens admitted |\n\
+         |---|---|---|---|---|\n\
+         | global (rls-engine + Redis) | {}/{} | {}/{} | {} | {} |\n\
+         | local (shared data per proxy) | {}/{} | {}/{} | {} | {} |\n",
+        g[0].0, g[0].1, g[1].0, g[1].1, admitted(g), admitted(g) * RESERVE,
+        l[0].0, l[0].1, l[1].0, l[1].1, admitted(l), admitted(l) * RESERVE,
+    );
+    assert_eq!(
+        admitted(g) * RESERVE,
+        BUDGET,
+        "the global budget admits exactly its limit over both proxies"
+    );
+    assert!(
+        g[0].0 > 0 && g[1].0 > 0,
+        "both proxies admitted some: {g:?}"
+    );
+    assert_eq!(
+        admitted(l) * RESERVE,
+        2 * BUDGET,
+        "each proxy's local budget admits the whole limit"
+    );
+    for stack in [&a, &b] {
+        assert!(
+            counter_sum(
+                &stack.envoy,
+                &[
+                    "tokenfuse_decisions",
+                    "decision=.=rejected;",
+                    "budget=.=shared;"
+                ],
+                1
+            ) > 0
+        );
+        assert_eq!(
+            counter_sum(&stack.envoy, &["tokenfuse_global_errors"], 0),
+            0
+        );
+    }
+}
+
+#[test]
+fn output_beyond_the_reservation_is_settled_with_the_service() {
+    const BUDGET: u64 = 1_000;
+    let redis = Redis::start();
+    let engine = RlsEngine::start(&redis, &budget_limit_yaml("shared", BUDGET, 86_400));
+    let config = json!({
+        "api": "v1",
+        "rate_limit_service": {"cluster": "ratelimit", "timeout_ms": 1000, "flush_interval_ms": 50},
+        "budgets": [{"name": "shared", "key": "header:x-tenant", "backend": "global"}],
+    })
+    .to_string();
+    let stack = stack_on(&engine, &config);
+    let (body, prompt) = chat_reserving(100);
+    // Reserved 100, billed 400: 300 more go to the service on a later tick.
+    let r = ask(&stack, "acme", &body, prompt, 400 - prompt);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        counter_sum(
+            &stack.envoy,
+            &["tokenfuse_global_settled", "budget=.=shared;"],
+            300
+        ),
+        300
+    );
+    // 400 of 1000 used: six more requests billed exactly their 100 fit, the seventh does not.
+    let mut admitted = 0;
+    loop {
+        let r = ask(&stack, "acme", &body, prompt, 100 - prompt);
+        if r.status != 200 {
+            assert_eq!(r.status, 429, "{}", r.text());
+            assert_eq!(r.header("x-tokenfuse-budget"), Some("shared"));
+            break;
+        }
+        admitted += 1;
+        assert!(admitted < 20, "never refused");
+    }
+    assert_eq!(admitted, 6);
+}
+
+#[test]
+fn the_service_stopped_mid_run_applies_the_failure_mode_and_enforcement_resumes() {
+    let redis = Redis::start();
+    let engine = RlsEngine::start(&redis, &budget_limit_yaml("shared", 1_000, 86_400));
+    let config = |mode: &str| {
+        json!({
+            "api": "v1",
+            "rate_limit_service": {"cluster": "ratelimit", "timeout_ms": 300, "on_failure": mode},
+            "budgets": [{"name": "shared", "key": "header:x-tenant", "backend": "global"}],
+        })
+        .to_string()
+    };
+    let open = stack_on(&engine, &config("open"));
+    let closed = stack_on(&engine, &config("closed"));
+    let (body, prompt) = chat_reserving(500);
+    let timed = |stack: &Stack, tenant: &str| {
+        let started = Instant::now();
+        let r = ask(stack, tenant, &body, prompt, 500 - prompt);
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(3),
+            "{tenant}: {took:?}, the request hung"
+        );
+        r.status
+    };
+    // Service up: two requests of 500 fill each tenant's 1000, the third is refused.
+    for (stack, tenant) in [(&open, "t-open"), (&closed, "t-closed")] {
+        let got: Vec<u16> = (0..3).map(|_| timed(stack, tenant)).collect();
+        assert_eq!(got, vec![200, 200, 429], "{tenant}");
+    }
+    // Service down: open admits, closed answers 503; nobody waits past the timeout.
+    assert!(engine.stop().success());
+    for _ in 0..3 {
+        assert_eq!(timed(&open, "t-open"), 200);
+        assert_eq!(timed(&closed, "t-closed"), 503);
+    }
+    for stack in [&open, &closed] {
+        assert_eq!(
+            counter_sum(
+                &stack.envoy,
+                &["tokenfuse_global_errors", "budget=.=shared;"],
+                3
+            ),
+            3
+        );
+    }
+    assert_eq!(
+        counter_sum(&open.envoy, &["tokenfuse_fail_open", "budget=.=shared;"], 3),
+        3
+    );
+    assert_eq!(
+        counter_sum(
+            &closed.envoy,
+            &["tokenfuse_decisions", "decision=.=unavailable;"],
+            3
+        ),
+        3
+    );
+    // Service back (Redis kept the counts): both tenants are over their budget again.
+    engine.start_again();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (o, c) = (timed(&open, "t-open"), timed(&closed, "t-closed"));
+        if (o, c) == (429, 429) {
+            break;
+        }
+        // Envoy reconnects to the restarted service on its own; until then the failure
+        // mode still applies.
+        assert!(
+            matches!((o, c), (200, 503) | (429, 503) | (200, 429)),
+            "{o} {c}"
+        );
+        assert!(Instant::now() < deadline, "enforcement did not resume");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(open.envoy.alive() && closed.envoy.alive());
 }
 
 /// A port nothing listens on.
