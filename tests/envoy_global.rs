@@ -370,3 +370,43 @@ fn an_unknown_service_cluster_fails_the_request_not_the_vm() {
     assert_eq!(r.status, 200);
     assert!(stack.envoy.alive());
 }
+
+/// Measurement, not a pass/fail check (`cargo test --test envoy_global -- --ignored
+/// --nocapture`): 16 concurrent clients over two proxies against one global budget that
+/// fits 20 requests. Limitador's Redis storage checks, then charges, in two round trips,
+/// so racing requests can each pass the check: the admitted count can exceed the budget by
+/// up to one reservation per concurrent racer (README, "Global budgets").
+#[test]
+#[ignore]
+fn concurrent_requests_against_limitador_over_redis() {
+    let redis = Redis::start();
+    for round in 0..3 {
+        let name = format!("race{round}");
+        let engine = RlsEngine::start(&redis, &budget_limit_yaml(&name, 10_000, 86_400));
+        let config = json!({
+            "api": "v1",
+            "rate_limit_service": {"cluster": "ratelimit", "timeout_ms": 2000, "on_failure": "closed"},
+            "budgets": [{"name": name, "key": "header:x-tenant", "backend": "global"}],
+        })
+        .to_string();
+        let (a, b) = (stack_on(&engine, &config), stack_on(&engine, &config));
+        let (body, prompt) = chat_reserving(500);
+        let admitted = std::sync::atomic::AtomicU32::new(0);
+        std::thread::scope(|s| {
+            for t in 0..16 {
+                let (stack, body, admitted) = (if t % 2 == 0 { &a } else { &b }, &body, &admitted);
+                s.spawn(move || {
+                    for _ in 0..5 {
+                        if ask(stack, "acme", body, prompt, 500 - prompt).status == 200 {
+                            admitted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                });
+            }
+        });
+        println!(
+            "round {round}: 80 requests from 16 concurrent clients, {} admitted; the budget fits 20",
+            admitted.load(std::sync::atomic::Ordering::SeqCst)
+        );
+    }
+}
