@@ -15,7 +15,9 @@ use support::rls_engine::{budget_limit_yaml, rls_engine_binary, RlsEngine};
 #[test]
 fn redis_answers_on_its_port_and_comes_back_empty_after_a_restart() {
     let redis = Redis::start();
+    assert!(redis.server_pid().is_some());
     assert_eq!(redis.command(&["SET", "k", "v"]).unwrap(), "+OK");
+    assert_eq!(redis.command(&["GET", "k"]).unwrap(), "v");
     assert_eq!(redis.command(&["DBSIZE"]).unwrap(), ":1");
     redis.stop();
     assert!(!redis.is_running());
