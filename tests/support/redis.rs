@@ -89,6 +89,7 @@ pub struct Redis {
 impl Redis {
     /// Starts a server on a free port; returns once it answers.
     pub fn start() -> Redis {
+        redis_server_binary(); // fails before leaving a directory behind
         let dir = fresh_dir("redis");
         for _ in 0..5 {
             let redis = Redis {

@@ -102,6 +102,7 @@ pub struct Redis {
 impl Redis {
     /// Starts one on a free port and waits until it answers PING.
     pub fn start() -> Redis {
+        redis_server_binary(); // fails before leaving a directory behind
         let dir = fresh_dir("redis");
         for _ in 0..5 {
             let port = free_port();
