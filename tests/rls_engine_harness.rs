@@ -15,7 +15,9 @@ use support::rls_engine::{budget_limit_yaml, rls_engine_binary, RlsEngine};
 #[test]
 fn redis_answers_on_its_port_and_comes_back_empty_after_a_restart() {
     let redis = Redis::start();
+    assert!(redis.server_pid().is_some());
     assert_eq!(redis.command(&["SET", "k", "v"]).unwrap(), "+OK");
+    assert_eq!(redis.command(&["GET", "k"]).unwrap(), "v");
     assert_eq!(redis.command(&["DBSIZE"]).unwrap(), ":1");
     redis.stop();
     assert!(!redis.is_running());
@@ -68,13 +70,14 @@ fn the_engine_stops_and_starts_again_on_the_same_port() {
 
 #[test]
 fn the_budget_limit_yaml_is_a_valid_limitador_limits_file() {
+    let engine = rls_engine_binary();
     let dir = std::env::temp_dir().join(format!("tokenfuse-limits-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("limits.yaml");
     let yaml = budget_limit_yaml("tenant-daily", 10_000, 86_400)
         + &budget_limit_yaml("tenant-minute", 1_000, 60);
     std::fs::write(&file, yaml).unwrap();
-    let out = Command::new(rls_engine_binary())
+    let out = Command::new(engine)
         .arg("--validate")
         .arg("--limits")
         .arg(&file)

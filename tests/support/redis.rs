@@ -2,7 +2,8 @@
 //! global-budget test engine ([`super::rls_engine`]).
 //!
 //! [`Redis::start`] runs one on a free 127.0.0.1 port in a fresh temp directory, without
-//! persistence (`--save '' --appendonly no`), and returns once it answers `PING`.
+//! persistence (`--save '' --appendonly no`), and returns once it answers there (checked
+//! with `INFO server`: the answering process must be the one just started).
 //! [`Redis::stop`] and [`Redis::start_again`] take it away and bring a new, empty one
 //! back on the same port (what "Redis restarted" looks like to the engine). Dropping it
 //! kills the process; when a test panics meanwhile, the tail of its log is printed.
@@ -11,7 +12,7 @@
 //! tests fail (never skip) with the command that installs it.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use super::envoy::spawn_from_keeper;
 
-/// How long [`Redis::start`] waits for `PING` to answer.
+/// How long [`Redis::start`] waits for the server to answer.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The `redis-server` binary: `$TOKENFUSE_REDIS_SERVER` or `redis-server` on `PATH`.
@@ -86,8 +87,9 @@ pub struct Redis {
 }
 
 impl Redis {
-    /// Starts a server on a free port; returns once it answers `PING`.
+    /// Starts a server on a free port; returns once it answers.
     pub fn start() -> Redis {
+        redis_server_binary(); // fails before leaving a directory behind
         let dir = fresh_dir("redis");
         for _ in 0..5 {
             let redis = Redis {
@@ -106,8 +108,8 @@ impl Redis {
         );
     }
 
-    /// Spawns the server on `self.port`; true once it answers `PING`, false if it exited
-    /// (the port was taken) or never answered.
+    /// Spawns the server on `self.port`; true once it answers, false if it exited (the
+    /// port was taken) or never answered.
     fn spawn(&self) -> bool {
         let mut command = Command::new(redis_server_binary());
         command
@@ -122,6 +124,7 @@ impl Redis {
             .stderr(Stdio::null());
         let child =
             spawn_from_keeper(command).unwrap_or_else(|e| panic!("cannot start redis-server: {e}"));
+        let pid = child.id();
         *self.child.lock().unwrap() = Some(child);
         let deadline = Instant::now() + START_TIMEOUT;
         while Instant::now() < deadline {
@@ -129,7 +132,9 @@ impl Redis {
                 *self.child.lock().unwrap() = None;
                 return false;
             }
-            if self.command(&["PING"]).is_ok_and(|reply| reply == "+PONG") {
+            // PING alone could be answered by another test's server that took the
+            // port first; INFO names the process that answers.
+            if self.server_pid() == Some(pid) {
                 return true;
             }
             thread::sleep(Duration::from_millis(20));
@@ -143,8 +148,9 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// Sends one command and returns the first line of the reply (`+PONG`, `:3`,
-    /// `$5` for a bulk string, `-ERR …`).
+    /// Sends one command and returns the reply: a status, error or integer line as sent
+    /// (`+PONG`, `-ERR …`, `:3`), a bulk string's contents, `$-1` for nil (arrays are
+    /// not decoded: their first line is returned).
     pub fn command(&self, args: &[&str]) -> std::io::Result<String> {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port))?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -153,9 +159,27 @@ impl Redis {
             request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
         }
         stream.write_all(request.as_bytes())?;
+        let mut reader = BufReader::new(stream);
         let mut line = String::new();
-        BufReader::new(stream).read_line(&mut line)?;
-        Ok(line.trim_end().to_string())
+        reader.read_line(&mut line)?;
+        let line = line.trim_end().to_string();
+        match line.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) {
+            Some(len) => {
+                let mut body = vec![0u8; len + 2];
+                reader.read_exact(&mut body)?;
+                body.truncate(len);
+                Ok(String::from_utf8_lossy(&body).into_owned())
+            }
+            None => Ok(line),
+        }
+    }
+
+    /// The process id of the server answering on the port (`INFO server`).
+    pub fn server_pid(&self) -> Option<u32> {
+        let info = self.command(&["INFO", "server"]).ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("process_id:"))
+            .and_then(|pid| pid.trim().parse().ok())
     }
 
     /// True while the process runs.

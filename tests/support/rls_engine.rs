@@ -84,6 +84,7 @@ impl RlsEngine {
     /// As [`RlsEngine::start`], with a Redis URL and more arguments (e.g.
     /// `["--rate-limit-headers", "DRAFT_VERSION_03"]`; `--verbose` is always on).
     pub fn start_with(redis_url: &str, limits_yaml: &str, extra_args: &[&str]) -> RlsEngine {
+        rls_engine_binary(); // fails before leaving a directory behind
         let dir = fresh_dir("rls-engine");
         fs::write(dir.join("limits.yaml"), limits_yaml)
             .unwrap_or_else(|e| panic!("cannot write the limits file: {e}"));

@@ -40,9 +40,10 @@
 //!
 //! # Where it differs
 //!
-//! - limitador-server's source read here (the newest stored) targets limitador ≤ 0.13,
-//!   whose `check_rate_limited_and_update` takes a fourth `load_counters` flag (set when
-//!   headers are on); 0.14 always loads the counters. Same verdicts and counting.
+//! - The limitador-server `server.rs` read for this (commit a5ac755b) calls the
+//!   `check_rate_limited_and_update` of limitador ≤ 0.13, with a fourth `load_counters`
+//!   flag (set when headers are on); 0.14's has no flag and always loads the counters.
+//!   Same verdicts and counting.
 //! - Not here: the HTTP API, Prometheus metrics, tracing, the `kuadrant` RLS v1 service,
 //!   gRPC reflection, reloading the limits file when it changes.
 //! - The storage error's message names the cause (`Service unavailable: …`) where

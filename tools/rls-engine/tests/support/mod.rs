@@ -7,7 +7,7 @@
 #![allow(dead_code, clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -102,6 +102,7 @@ pub struct Redis {
 impl Redis {
     /// Starts one on a free port and waits until it answers PING.
     pub fn start() -> Redis {
+        redis_server_binary(); // fails before leaving a directory behind
         let dir = fresh_dir("redis");
         for _ in 0..5 {
             let port = free_port();
@@ -135,6 +136,7 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn redis-server");
+        let pid = child.id();
         self.child = Some(child);
         let deadline = Instant::now() + START_TIMEOUT;
         while Instant::now() < deadline {
@@ -142,7 +144,9 @@ impl Redis {
                 self.child = None;
                 return false; // e.g. the port was taken meanwhile
             }
-            if self.command(&["PING"]).is_ok_and(|r| r == "+PONG") {
+            // PING alone could be answered by another test's server that took the
+            // port first; INFO names the process that answers.
+            if self.server_pid() == Some(pid) {
                 return true;
             }
             thread::sleep(Duration::from_millis(20));
@@ -155,7 +159,9 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// Sends one command (RESP) and returns the first reply line, e.g. `+PONG`, `:5`.
+    /// Sends one command and returns the reply: a status, error or integer line as sent
+    /// (`+PONG`, `-ERR …`, `:3`), a bulk string's contents, `$-1` for nil (arrays are
+    /// not decoded: their first line is returned).
     pub fn command(&self, args: &[&str]) -> std::io::Result<String> {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port))?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -164,9 +170,27 @@ impl Redis {
             request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
         }
         stream.write_all(request.as_bytes())?;
+        let mut reader = BufReader::new(stream);
         let mut line = String::new();
-        BufReader::new(stream).read_line(&mut line)?;
-        Ok(line.trim_end().to_string())
+        reader.read_line(&mut line)?;
+        let line = line.trim_end().to_string();
+        match line.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) {
+            Some(len) => {
+                let mut body = vec![0u8; len + 2];
+                reader.read_exact(&mut body)?;
+                body.truncate(len);
+                Ok(String::from_utf8_lossy(&body).into_owned())
+            }
+            None => Ok(line),
+        }
+    }
+
+    /// The process id of the server answering on the port (`INFO server`).
+    pub fn server_pid(&self) -> Option<u32> {
+        let info = self.command(&["INFO", "server"]).ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("process_id:"))
+            .and_then(|pid| pid.trim().parse().ok())
     }
 
     /// Kills the server (its data goes with it: no persistence).
