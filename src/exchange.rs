@@ -338,7 +338,8 @@ impl Exchange {
             // Envoy does not fix content-length when a filter replaces the body.
             host.set_request_header("content-length", Some(&new_body.len().to_string()));
         }
-        host.log(
+        if host.log_enabled(Level::Debug) {
+            host.log(
             Level::Debug,
             &format!(
                 "#{} {} model={} encoding={} prompt_tokens={} exact={} stream={} max_output={} priority={} reserved_in={} rerouted={}",
@@ -355,6 +356,7 @@ impl Exchange {
                 call.rerouted,
             ),
         );
+        }
         if !config.global_budgets.is_empty() {
             return self.check_global(host, Box::new(call), &who.global_ids, max_output);
         }
@@ -1107,17 +1109,19 @@ impl Exchange {
         }
         self.settle_budgets(host, &call, &billed);
         self.settle_global(host, &call, &billed);
-        host.log(
-            Level::Debug,
-            &format!(
-                "#{} settled {} prompt={} completion={} source={}",
-                self.id,
-                call.kind.tag(),
-                prompt,
-                completion,
-                source.map_or("none", Source::tag)
-            ),
-        );
+        if host.log_enabled(Level::Debug) {
+            host.log(
+                Level::Debug,
+                &format!(
+                    "#{} settled {} prompt={} completion={} source={}",
+                    self.id,
+                    call.kind.tag(),
+                    prompt,
+                    completion,
+                    source.map_or("none", Source::tag)
+                ),
+            );
+        }
     }
 
     /// Replace the budgets' reservations by what the exchange cost.

@@ -52,6 +52,8 @@ pub trait Host {
     fn gauge_set(&mut self, name: &str, value: u64);
     /// Write a log line. Callers never pass prompts, completions or credentials.
     fn log(&self, level: Level, message: &str);
+    /// Whether a line at `level` would be written (so callers can skip formatting it).
+    fn log_enabled(&self, level: Level) -> bool;
     /// Wall-clock time, Unix milliseconds.
     fn now_ms(&self) -> i64;
     /// A shared-data value (process-wide, all worker VMs) and its CAS token.
@@ -261,6 +263,9 @@ pub mod fake {
         }
         fn gauge_set(&mut self, name: &str, value: u64) {
             self.gauges.insert(name.to_string(), value);
+        }
+        fn log_enabled(&self, _level: Level) -> bool {
+            true
         }
         fn now_ms(&self) -> i64 {
             self.now_ms.get()

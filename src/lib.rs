@@ -29,6 +29,82 @@ pub mod window;
 #[cfg(target_arch = "wasm32")]
 mod wasm_host;
 
+/// Per-callback time inside the VM, logged every 5,000 requests per VM, when built with
+/// `--features timing` (profiling the per-request cost; off in normal builds).
+#[cfg(target_arch = "wasm32")]
+mod timing {
+    #[cfg(feature = "timing")]
+    mod on {
+        use std::cell::RefCell;
+
+        use proxy_wasm::hostcalls;
+        use proxy_wasm::types::LogLevel;
+
+        const NAMES: [&str; 5] = [
+            "request_headers",
+            "request_body",
+            "response_headers",
+            "response_body",
+            "done",
+        ];
+
+        thread_local! {
+            static TOTALS: RefCell<([u64; 5], [u64; 5])> = const { RefCell::new(([0; 5], [0; 5])) };
+        }
+
+        fn now_ns() -> u64 {
+            hostcalls::get_current_time()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+        }
+
+        pub fn timed<T>(slot: usize, f: impl FnOnce() -> T) -> T {
+            let start = now_ns();
+            let out = f();
+            let took = now_ns().saturating_sub(start);
+            TOTALS.with(|t| {
+                let mut t = t.borrow_mut();
+                t.0[slot] += took;
+                t.1[slot] += 1;
+                if slot == 4 && t.1[4] % 5000 == 0 {
+                    let line: Vec<String> = (0..5)
+                        .map(|i| {
+                            format!(
+                                "{} {} calls {:.1} us",
+                                NAMES[i],
+                                t.1[i],
+                                t.0[i] as f64 / t.1[i].max(1) as f64 / 1000.0
+                            )
+                        })
+                        .collect();
+                    let per_request: u64 = t.0.iter().sum::<u64>() / t.1[4].max(1);
+                    let _ = hostcalls::log(
+                        LogLevel::Info,
+                        &format!(
+                            "timing: {} | per request {:.1} us",
+                            line.join(", "),
+                            per_request as f64 / 1000.0
+                        ),
+                    );
+                    *t = ([0; 5], [0; 5]);
+                }
+            });
+            out
+        }
+    }
+
+    #[cfg(feature = "timing")]
+    pub use on::timed;
+
+    #[cfg(not(feature = "timing"))]
+    #[inline(always)]
+    pub fn timed<T>(_slot: usize, f: impl FnOnce() -> T) -> T {
+        f()
+    }
+}
+
 #[cfg(target_arch = "wasm32")]
 mod glue {
     use std::rc::Rc;
@@ -37,6 +113,7 @@ mod glue {
     use proxy_wasm::traits::{Context, HttpContext, RootContext};
     use proxy_wasm::types::{Action, ContextType, LogLevel};
 
+    use super::timing;
     use crate::config::Config;
     use crate::exchange::{self, Exchange};
     use crate::filter::Filter;
@@ -160,17 +237,17 @@ mod glue {
 
     impl HttpContext for TokenfuseHttp {
         fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
-            action(
-                self.exchange
-                    .on_request_headers(&mut WasmHost, end_of_stream),
-            )
+            let exchange = &mut self.exchange;
+            action(timing::timed(0, || {
+                exchange.on_request_headers(&mut WasmHost, end_of_stream)
+            }))
         }
 
         fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-            action(
-                self.exchange
-                    .on_request_body(&mut WasmHost, body_size, end_of_stream),
-            )
+            let exchange = &mut self.exchange;
+            action(timing::timed(1, || {
+                exchange.on_request_body(&mut WasmHost, body_size, end_of_stream)
+            }))
         }
 
         fn on_http_request_trailers(&mut self, _: usize) -> Action {
@@ -178,21 +255,22 @@ mod glue {
         }
 
         fn on_http_response_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
-            action(
-                self.exchange
-                    .on_response_headers(&mut WasmHost, end_of_stream),
-            )
+            let exchange = &mut self.exchange;
+            action(timing::timed(2, || {
+                exchange.on_response_headers(&mut WasmHost, end_of_stream)
+            }))
         }
 
         fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-            action(
-                self.exchange
-                    .on_response_body(&mut WasmHost, body_size, end_of_stream),
-            )
+            let exchange = &mut self.exchange;
+            action(timing::timed(3, || {
+                exchange.on_response_body(&mut WasmHost, body_size, end_of_stream)
+            }))
         }
 
         fn on_log(&mut self) {
-            self.exchange.on_done(&mut WasmHost);
+            let exchange = &mut self.exchange;
+            timing::timed(4, || exchange.on_done(&mut WasmHost));
         }
     }
 }

@@ -15,6 +15,8 @@ use crate::host::{GrpcRefused, Host, Level, SharedError};
 
 thread_local! {
     static METRICS: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
+    /// The proxy's log level for this plugin, and how many more checks it is trusted for.
+    static LOG_LEVEL: std::cell::Cell<(u32, u32)> = const { std::cell::Cell::new((0, 0)) };
     /// Clusters Envoy has accepted a gRPC call for (see [`grpc_cluster_ready`]).
     static GRPC_CLUSTERS: RefCell<HashSet<String>> = RefCell::new(HashSet::new());
 }
@@ -30,6 +32,15 @@ fn metric_id(kind: MetricType, name: &str) -> Option<u32> {
         cache.insert(name.to_string(), id);
         Some(id)
     })
+}
+
+fn proxy_level(level: Level) -> LogLevel {
+    match level {
+        Level::Debug => LogLevel::Debug,
+        Level::Info => LogLevel::Info,
+        Level::Warn => LogLevel::Warn,
+        Level::Error => LogLevel::Error,
+    }
 }
 
 /// The host of the current HTTP context (proxy-wasm calls act on the active context).
@@ -69,6 +80,20 @@ extern "C" {
         token_ptr: *mut u32,
     ) -> u32;
     fn proxy_grpc_cancel(token_id: u32) -> u32;
+    // Read as a plain integer: the SDK writes the host's answer into its `LogLevel` enum,
+    // and a level it does not know (Envoy's `off`) would be an invalid enum value.
+    fn proxy_get_log_level(return_level: *mut u32) -> u32;
+}
+
+/// The plugin's log level as the proxy numbers it (0 trace … 5 critical, higher = off);
+/// trace when the proxy does not say.
+fn log_level() -> u32 {
+    let mut level = 0u32;
+    // SAFETY: `level` is a valid u32 for the host to write.
+    match unsafe { proxy_get_log_level(&mut level) } {
+        ABI_OK => level,
+        _ => 0,
+    }
 }
 
 /// Whether Envoy takes gRPC calls for `cluster`, found once per VM with a call to a method
@@ -206,13 +231,23 @@ impl Host for WasmHost {
     }
 
     fn log(&self, level: Level, message: &str) {
-        let level = match level {
-            Level::Debug => LogLevel::Debug,
-            Level::Info => LogLevel::Info,
-            Level::Warn => LogLevel::Warn,
-            Level::Error => LogLevel::Error,
-        };
-        let _ = hostcalls::log(level, message);
+        let _ = hostcalls::log(proxy_level(level), message);
+    }
+
+    fn log_enabled(&self, level: Level) -> bool {
+        let wanted = proxy_level(level);
+        LOG_LEVEL.with(|cached| {
+            let (mut current, left) = cached.get();
+            // The level can change at run time (`/logging` on the admin port): ask again
+            // every 1,000 checks instead of on every line.
+            if left == 0 {
+                current = log_level();
+                cached.set((current, 1000));
+            } else {
+                cached.set((current, left - 1));
+            }
+            wanted as u32 >= current
+        })
     }
 
     fn now_ms(&self) -> i64 {
