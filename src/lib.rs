@@ -118,7 +118,10 @@ mod glue {
     use crate::exchange::{self, Exchange};
     use crate::filter::Filter;
     use crate::host::{Host, Level};
-    use crate::wasm_host::WasmHost;
+    use crate::wasm_host::{self, WasmHost};
+
+    /// How often batched stats reach Envoy (the most a stat lags behind its request).
+    const STATS_FLUSH_MS: u64 = 500;
 
     proxy_wasm::main! {{
         proxy_wasm::set_log_level(LogLevel::Trace);
@@ -175,11 +178,14 @@ mod glue {
                             WasmHost.now_ms().saturating_sub(started)
                         ),
                     );
-                    if let Some(service) = &filter.config.rate_limit_service {
-                        // Global-budget settlements go out on the root's tick: the calls
-                        // must outlive the requests that owe them.
-                        self.set_tick_period(Duration::from_millis(service.flush_interval_ms));
-                    }
+                    // The tick hands batched stats to Envoy, and sends global-budget
+                    // settlements (calls that must outlive the requests that owe them).
+                    let tick_ms = filter
+                        .config
+                        .rate_limit_service
+                        .as_ref()
+                        .map_or(STATS_FLUSH_MS, |s| s.flush_interval_ms.min(STATS_FLUSH_MS));
+                    self.set_tick_period(Duration::from_millis(tick_ms));
                     self.filter = Some(Rc::new(filter));
                     true
                 }
@@ -197,6 +203,7 @@ mod glue {
                     queue.flush(&mut WasmHost, &filter.config);
                 }
             }
+            wasm_host::flush_metrics();
         }
 
         fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -2,7 +2,9 @@
 //!
 //! Header values are read as bytes and decoded lossily, because the SDK's string getter
 //! unwraps UTF-8 and a client can send any bytes in a header. Metric ids are defined once
-//! per VM and cached (each `define_metric` call would allocate a new id in Envoy).
+//! per VM and cached (each `define_metric` call would allocate a new id in Envoy), and
+//! updates are batched per VM and handed to Envoy by [`flush_metrics`] on the root
+//! context's tick, off the request path.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -13,24 +15,63 @@ use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType, Status};
 
 use crate::host::{GrpcRefused, Host, Level, SharedError};
 
+/// A metric as this VM holds it: Envoy's id, and what has not been handed to Envoy yet.
+struct Metric {
+    id: u32,
+    kind: MetricType,
+    /// Counter increments since the last flush.
+    pending: u64,
+    /// The gauge's latest value, if set since the last flush.
+    latest: Option<u64>,
+}
+
 thread_local! {
-    static METRICS: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
+    static METRICS: RefCell<HashMap<String, Metric>> = RefCell::new(HashMap::new());
     /// The proxy's log level for this plugin, and how many more checks it is trusted for.
     static LOG_LEVEL: std::cell::Cell<(u32, u32)> = const { std::cell::Cell::new((0, 0)) };
     /// Clusters Envoy has accepted a gRPC call for (see [`grpc_cluster_ready`]).
     static GRPC_CLUSTERS: RefCell<HashSet<String>> = RefCell::new(HashSet::new());
 }
 
-/// The metric id of `name`, defined (once per VM) with `kind` on first use.
-fn metric_id(kind: MetricType, name: &str) -> Option<u32> {
+/// Apply `update` to metric `name`, defining it (once per VM) with `kind` on first use.
+fn with_metric(kind: MetricType, name: &str, update: impl FnOnce(&mut Metric)) {
     METRICS.with(|cache| {
         let mut cache = cache.borrow_mut();
-        if let Some(id) = cache.get(name) {
-            return Some(*id);
+        if let Some(m) = cache.get_mut(name) {
+            update(m);
+            return;
         }
-        let id = hostcalls::define_metric(kind, name).ok()?;
-        cache.insert(name.to_string(), id);
-        Some(id)
+        let Ok(id) = hostcalls::define_metric(kind, name) else {
+            return;
+        };
+        let mut m = Metric {
+            id,
+            kind,
+            pending: 0,
+            latest: None,
+        };
+        update(&mut m);
+        cache.insert(name.to_string(), m);
+    })
+}
+
+/// Hand every pending counter increment and gauge value to Envoy. Stats are batched per
+/// VM and flushed from the root context's tick (about once a second), because each
+/// metric host call costs microseconds on the request path.
+pub fn flush_metrics() {
+    METRICS.with(|cache| {
+        for m in cache.borrow_mut().values_mut() {
+            if m.pending > 0 {
+                let n = i64::try_from(m.pending).unwrap_or(i64::MAX);
+                if m.kind == MetricType::Counter {
+                    let _ = hostcalls::increment_metric(m.id, n);
+                }
+                m.pending = 0;
+            }
+            if let Some(v) = m.latest.take() {
+                let _ = hostcalls::record_metric(m.id, v);
+            }
+        }
     })
 }
 
@@ -219,15 +260,13 @@ impl Host for WasmHost {
         if n == 0 {
             return;
         }
-        if let Some(id) = metric_id(MetricType::Counter, name) {
-            let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
-        }
+        with_metric(MetricType::Counter, name, |m| {
+            m.pending = m.pending.saturating_add(n)
+        });
     }
 
     fn gauge_set(&mut self, name: &str, value: u64) {
-        if let Some(id) = metric_id(MetricType::Gauge, name) {
-            let _ = hostcalls::record_metric(id, value);
-        }
+        with_metric(MetricType::Gauge, name, |m| m.latest = Some(value));
     }
 
     fn log(&self, level: Level, message: &str) {
