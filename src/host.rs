@@ -82,6 +82,99 @@ pub trait Host {
     fn resume_request(&mut self);
 }
 
+/// Decode a header map as proxy-wasm serialises it (`proxy_get_header_map_pairs`): a u32
+/// count, a (key length, value length) u32 pair per entry, then each key and value followed
+/// by a NUL byte, little-endian. `None` when the bytes do not add up; values that are not
+/// UTF-8 are decoded lossily (clients send any bytes in headers).
+pub fn parse_map_pairs(bytes: &[u8]) -> Option<Vec<(String, String)>> {
+    if bytes.is_empty() {
+        return Some(Vec::new());
+    }
+    let word = |at: usize| -> Option<usize> {
+        let b = bytes.get(at..at.checked_add(4)?)?;
+        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
+    let count = word(0)?;
+    let mut data = count.checked_mul(8)?.checked_add(4)?;
+    if data > bytes.len() {
+        return None;
+    }
+    let mut pairs = Vec::with_capacity(count);
+    for i in 0..count {
+        let key_len = word(4 + i * 8)?;
+        let value_len = word(8 + i * 8)?;
+        let key = bytes.get(data..data.checked_add(key_len)?)?;
+        data = data.checked_add(key_len)?;
+        if bytes.get(data) != Some(&0) {
+            return None;
+        }
+        data += 1;
+        let value = bytes.get(data..data.checked_add(value_len)?)?;
+        data = data.checked_add(value_len)?;
+        if bytes.get(data) != Some(&0) {
+            return None;
+        }
+        data += 1;
+        pairs.push((
+            String::from_utf8_lossy(key).into_owned(),
+            String::from_utf8_lossy(value).into_owned(),
+        ));
+    }
+    Some(pairs)
+}
+
+#[cfg(test)]
+mod map_tests {
+    use super::parse_map_pairs;
+
+    fn encode(pairs: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
+        for (k, v) in pairs {
+            out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        }
+        for (k, v) in pairs {
+            out.extend_from_slice(k.as_bytes());
+            out.push(0);
+            out.extend_from_slice(v);
+            out.push(0);
+        }
+        out
+    }
+
+    #[test]
+    fn header_pairs_decode_in_order_with_lossy_values() {
+        let bytes = encode(&[
+            (":path", b"/v1/chat"),
+            ("x-tenant", b"acme"),
+            ("x-bin", b"\xff"),
+        ]);
+        assert_eq!(
+            parse_map_pairs(&bytes).unwrap(),
+            vec![
+                (":path".to_string(), "/v1/chat".to_string()),
+                ("x-tenant".to_string(), "acme".to_string()),
+                ("x-bin".to_string(), "\u{fffd}".to_string()),
+            ]
+        );
+        assert_eq!(parse_map_pairs(&[]).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn truncated_or_lying_maps_are_refused_not_panicked_on() {
+        let bytes = encode(&[("k", b"value")]);
+        for n in 1..bytes.len() {
+            assert!(parse_map_pairs(&bytes[..n]).is_none(), "prefix {n}");
+        }
+        let mut huge = bytes.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(parse_map_pairs(&huge).is_none());
+        let mut long_key = bytes;
+        long_key[4..8].copy_from_slice(&1000u32.to_le_bytes());
+        assert!(parse_map_pairs(&long_key).is_none());
+    }
+}
+
 #[cfg(test)]
 pub mod fake {
     //! An in-memory [`Host`] for tests.

@@ -232,6 +232,7 @@ mod glue {
 
     impl Context for TokenfuseHttp {
         fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+            wasm_host::begin_callback();
             self.exchange
                 .on_grpc_response(&mut WasmHost, token_id, status_code, response_size);
         }
@@ -244,6 +245,7 @@ mod glue {
 
     impl HttpContext for TokenfuseHttp {
         fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
+            wasm_host::begin_callback();
             let exchange = &mut self.exchange;
             action(timing::timed(0, || {
                 exchange.on_request_headers(&mut WasmHost, end_of_stream)
@@ -251,6 +253,7 @@ mod glue {
         }
 
         fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+            wasm_host::begin_callback();
             let exchange = &mut self.exchange;
             action(timing::timed(1, || {
                 exchange.on_request_body(&mut WasmHost, body_size, end_of_stream)
@@ -258,10 +261,12 @@ mod glue {
         }
 
         fn on_http_request_trailers(&mut self, _: usize) -> Action {
+            wasm_host::begin_callback();
             action(self.exchange.on_request_trailers(&mut WasmHost))
         }
 
         fn on_http_response_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
+            wasm_host::begin_callback();
             let exchange = &mut self.exchange;
             action(timing::timed(2, || {
                 exchange.on_response_headers(&mut WasmHost, end_of_stream)
@@ -269,6 +274,7 @@ mod glue {
         }
 
         fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+            wasm_host::begin_callback();
             let exchange = &mut self.exchange;
             action(timing::timed(3, || {
                 exchange.on_response_body(&mut WasmHost, body_size, end_of_stream)
@@ -276,6 +282,7 @@ mod glue {
         }
 
         fn on_log(&mut self) {
+            wasm_host::begin_callback();
             let exchange = &mut self.exchange;
             timing::timed(4, || exchange.on_done(&mut WasmHost));
         }

@@ -93,6 +93,11 @@ extern "C" {
     // panics (killing the VM) on any status but Ok and NotFound, and Envoy answers
     // BadArgument when a map is not available in the current phase — request headers in
     // the body phase after they went on, for instance.
+    fn proxy_get_header_map_pairs(
+        map_type: MapType,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> u32;
     fn proxy_get_header_map_value(
         map_type: MapType,
         key_data: *const u8,
@@ -201,8 +206,69 @@ fn header(map: MapType, name: &str) -> Option<String> {
     }
 }
 
+/// A header map as read from the proxy, in its order.
+type HeaderMap = Vec<(String, String)>;
+
+thread_local! {
+    /// The request and response header maps read during the current callback: one host
+    /// call fetches a whole map, and the lookups that follow are local. Cleared by
+    /// [`begin_callback`] and by every header write.
+    static HEADER_MAPS: RefCell<[Option<HeaderMap>; 2]> = const { RefCell::new([None, None]) };
+}
+
+fn slot(map: MapType) -> usize {
+    match map {
+        MapType::HttpRequestHeaders => 0,
+        _ => 1,
+    }
+}
+
+/// Forget the header maps read so far: a new callback (possibly of another stream) starts.
+pub fn begin_callback() {
+    HEADER_MAPS.with(|m| *m.borrow_mut() = [None, None]);
+}
+
+/// A whole header map in one host call, through the raw ABI (no status can panic the VM).
+fn header_pairs(map: MapType) -> Option<HeaderMap> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: as in `header`: on Ok the host wrote a buffer it allocated through this
+    // module's allocator export, owned here exactly once.
+    let status = unsafe { proxy_get_header_map_pairs(map, &mut data, &mut size) };
+    if status != ABI_OK {
+        return None;
+    }
+    if data.is_null() {
+        return Some(Vec::new());
+    }
+    // SAFETY: see above; `size` is the length the host wrote.
+    let bytes = unsafe { Vec::from_raw_parts(data, size, size) };
+    crate::host::parse_map_pairs(&bytes)
+}
+
+/// Header `name` of `map`, from the map cached for this callback (fetched on first use).
+fn cached_header(map: MapType, name: &str) -> Option<String> {
+    HEADER_MAPS.with(|maps| {
+        let mut maps = maps.borrow_mut();
+        let entry = &mut maps[slot(map)];
+        if entry.is_none() {
+            match header_pairs(map) {
+                Some(pairs) => *entry = Some(pairs),
+                // Not available in this phase: answer as the single-value call does.
+                None => return header(map, name),
+            }
+        }
+        entry
+            .as_ref()?
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    })
+}
+
 fn set_header(map: MapType, name: &str, value: Option<&str>) {
     let _ = hostcalls::set_map_value(map, name, value);
+    HEADER_MAPS.with(|m| m.borrow_mut()[slot(map)] = None);
 }
 
 fn buffer(kind: BufferType, size: usize) -> Option<Vec<u8>> {
@@ -211,7 +277,7 @@ fn buffer(kind: BufferType, size: usize) -> Option<Vec<u8>> {
 
 impl Host for WasmHost {
     fn request_header(&self, name: &str) -> Option<String> {
-        header(MapType::HttpRequestHeaders, name)
+        cached_header(MapType::HttpRequestHeaders, name)
     }
 
     fn set_request_header(&mut self, name: &str, value: Option<&str>) {
@@ -227,7 +293,7 @@ impl Host for WasmHost {
     }
 
     fn response_header(&self, name: &str) -> Option<String> {
-        header(MapType::HttpResponseHeaders, name)
+        cached_header(MapType::HttpResponseHeaders, name)
     }
 
     fn set_response_header(&mut self, name: &str, value: Option<&str>) {
