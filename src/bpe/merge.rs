@@ -6,7 +6,7 @@
 //! up first, as tiktoken does). Short pieces use tiktoken's quadratic scan over a stack
 //! array, long ones (where a piece of n bytes could cost n² lookups) a heap of candidate
 //! merges with the same order — lowest rank, then lowest start — as tiktoken's
-//! `_byte_pair_merge_large`. Both give the same tokens; the tests check them against each
+//! `_byte_pair_merge_large`. Either way a merge moves nothing: parts are linked by offsets. Both give the same tokens; the tests check them against each
 //! other and against tiktoken-rs.
 
 use std::cmp::Reverse;
@@ -14,7 +14,8 @@ use std::collections::BinaryHeap;
 
 use super::table::Vocab;
 
-/// Pieces of at most this many bytes take the quadratic path, on the stack.
+/// Pieces of at most this many bytes take the quadratic path, on the stack (offsets fit a
+/// `u8`).
 pub(super) const SMALL: usize = 64;
 
 const NONE: u32 = u32::MAX;
@@ -54,63 +55,65 @@ pub(super) fn merge(
     }
 }
 
-/// tiktoken's scan: a list of (start, rank of the pair starting here), the minimum found by
-/// a linear pass, the list shortened in place.
+/// tiktoken's scan: the lowest-ranked pair found by a linear pass over the piece, merged,
+/// until none is left. Parts are linked by their start offsets (dead offsets hold no pair),
+/// so a merge moves nothing.
 pub(super) fn merge_small(vocab: &Vocab, piece: &[u8], emit: &mut impl FnMut(u32)) -> usize {
     let n = piece.len();
     debug_assert!((2..=SMALL).contains(&n));
-    // starts[k] is where part k starts; pairs[k] the rank of part k + part k+1; tokens[k]
-    // the rank of part k. starts[len] == n closes the list.
-    let mut starts = [0u32; SMALL + 1];
-    let mut pairs = [NONE; SMALL];
-    let mut tokens = [0u32; SMALL];
-    let mut len = n;
+    // For each offset that starts a part: where the part ends, where the previous one
+    // starts, the rank of the part merged with the next one (NONE: not a token, or no next
+    // part, or the offset no longer starts a part) and the part's own rank.
+    let mut end = [0u8; SMALL];
+    let mut prev = [0u8; SMALL];
+    let mut pair = [NONE; SMALL];
+    let mut token = [0u32; SMALL];
     for i in 0..n {
-        starts[i] = i as u32;
-        tokens[i] = vocab.byte_ranks[usize::from(piece[i])];
+        end[i] = i as u8 + 1;
+        prev[i] = i.saturating_sub(1) as u8;
+        token[i] = vocab.byte_ranks[usize::from(piece[i])];
     }
-    starts[n] = n as u32;
     for i in 0..n - 1 {
-        pairs[i] = vocab.rank(&piece[i..i + 2]).unwrap_or(NONE);
+        pair[i] = vocab.rank(&piece[i..i + 2]).unwrap_or(NONE);
     }
-    pairs[n - 1] = NONE;
-
-    let rank_of = |starts: &[u32], from: usize, to: usize| -> u32 {
-        vocab
-            .rank(&piece[starts[from] as usize..starts[to] as usize])
-            .unwrap_or(NONE)
-    };
+    let mut count = n;
     loop {
         let mut best = NONE;
-        let mut at = 0;
-        for (k, &r) in pairs[..len].iter().enumerate() {
+        let mut left = 0;
+        for (i, &r) in pair[..n].iter().enumerate() {
             if r < best {
                 best = r;
-                at = k;
+                left = i;
             }
         }
         if best == NONE {
             break;
         }
-        // Merge part `at` with part `at + 1`.
-        tokens[at] = best;
-        starts.copy_within(at + 2..=len, at + 1);
-        tokens.copy_within(at + 2..len, at + 1);
-        pairs.copy_within(at + 2..len, at + 1);
-        len -= 1;
-        pairs[at] = if at + 1 < len {
-            rank_of(&starts, at, at + 2)
+        let right = usize::from(end[left]);
+        let right_end = usize::from(end[right]);
+        end[left] = right_end as u8;
+        token[left] = best;
+        pair[right] = NONE;
+        count -= 1;
+        pair[left] = if right_end < n {
+            prev[right_end] = left as u8;
+            vocab
+                .rank(&piece[left..usize::from(end[right_end])])
+                .unwrap_or(NONE)
         } else {
             NONE
         };
-        if at > 0 {
-            pairs[at - 1] = rank_of(&starts, at - 1, at + 1);
+        if left > 0 {
+            let before = usize::from(prev[left]);
+            pair[before] = vocab.rank(&piece[before..right_end]).unwrap_or(NONE);
         }
     }
-    for &t in &tokens[..len] {
-        emit(t);
+    let mut i = 0;
+    while i < n {
+        emit(token[i]);
+        i = usize::from(end[i]);
     }
-    len
+    count
 }
 
 /// The heap variant: candidate merges (rank, start) in a min-heap, stale ones skipped when

@@ -31,7 +31,15 @@ use table::Vocab;
 #[derive(Clone, Copy)]
 pub struct Bpe {
     vocab: &'static Vocab,
-    piece_end: fn(&[u8], usize) -> usize,
+    split: Split,
+}
+
+/// Which pre-tokenizer (a `match` rather than a function pointer, so each is inlined into
+/// its own copy of the encoding loop).
+#[derive(Clone, Copy)]
+enum Split {
+    O200k,
+    Cl100k,
 }
 
 impl std::fmt::Debug for Bpe {
@@ -47,7 +55,7 @@ impl Bpe {
     pub fn o200k_base() -> Bpe {
         Bpe {
             vocab: &table::O200K_BASE,
-            piece_end: split::o200k_piece_end,
+            split: Split::O200k,
         }
     }
 
@@ -55,7 +63,7 @@ impl Bpe {
     pub fn cl100k_base() -> Bpe {
         Bpe {
             vocab: &table::CL100K_BASE,
-            piece_end: split::cl100k_piece_end,
+            split: Split::Cl100k,
         }
     }
 
@@ -84,21 +92,34 @@ impl Bpe {
     /// Split `text` into pieces, encode each, hand every token to `emit`; returns the count.
     #[inline]
     fn walk(&self, text: &str, emit: &mut impl FnMut(u32)) -> usize {
-        let b = text.as_bytes();
-        let mut scratch = Scratch::default();
-        let mut count = 0;
-        let mut p = 0;
-        while p < b.len() {
-            let end = (self.piece_end)(b, p).clamp(p + 1, b.len());
-            let piece = &b[p..end];
-            p = end;
-            if let Some(rank) = self.vocab.rank(piece) {
-                emit(rank);
-                count += 1;
-            } else {
-                count += merge::merge(self.vocab, piece, &mut scratch, emit);
-            }
+        match self.split {
+            Split::O200k => walk(self.vocab, text, split::o200k_piece_end, emit),
+            Split::Cl100k => walk(self.vocab, text, split::cl100k_piece_end, emit),
         }
-        count
     }
+}
+
+#[inline(always)]
+fn walk(
+    vocab: &Vocab,
+    text: &str,
+    piece_end: impl Fn(&[u8], usize) -> usize,
+    emit: &mut impl FnMut(u32),
+) -> usize {
+    let b = text.as_bytes();
+    let mut scratch = Scratch::default();
+    let mut count = 0;
+    let mut p = 0;
+    while p < b.len() {
+        let end = piece_end(b, p).clamp(p + 1, b.len());
+        let piece = &b[p..end];
+        p = end;
+        if let Some(rank) = vocab.rank(piece) {
+            emit(rank);
+            count += 1;
+        } else {
+            count += merge::merge(vocab, piece, &mut scratch, emit);
+        }
+    }
+    count
 }

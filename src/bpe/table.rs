@@ -40,8 +40,10 @@ impl Vocab {
             let slot = self.slot(i);
             if slot & hash::MATCH_MASK == want {
                 let at = hash::slot_offset(slot);
-                if self.pool.get(at..at + key.len()) == Some(key) {
-                    return Some(hash::slot_rank(slot));
+                if let Some(token) = self.pool.get(at..at + key.len()) {
+                    if hash::same_bytes(token, key) {
+                        return Some(hash::slot_rank(slot));
+                    }
                 }
             } else if hash::slot_len(slot) == 0 {
                 return None;

@@ -724,3 +724,4 @@ fn heap_and_scan_merges_agree() {
         }
     }
 }
+
