@@ -144,6 +144,34 @@ fn write_table(
             None => return Err(format!("{name}: byte {b} is not a token").into()),
         }
     }
+    // Bit (b0 << 8 | b1) set: the two bytes b0 b1 are a token.
+    let mut pairs = vec![0u8; 8192];
+    for token in tokens.iter().filter(|t| t.len() == 2) {
+        let bit = usize::from(token[0]) << 8 | usize::from(token[1]);
+        pairs[bit / 8] |= 1 << (bit % 8);
+    }
+    std::fs::write(out.join(format!("{name}.pairs")), &pairs)?;
+    // Bit `rank` set: the token is a proper prefix (resp. suffix) of a longer token. Two
+    // parts can only merge if the left one is a prefix and the right one a suffix.
+    let mut prefixes: HashSet<&[u8]> = HashSet::new();
+    let mut suffixes: HashSet<&[u8]> = HashSet::new();
+    for token in tokens {
+        for k in 1..token.len() {
+            prefixes.insert(&token[..k]);
+            suffixes.insert(&token[k..]);
+        }
+    }
+    let mut affixes = vec![0u8; tokens.len().div_ceil(8) * 2];
+    let half = affixes.len() / 2;
+    for (rank, token) in tokens.iter().enumerate() {
+        if prefixes.contains(token.as_slice()) {
+            affixes[rank / 8] |= 1 << (rank % 8);
+        }
+        if suffixes.contains(token.as_slice()) {
+            affixes[half + rank / 8] |= 1 << (rank % 8);
+        }
+    }
+    std::fs::write(out.join(format!("{name}.affixes")), &affixes)?;
     let slot_bytes: Vec<u8> = slots.iter().flat_map(|s| s.to_le_bytes()).collect();
     std::fs::write(out.join(format!("{name}.slots")), slot_bytes)?;
     std::fs::write(out.join(format!("{name}.pool")), &pool)?;
@@ -154,6 +182,8 @@ fn write_table(
          pub(super) static {konst}: Vocab = Vocab {{\n    \
          slots: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.slots\")),\n    \
          pool: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.pool\")),\n    \
+         pairs: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.pairs\")),\n    \
+         affixes: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.affixes\")),\n    \
          slot_count: {slot_count},\n    tokens: {},\n    byte_ranks: [{}],\n}};",
         tokens.len(),
         pool.len(),

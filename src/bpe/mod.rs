@@ -16,6 +16,7 @@
 
 mod classes;
 mod hash;
+mod joins;
 mod merge;
 mod split;
 mod table;
@@ -23,15 +24,16 @@ mod table;
 #[cfg(test)]
 mod tests;
 
+use joins::Joins;
 use merge::Scratch;
 use table::Vocab;
 
-/// A byte-pair encoder for one encoding. Costs nothing to create: everything it reads is
-/// static data.
-#[derive(Clone, Copy)]
+/// A byte-pair encoder for one encoding. Cheap to create: the vocabulary is static data;
+/// the only allocation is the 128 KiB memo of pair merges ([`Joins`]).
 pub struct Bpe {
     vocab: &'static Vocab,
     split: Split,
+    joins: Joins,
 }
 
 /// Which pre-tokenizer (a `match` rather than a function pointer, so each is inlined into
@@ -56,6 +58,7 @@ impl Bpe {
         Bpe {
             vocab: &table::O200K_BASE,
             split: Split::O200k,
+            joins: Joins::new(),
         }
     }
 
@@ -64,6 +67,7 @@ impl Bpe {
         Bpe {
             vocab: &table::CL100K_BASE,
             split: Split::Cl100k,
+            joins: Joins::new(),
         }
     }
 
@@ -93,8 +97,8 @@ impl Bpe {
     #[inline]
     fn walk(&self, text: &str, emit: &mut impl FnMut(u32)) -> usize {
         match self.split {
-            Split::O200k => walk(self.vocab, text, split::o200k_piece_end, emit),
-            Split::Cl100k => walk(self.vocab, text, split::cl100k_piece_end, emit),
+            Split::O200k => walk(self.vocab, &self.joins, text, split::o200k_piece_end, emit),
+            Split::Cl100k => walk(self.vocab, &self.joins, text, split::cl100k_piece_end, emit),
         }
     }
 }
@@ -102,6 +106,7 @@ impl Bpe {
 #[inline(always)]
 fn walk(
     vocab: &Vocab,
+    joins: &Joins,
     text: &str,
     piece_end: impl Fn(&[u8], usize) -> usize,
     emit: &mut impl FnMut(u32),
@@ -118,7 +123,7 @@ fn walk(
             emit(rank);
             count += 1;
         } else {
-            count += merge::merge(vocab, piece, &mut scratch, emit);
+            count += merge::merge(vocab, joins, piece, &mut scratch, emit);
         }
     }
     count

@@ -15,6 +15,13 @@ pub(super) struct Vocab {
     pub(super) slots: &'static [u8],
     /// Every token's bytes, in rank order.
     pub(super) pool: &'static [u8],
+    /// One bit per byte pair, set when the pair is a token: most pairs a merge asks about
+    /// are not, and this answers them from 8 KB instead of the large table.
+    pub(super) pairs: &'static [u8; 8192],
+    /// Two bitsets over ranks, one after the other: the token is a proper prefix of a longer
+    /// token; it is a proper suffix of one. Parts whose bits rule out a merge are not looked
+    /// up at all.
+    pub(super) affixes: &'static [u8],
     pub(super) slot_count: usize,
     /// Number of tokens (ranks are `0..tokens`).
     pub(super) tokens: usize,
@@ -28,9 +35,10 @@ impl Vocab {
     /// The rank of the token spelled `key`, if there is one.
     #[inline]
     pub(super) fn rank(&self, key: &[u8]) -> Option<u32> {
-        match key {
+        match *key {
             [] => return None,
-            [b] => return Some(self.byte_ranks[usize::from(*b)]),
+            [b] => return Some(self.byte_ranks[usize::from(b)]),
+            [b0, b1] if !self.is_pair(b0, b1) => return None,
             _ => {}
         }
         let h = hash::hash(key);
@@ -55,6 +63,27 @@ impl Vocab {
         }
     }
 
+    /// Whether the tokens `left` and `right` could concatenate to a token: `left` must be a
+    /// proper prefix and `right` a proper suffix of some token. False means certainly not.
+    #[inline(always)]
+    pub(super) fn may_join(&self, left: u32, right: u32) -> bool {
+        let half = self.affixes.len() / 2;
+        let bit = |base: usize, rank: u32| {
+            let r = rank as usize;
+            self.affixes
+                .get(base + r / 8)
+                .is_some_and(|b| b & (1 << (r % 8)) != 0)
+        };
+        bit(0, left) && bit(half, right)
+    }
+
+    /// Whether the two bytes `b0 b1` are a token.
+    #[inline(always)]
+    pub(super) fn is_pair(&self, b0: u8, b1: u8) -> bool {
+        let bit = usize::from(b0) << 8 | usize::from(b1);
+        self.pairs[bit / 8] & (1 << (bit % 8)) != 0
+    }
+
     #[inline(always)]
     fn slot(&self, i: usize) -> u64 {
         match self.slots.get(i * 8..i * 8 + 8) {
@@ -69,6 +98,7 @@ impl Vocab {
     pub(super) fn is_consistent(&self) -> bool {
         self.slots.len() == self.slot_count * 8
             && self.slot_count > self.tokens
+            && self.affixes.len() == self.tokens.div_ceil(8) * 2
             && self.byte_ranks.iter().all(|&r| (r as usize) < self.tokens)
     }
 
