@@ -535,7 +535,7 @@ def render_md(data: dict) -> str:
     a = data["args"]
     f = data["filter_figures"]
     lines = [
-        f"Measured {data['date']} with `{COMMAND}` "
+        f"Measured {data['date']} with `{COMMAND}{' BENCH_ARGS=--quick' if a.get('quick') else ''}` "
         + (f"({data['total_s'] / 60:.1f} min including builds, {data['runtime_s'] / 60:.1f} min measuring) "
            if data.get("total_s") else f"({data['runtime_s'] / 60:.1f} min measuring) ")
         + f"on "
