@@ -759,3 +759,29 @@ fn scan_and_heap_merges_agree() {
         }
     }
 }
+
+/// fancy-regex gives up after a million backtracking steps, and tiktoken-rs 0.12.1 unwraps
+/// its error: it panics on a run of 999,999 or more white-space characters without a newline
+/// (`\s*[\r\n]+` backtracks through the whole run; cl100k's `\s++$` takes such a run first
+/// when it ends the text). The shipped Envoy config accepts 4 MiB bodies, so such a prompt
+/// aborted the VM that counted with tiktoken-rs. This counter has no such limit; the pieces
+/// are the ones the pattern defines, and each is merged as usual.
+#[cfg(not(target_family = "wasm"))]
+#[test]
+fn white_space_runs_past_the_regex_backtrack_limit_are_counted() {
+    let run = " ".repeat(999_999);
+    let text = format!("{run} x");
+    for pair in pairs() {
+        assert_eq!(split::pieces(&text, pair.piece_end), [run.as_str(), " x"]);
+        let tokens = pair.ours.encode(&text);
+        assert!(
+            tokens.len() > run.len() / 128,
+            "the longest tokens are 128 bytes"
+        );
+        let reference = std::panic::catch_unwind(|| pair.reference.encode_ordinary(&text));
+        if let Ok(want) = reference {
+            // If a later tiktoken-rs copes, it must agree.
+            assert_eq!(tokens, want);
+        }
+    }
+}
