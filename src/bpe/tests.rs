@@ -763,9 +763,10 @@ fn scan_and_heap_merges_agree() {
 /// fancy-regex gives up after a million backtracking steps, and tiktoken-rs 0.12.1 unwraps
 /// its error: it panics on a run of 999,999 or more white-space characters without a newline
 /// (`\s*[\r\n]+` backtracks through the whole run; cl100k's `\s++$` takes such a run first
-/// when it ends the text). The shipped Envoy config accepts 4 MiB bodies, so such a prompt
-/// aborted the VM that counted with tiktoken-rs. This counter has no such limit; the pieces
-/// are the ones the pattern defines, and each is merged as usual.
+/// when it ends the text; compiled to wasm the engine reports a stack overflow instead). The
+/// shipped Envoy config accepts 4 MiB bodies: in Envoy the tiktoken-rs module answered such a
+/// prompt with 503, and every later request too (its VM dead). This counter has no such
+/// limit; the pieces are the ones the pattern defines, and each is merged as usual.
 #[cfg(not(target_family = "wasm"))]
 #[test]
 fn white_space_runs_past_the_regex_backtrack_limit_are_counted() {
