@@ -12,10 +12,12 @@ Side by side, on this machine, in one run:
   prompt, "stream": true). Configurations run one at a time, in an order rotated every
   round; figures are medians over the rounds, ratios are per-round ratios to the no-filter
   run of the same round (then the median).
-* The filter's own figures: tokenizer throughput compiled to wasm32-wasip1 in V8 (Node)
-  next to tiktoken-rs natively on the same text (examples/count_bench.rs), tokenizer build
-  time per encoding (natively, in Node's V8, and as logged by the filter inside Envoy), and
-  Envoy's RSS growth per added worker VM.
+* The filter's own figures (examples/count_bench.rs): the throughput of its counter
+  (`tokenfuse::tokens`, rank tables compiled in) and of tiktoken-rs (the counter it
+  replaced, kept as the reference), natively and compiled to wasm32-wasip1 in V8 (Node), on
+  the same text; tokenizer build time per encoding (both counters natively and in Node's
+  V8, and the filter's as it logs it inside Envoy); Envoy's RSS growth per added worker VM
+  and its time from start to ready.
 
 Writes results/bench.{json,md,svg} and rewrites README.md between
 `<!-- bench:start -->` and `<!-- bench:end -->`. Timings belong here, never in tests.
@@ -533,7 +535,7 @@ def render_md(data: dict) -> str:
     a = data["args"]
     f = data["filter_figures"]
     lines = [
-        f"Measured {data['date']} with `{COMMAND}` "
+        f"Measured {data['date']} with `{COMMAND}{' BENCH_ARGS=--quick' if a.get('quick') else ''}` "
         + (f"({data['total_s'] / 60:.1f} min including builds, {data['runtime_s'] / 60:.1f} min measuring) "
            if data.get("total_s") else f"({data['runtime_s'] / 60:.1f} min measuring) ")
         + f"on "
@@ -566,31 +568,52 @@ def render_md(data: dict) -> str:
 
     # Tokenizer figures.
     tok = data["tokenizer"]
-    lines += ["", "Tokenizer (`examples/count_bench.rs`: `tokenfuse::tokens` on the same prompt text, "
-              "natively and as wasm32-wasip1 in Node's V8; medians):", "",
-              "| encoding | text | tokens | native MB/s | V8 MB/s | V8 / native |", "|---|---|---:|---:|---:|---:|"]
+    lines += ["", "Tokenizer (`examples/count_bench.rs`, medians): the filter's counter (`tokenfuse::tokens`, "
+              "tables compiled in) and tiktoken-rs 0.12.1 (the counter it replaced, kept as its reference) "
+              "on the same prompt text, natively and as wasm32-wasip1 in Node's V8:", "",
+              "| encoding | text | tokens | tiktoken-rs native MB/s | tiktoken-rs V8 MB/s | tokenfuse native MB/s "
+              "| tokenfuse V8 MB/s | tokenfuse V8 / tiktoken-rs native |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
     counts = [r for r in tok if r["kind"] == "count"]
+
+    def rate(counter: str, native: bool, enc: str, file: str) -> dict | None:
+        return next((x for x in counts if x.get("counter", "tokenfuse") == counter
+                     and (x["target"] == "native") == native and x["encoding"] == enc
+                     and x["file"] == file), None)
+
     for r in counts:
-        if r["target"] != "native":
+        if r["target"] != "native" or r.get("counter", "tokenfuse") != "tokenfuse":
             continue
-        w = next((x for x in counts if x["target"] != "native" and x["encoding"] == r["encoding"]
-                  and x["file"] == r["file"]), None)
-        size = Path(r["file"]).stem.replace("prompt-", "").upper().replace("KB", " KB")
-        wr = w["median_mb_s"] if w else float("nan")
-        lines.append(f"| {r['encoding']} | {size} | {r['tokens']} | {r['median_mb_s']:.1f} | "
-                     f"{wr:.1f} | {wr / r['median_mb_s']:.2f} |")
+        enc, file = r["encoding"], r["file"]
+        cells = [rate(c, n, enc, file) for c, n in (("tiktoken-rs", True), ("tiktoken-rs", False),
+                                                    ("tokenfuse", True), ("tokenfuse", False))]
+        mb = [c["median_mb_s"] if c else float("nan") for c in cells]
+        tokens = f"{r['tokens']}"
+        if any(c and c["tokens"] != r["tokens"] for c in cells):
+            tokens += " (**counts differ**: " + ", ".join(str(c["tokens"]) for c in cells if c) + ")"
+        size = Path(file).stem.replace("prompt-", "").upper().replace("KB", " KB")
+        lines.append(f"| {enc} | {size} | {tokens} | " + " | ".join(f"{x:.1f}" for x in mb)
+                     + f" | {mb[3] / mb[0]:.2f} |")
     builds = [r for r in tok if r["kind"] == "build"]
-    lines += ["", "| encoding | tokenizer build, native ms | tokenizer build, V8 (Node) ms | tokenizer build in Envoy's V8 at VM start (filter log, `--concurrency 1`) ms |",
-              "|---|---:|---:|---:|"]
-    mem = data["memory"]
+
+    def build_ms(counter: str, native: bool, enc: str) -> str:
+        ms = next((r["median_ms"] for r in builds if r.get("counter", "tokenfuse") == counter
+                   and (r["target"] == "native") == native and r["encoding"] == enc), float("nan"))
+        return "n/a" if ms != ms else f"{ms:.1f}" if ms >= 1 else f"{ms:.4f}"
+
+    lines += ["", "| encoding | tiktoken-rs build, native ms | tiktoken-rs build, V8 ms | tokenfuse build, native ms "
+              "| tokenfuse build, V8 ms | tokenfuse build in Envoy's V8 at VM start (filter log, 1 ms resolution, "
+              "`--concurrency 1`) ms |",
+              "|---|---:|---:|---:|---:|---:|"]
     for enc in ("o200k_base", "cl100k_base"):
-        nat = next((r["median_ms"] for r in builds if r["encoding"] == enc and r["target"] == "native"), float("nan"))
-        v8 = next((r["median_ms"] for r in builds if r["encoding"] == enc and r["target"] != "native"), float("nan"))
         ms = f["vm_start_ms"].get(enc, float("nan"))
         envoy_ms = f"{ms:.0f}" if ms == ms else "n/a"
-        lines.append(f"| {enc} | {nat:.1f} | {v8:.1f} | {envoy_ms} |")
+        lines.append(f"| {enc} | {build_ms('tiktoken-rs', True, enc)} | {build_ms('tiktoken-rs', False, enc)} | "
+                     f"{build_ms('tokenfuse', True, enc)} | {build_ms('tokenfuse', False, enc)} | {envoy_ms} |")
     both = f["vm_start_ms"].get("both", float("nan"))
-    lines.append(f"| both (the default configuration) | | | {both:.0f} |")
+    lines.append(f"| both (the default configuration) | | | | | {both:.0f} |")
+
+    mem = data["memory"]
 
     lines += ["", "Memory: Envoy RSS 1.5 s after start and a few requests (MB), by `--concurrency`:", "",
               "| | " + " | ".join(str(c) for c in data["concurrencies"]) + " | per added worker |",
@@ -603,6 +626,15 @@ def render_md(data: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(f"{x:.0f}" for x in row) + f" | {growth} |")
     lines += ["", "Per added worker: least-squares slope of RSS over `--concurrency`, minus the "
               "no-filter slope (each worker runs its own Wasm VM with its own tokenizers)."]
+    lines += ["", "Envoy from start to ready (listener accepting; s), the same runs — an outside view of "
+              "VM start (module load and instantiation included):", "",
+              "| | " + " | ".join(str(c) for c in data["concurrencies"]) + " |",
+              "|---|" + "---:|" * len(data["concurrencies"])]
+    for variant, label in (("none", "no filter"), ("both", "tokenfuse, both encodings (default)"),
+                           ("o200k", "tokenfuse, o200k_base only"), ("cl100k", "tokenfuse, cl100k_base only")):
+        row = [next((r["ready_s"] for r in mem if r["variant"] == variant and r["concurrency"] == c), float("nan"))
+               for c in data["concurrencies"]]
+        lines.append(f"| {label} | " + " | ".join(f"{x:.2f}" for x in row) + " |")
     lines += ["", "Targets (from the performance issue):", "",
               "| target | measured | met |", "|---|---|---|"]
     for t in data["targets"]:
@@ -630,7 +662,7 @@ def targets(data: dict) -> list[dict]:
     if r:
         add("p99 added latency, counting + budget, 1 KB < 1 ms", f"{r['added_p99_ms']:.2f} ms", r["added_p99_ms"] < 1.0)
     for enc, v in f["v8_over_native"].items():
-        add(f"V8 counting ≥ native tiktoken-rs ({enc}, 128 KB text)", f"{v:.2f}× native", v >= 1.0)
+        add(f"V8 counting ≥ native tiktoken-rs ({enc}, 128 KB text)", f"{v:.2f}× native tiktoken-rs", v >= 1.0)
     for enc, ms in f["vm_start_ms"].items():
         if enc in ("o200k_base", "cl100k_base"):
             add(f"VM start < 50 ms ({enc}; tokenizer build logged in Envoy)", f"{ms:.0f} ms", ms < 50)
@@ -810,9 +842,11 @@ def main() -> None:
     v8_over_native = {}
     vm_start = {}
     for enc in ("o200k_base", "cl100k_base"):
-        rates = {r["target"]: r["median_mb_s"] for r in tok
+        # The filter's counter in V8 over the reference (tiktoken-rs) natively.
+        rates = {(r.get("counter", "tokenfuse"), r["target"]): r["median_mb_s"] for r in tok
                  if r["kind"] == "count" and r["encoding"] == enc and r["file"] == big}
-        v8_over_native[enc] = rates.get("wasm32-wasip1", float("nan")) / rates.get("native", float("nan"))
+        v8_over_native[enc] = (rates.get(("tokenfuse", "wasm32-wasip1"), float("nan"))
+                               / rates.get(("tiktoken-rs", "native"), float("nan")))
     for variant, enc in (("o200k", "o200k_base"), ("cl100k", "cl100k_base"), ("both", "both")):
         logged = [b for r in mem if r["variant"] == variant and r["concurrency"] == 1 for b in r["build_ms"]]
         vm_start[enc] = statistics.median(logged) if logged else float("nan")

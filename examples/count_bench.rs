@@ -1,6 +1,8 @@
 //! Tokenizer micro-benchmark for `make bench` (bench/run.py): how long building each
-//! encoding takes (the bulk of a Wasm VM's start) and how fast `tokenfuse::tokens` counts
-//! text, natively and compiled to `wasm32-wasip1` under V8:
+//! encoding takes (part of a Wasm VM's start) and how fast it counts text, natively and
+//! compiled to `wasm32-wasip1` under V8, for two counters on the same text: the filter's
+//! (`tokenfuse::tokens`, tables compiled in) and tiktoken-rs (`CoreBPE::encode_ordinary`,
+//! the reference it replaced):
 //!
 //! ```text
 //! cargo run --release --example count_bench -- results/prompt-128k.txt
@@ -10,9 +12,11 @@
 //!
 //! Arguments: text files to count (relative to the current directory, which is the only
 //! directory the WASI runner opens). Options: `--rounds N` (default 5), `--min-ms N`
-//! (shortest timed counting loop, default 300). Prints one JSON object per line:
-//! `{"kind":"build",...}` per encoding and `{"kind":"count",...}` per encoding and file,
-//! with medians over the rounds. A benchmark, not a test: it asserts nothing.
+//! (shortest timed counting loop, default 300), `--counter tokenfuse|tiktoken-rs` (default:
+//! both), `--encoding o200k_base|cl100k_base` (default: both). Prints one JSON object per line: `{"kind":"build",...}` per counter and encoding
+//! and `{"kind":"count",...}` per counter, encoding and file, with medians over the rounds
+//! and the token count (the same for both counters, or the filter is wrong). A benchmark,
+//! not a test: it asserts nothing.
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -32,6 +36,35 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// A built counter of either kind.
+enum Counter {
+    Tokenfuse(Tokenizers, Encoding),
+    Tiktoken(tiktoken_rs::CoreBPE),
+}
+
+impl Counter {
+    fn build(name: &str, encoding: Encoding) -> Result<Counter, String> {
+        match (name, encoding) {
+            ("tokenfuse", _) => Tokenizers::build(&[encoding])
+                .map(|t| Counter::Tokenfuse(t, encoding))
+                .map_err(|e| e.to_string()),
+            (_, Encoding::O200kBase) => tiktoken_rs::o200k_base()
+                .map(Counter::Tiktoken)
+                .map_err(|e| e.to_string()),
+            (_, Encoding::Cl100kBase) => tiktoken_rs::cl100k_base()
+                .map(Counter::Tiktoken)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    fn count(&self, text: &str) -> u64 {
+        match self {
+            Counter::Tokenfuse(t, encoding) => t.counter(*encoding).map_or(0, |c| c.count(text)),
+            Counter::Tiktoken(bpe) => bpe.encode_ordinary(text).len() as u64,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let target = if cfg!(target_family = "wasm") {
         "wasm32-wasip1"
@@ -40,6 +73,8 @@ fn main() -> ExitCode {
     };
     let mut rounds = 5usize;
     let mut min_ms = 300u128;
+    let mut counters = vec!["tokenfuse", "tiktoken-rs"];
+    let mut encodings = vec![Encoding::O200kBase, Encoding::Cl100kBase];
     let mut files = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -59,6 +94,22 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             },
+            "--counter" => match args.next().as_deref() {
+                Some("tokenfuse") => counters = vec!["tokenfuse"],
+                Some("tiktoken-rs") => counters = vec!["tiktoken-rs"],
+                _ => {
+                    eprintln!("count_bench: --counter is tokenfuse or tiktoken-rs");
+                    return ExitCode::from(2);
+                }
+            },
+            "--encoding" => match args.next().as_deref() {
+                Some("o200k_base") => encodings = vec![Encoding::O200kBase],
+                Some("cl100k_base") => encodings = vec![Encoding::Cl100kBase],
+                _ => {
+                    eprintln!("count_bench: --encoding is o200k_base or cl100k_base");
+                    return ExitCode::from(2);
+                }
+            },
             _ => files.push(arg),
         }
     }
@@ -73,57 +124,52 @@ fn main() -> ExitCode {
         }
     }
 
-    let encodings = [Encoding::O200kBase, Encoding::Cl100kBase];
-    for encoding in encodings {
-        let mut build_ms = Vec::new();
-        for _ in 0..rounds {
-            let start = Instant::now();
-            let built = Tokenizers::build(&[encoding]);
-            build_ms.push(start.elapsed().as_secs_f64() * 1e3);
-            if let Err(err) = built {
-                eprintln!("count_bench: {err}");
-                return ExitCode::FAILURE;
-            }
-        }
-        println!(
-            "{{\"kind\":\"build\",\"target\":\"{target}\",\"encoding\":\"{encoding}\",\"rounds\":{rounds},\"median_ms\":{:.3},\"min_ms\":{:.3}}}",
-            median(build_ms.clone()),
-            build_ms.iter().copied().fold(f64::INFINITY, f64::min),
-        );
-    }
-
-    let tokenizers = match Tokenizers::build(&encodings) {
-        Ok(t) => t,
-        Err(err) => {
-            eprintln!("count_bench: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    for encoding in encodings {
-        let Some(counter) = tokenizers.counter(encoding) else {
-            continue;
-        };
-        for (path, text) in &texts {
-            // Warm-up (lets V8 tier the hot code up before timing).
-            let tokens = counter.count(text);
-            let mut rates = Vec::new();
+    for name in counters {
+        for &encoding in &encodings {
+            let mut build_ms = Vec::new();
+            let mut counter = None;
             for _ in 0..rounds {
                 let start = Instant::now();
-                let mut bytes = 0usize;
-                loop {
-                    std::hint::black_box(counter.count(std::hint::black_box(text)));
-                    bytes += text.len();
-                    if start.elapsed().as_millis() >= min_ms {
-                        break;
+                let built = Counter::build(name, encoding);
+                build_ms.push(start.elapsed().as_secs_f64() * 1e3);
+                match built {
+                    Ok(c) => counter = Some(c),
+                    Err(err) => {
+                        eprintln!("count_bench: {name} {encoding}: {err}");
+                        return ExitCode::FAILURE;
                     }
                 }
-                rates.push(bytes as f64 / 1e6 / start.elapsed().as_secs_f64());
             }
             println!(
-                "{{\"kind\":\"count\",\"target\":\"{target}\",\"encoding\":\"{encoding}\",\"file\":\"{path}\",\"bytes\":{},\"tokens\":{tokens},\"rounds\":{rounds},\"median_mb_s\":{:.3}}}",
-                text.len(),
-                median(rates),
+                "{{\"kind\":\"build\",\"counter\":\"{name}\",\"target\":\"{target}\",\"encoding\":\"{encoding}\",\"rounds\":{rounds},\"median_ms\":{:.4},\"min_ms\":{:.4}}}",
+                median(build_ms.clone()),
+                build_ms.iter().copied().fold(f64::INFINITY, f64::min),
             );
+            let Some(counter) = counter else {
+                continue;
+            };
+            for (path, text) in &texts {
+                // Warm-up (lets V8 tier the hot code up before timing).
+                let tokens = counter.count(text);
+                let mut rates = Vec::new();
+                for _ in 0..rounds {
+                    let start = Instant::now();
+                    let mut bytes = 0usize;
+                    loop {
+                        std::hint::black_box(counter.count(std::hint::black_box(text)));
+                        bytes += text.len();
+                        if start.elapsed().as_millis() >= min_ms {
+                            break;
+                        }
+                    }
+                    rates.push(bytes as f64 / 1e6 / start.elapsed().as_secs_f64());
+                }
+                println!(
+                    "{{\"kind\":\"count\",\"counter\":\"{name}\",\"target\":\"{target}\",\"encoding\":\"{encoding}\",\"file\":\"{path}\",\"bytes\":{},\"tokens\":{tokens},\"rounds\":{rounds},\"median_mb_s\":{:.3}}}",
+                    text.len(),
+                    median(rates),
+                );
+            }
         }
     }
     ExitCode::SUCCESS

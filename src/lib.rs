@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod bpe;
 pub mod budget;
 pub mod config;
 pub mod enforce;

@@ -6,14 +6,16 @@
 //! self-hosted ones) borrow an encoding and multiply the count by a configured safety
 //! factor; such counts are estimates and are marked as such.
 //!
-//! Building a tokenizer is the expensive part of VM start (the o200k table holds 200k
-//! entries), so [`Tokenizers::build`] is called once per VM from `on_configure`, and only for
-//! the encodings the configuration can reach.
+//! Counting is [`crate::bpe`]: tiktoken's `encode_ordinary`, token for token, over rank
+//! tables compiled into the module, so [`Tokenizers::build`] (called once per VM from
+//! `on_configure`, only for the encodings the configuration can reach) checks the embedded
+//! tables and builds nothing.
 
 use std::fmt;
 
 use serde::Deserialize;
-use tiktoken_rs::CoreBPE;
+
+use crate::bpe::Bpe;
 
 /// A byte-pair encoding the filter can count with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
@@ -238,8 +240,8 @@ impl std::error::Error for TokenizerError {}
 
 /// The tokenizers of one VM.
 pub struct Tokenizers {
-    o200k: Option<CoreBPE>,
-    cl100k: Option<CoreBPE>,
+    o200k: Option<Bpe>,
+    cl100k: Option<Bpe>,
 }
 
 impl fmt::Debug for Tokenizers {
@@ -260,13 +262,15 @@ impl Tokenizers {
         };
         for &encoding in encodings {
             let built = match encoding {
-                Encoding::O200kBase => tiktoken_rs::o200k_base(),
-                Encoding::Cl100kBase => tiktoken_rs::cl100k_base(),
+                Encoding::O200kBase => Bpe::o200k_base(),
+                Encoding::Cl100kBase => Bpe::cl100k_base(),
+            };
+            if !built.is_consistent() {
+                return Err(TokenizerError {
+                    encoding,
+                    cause: "the embedded rank table is damaged (rebuild the module)".into(),
+                });
             }
-            .map_err(|e| TokenizerError {
-                encoding,
-                cause: e.to_string(),
-            })?;
             match encoding {
                 Encoding::O200kBase => t.o200k = Some(built),
                 Encoding::Cl100kBase => t.cl100k = Some(built),
@@ -288,7 +292,7 @@ impl Tokenizers {
 /// Counts text with one encoding.
 #[derive(Clone, Copy)]
 pub struct TextCounter<'a> {
-    bpe: &'a CoreBPE,
+    bpe: &'a Bpe,
     encoding: Encoding,
 }
 
@@ -296,10 +300,12 @@ impl TextCounter<'_> {
     /// Tokens in `text`. Special-token spellings such as `<|endoftext|>` inside user text are
     /// counted as ordinary text, as the provider's API treats them.
     pub fn count(&self, text: &str) -> u64 {
-        if text.is_empty() {
-            return 0;
-        }
-        self.bpe.encode_ordinary(text).len() as u64
+        self.bpe.count(text) as u64
+    }
+
+    /// The tokens of `text` (tiktoken's `encode_ordinary`).
+    pub fn encode(&self, text: &str) -> Vec<u32> {
+        self.bpe.encode(text)
     }
 
     /// The encoding this counter uses.

@@ -152,6 +152,30 @@ fn a_huge_messages_array_is_counted_exactly() {
 }
 
 #[test]
+fn a_million_spaces_in_a_prompt_are_counted_and_the_vm_survives() {
+    // tiktoken-rs, the previous counter, panicked on a white-space run this long (its regex
+    // engine gives up), which killed the VM: 503 for this and every later request.
+    let s = shared();
+    let content = format!("{}x", " ".repeat(1_000_000));
+    let r = s
+        .envoy
+        .post_json(
+            "/v1/chat/completions",
+            &[("x-tenant", "spaces")],
+            &chat(&content),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let prompt: u64 = r
+        .header("x-tokenfuse-prompt-tokens")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(prompt, 3 + o200k("user") + o200k(&content) + 3);
+    assert_alive(s);
+}
+
+#[test]
 fn a_body_over_the_buffer_limit_gets_413_from_envoy() {
     let s = shared();
     let body = chat(&"x ".repeat(3 * 1024 * 1024)); // 6 MiB, over the 4 MiB limit

@@ -20,7 +20,7 @@ pub fn tokenizers() -> &'static Tokenizers {
     static T: OnceLock<Tokenizers> = OnceLock::new();
     T.get_or_init(|| {
         Tokenizers::build(&[Encoding::O200kBase, Encoding::Cl100kBase])
-            .expect("both tiktoken encodings build")
+            .expect("both encodings build")
     })
 }
 

@@ -1,0 +1,113 @@
+//! Character classes of the pre-tokenizer patterns, per code point, from the table
+//! `build.rs` generated with the Unicode data of the regex engine tiktoken uses.
+//!
+//! [`class_at`] decodes the character at a byte offset of a `str` and returns its class
+//! bits and its UTF-8 length. ASCII is one table lookup; other code points go through a
+//! two-level table (block index, then the block).
+
+include!(concat!(env!("OUT_DIR"), "/classes.rs"));
+
+const BLOCK_MASK: u32 = (1 << BLOCK_SHIFT) - 1;
+
+/// `[^\r\n\p{L}\p{N}]`: the optional character before a letter run.
+#[inline(always)]
+pub(super) fn is_prefix(flags: u8) -> bool {
+    flags & (LETTER | NUMBER | NEWLINE) == 0
+}
+
+/// `[^\s\p{L}\p{N}]`: punctuation, symbols, marks in cl100k, controls, unassigned, ….
+#[inline(always)]
+pub(super) fn is_other(flags: u8) -> bool {
+    flags & (SPACE | LETTER | NUMBER) == 0
+}
+
+/// The class bits of code point `cp`.
+#[inline]
+pub(super) fn class_of(cp: u32) -> u8 {
+    if cp < 128 {
+        return ASCII[cp as usize];
+    }
+    let block = BLOCK_INDEX
+        .get((cp >> BLOCK_SHIFT) as usize)
+        .copied()
+        .unwrap_or(0);
+    BLOCKS
+        .get(((block as usize) << BLOCK_SHIFT) | (cp & BLOCK_MASK) as usize)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// The code point starting at byte `i` of `b` (valid UTF-8, `i` on a character boundary,
+/// `i < b.len()`) and its length in bytes.
+#[inline(always)]
+pub(super) fn decode(b: &[u8], i: usize) -> (u32, usize) {
+    let b0 = b[i];
+    if b0 < 0x80 {
+        return (u32::from(b0), 1);
+    }
+    let cont = |k: usize| u32::from(b.get(i + k).copied().unwrap_or(0x80) & 0x3f);
+    if b0 < 0xe0 {
+        ((u32::from(b0 & 0x1f) << 6) | cont(1), 2)
+    } else if b0 < 0xf0 {
+        ((u32::from(b0 & 0x0f) << 12) | (cont(1) << 6) | cont(2), 3)
+    } else {
+        (
+            (u32::from(b0 & 0x07) << 18) | (cont(1) << 12) | (cont(2) << 6) | cont(3),
+            4,
+        )
+    }
+}
+
+/// Class bits and byte length of the character at byte `i` (see [`decode`]).
+#[inline(always)]
+pub(super) fn class_at(b: &[u8], i: usize) -> (u8, usize) {
+    let b0 = b[i];
+    if b0 < 0x80 {
+        return (ASCII[usize::from(b0)], 1);
+    }
+    let (cp, len) = decode(b, i);
+    (class_of(cp), len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_reads_every_utf8_length() {
+        let s = "a\u{e9}\u{4e2d}\u{1f600}";
+        let b = s.as_bytes();
+        assert_eq!(decode(b, 0), (0x61, 1));
+        assert_eq!(decode(b, 1), (0xe9, 2));
+        assert_eq!(decode(b, 3), (0x4e2d, 3));
+        assert_eq!(decode(b, 6), (0x1f600, 4));
+    }
+
+    #[test]
+    fn sample_characters_have_the_expected_classes() {
+        assert_eq!(class_of('a' as u32), LETTER | LOWER);
+        assert_eq!(class_of('A' as u32), LETTER | UPPER);
+        assert_eq!(class_of('\u{1c5}' as u32), LETTER | UPPER); // ǅ, titlecase
+        assert_eq!(class_of('\u{2b0}' as u32), LETTER | UPPER | LOWER); // ʰ, modifier
+        assert_eq!(class_of('\u{4e2d}' as u32), LETTER | UPPER | LOWER); // 中, other letter
+        assert_eq!(class_of('\u{301}' as u32), UPPER | LOWER); // combining acute: a mark
+        assert_eq!(class_of('7' as u32), NUMBER);
+        assert_eq!(class_of('\u{bd}' as u32), NUMBER); // ½
+        assert_eq!(class_of('\n' as u32), SPACE | NEWLINE);
+        assert_eq!(class_of('\u{85}' as u32), SPACE); // NEL: white space, not [\r\n]
+        assert_eq!(class_of('\u{3000}' as u32), SPACE);
+        assert_eq!(class_of('\u{200d}' as u32), 0); // ZWJ: format, not white space
+        assert_eq!(class_of('!' as u32), 0);
+        assert_eq!(class_of(0x10_ffff), 0);
+    }
+
+    #[test]
+    fn contraction_letters_fold_like_the_regex_engine() {
+        assert_eq!(folded_letter('s' as u32), b's');
+        assert_eq!(folded_letter('S' as u32), b's');
+        assert_eq!(folded_letter(0x17f), b's'); // ſ, LATIN SMALL LETTER LONG S
+        assert_eq!(folded_letter('L' as u32), b'l');
+        assert_eq!(folded_letter('k' as u32), 0);
+        assert_eq!(folded_letter('\'' as u32), 0);
+    }
+}

@@ -1,0 +1,130 @@
+//! Exact byte-pair encoding for `o200k_base` and `cl100k_base`, without tiktoken at run
+//! time: the same tokens tiktoken's `encode_ordinary` produces, from tables compiled into
+//! the module, so a Wasm VM starts counting without building anything.
+//!
+//! Three parts, each the counterpart of one step of tiktoken's `CoreBPE::encode_ordinary`:
+//!
+//! 1. `split`: the encoding's pre-tokenizer regex, hand-written (fancy-regex semantics,
+//!    Unicode classes from `classes`).
+//! 2. `table`: the rank of a piece's bytes, looked up in a hash table `build.rs` generated
+//!    from tiktoken-rs's vocabulary and that is read in place.
+//! 3. `merge`: tiktoken's `byte_pair_merge` for pieces that are not a token themselves.
+//!
+//! Special tokens are not recognised: their spellings (`<|endoftext|>`) are ordinary text,
+//! as in `encode_ordinary`. The equivalence with tiktoken-rs, token for token, is what the
+//! tests in `tests.rs` check on a large generated corpus.
+
+mod classes;
+mod hash;
+mod joins;
+mod merge;
+mod split;
+mod table;
+
+#[cfg(test)]
+mod tests;
+
+use joins::Joins;
+use merge::Scratch;
+use table::Vocab;
+
+/// A byte-pair encoder for one encoding. Cheap to create: the vocabulary is static data;
+/// the only allocation is the 128 KiB memo of pair merges ([`Joins`]).
+pub struct Bpe {
+    vocab: &'static Vocab,
+    split: Split,
+    joins: Joins,
+}
+
+/// Which pre-tokenizer (a `match` rather than a function pointer, so each is inlined into
+/// its own copy of the encoding loop).
+#[derive(Clone, Copy)]
+enum Split {
+    O200k,
+    Cl100k,
+}
+
+impl std::fmt::Debug for Bpe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bpe")
+            .field("tokens", &self.vocab.tokens)
+            .finish()
+    }
+}
+
+impl Bpe {
+    /// `o200k_base` (GPT-4o, o-series, GPT-5).
+    pub fn o200k_base() -> Bpe {
+        Bpe {
+            vocab: &table::O200K_BASE,
+            split: Split::O200k,
+            joins: Joins::new(),
+        }
+    }
+
+    /// `cl100k_base` (GPT-4, GPT-3.5, text-embedding-3).
+    pub fn cl100k_base() -> Bpe {
+        Bpe {
+            vocab: &table::CL100K_BASE,
+            split: Split::Cl100k,
+            joins: Joins::new(),
+        }
+    }
+
+    /// False if the embedded table is not the size its constants say (a broken build).
+    pub fn is_consistent(&self) -> bool {
+        self.vocab.is_consistent()
+    }
+
+    /// The number of ordinary tokens (ranks run from 0 to this, exclusive).
+    pub fn vocabulary_size(&self) -> usize {
+        self.vocab.tokens
+    }
+
+    /// How many tokens `text` encodes to.
+    pub fn count(&self, text: &str) -> usize {
+        self.walk(text, &mut |_| {})
+    }
+
+    /// The tokens (ranks) of `text`, as tiktoken's `encode_ordinary` returns them.
+    pub fn encode(&self, text: &str) -> Vec<u32> {
+        let mut out = Vec::with_capacity(text.len() / 3);
+        self.walk(text, &mut |t| out.push(t));
+        out
+    }
+
+    /// Split `text` into pieces, encode each, hand every token to `emit`; returns the count.
+    #[inline]
+    fn walk(&self, text: &str, emit: &mut impl FnMut(u32)) -> usize {
+        match self.split {
+            Split::O200k => walk(self.vocab, &self.joins, text, split::o200k_piece_end, emit),
+            Split::Cl100k => walk(self.vocab, &self.joins, text, split::cl100k_piece_end, emit),
+        }
+    }
+}
+
+#[inline(always)]
+fn walk(
+    vocab: &Vocab,
+    joins: &Joins,
+    text: &str,
+    piece_end: impl Fn(&[u8], usize) -> usize,
+    emit: &mut impl FnMut(u32),
+) -> usize {
+    let b = text.as_bytes();
+    let mut scratch = Scratch::default();
+    let mut count = 0;
+    let mut p = 0;
+    while p < b.len() {
+        let end = piece_end(b, p).clamp(p + 1, b.len());
+        let piece = &b[p..end];
+        p = end;
+        if let Some(rank) = vocab.rank(piece) {
+            emit(rank);
+            count += 1;
+        } else {
+            count += merge::merge(vocab, joins, piece, &mut scratch, emit);
+        }
+    }
+    count
+}
