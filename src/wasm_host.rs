@@ -93,6 +93,20 @@ extern "C" {
     // panics (killing the VM) on any status but Ok and NotFound, and Envoy answers
     // BadArgument when a map is not available in the current phase — request headers in
     // the body phase after they went on, for instance.
+    // Header writes, also called directly: the SDK panics on any status but Ok, and Envoy
+    // refuses writes to a map that has already gone on.
+    fn proxy_replace_header_map_value(
+        map_type: MapType,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_remove_header_map_value(
+        map_type: MapType,
+        key_data: *const u8,
+        key_size: usize,
+    ) -> u32;
     fn proxy_get_header_map_pairs(
         map_type: MapType,
         return_map_data: *mut *mut u8,
@@ -212,7 +226,7 @@ type HeaderMap = Vec<(String, String)>;
 thread_local! {
     /// The request and response header maps read during the current callback: one host
     /// call fetches a whole map, and the lookups that follow are local. Cleared by
-    /// [`begin_callback`] and by every header write.
+    /// [`begin_callback`]; header writes are applied to it.
     static HEADER_MAPS: RefCell<[Option<HeaderMap>; 2]> = const { RefCell::new([None, None]) };
 }
 
@@ -267,8 +281,27 @@ fn cached_header(map: MapType, name: &str) -> Option<String> {
 }
 
 fn set_header(map: MapType, name: &str, value: Option<&str>) {
-    let _ = hostcalls::set_map_value(map, name, value);
-    HEADER_MAPS.with(|m| m.borrow_mut()[slot(map)] = None);
+    // SAFETY: pointer/length pairs of live &str values; the status is only compared.
+    let status = unsafe {
+        match value {
+            Some(v) => {
+                proxy_replace_header_map_value(map, name.as_ptr(), name.len(), v.as_ptr(), v.len())
+            }
+            None => proxy_remove_header_map_value(map, name.as_ptr(), name.len()),
+        }
+    };
+    if status != ABI_OK {
+        return;
+    }
+    // Keep the cached map in step (the proxy replaces every value of `name`).
+    HEADER_MAPS.with(|m| {
+        if let Some(pairs) = &mut m.borrow_mut()[slot(map)] {
+            pairs.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+            if let Some(v) = value {
+                pairs.push((name.to_ascii_lowercase(), v.to_string()));
+            }
+        }
+    });
 }
 
 fn buffer(kind: BufferType, size: usize) -> Option<Vec<u8>> {
