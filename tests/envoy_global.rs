@@ -410,3 +410,27 @@ fn concurrent_requests_against_limitador_over_redis() {
         );
     }
 }
+
+#[test]
+fn the_shipped_limitador_limits_load_and_the_demo_config_names_their_budget() {
+    let file = support::envoy::repo_root().join("envoy/ratelimit/limitador-limits.yaml");
+    let out = std::process::Command::new(support::rls_engine::rls_engine_binary())
+        .arg("--validate")
+        .arg("--limits")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with("1 limit(s), valid\n"));
+    let limits = std::fs::read_to_string(&file).unwrap();
+    let demo = std::fs::read_to_string(support::envoy::repo_root().join("envoy/envoy-global.yaml"))
+        .unwrap();
+    assert!(limits.contains("descriptors[0].budget == 'tenant-daily'"));
+    assert!(
+        demo.contains(r#""name": "tenant-daily", "key": "header:x-tenant", "backend": "global""#)
+    );
+}
