@@ -21,7 +21,7 @@ use std::sync::OnceLock;
 
 use tiktoken_rs::CoreBPE;
 
-use super::{classes, joins, merge, split, table, Bpe};
+use super::{joins, merge, split, table, Bpe};
 
 // ---------------------------------------------------------------------------------------
 // The reference
@@ -694,6 +694,7 @@ fn cookbook_strings_have_tiktokens_token_ids() {
 #[cfg(not(target_family = "wasm"))]
 #[test]
 fn every_code_point_has_the_regex_engines_classes() {
+    use super::classes;
     let checks: [(&str, u8); 6] = [
         (r"\p{L}", classes::LETTER),
         (r"\p{N}", classes::NUMBER),
