@@ -15,6 +15,7 @@ use crate::budget::{Budget, Drawn, KeySource, Priority, Standing, TripAction, Un
 use crate::config::{Config, FailureMode};
 use crate::host::Host;
 use crate::ledger::{self, LedgerError};
+use crate::price::PriceList;
 use crate::tokens::best_match;
 use crate::usage::UsageReport;
 
@@ -179,12 +180,29 @@ pub fn cheaper_model(config: &Config, model: &str) -> Option<String> {
 
 /// What `budget` would reserve for a request to `model`.
 fn estimate(config: &Config, budget: &Budget, model: &str, facts: &Facts<'_>) -> u64 {
-    match budget.unit {
-        Unit::Tokens => facts.prompt.saturating_add(facts.max_output),
-        Unit::Usd => config
-            .prices
+    reservation_in(
+        &config.prices,
+        budget.unit,
+        model,
+        facts.prompt,
+        facts.max_output,
+    )
+}
+
+/// What a request may cost in `unit`: prompt plus output cap, in tokens, or priced at
+/// `model` in micro-USD (`u64::MAX` when the model has no price, so it never fits).
+pub fn reservation_in(
+    prices: &PriceList,
+    unit: Unit,
+    model: &str,
+    prompt: u64,
+    max_output: u64,
+) -> u64 {
+    match unit {
+        Unit::Tokens => prompt.saturating_add(max_output),
+        Unit::Usd => prices
             .get(model)
-            .map(|p| p.estimate(facts.prompt, facts.max_output))
+            .map(|p| p.estimate(prompt, max_output))
             .unwrap_or(u64::MAX),
     }
 }
@@ -351,13 +369,15 @@ pub fn plan(host: &mut dyn Host, config: &Config, keys: &[String], facts: &Facts
 
 /// Actual cost of an exchange in `budget`'s unit, for `model`.
 pub fn actual_amount(config: &Config, budget: &Budget, model: &str, usage: &UsageReport) -> u64 {
-    match budget.unit {
+    cost_in(&config.prices, budget.unit, model, usage)
+}
+
+/// What an exchange cost in `unit`: tokens in and out, or micro-USD at `model`'s price
+/// (0 when the model has no price).
+pub fn cost_in(prices: &PriceList, unit: Unit, model: &str, usage: &UsageReport) -> u64 {
+    match unit {
         Unit::Tokens => usage.input.saturating_add(usage.output),
-        Unit::Usd => config
-            .prices
-            .get(model)
-            .map(|p| p.actual(usage))
-            .unwrap_or(0),
+        Unit::Usd => prices.get(model).map(|p| p.actual(usage)).unwrap_or(0),
     }
 }
 

@@ -391,14 +391,13 @@ impl Exchange {
             .global_budgets
             .iter()
             .map(|budget| {
-                global::reservation(
+                enforce::reservation_in(
                     &config.prices,
-                    budget,
+                    budget.unit,
                     &call.served_model,
                     call.prompt.tokens,
                     max_output,
                 )
-                .unwrap_or(u64::MAX)
             })
             .collect();
         if let Some(i) = hits.iter().position(|&h| h > u64::from(u32::MAX)) {
@@ -846,24 +845,15 @@ impl Exchange {
                 r.budget, r.needed, r.remaining, r.limit
             )
         };
-        let retry_after = r.retry_after_secs.to_string();
-        let (limit, remaining) = (r.limit.to_string(), r.remaining.to_string());
-        let mut headers: Vec<(&str, &str)> = vec![("retry-after", &retry_after)];
-        if r.unit == Unit::Tokens {
-            headers.push(("x-ratelimit-limit-tokens", &limit));
-            headers.push(("x-ratelimit-remaining-tokens", &remaining));
-            headers.push(("x-ratelimit-reset-tokens", &reset));
-        }
-        if hopeless || r.retry_after_secs > should_retry_max_secs {
-            headers.push(("x-should-retry", "false"));
-        }
-        headers.push(("x-tokenfuse-budget", &r.budget));
-        let kind = if r.unit == Unit::Tokens {
-            "tokens"
-        } else {
-            "usd"
-        };
-        send_error(host, 429, &message, kind, "rate_limit_exceeded", &headers);
+        send_429(
+            host,
+            &message,
+            &r.budget,
+            r.unit,
+            r.retry_after_secs,
+            Some((r.limit, r.remaining, &reset)),
+            hopeless || r.retry_after_secs > should_retry_max_secs,
+        );
     }
 
     /// Response headers arrived.
@@ -1181,7 +1171,7 @@ impl Exchange {
             let cost = match billed {
                 Billed::Nothing => 0,
                 Billed::Usage { usage, .. } => {
-                    global::actual(&config.prices, budget, &call.served_model, usage)
+                    enforce::cost_in(&config.prices, budget.unit, &call.served_model, usage)
                 }
                 Billed::Unknown => hold.hits,
             };
@@ -1320,35 +1310,51 @@ fn reject_global(
             budget.name
         )
     };
-    let retry_after = retry_after_secs.to_string();
     let reset = go_duration(retry_after_secs.saturating_mul(1000));
-    let known = match (budget.unit, status) {
-        (
-            Unit::Tokens,
-            Some(rls::DescriptorStatus {
-                limit: Some(l),
-                remaining: r,
-                ..
-            }),
-        ) => Some((l.to_string(), r.to_string())),
-        _ => None,
-    };
+    let rate =
+        status.and_then(|s| Some((u64::from(s.limit?), u64::from(s.remaining), reset.as_str())));
+    send_429(
+        host,
+        &message,
+        &budget.name,
+        budget.unit,
+        retry_after_secs,
+        rate,
+        hopeless || retry_after_secs > should_retry_max_secs,
+    );
+}
+
+/// The 429 every budget refusal answers: `retry-after`, the `x-ratelimit-*-tokens` trio
+/// for token budgets whose position is known (`rate`: limit, remaining, reset),
+/// `x-should-retry: false` when waiting will not help, and the budget's name.
+fn send_429(
+    host: &mut dyn Host,
+    message: &str,
+    budget: &str,
+    unit: Unit,
+    retry_after_secs: u64,
+    rate: Option<(u64, u64, &str)>,
+    no_retry: bool,
+) {
+    let retry_after = retry_after_secs.to_string();
+    let rate = rate
+        .filter(|_| unit == Unit::Tokens)
+        .map(|(limit, remaining, reset)| (limit.to_string(), remaining.to_string(), reset));
     let mut headers: Vec<(&str, &str)> = vec![("retry-after", &retry_after)];
-    if let Some((limit, remaining)) = &known {
+    if let Some((limit, remaining, reset)) = &rate {
         headers.push(("x-ratelimit-limit-tokens", limit));
         headers.push(("x-ratelimit-remaining-tokens", remaining));
-        headers.push(("x-ratelimit-reset-tokens", &reset));
+        headers.push(("x-ratelimit-reset-tokens", reset));
     }
-    if hopeless || retry_after_secs > should_retry_max_secs {
+    if no_retry {
         headers.push(("x-should-retry", "false"));
     }
-    headers.push(("x-tokenfuse-budget", &budget.name));
-    let kind = if budget.unit == Unit::Tokens {
-        "tokens"
-    } else {
-        "usd"
+    headers.push(("x-tokenfuse-budget", budget));
+    let kind = match unit {
+        Unit::Tokens => "tokens",
+        Unit::Usd => "usd",
     };
-    send_error(host, 429, &message, kind, "rate_limit_exceeded", &headers);
+    send_error(host, 429, message, kind, "rate_limit_exceeded", &headers);
 }
 
 fn add(host: &mut dyn Host, stat: &Stat, n: u64) {

@@ -23,43 +23,16 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::budget::Unit;
-use crate::config::{Config, GlobalBudget, RateLimitService};
+use crate::config::{Config, RateLimitService};
 use crate::host::{Host, Level};
-use crate::price::PriceList;
 use crate::rls::{self, Code, DescriptorStatus, RateLimitRequest, RateLimitResponse};
 use crate::stats::Stat;
-use crate::usage::UsageReport;
 
 /// gRPC status code `OK`; Envoy passes the call's status to the response callback.
 const GRPC_OK: u32 = 0;
 
 /// Most (budget, key) settlements a VM queues while the service is away.
 pub const MAX_QUEUED: usize = 100_000;
-
-/// What a global budget reserves for a request: prompt plus output cap, in the budget's unit.
-/// `None` when a USD budget has no price for the model (config validation requires a
-/// catch-all price, so this does not happen with a loaded config).
-pub fn reservation(
-    prices: &PriceList,
-    budget: &GlobalBudget,
-    model: &str,
-    prompt: u64,
-    max_output: u64,
-) -> Option<u64> {
-    match budget.unit {
-        Unit::Tokens => Some(prompt.saturating_add(max_output)),
-        Unit::Usd => prices.get(model).map(|p| p.estimate(prompt, max_output)),
-    }
-}
-
-/// What a settled request cost `budget`.
-pub fn actual(prices: &PriceList, budget: &GlobalBudget, model: &str, usage: &UsageReport) -> u64 {
-    match budget.unit {
-        Unit::Tokens => usage.input.saturating_add(usage.output),
-        Unit::Usd => prices.get(model).map(|p| p.actual(usage)).unwrap_or(0),
-    }
-}
 
 /// The `ShouldRateLimit` message charging `hits` to `budget` for `key`.
 pub fn request_message(service: &RateLimitService, budget: &str, key: &str, hits: u32) -> Vec<u8> {
@@ -126,8 +99,9 @@ pub struct Hold {
     pub hits: u64,
 }
 
-/// Ask the service to reserve `hits` for `key` on global budget `budget`. `Err` carries
-/// the failure reason when the call could not even be sent.
+/// Ask the service to charge `hits` (at most `u32::MAX`) for `key` on the global budget
+/// `name`: a reservation, or a settlement. `Err` carries the failure reason when the call
+/// could not even be sent.
 pub fn dispatch_check(
     host: &mut dyn Host,
     service: &RateLimitService,
@@ -217,14 +191,7 @@ impl SettleQueue {
             };
             // One call carries at most u32::MAX hits; the rest waits for the next tick.
             let now = q.hits.min(u64::from(u32::MAX));
-            let message = request_message(service, &b.name, &key, now as u32);
-            match host.grpc_call(
-                &service.cluster,
-                rls::SERVICE,
-                rls::METHOD,
-                &message,
-                service.timeout_ms,
-            ) {
+            match dispatch_check(host, service, &b.name, &key, now) {
                 Ok(token) => {
                     let rest = q.hits - now;
                     q.hits = now;
@@ -495,6 +462,8 @@ mod tests {
 
     #[test]
     fn reservation_and_actual_follow_the_unit() {
+        use crate::enforce::{cost_in, reservation_in};
+        use crate::usage::UsageReport;
         let config = Config::parse(
             br#"{"api":"v1","rate_limit_service":{"cluster":"rls"},
                  "prices":{"*":{"input":2.5,"output":10}},
@@ -503,15 +472,16 @@ mod tests {
         )
         .unwrap();
         let (t, u) = (&config.global_budgets[0], &config.global_budgets[1]);
-        assert_eq!(reservation(&config.prices, t, "m", 100, 50), Some(150));
+        let prices = &config.prices;
+        assert_eq!(reservation_in(prices, t.unit, "m", 100, 50), 150);
         // $2.5/M in, $10/M out: 100 in + 50 out = 250 + 500 micro-USD.
-        assert_eq!(reservation(&config.prices, u, "m", 100, 50), Some(750));
+        assert_eq!(reservation_in(prices, u.unit, "m", 100, 50), 750);
         let usage = UsageReport {
             input: 100,
             output: 20,
             ..UsageReport::default()
         };
-        assert_eq!(actual(&config.prices, t, "m", &usage), 120);
-        assert_eq!(actual(&config.prices, u, "m", &usage), 450);
+        assert_eq!(cost_in(prices, t.unit, "m", &usage), 120);
+        assert_eq!(cost_in(prices, u.unit, "m", &usage), 450);
     }
 }
