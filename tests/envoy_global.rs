@@ -13,31 +13,9 @@ use serde_json::json;
 use support::envoy::EnvoySpec;
 use support::http::Response;
 use support::redis::Redis;
-use support::rls_engine::{budget_limit_yaml, RlsEngine};
+use support::rls_engine::{budget_limit_yaml, grpc_cluster_yaml, RlsEngine};
 use support::stack::{counter_sum, native_count, Stack};
 use tokenfuse::api::ApiKind;
-
-/// An HTTP/2 cluster `rls` at `port` (the rate limit service must be spoken to in HTTP/2).
-fn rls_cluster(name: &str, port: u16) -> String {
-    format!(
-        r#"- name: {name}
-  type: STATIC
-  connect_timeout: 1s
-  typed_extension_protocol_options:
-    envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-      "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-      explicit_http_config:
-        http2_protocol_options: {{}}
-  load_assignment:
-    cluster_name: {name}
-    endpoints:
-    - lb_endpoints:
-      - endpoint:
-          address:
-            socket_address: {{ address: 127.0.0.1, port_value: {port} }}
-"#
-    )
-}
 
 fn global_config(cluster: &str, on_failure: &str) -> String {
     json!({
@@ -312,7 +290,7 @@ fn an_unreachable_service_applies_the_failure_mode_quickly_and_is_counted() {
     let port = closed_port();
     for (mode, want) in [("closed", 503), ("open", 200)] {
         let stack = Stack::start_with(&global_config("rls", mode), |spec| EnvoySpec {
-            extra_clusters_yaml: Some(rls_cluster("rls", port)),
+            extra_clusters_yaml: Some(grpc_cluster_yaml("rls", port)),
             ..spec
         });
         for i in 0..3 {

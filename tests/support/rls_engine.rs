@@ -253,8 +253,15 @@ impl RlsEngine {
     /// A STATIC Envoy cluster `name` that reaches this engine over HTTP/2 (gRPC), as a
     /// YAML list item for `EnvoySpec::extra_clusters_yaml`.
     pub fn envoy_cluster_yaml(&self, name: &str) -> String {
-        format!(
-            r#"- name: {name}
+        grpc_cluster_yaml(name, self.port)
+    }
+}
+
+/// A STATIC Envoy cluster `name` speaking HTTP/2 (gRPC) to `127.0.0.1:port`, as a YAML list
+/// item for `EnvoySpec::extra_clusters_yaml`.
+pub fn grpc_cluster_yaml(name: &str, port: u16) -> String {
+    format!(
+        r#"- name: {name}
   type: STATIC
   connect_timeout: 1s
   typed_extension_protocol_options:
@@ -269,10 +276,8 @@ impl RlsEngine {
       - endpoint:
           address:
             socket_address: {{ address: 127.0.0.1, port_value: {port} }}
-"#,
-            port = self.port
-        )
-    }
+"#
+    )
 }
 
 impl Drop for RlsEngine {
