@@ -1,0 +1,323 @@
+//! Per-request micro-benchmark for `make bench` (bench/run.py): the filter's whole work for
+//! one chat completion — request headers, body (parse, count, enforce), response headers,
+//! response body (usage), settlement — through [`tokenfuse::exchange::Exchange`] against an
+//! in-memory host, natively and compiled to `wasm32-wasip1` under V8. It leaves out what
+//! Envoy itself costs (host calls, the calls into the VM); bench/run.py measures that side
+//! by side in a real Envoy.
+//!
+//! ```text
+//! cargo run --release --example exchange_bench -- results/body-1kb.json
+//! cargo build --release --example exchange_bench --target wasm32-wasip1
+//! node scripts/wasi-run.mjs target/wasm32-wasip1/release/examples/exchange_bench.wasm results/body-1kb.json
+//! ```
+//!
+//! Arguments: request bodies (chat completions JSON) to send, relative to the current
+//! directory. Options: `--rounds N` (default 5), `--min-ms N` (shortest timed loop,
+//! default 300), `--config count|budget` (default: both). Prints one JSON object per line
+//! and configuration and body: `{"kind":"exchange","config":...,"median_us":...}`. A
+//! benchmark, not a test: it asserts nothing but that the exchange went through.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::process::ExitCode;
+use std::rc::Rc;
+use std::time::Instant;
+
+use tokenfuse::config::Config;
+use tokenfuse::exchange::{Action, Exchange};
+use tokenfuse::filter::Filter;
+use tokenfuse::host::{GrpcRefused, Host, Level, SharedError};
+
+const RESPONSE: &[u8] = br#"{"id":"chatcmpl-mock","object":"chat.completion","created":1700000000,"model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}}}"#;
+
+const CONFIGS: [(&str, &str); 2] = [
+    ("count", r#"{"api":"v1"}"#),
+    (
+        "budget",
+        r#"{"api":"v1","budgets":[{"name":"bench","key":"header:x-tenant","window":"minute","base":1e15}]}"#,
+    ),
+];
+
+/// Shared data that outlives every request (one process, one worker).
+type Shared = Rc<RefCell<HashMap<String, (Vec<u8>, u32)>>>;
+
+/// The least a host can do: hold one request's headers and bodies, shared data, counters.
+struct BenchHost {
+    request_headers: Vec<(String, String)>,
+    request_body: Vec<u8>,
+    response_headers: Vec<(String, String)>,
+    response_chunk: &'static [u8],
+    shared: Shared,
+    counters: HashMap<String, u64>,
+    replied: Option<u32>,
+}
+
+fn get(list: &[(String, String)], name: &str) -> Option<String> {
+    list.iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.clone())
+}
+
+fn set(list: &mut Vec<(String, String)>, name: &str, value: Option<&str>) {
+    list.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+    if let Some(v) = value {
+        list.push((name.to_string(), v.to_string()));
+    }
+}
+
+impl Host for BenchHost {
+    fn request_header(&self, name: &str) -> Option<String> {
+        get(&self.request_headers, name)
+    }
+    fn set_request_header(&mut self, name: &str, value: Option<&str>) {
+        set(&mut self.request_headers, name, value)
+    }
+    fn request_body(&self, size: usize) -> Option<Vec<u8>> {
+        self.request_body.get(..size).map(<[u8]>::to_vec)
+    }
+    fn replace_request_body(&mut self, size: usize, body: &[u8]) {
+        let size = size.min(self.request_body.len());
+        self.request_body.splice(..size, body.iter().copied());
+    }
+    fn response_header(&self, name: &str) -> Option<String> {
+        get(&self.response_headers, name)
+    }
+    fn set_response_header(&mut self, name: &str, value: Option<&str>) {
+        set(&mut self.response_headers, name, value)
+    }
+    fn response_body(&self, size: usize) -> Option<Vec<u8>> {
+        self.response_chunk.get(..size).map(<[u8]>::to_vec)
+    }
+    fn send_reply(&mut self, status: u32, _: &[(&str, &str)], _: &[u8]) {
+        self.replied = Some(status);
+    }
+    fn upstream_cluster(&self) -> Option<String> {
+        Some("primary".to_string())
+    }
+    fn counter_add(&mut self, name: &str, n: u64) {
+        // As the Wasm host does: one map entry per stat name, updated in place.
+        match self.counters.get_mut(name) {
+            Some(v) => *v += n,
+            None => {
+                self.counters.insert(name.to_string(), n);
+            }
+        }
+    }
+    fn gauge_set(&mut self, name: &str, value: u64) {
+        self.counter_add(name, value)
+    }
+    fn log(&self, _: Level, _: &str) {}
+    fn log_enabled(&self, _: Level) -> bool {
+        false
+    }
+    fn now_ms(&self) -> i64 {
+        1_780_000_000_000
+    }
+    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.shared.borrow().get(key).cloned()
+    }
+    fn shared_set(&mut self, key: &str, value: &[u8], cas: u32) -> Result<(), SharedError> {
+        let mut shared = self.shared.borrow_mut();
+        match shared.get_mut(key) {
+            Some(entry) if cas != 0 && cas != entry.1 => Err(SharedError::CasMismatch),
+            Some(entry) => {
+                *entry = (value.to_vec(), entry.1.wrapping_add(1).max(1));
+                Ok(())
+            }
+            None => {
+                shared.insert(key.to_string(), (value.to_vec(), 1));
+                Ok(())
+            }
+        }
+    }
+    fn clear_route_cache(&mut self) {}
+    fn route_name(&self) -> Option<String> {
+        None
+    }
+    fn grpc_call(&mut self, _: &str, _: &str, _: &str, _: &[u8], _: u64) -> Result<u32, GrpcRefused> {
+        Err(GrpcRefused)
+    }
+    fn grpc_response_body(&self, _: usize) -> Option<Vec<u8>> {
+        None
+    }
+    fn resume_request(&mut self) {}
+}
+
+/// One request through the exchange, as Envoy's HTTP/1 codec delivers it: headers, the
+/// body (then an empty end-of-stream chunk), response headers, the response body, done.
+fn one_request(filter: &Rc<Filter>, host: &mut BenchHost, body: &[u8], id: u32) -> bool {
+    host.request_headers = vec![
+        (":method".into(), "POST".into()),
+        (":path".into(), "/v1/chat/completions".into()),
+        (":authority".into(), "127.0.0.1:10000".into()),
+        (":scheme".into(), "http".into()),
+        ("content-type".into(), "application/json".into()),
+        ("content-length".into(), body.len().to_string()),
+        ("x-tenant".into(), "bench".into()),
+        ("x-forwarded-proto".into(), "http".into()),
+        ("x-request-id".into(), "8f0c3c52-5f7e-4bd4-9a53-3b1c7b6f8e21".into()),
+    ];
+    host.request_body.clear();
+    host.request_body.extend_from_slice(body);
+    host.response_headers = vec![
+        (":status".into(), "200".into()),
+        ("content-type".into(), "application/json".into()),
+        ("content-length".into(), RESPONSE.len().to_string()),
+    ];
+    host.replied = None;
+    let mut ex = Exchange::new(Rc::clone(filter), id);
+    ex.on_request_headers(host, false);
+    ex.on_request_body(host, body.len(), false);
+    let action = ex.on_request_body(host, body.len(), true);
+    if action != Action::Continue || host.replied.is_some() {
+        return false;
+    }
+    ex.on_response_headers(host, false);
+    ex.on_response_body(host, RESPONSE.len(), true);
+    ex.on_done(host);
+    true
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn main() -> ExitCode {
+    let target = if cfg!(target_family = "wasm") {
+        "wasm32-wasip1"
+    } else {
+        "native"
+    };
+    let mut rounds = 5usize;
+    let mut min_ms = 300u128;
+    let mut configs: Vec<(&str, &str)> = CONFIGS.to_vec();
+    let mut thrash_kb = 0usize;
+    let mut iterations = 0u64;
+    let mut files = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--rounds" => match args.next().and_then(|v| v.parse::<usize>().ok()) {
+                Some(n) if n > 0 => rounds = n,
+                _ => {
+                    eprintln!("exchange_bench: --rounds needs a positive number");
+                    return ExitCode::from(2);
+                }
+            },
+            "--min-ms" => match args.next().and_then(|v| v.parse::<u128>().ok()) {
+                Some(n) => min_ms = n,
+                None => {
+                    eprintln!("exchange_bench: --min-ms needs a number");
+                    return ExitCode::from(2);
+                }
+            },
+            "--iterations" => match args.next().and_then(|v| v.parse::<u64>().ok()) {
+                Some(n) => iterations = n,
+                None => {
+                    eprintln!("exchange_bench: --iterations needs a number");
+                    return ExitCode::from(2);
+                }
+            },
+            "--thrash-kb" => match args.next().and_then(|v| v.parse::<usize>().ok()) {
+                Some(n) => thrash_kb = n,
+                None => {
+                    eprintln!("exchange_bench: --thrash-kb needs a number");
+                    return ExitCode::from(2);
+                }
+            },
+            "--config" => {
+                let want = args.next().unwrap_or_default();
+                configs.retain(|(name, _)| *name == want);
+                if configs.is_empty() {
+                    eprintln!("exchange_bench: --config is count or budget");
+                    return ExitCode::from(2);
+                }
+            }
+            _ => files.push(arg),
+        }
+    }
+    let mut bodies = Vec::new();
+    for path in &files {
+        match std::fs::read(path) {
+            Ok(body) => bodies.push((path.clone(), body)),
+            Err(err) => {
+                eprintln!("exchange_bench: cannot read {path}: {err}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    for (name, document) in configs {
+        let filter = match Config::parse(document.as_bytes()).map(Filter::new) {
+            Ok(Ok(f)) => Rc::new(f),
+            Ok(Err(e)) => {
+                eprintln!("exchange_bench: {name}: {e}");
+                return ExitCode::FAILURE;
+            }
+            Err(e) => {
+                eprintln!("exchange_bench: {name}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut host = BenchHost {
+            request_headers: Vec::new(),
+            request_body: Vec::new(),
+            response_headers: Vec::new(),
+            response_chunk: RESPONSE,
+            shared: Shared::default(),
+            counters: HashMap::new(),
+            replied: None,
+        };
+        for (path, body) in &bodies {
+            // Warm-up (lets V8 tier the hot code up), and the check that the request went
+            // through the filter and upstream, not into a local reply.
+            for id in 0..50 {
+                if !one_request(&filter, &mut host, body, id) {
+                    eprintln!(
+                        "exchange_bench: {name}: {path} did not go through (reply {:?})",
+                        host.replied
+                    );
+                    return ExitCode::FAILURE;
+                }
+            }
+            let mut per_request = Vec::new();
+            let mut id = 100u32;
+            for _ in 0..rounds {
+                let start = Instant::now();
+                let mut n = 0u64;
+                let mut thrash = vec![0u8; thrash_kb * 1024];
+                let mut thrash_ns = 0u128;
+                loop {
+                    if thrash_kb > 0 {
+                        let t = Instant::now();
+                        for (i, b) in thrash.iter_mut().enumerate().step_by(64) {
+                            *b = b.wrapping_add(i as u8);
+                        }
+                        std::hint::black_box(&thrash);
+                        thrash_ns += t.elapsed().as_nanos();
+                    }
+                    std::hint::black_box(one_request(&filter, &mut host, body, id));
+                    id = id.wrapping_add(1);
+                    n += 1;
+                    if (iterations > 0 && n >= iterations)
+                        || (iterations == 0 && start.elapsed().as_millis() >= min_ms)
+                    {
+                        break;
+                    }
+                }
+                let spent = start.elapsed().as_nanos() - thrash_ns;
+                per_request.push(spent as f64 / 1e3 / n as f64);
+            }
+            println!(
+                "{{\"kind\":\"exchange\",\"config\":\"{name}\",\"target\":\"{target}\",\"file\":\"{path}\",\"bytes\":{},\"rounds\":{rounds},\"median_us\":{:.3}}}",
+                body.len(),
+                median(per_request),
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}
