@@ -17,8 +17,8 @@
 //! and configuration and body: `{"kind":"exchange","config":...,"median_us":...}`. A
 //! benchmark, not a test: it asserts nothing but that the exchange went through.
 
+use rustc_hash::FxHashMap as HashMap;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::process::ExitCode;
 use std::rc::Rc;
 use std::time::Instant;
@@ -134,7 +134,14 @@ impl Host for BenchHost {
     fn route_name(&self) -> Option<String> {
         None
     }
-    fn grpc_call(&mut self, _: &str, _: &str, _: &str, _: &[u8], _: u64) -> Result<u32, GrpcRefused> {
+    fn grpc_call(
+        &mut self,
+        _: &str,
+        _: &str,
+        _: &str,
+        _: &[u8],
+        _: u64,
+    ) -> Result<u32, GrpcRefused> {
         Err(GrpcRefused)
     }
     fn grpc_response_body(&self, _: usize) -> Option<Vec<u8>> {
@@ -155,7 +162,10 @@ fn one_request(filter: &Rc<Filter>, host: &mut BenchHost, body: &[u8], id: u32) 
         ("content-length".into(), body.len().to_string()),
         ("x-tenant".into(), "bench".into()),
         ("x-forwarded-proto".into(), "http".into()),
-        ("x-request-id".into(), "8f0c3c52-5f7e-4bd4-9a53-3b1c7b6f8e21".into()),
+        (
+            "x-request-id".into(),
+            "8f0c3c52-5f7e-4bd4-9a53-3b1c7b6f8e21".into(),
+        ),
     ];
     host.request_body.clear();
     host.request_body.extend_from_slice(body);
@@ -269,7 +279,7 @@ fn main() -> ExitCode {
             response_headers: Vec::new(),
             response_chunk: RESPONSE,
             shared: Shared::default(),
-            counters: HashMap::new(),
+            counters: HashMap::default(),
             replied: None,
         };
         for (path, body) in &bodies {

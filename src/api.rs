@@ -10,7 +10,8 @@
 
 use std::fmt;
 
-use serde::Deserialize;
+use serde::de::{self, Error as _, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
 /// The request shapes tokenfuse understands.
@@ -142,11 +143,21 @@ impl RequestError {
 // ---------------------------------------------------------------------------------------
 
 /// Text, or a list of typed parts (OpenAI chat `content`, Responses `content`).
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum Content {
     Text(String),
     Parts(Vec<ContentPart>),
+}
+
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        text_or_list(
+            d,
+            "a string or an array of content parts",
+            Content::Text,
+            Content::Parts,
+        )
+    }
 }
 
 /// One part of multi-part content, any API. Only the fields counting reads.
@@ -168,14 +179,38 @@ pub struct ContentPart {
 }
 
 /// `image_url` is a string (Responses API) or `{url, detail}` (Chat Completions).
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum ImageUrl {
     Url(String),
-    Object {
-        #[serde(default)]
-        detail: Option<String>,
-    },
+    Object { detail: Option<String> },
+}
+
+impl<'de> Deserialize<'de> for ImageUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Object {
+            #[serde(default)]
+            detail: Option<String>,
+        }
+        struct UrlOrObject;
+        impl<'de> Visitor<'de> for UrlOrObject {
+            type Value = ImageUrl;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a URL or an object with `url` and `detail`")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ImageUrl, E> {
+                Ok(ImageUrl::Url(v.to_owned()))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<ImageUrl, E> {
+                Ok(ImageUrl::Url(v))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ImageUrl, A::Error> {
+                let o = Object::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(ImageUrl::Object { detail: o.detail })
+            }
+        }
+        d.deserialize_any(UrlOrObject)
+    }
 }
 
 /// A chat message (OpenAI Chat Completions).
@@ -252,13 +287,86 @@ pub struct ChatRequest {
 }
 
 /// A legacy-completions prompt or an embeddings input: text, texts, or token ids.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum TextOrTokens {
     Text(String),
     Texts(Vec<String>),
     Tokens(Vec<u32>),
     TokenLists(Vec<Vec<u32>>),
+}
+
+impl<'de> Deserialize<'de> for TextOrTokens {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        /// One element of an array prompt: the first one decides what the array holds.
+        enum Element {
+            Text(String),
+            Token(u32),
+            Tokens(Vec<u32>),
+        }
+        impl<'de> Deserialize<'de> for Element {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct ElementVisitor;
+                impl<'de> Visitor<'de> for ElementVisitor {
+                    type Value = Element;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str("a string, a token id or an array of token ids")
+                    }
+                    fn visit_str<E: de::Error>(self, v: &str) -> Result<Element, E> {
+                        Ok(Element::Text(v.to_owned()))
+                    }
+                    fn visit_string<E: de::Error>(self, v: String) -> Result<Element, E> {
+                        Ok(Element::Text(v))
+                    }
+                    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Element, E> {
+                        u32::try_from(v)
+                            .map(Element::Token)
+                            .map_err(|_| E::invalid_value(de::Unexpected::Unsigned(v), &self))
+                    }
+                    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Element, A::Error> {
+                        Vec::<u32>::deserialize(de::value::SeqAccessDeserializer::new(seq))
+                            .map(Element::Tokens)
+                    }
+                }
+                d.deserialize_any(ElementVisitor)
+            }
+        }
+        struct PromptVisitor;
+        impl<'de> Visitor<'de> for PromptVisitor {
+            type Value = TextOrTokens;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string, an array of strings, or token ids")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<TextOrTokens, E> {
+                Ok(TextOrTokens::Text(v.to_owned()))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<TextOrTokens, E> {
+                Ok(TextOrTokens::Text(v))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TextOrTokens, A::Error> {
+                let mixed = || A::Error::custom("an array mixing strings, token ids and arrays");
+                let mut out = TextOrTokens::Texts(Vec::new());
+                let mut first = true;
+                while let Some(element) = seq.next_element::<Element>()? {
+                    match (&mut out, element) {
+                        (_, e) if first => {
+                            first = false;
+                            out = match e {
+                                Element::Text(t) => TextOrTokens::Texts(vec![t]),
+                                Element::Token(t) => TextOrTokens::Tokens(vec![t]),
+                                Element::Tokens(t) => TextOrTokens::TokenLists(vec![t]),
+                            };
+                        }
+                        (TextOrTokens::Texts(v), Element::Text(t)) => v.push(t),
+                        (TextOrTokens::Tokens(v), Element::Token(t)) => v.push(t),
+                        (TextOrTokens::TokenLists(v), Element::Tokens(t)) => v.push(t),
+                        _ => return Err(mixed()),
+                    }
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_any(PromptVisitor)
+    }
 }
 
 /// OpenAI legacy Completions request.
@@ -290,11 +398,21 @@ pub struct EmbeddingsRequest {
 }
 
 /// Responses API `input`: a string, or a list of items.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum ResponsesInput {
     Text(String),
     Items(Vec<ResponsesItem>),
+}
+
+impl<'de> Deserialize<'de> for ResponsesInput {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        text_or_list(
+            d,
+            "a string or an array of input items",
+            ResponsesInput::Text,
+            ResponsesInput::Items,
+        )
+    }
 }
 
 /// One Responses API input item: a message, a function call, or a function call's output.
@@ -328,11 +446,61 @@ pub struct ResponsesRequest {
 }
 
 /// Anthropic content: a string or a list of blocks.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum AnthropicContent {
     Text(String),
     Blocks(Vec<ContentPart>),
+}
+
+impl<'de> Deserialize<'de> for AnthropicContent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        text_or_list(
+            d,
+            "a string or an array of content blocks",
+            AnthropicContent::Text,
+            AnthropicContent::Blocks,
+        )
+    }
+}
+
+/// Deserialise "a string, or an array of `P`" straight into `T`. (serde's untagged enums
+/// would first copy the whole value into a buffer, then try each variant on it: every
+/// message's text twice.)
+fn text_or_list<'de, D, P, T>(
+    d: D,
+    expecting: &'static str,
+    text: fn(String) -> T,
+    list: fn(Vec<P>) -> T,
+) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    P: Deserialize<'de>,
+{
+    struct TextOrList<P, T> {
+        expecting: &'static str,
+        text: fn(String) -> T,
+        list: fn(Vec<P>) -> T,
+    }
+    impl<'de, P: Deserialize<'de>, T> Visitor<'de> for TextOrList<P, T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.expecting)
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+            Ok((self.text)(v.to_owned()))
+        }
+        fn visit_string<E: de::Error>(self, v: String) -> Result<T, E> {
+            Ok((self.text)(v))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<T, A::Error> {
+            Vec::<P>::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(self.list)
+        }
+    }
+    d.deserialize_any(TextOrList {
+        expecting,
+        text,
+        list,
+    })
 }
 
 /// An Anthropic message.

@@ -651,6 +651,15 @@ impl Config {
         )
     }
 
+    /// Whether some local budget can send a request to the cheaper model (a `reroute`
+    /// action, or progressive degradation): only then does planning need its read-only
+    /// first pass.
+    pub fn may_change_route(&self) -> bool {
+        self.budgets
+            .iter()
+            .any(|b| b.action != TripAction::Reject || b.degrade_from.is_some())
+    }
+
     /// Whether any budget, local or global, applies to LLM requests.
     pub fn has_budgets(&self) -> bool {
         !self.budgets.is_empty() || !self.global_budgets.is_empty()

@@ -8,6 +8,11 @@
 //! again before drawing — so however many requests race, a budget only admits what fits.
 //! If a later budget refuses, the reservations already made are refunded.
 //!
+//! When no budget can change the route (every one rejects, none degrades), the first pass
+//! is skipped: the second judges each budget inside its transaction anyway, and refuses the
+//! same request. The difference is only transient: with several budgets, the ones before
+//! the refusing one hold the request's reservation for the moment it takes to refund it.
+//!
 //! Rerouted requests are served: they are charged to every budget even beyond its limit
 //! (an operator who wants a hard stop adds a `reject` budget above the `reroute` one).
 
@@ -241,7 +246,8 @@ pub fn plan(host: &mut dyn Host, config: &Config, keys: &[String], facts: &Facts
     // it if the model turns out to have no cheaper counterpart.
     let mut tripped_reroute: Option<Rejection> = None;
     let mut degraded = false;
-    for (i, key) in keys.iter().enumerate() {
+    let passes = if config.may_change_route() { keys } else { &[] };
+    for (i, key) in passes.iter().enumerate() {
         let Some(budget) = config.budget_for(i, key) else {
             continue;
         };

@@ -628,10 +628,17 @@ impl Exchange {
 
         // Budget keys, under each budget's key cap.
         let mut keys = Vec::with_capacity(config.budgets.len());
-        for (budget, id) in config.budgets.iter().zip(&who.budget_ids) {
+        for (i, (budget, id)) in config.budgets.iter().zip(&who.budget_ids).enumerate() {
             let id = id.clone();
+            if filter.key_is_known(i, &id) {
+                keys.push(id);
+                continue;
+            }
             match ledger::admit_key(host, budget, &id, now, config.cas_retries) {
                 Ok(key) => {
+                    if key == id {
+                        filter.remember_key(i, &id);
+                    }
                     if key == ledger::OVERFLOW_KEY && id != key {
                         host.counter_add(
                             Stat::new("keys_overflowed")
@@ -1918,6 +1925,54 @@ mod tests {
             h.counter_sum("tokenfuse_decisions", &["decision=.=allowed;"]),
             1
         );
+    }
+
+    #[test]
+    fn a_reject_budget_reads_a_known_account_once_to_reserve_and_once_to_settle() {
+        let f = filter(
+            r#"{"api":"v1","budgets":[{"name":"minute","key":"header:x-tenant","window":"minute","base":1000}]}"#,
+        );
+        let shared = FakeHost::default();
+        let reads = |first: bool| {
+            let mut h = budget_host("acme", &chat_with(10), &shared);
+            let mut ex = Exchange::new(f.clone(), 1);
+            assert_eq!(send_request(&mut ex, &mut h, 64), Action::Continue);
+            let reserve = h.shared_reads.get();
+            respond(
+                &mut ex,
+                &mut h,
+                "200",
+                "application/json",
+                br#"{"usage":{"prompt_tokens":8,"completion_tokens":5}}"#,
+                64,
+            );
+            assert!(first || h.resp_header("x-ratelimit-remaining-tokens").is_some());
+            (reserve, h.shared_reads.get() - reserve)
+        };
+        // The first request finds no account: it is counted against the key cap and
+        // created before the reservation.
+        let (reserve, settle) = reads(true);
+        assert!(reserve > 1, "{reserve}");
+        assert_eq!(settle, 1);
+        // Later ones: the VM knows the account exists, and no budget can reroute, so the
+        // read-only planning pass is skipped: one read inside the reservation's CAS loop.
+        assert_eq!(reads(false), (1, 1));
+        assert_eq!(minute_used(&shared, &f, "acme"), 26);
+    }
+
+    #[test]
+    fn a_reroute_budget_still_plans_with_a_read_only_pass() {
+        let f = filter(BUDGETS);
+        let shared = FakeHost::default();
+        for expected in [None, Some(4)] {
+            let mut h = budget_host("acme", &chat_with(10), &shared);
+            let mut ex = Exchange::new(f.clone(), 1);
+            assert_eq!(send_request(&mut ex, &mut h, 64), Action::Continue);
+            // Two budgets, each read in both passes once the keys are known.
+            if let Some(n) = expected {
+                assert_eq!(h.shared_reads.get(), n);
+            }
+        }
     }
 
     #[test]

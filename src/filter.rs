@@ -6,6 +6,8 @@
 
 use std::cell::RefCell;
 
+use rustc_hash::FxHashSet;
+
 use crate::config::Config;
 use crate::global::SettleQueue;
 use crate::stats::TagLimiter;
@@ -22,7 +24,14 @@ pub struct Filter {
     tenant_tags: RefCell<TagLimiter>,
     /// Global-budget settlements waiting for the root context's next tick.
     pub settlements: RefCell<SettleQueue>,
+    /// Per budget, keys whose account this VM has seen in shared data. Accounts are never
+    /// removed, so a key found once needs no existence check again.
+    known_keys: RefCell<Vec<FxHashSet<String>>>,
 }
+
+/// The most keys [`Filter::key_is_known`] remembers per budget and VM (beyond, the account
+/// is looked up in shared data again, as before it was seen).
+const KNOWN_KEYS_CAP: usize = 100_000;
 
 impl Filter {
     /// Build the tokenizers `config` needs. Slow (tens to hundreds of milliseconds per
@@ -31,18 +40,37 @@ impl Filter {
         let tokenizers = Tokenizers::build(&config.encodings())?;
         let model_tags = RefCell::new(TagLimiter::new(config.model_tag_limit));
         let tenant_tags = RefCell::new(TagLimiter::new(config.tenant_tag_limit));
+        let config_budgets = config.budgets.len();
         Ok(Filter {
             config,
             tokenizers,
             model_tags,
             tenant_tags,
             settlements: RefCell::new(SettleQueue::default()),
+            known_keys: RefCell::new(vec![FxHashSet::default(); config_budgets]),
         })
     }
 
     /// The `model` tag value for `model`, under the configured cardinality cap.
     pub fn model_tag(&self, model: &str) -> String {
         self.model_tags.borrow_mut().admit(model)
+    }
+
+    /// Whether budget `index` is known to have an account for `key` in shared data.
+    pub fn key_is_known(&self, index: usize, key: &str) -> bool {
+        self.known_keys
+            .borrow()
+            .get(index)
+            .is_some_and(|keys| keys.contains(key))
+    }
+
+    /// Remember that budget `index` has an account for `key` in shared data.
+    pub fn remember_key(&self, index: usize, key: &str) {
+        if let Some(keys) = self.known_keys.borrow_mut().get_mut(index) {
+            if keys.len() < KNOWN_KEYS_CAP {
+                keys.insert(key.to_string());
+            }
+        }
     }
 
     /// The `tenant` tag value for `tenant`, under the configured cardinality cap.

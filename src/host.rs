@@ -248,6 +248,8 @@ pub mod fake {
         /// What `grpc_response_body` returns.
         pub grpc_body: Vec<u8>,
         pub resumed: u32,
+        /// How many times `shared_get` was called (each is a host call in Envoy).
+        pub shared_reads: Cell<u32>,
     }
 
     fn get(list: &[(String, String)], name: &str) -> Option<String> {
@@ -364,6 +366,7 @@ pub mod fake {
             self.now_ms.get()
         }
         fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+            self.shared_reads.set(self.shared_reads.get() + 1);
             self.shared.borrow().values.get(key).cloned()
         }
         fn shared_set(&mut self, key: &str, value: &[u8], cas: u32) -> Result<(), SharedError> {

@@ -7,7 +7,7 @@
 //! the number of distinct `model` values per VM is capped (further ones are tagged
 //! `other`), because model names come from clients and every distinct value is a series.
 
-use std::collections::HashSet;
+use rustc_hash::FxHashSet;
 
 /// Every metric name starts with this.
 pub const PREFIX: &str = "tokenfuse_";
@@ -24,9 +24,11 @@ pub struct Stat {
 impl Stat {
     /// A metric `tokenfuse_<name>`.
     pub fn new(name: &str) -> Stat {
-        Stat {
-            name: format!("{PREFIX}{name}"),
-        }
+        // Room for a few tags, so building a name takes one allocation.
+        let mut full = String::with_capacity(PREFIX.len() + name.len() + 96);
+        full.push_str(PREFIX);
+        full.push_str(name);
+        Stat { name: full }
     }
 
     /// Append tag `key` with `value` (sanitised).
@@ -37,7 +39,7 @@ impl Stat {
         }
         self.name.push_str(key);
         self.name.push_str("=.=");
-        self.name.push_str(&sanitize(value));
+        sanitize_into(&mut self.name, value);
         self.name.push_str(";.;");
         self
     }
@@ -48,30 +50,45 @@ impl Stat {
     }
 }
 
+fn allowed(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '@' | '+' | '-')
+}
+
 /// Keep `[A-Za-z0-9._:/@+-]`, replace anything else with `_`, cap the length; an empty value
 /// becomes `unknown`. `;` and `=` never survive, so a value cannot forge the tag framing.
 pub fn sanitize(value: &str) -> String {
-    let mut out: String = value
-        .chars()
-        .take(MAX_VALUE_LEN)
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '@' | '+' | '-') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if out.is_empty() {
+    let mut out = String::with_capacity(value.len().min(MAX_VALUE_LEN));
+    sanitize_into(&mut out, value);
+    out
+}
+
+/// [`sanitize`], appended to `out`.
+fn sanitize_into(out: &mut String, value: &str) {
+    // Almost every value (tag values the filter chose, names already sanitised) is clean:
+    // copy it as it is.
+    if !value.is_empty()
+        && value.len() <= MAX_VALUE_LEN
+        && value.bytes().all(|b| allowed(char::from(b)))
+    {
+        out.push_str(value);
+        return;
+    }
+    let start = out.len();
+    out.extend(
+        value
+            .chars()
+            .take(MAX_VALUE_LEN)
+            .map(|c| if allowed(c) { c } else { '_' }),
+    );
+    if out.len() == start {
         out.push_str("unknown");
     }
-    out
 }
 
 /// Caps the distinct values of a client-controlled tag.
 #[derive(Debug)]
 pub struct TagLimiter {
-    seen: HashSet<String>,
+    seen: FxHashSet<String>,
     limit: usize,
 }
 
@@ -79,7 +96,7 @@ impl TagLimiter {
     /// Allow at most `limit` distinct values.
     pub fn new(limit: usize) -> Self {
         TagLimiter {
-            seen: HashSet::new(),
+            seen: FxHashSet::default(),
             limit,
         }
     }

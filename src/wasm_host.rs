@@ -7,7 +7,9 @@
 //! context's tick, off the request path.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+
+use rustc_hash::FxHashMap;
 use std::time::Duration;
 
 use proxy_wasm::hostcalls;
@@ -26,7 +28,7 @@ struct Metric {
 }
 
 thread_local! {
-    static METRICS: RefCell<HashMap<String, Metric>> = RefCell::new(HashMap::new());
+    static METRICS: RefCell<FxHashMap<String, Metric>> = RefCell::new(FxHashMap::default());
     /// The proxy's log level for this plugin, and how many more checks it is trusted for.
     static LOG_LEVEL: std::cell::Cell<(u32, u32)> = const { std::cell::Cell::new((0, 0)) };
     /// Clusters Envoy has accepted a gRPC call for (see [`grpc_cluster_ready`]).
