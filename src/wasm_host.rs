@@ -15,7 +15,7 @@ use std::time::Duration;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType, Status};
 
-use crate::host::{GrpcRefused, Host, Level, SharedError};
+use crate::host::{GrpcRefused, HeaderPairs, Host, Level, SharedError};
 
 /// A metric as this VM holds it: Envoy's id, and what has not been handed to Envoy yet.
 struct Metric {
@@ -222,14 +222,11 @@ fn header(map: MapType, name: &str) -> Option<String> {
     }
 }
 
-/// A header map as read from the proxy, in its order.
-type HeaderMap = Vec<(String, String)>;
-
 thread_local! {
     /// The request and response header maps read during the current callback: one host
     /// call fetches a whole map, and the lookups that follow are local. Cleared by
     /// [`begin_callback`]; header writes are applied to it.
-    static HEADER_MAPS: RefCell<[Option<HeaderMap>; 2]> = const { RefCell::new([None, None]) };
+    static HEADER_MAPS: RefCell<[Option<HeaderPairs>; 2]> = const { RefCell::new([None, None]) };
 }
 
 fn slot(map: MapType) -> usize {
@@ -245,7 +242,7 @@ pub fn begin_callback() {
 }
 
 /// A whole header map in one host call, through the raw ABI (no status can panic the VM).
-fn header_pairs(map: MapType) -> Option<HeaderMap> {
+fn header_pairs(map: MapType) -> Option<HeaderPairs> {
     let mut data: *mut u8 = std::ptr::null_mut();
     let mut size: usize = 0;
     // SAFETY: as in `header`: on Ok the host wrote a buffer it allocated through this
@@ -255,34 +252,37 @@ fn header_pairs(map: MapType) -> Option<HeaderMap> {
         return None;
     }
     if data.is_null() {
-        return Some(Vec::new());
+        return Some(HeaderPairs::default());
     }
     // SAFETY: see above; `size` is the length the host wrote.
     let bytes = unsafe { Vec::from_raw_parts(data, size, size) };
-    crate::host::parse_map_pairs(&bytes)
+    HeaderPairs::parse(bytes)
 }
 
-/// Header `name` of `map`, from the map cached for this callback (fetched on first use).
-fn cached_header(map: MapType, name: &str) -> Option<String> {
+/// Apply `read` to the map cached for this callback (fetched on first use); `None` when
+/// the proxy has no such map in this phase.
+fn with_cached_map<T>(map: MapType, read: impl FnOnce(&HeaderPairs) -> T) -> Option<T> {
     HEADER_MAPS.with(|maps| {
         let mut maps = maps.borrow_mut();
         let entry = &mut maps[slot(map)];
         if entry.is_none() {
-            match header_pairs(map) {
-                Some(pairs) => *entry = Some(pairs),
-                // Not available in this phase: answer as the single-value call does.
-                None => return header(map, name),
-            }
+            *entry = Some(header_pairs(map)?);
         }
-        entry
-            .as_ref()?
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
+        entry.as_ref().map(read)
     })
 }
 
+/// Header `name` of `map`, from the map cached for this callback.
+fn cached_header(map: MapType, name: &str) -> Option<String> {
+    // Not available as a whole in this phase: answer as the single-value call does.
+    with_cached_map(map, |m| m.get(name)).unwrap_or_else(|| header(map, name))
+}
+
 fn set_header(map: MapType, name: &str, value: Option<&str>) {
+    // Removing a header that is not there is a host call for nothing.
+    if value.is_none() && with_cached_map(map, |m| m.contains(name)) == Some(false) {
+        return;
+    }
     // SAFETY: pointer/length pairs of live &str values; the status is only compared.
     let status = unsafe {
         match value {
@@ -298,10 +298,7 @@ fn set_header(map: MapType, name: &str, value: Option<&str>) {
     // Keep the cached map in step (the proxy replaces every value of `name`).
     HEADER_MAPS.with(|m| {
         if let Some(pairs) = &mut m.borrow_mut()[slot(map)] {
-            pairs.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
-            if let Some(v) = value {
-                pairs.push((name.to_ascii_lowercase(), v.to_string()));
-            }
+            pairs.set(name, value);
         }
     });
 }
