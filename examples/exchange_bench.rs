@@ -28,6 +28,34 @@ use tokenfuse::exchange::{Action, Exchange};
 use tokenfuse::filter::Filter;
 use tokenfuse::host::{GrpcRefused, Host, Level, SharedError};
 
+/// Counts heap allocations (natively and in V8 alike), to report them per request.
+struct CountingAlloc;
+
+static ALLOCATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Allocations made between a request's first callback and the end of its exchange.
+static EXCHANGE_ALLOCATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the caller's contract is passed on as it is.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: as above.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { std::alloc::System.realloc(ptr, layout, size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
 const RESPONSE: &[u8] = br#"{"id":"chatcmpl-mock","object":"chat.completion","created":1700000000,"model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}}}"#;
 
 const CONFIGS: [(&str, &str); 2] = [
@@ -175,6 +203,7 @@ fn one_request(filter: &Rc<Filter>, host: &mut BenchHost, body: &[u8], id: u32) 
         ("content-length".into(), RESPONSE.len().to_string()),
     ];
     host.replied = None;
+    let allocations = ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed);
     let mut ex = Exchange::new(Rc::clone(filter), id);
     ex.on_request_headers(host, false);
     ex.on_request_body(host, body.len(), false);
@@ -185,6 +214,11 @@ fn one_request(filter: &Rc<Filter>, host: &mut BenchHost, body: &[u8], id: u32) 
     ex.on_response_headers(host, false);
     ex.on_response_body(host, RESPONSE.len(), true);
     ex.on_done(host);
+    drop(ex);
+    EXCHANGE_ALLOCATIONS.fetch_add(
+        ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed) - allocations,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     true
 }
 
@@ -295,6 +329,9 @@ fn main() -> ExitCode {
                 }
             }
             let mut per_request = Vec::new();
+            let allocations_before =
+                EXCHANGE_ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed);
+            let mut requests = 0u64;
             let mut id = 100u32;
             for _ in 0..rounds {
                 let start = Instant::now();
@@ -313,6 +350,7 @@ fn main() -> ExitCode {
                     std::hint::black_box(one_request(&filter, &mut host, body, id));
                     id = id.wrapping_add(1);
                     n += 1;
+                    requests += 1;
                     if (iterations > 0 && n >= iterations)
                         || (iterations == 0 && start.elapsed().as_millis() >= min_ms)
                     {
@@ -322,10 +360,16 @@ fn main() -> ExitCode {
                 let spent = start.elapsed().as_nanos() - thrash_ns;
                 per_request.push(spent as f64 / 1e3 / n as f64);
             }
+            // Between the first callback and the exchange's end: the filter's own, plus
+            // what this host allocates for it (header values, body and shared-data copies),
+            // as the Wasm host does.
+            let allocations = EXCHANGE_ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed)
+                - allocations_before;
             println!(
-                "{{\"kind\":\"exchange\",\"config\":\"{name}\",\"target\":\"{target}\",\"file\":\"{path}\",\"bytes\":{},\"rounds\":{rounds},\"median_us\":{:.3}}}",
+                "{{\"kind\":\"exchange\",\"config\":\"{name}\",\"target\":\"{target}\",\"file\":\"{path}\",\"bytes\":{},\"rounds\":{rounds},\"median_us\":{:.3},\"allocations_per_request\":{:.1}}}",
                 body.len(),
                 median(per_request),
+                allocations as f64 / requests.max(1) as f64,
             );
         }
     }

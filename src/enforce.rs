@@ -16,11 +16,14 @@
 //! Rerouted requests are served: they are charged to every budget even beyond its limit
 //! (an operator who wants a hard stop adds a `reject` budget above the `reroute` one).
 
+use std::rc::Rc;
+
 use crate::budget::{Budget, Drawn, KeySource, Priority, Standing, TripAction, Unit, Verdict};
 use crate::config::{Config, FailureMode};
 use crate::host::Host;
 use crate::ledger::{self, LedgerError};
 use crate::price::PriceList;
+use crate::stats::Stat;
 use crate::tokens::best_match;
 use crate::usage::UsageReport;
 
@@ -36,13 +39,51 @@ pub struct Facts<'a> {
     pub now_ms: i64,
 }
 
+/// One key of one budget as a VM knows it: the identity, where its account lives in shared
+/// data, and the names of its gauges. Built once per VM (see [`crate::filter::Filter`]) and
+/// shared by every request of that key, so a request formats none of them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BudgetKey {
+    /// The identity the budget is kept for (or [`ledger::OVERFLOW_KEY`]).
+    pub key: String,
+    /// The account's shared-data key ([`ledger::account_key`]).
+    pub shared_key: String,
+    /// `budget_used`, `budget_limit` and `budget_remaining` of this key; `None` when the
+    /// tenant tag cap is reached (an `other` gauge would mean nothing).
+    pub gauges: Option<[String; 3]>,
+}
+
+impl BudgetKey {
+    /// `key` of `budget`, whose gauges carry `tenant` (the tag value the cap admitted).
+    pub fn new(budget: &Budget, key: &str, tenant: &str) -> BudgetKey {
+        let gauge = |name: &str| {
+            Stat::new(name)
+                .tag("budget", &budget.name)
+                .tag("tenant", tenant)
+                .tag("unit", budget.unit.tag())
+                .name()
+                .to_string()
+        };
+        BudgetKey {
+            key: key.to_string(),
+            shared_key: ledger::account_key(budget, key),
+            gauges: (tenant != "other").then(|| {
+                [
+                    gauge("budget_used"),
+                    gauge("budget_limit"),
+                    gauge("budget_remaining"),
+                ]
+            }),
+        }
+    }
+}
+
 /// Tokens reserved (or USD) in one budget for one request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reservation {
     pub budget: usize,
-    /// The budget key (identity) the reservation was made for.
-    pub key: String,
-    pub shared_key: String,
+    /// The budget key the reservation was made for.
+    pub key: Rc<BudgetKey>,
     pub drawn: Drawn,
     pub window_start: i64,
 }
@@ -97,7 +138,7 @@ pub enum Plan {
         failed_open: Vec<String>,
         cas_retries: u32,
         /// Each reserved budget's position after the reservation.
-        standings: Vec<(usize, String, Standing)>,
+        standings: Vec<(usize, Rc<BudgetKey>, Standing)>,
     },
     /// 429.
     Reject(Rejection),
@@ -239,7 +280,12 @@ fn rejection(
 }
 
 /// Plan a request against every budget. `keys[i]` is the admitted key for budget `i`.
-pub fn plan(host: &mut dyn Host, config: &Config, keys: &[String], facts: &Facts<'_>) -> Plan {
+pub fn plan(
+    host: &mut dyn Host,
+    config: &Config,
+    keys: &[Rc<BudgetKey>],
+    facts: &Facts<'_>,
+) -> Plan {
     let now = facts.now_ms.div_euclid(1000);
 
     // Pass 1, read-only: which route? A tripped `reroute` budget is remembered, to report
@@ -248,10 +294,10 @@ pub fn plan(host: &mut dyn Host, config: &Config, keys: &[String], facts: &Facts
     let mut degraded = false;
     let passes = if config.may_change_route() { keys } else { &[] };
     for (i, key) in passes.iter().enumerate() {
-        let Some(budget) = config.budget_for(i, key) else {
+        let Some(budget) = config.budget_for(i, &key.key) else {
             continue;
         };
-        let account = ledger::read(host, &budget, &ledger::account_key(&budget, key), now)
+        let account = ledger::read(host, &budget, &key.shared_key, now)
             .unwrap_or_else(|| budget.open_account(now));
         let standing = budget.standing(&account, now);
         let est = estimate(config, &budget, facts.model, facts);
@@ -289,16 +335,15 @@ pub fn plan(host: &mut dyn Host, config: &Config, keys: &[String], facts: &Facts
     let mut cas_retries = 0;
     let mut standings = Vec::with_capacity(keys.len());
     for (i, key) in keys.iter().enumerate() {
-        let Some(budget) = config.budget_for(i, key) else {
+        let Some(budget) = config.budget_for(i, &key.key) else {
             continue;
         };
-        let shared_key = ledger::account_key(&budget, key);
         let est = estimate(config, &budget, model, facts);
         let rerouted = reroute_to.is_some();
         let result = ledger::update(
             host,
             &budget,
-            &shared_key,
+            &key.shared_key,
             now,
             config.cas_retries,
             |account| {
@@ -318,7 +363,7 @@ pub fn plan(host: &mut dyn Host, config: &Config, keys: &[String], facts: &Facts
                 match updated.value {
                     Ok(drawn) => {
                         let standing = budget.standing(&updated.account, now);
-                        standings.push((i, key.clone(), standing));
+                        standings.push((i, Rc::clone(key), standing));
                         if standing.ratio() >= budget.warn_at {
                             warnings.push(budget.name.clone());
                         }
@@ -334,8 +379,7 @@ pub fn plan(host: &mut dyn Host, config: &Config, keys: &[String], facts: &Facts
                         }
                         reservations.push(Reservation {
                             budget: i,
-                            key: key.clone(),
-                            shared_key,
+                            key: Rc::clone(key),
                             drawn,
                             window_start: updated.account.window_start,
                         });
@@ -396,7 +440,7 @@ pub struct SettleReport {
     /// Budgets whose settlement was lost (retries exhausted or store failure).
     pub failed: Vec<String>,
     /// Each settled budget's position afterwards.
-    pub standings: Vec<(usize, String, Standing)>,
+    pub standings: Vec<(usize, Rc<BudgetKey>, Standing)>,
 }
 
 /// Replace each reservation by `actual(budget, reservation)`. Settlement retries four times as
@@ -413,14 +457,14 @@ pub fn settle(
     for r in reservations {
         // Settle against the budget as it applies to this key (its base override), so an
         // extra charge draws from the key's own base before its elastic balance.
-        let Some(budget) = config.budget_for(r.budget, &r.key) else {
+        let Some(budget) = config.budget_for(r.budget, &r.key.key) else {
             continue;
         };
         let amount = actual(&budget, r);
         let result = ledger::update(
             host,
             &budget,
-            &r.shared_key,
+            &r.key.shared_key,
             now,
             config.cas_retries.saturating_mul(4),
             |account| {
@@ -431,9 +475,11 @@ pub fn settle(
         match result {
             Ok(u) => {
                 report.cas_retries += u.retries;
-                report
-                    .standings
-                    .push((r.budget, r.key.clone(), budget.standing(&u.account, now)));
+                report.standings.push((
+                    r.budget,
+                    Rc::clone(&r.key),
+                    budget.standing(&u.account, now),
+                ));
                 let reserved = r.drawn.total();
                 if amount < reserved {
                     report.refunded += reserved - amount;
@@ -482,12 +528,13 @@ mod tests {
         h
     }
 
-    fn keys(c: &Config, h: &mut FakeHost) -> Vec<String> {
+    fn keys(c: &Config, h: &mut FakeHost) -> Vec<Rc<BudgetKey>> {
         c.budgets
             .iter()
             .map(|b| {
                 let id = identity(h, b);
-                ledger::admit_key(h, b, &id, NOW_MS / 1000, 8).unwrap()
+                let key = ledger::admit_key(h, b, &id, NOW_MS / 1000, 8).unwrap();
+                Rc::new(BudgetKey::new(b, &key, &key))
             })
             .collect()
     }
@@ -507,7 +554,7 @@ mod tests {
         let mut h = host();
         h.request_headers.push(("x-tenant".into(), "acme".into()));
         let k = keys(&c, &mut h);
-        assert_eq!(k, vec!["acme"]);
+        assert_eq!(k[0].key, "acme");
         let plan = plan(&mut h, &c, &k, &facts("gpt-4o", 100, 200, Priority::P0));
         let Plan::Admit {
             reservations,

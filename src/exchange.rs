@@ -17,9 +17,9 @@ use std::rc::Rc;
 
 use crate::admin::{self, AdminStep};
 use crate::api::{self, ApiKind, RequestBody, RequestError};
-use crate::budget::{self, OversizeAction, Priority, Unit};
+use crate::budget::{self, OversizeAction, Priority, Standing, Unit};
 use crate::config::{FailureMode, MalformedPolicy};
-use crate::enforce::{self, Facts, Plan, RateHeaders, Rejection, Reservation};
+use crate::enforce::{self, BudgetKey, Facts, Plan, RateHeaders, Rejection, Reservation};
 use crate::filter::Filter;
 use crate::global;
 use crate::host::{Host, Level};
@@ -629,17 +629,13 @@ impl Exchange {
         // Budget keys, under each budget's key cap.
         let mut keys = Vec::with_capacity(config.budgets.len());
         for (i, (budget, id)) in config.budgets.iter().zip(&who.budget_ids).enumerate() {
-            let id = id.clone();
-            if filter.key_is_known(i, &id) {
-                keys.push(id);
+            if let Some(known) = filter.known_key(i, id) {
+                keys.push(known);
                 continue;
             }
-            match ledger::admit_key(host, budget, &id, now, config.cas_retries) {
+            match ledger::admit_key(host, budget, id, now, config.cas_retries) {
                 Ok(key) => {
-                    if key == id {
-                        filter.remember_key(i, &id);
-                    }
-                    if key == ledger::OVERFLOW_KEY && id != key {
+                    if key == ledger::OVERFLOW_KEY && *id != key {
                         host.counter_add(
                             Stat::new("keys_overflowed")
                                 .tag("budget", &budget.name)
@@ -647,10 +643,10 @@ impl Exchange {
                             1,
                         );
                     }
-                    keys.push(key);
+                    keys.push(filter.budget_key(i, &key, key == *id));
                 }
                 Err(_) => match config.on_store_failure {
-                    FailureMode::Open => keys.push(id),
+                    FailureMode::Open => keys.push(filter.budget_key(i, id, false)),
                     FailureMode::Closed => {
                         self.decision(host, call, "unavailable", Some(budget.name.as_str()));
                         send_error(
@@ -1202,25 +1198,12 @@ impl Exchange {
 
     /// Gauges of each touched budget key: used, limit and remaining, in the budget's unit.
     /// Keys beyond the tenant tag cap get no gauges (an `other` gauge would be meaningless).
-    fn budget_gauges(&self, host: &mut dyn Host, standings: &[(usize, String, budget::Standing)]) {
-        for (i, key, standing) in standings {
-            let Some(b) = self.filter.config.budgets.get(*i) else {
-                continue;
-            };
-            let tenant = self.filter.tenant_tag(key);
-            if tenant == "other" {
-                continue;
-            }
-            for (name, value) in [
-                ("budget_used", standing.used),
-                ("budget_limit", standing.limit),
-                ("budget_remaining", standing.remaining),
-            ] {
-                let stat = Stat::new(name)
-                    .tag("budget", &b.name)
-                    .tag("tenant", &tenant)
-                    .tag("unit", b.unit.tag());
-                host.gauge_set(stat.name(), value);
+    fn budget_gauges(&self, host: &mut dyn Host, standings: &[(usize, Rc<BudgetKey>, Standing)]) {
+        for (_, key, standing) in standings {
+            if let Some([used, limit, remaining]) = &key.gauges {
+                host.gauge_set(used, standing.used);
+                host.gauge_set(limit, standing.limit);
+                host.gauge_set(remaining, standing.remaining);
             }
         }
     }

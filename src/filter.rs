@@ -6,9 +6,12 @@
 
 use std::cell::RefCell;
 
-use rustc_hash::FxHashSet;
+use std::rc::Rc;
+
+use rustc_hash::FxHashMap;
 
 use crate::config::Config;
+use crate::enforce::BudgetKey;
 use crate::global::SettleQueue;
 use crate::stats::TagLimiter;
 use crate::tokens::{TokenizerError, Tokenizers};
@@ -24,13 +27,13 @@ pub struct Filter {
     tenant_tags: RefCell<TagLimiter>,
     /// Global-budget settlements waiting for the root context's next tick.
     pub settlements: RefCell<SettleQueue>,
-    /// Per budget, keys whose account this VM has seen in shared data. Accounts are never
-    /// removed, so a key found once needs no existence check again.
-    known_keys: RefCell<Vec<FxHashSet<String>>>,
+    /// Per budget, the keys whose account this VM has seen in shared data. Accounts are
+    /// never removed, so a key found once needs no existence check again.
+    known_keys: RefCell<Vec<FxHashMap<String, Rc<BudgetKey>>>>,
 }
 
-/// The most keys [`Filter::key_is_known`] remembers per budget and VM (beyond, the account
-/// is looked up in shared data again, as before it was seen).
+/// The most keys [`Filter::known_key`] remembers per budget and VM (beyond, the account is
+/// looked up in shared data again, as before it was seen).
 const KNOWN_KEYS_CAP: usize = 100_000;
 
 impl Filter {
@@ -47,7 +50,7 @@ impl Filter {
             model_tags,
             tenant_tags,
             settlements: RefCell::new(SettleQueue::default()),
-            known_keys: RefCell::new(vec![FxHashSet::default(); config_budgets]),
+            known_keys: RefCell::new(vec![FxHashMap::default(); config_budgets]),
         })
     }
 
@@ -56,21 +59,33 @@ impl Filter {
         self.model_tags.borrow_mut().admit(model)
     }
 
-    /// Whether budget `index` is known to have an account for `key` in shared data.
-    pub fn key_is_known(&self, index: usize, key: &str) -> bool {
-        self.known_keys
-            .borrow()
-            .get(index)
-            .is_some_and(|keys| keys.contains(key))
+    /// `key` of budget `index`, if this VM has seen its account in shared data.
+    pub fn known_key(&self, index: usize, key: &str) -> Option<Rc<BudgetKey>> {
+        self.known_keys.borrow().get(index)?.get(key).cloned()
     }
 
-    /// Remember that budget `index` has an account for `key` in shared data.
-    pub fn remember_key(&self, index: usize, key: &str) {
-        if let Some(keys) = self.known_keys.borrow_mut().get_mut(index) {
-            if keys.len() < KNOWN_KEYS_CAP {
-                keys.insert(key.to_string());
+    /// `key` of budget `index`; with `exists`, remembered as having an account.
+    pub fn budget_key(&self, index: usize, key: &str, exists: bool) -> Rc<BudgetKey> {
+        if let Some(known) = self.known_key(index, key) {
+            return known;
+        }
+        let Some(budget) = self.config.budgets.get(index) else {
+            // Callers pass indices of `config.budgets`; a key of no budget has no gauges.
+            return Rc::new(BudgetKey {
+                key: key.to_string(),
+                shared_key: String::new(),
+                gauges: None,
+            });
+        };
+        let made = Rc::new(BudgetKey::new(budget, key, &self.tenant_tag(key)));
+        if exists {
+            if let Some(keys) = self.known_keys.borrow_mut().get_mut(index) {
+                if keys.len() < KNOWN_KEYS_CAP {
+                    keys.insert(key.to_string(), Rc::clone(&made));
+                }
             }
         }
+        made
     }
 
     /// The `tenant` tag value for `tenant`, under the configured cardinality cap.

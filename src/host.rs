@@ -140,7 +140,11 @@ impl HeaderPairs {
     /// The first value of `name` (case-insensitive), decoded lossily: clients send any
     /// bytes in headers.
     pub fn get(&self, name: &str) -> Option<String> {
-        if let Some((_, v)) = self.added.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)) {
+        if let Some((_, v)) = self
+            .added
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        {
             return Some(v.clone());
         }
         self.spans
