@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod api;
+mod api_read;
 pub mod bpe;
 pub mod budget;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod exchange;
 pub mod filter;
 pub mod global;
 pub mod host;
+pub mod json;
 pub mod ledger;
 pub mod price;
 pub mod prompt;

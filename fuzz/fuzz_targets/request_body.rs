@@ -1,9 +1,12 @@
 //! Request bodies: arbitrary bytes parsed as every API's request shape; whatever parses is
 //! counted, gets the stream-usage injection and is truncated to a small cap.
 //!
-//! Invariants: nothing panics; an injected body is JSON, parses as the same API again and
-//! asks for `stream_options.include_usage: true`; a truncated body parses, fits its cap and
-//! dropped at least one message.
+//! Invariants: nothing panics; the filter's reader (`api::parse_request`) and the serde
+//! reading it replaced (`api::reference::parse_request`) agree — the same request, or the
+//! same class of error — except where the reader refuses an array standing for an object
+//! (on purpose); an injected body is JSON, parses as the same API again and asks for
+//! `stream_options.include_usage: true`; a truncated body parses, fits its cap and dropped
+//! at least one message.
 
 #![no_main]
 
@@ -11,7 +14,9 @@ mod common;
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use tokenfuse::api::{parse_request, with_stream_usage, ApiKind, RequestBody};
+use tokenfuse::api::{
+    parse_request, reference, with_stream_usage, ApiKind, RequestBody, RequestError,
+};
 use tokenfuse::prompt::{count_prompt, ImageCosts};
 use tokenfuse::truncate::truncate;
 
@@ -23,8 +28,32 @@ fn count(parsed: &RequestBody) -> u64 {
     count_prompt(parsed, name, model, common::counter(model.encoding), IMAGES).tokens
 }
 
+/// A parse's result, comparable across the two readers.
+fn outcome(r: &Result<RequestBody, RequestError>) -> String {
+    match r {
+        Ok(body) => format!("ok {body:?}"),
+        Err(RequestError::Empty) => "empty".into(),
+        Err(RequestError::Syntax { .. }) => "syntax".into(),
+        Err(RequestError::Shape { .. }) => "shape".into(),
+        Err(RequestError::Invalid { field, .. }) => format!("invalid {field}"),
+        Err(RequestError::Encoded) => "encoded".into(),
+    }
+}
+
 fn check(kind: ApiKind, data: &[u8]) {
-    let Ok(parsed) = parse_request(kind, data) else {
+    let ours = parse_request(kind, data);
+    let array_for_object = matches!(&ours, Err(RequestError::Shape { detail })
+        if detail.contains("expected an object") && detail.contains("found an array"));
+    if !array_for_object {
+        let theirs = reference::parse_request(kind, data);
+        assert_eq!(
+            outcome(&ours),
+            outcome(&theirs),
+            "{kind:?}: the reader and serde disagree on {:?}",
+            String::from_utf8_lossy(data)
+        );
+    }
+    let Ok(parsed) = ours else {
         return;
     };
     let _ = parsed.max_output_tokens();
