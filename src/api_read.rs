@@ -22,39 +22,6 @@ use crate::api::{
 };
 use crate::json::{Kind, Reader, Result};
 
-/// Read an object whose known fields are `names`: `read` is called with the index of each
-/// one found (once: a second is refused) and must consume its value; other fields are
-/// skipped. Returns which fields were found, one bit each.
-fn fields<'a>(
-    r: &mut Reader<'a>,
-    expected: &str,
-    names: &[&str],
-    mut read: impl FnMut(&mut Reader<'a>, usize) -> Result<()>,
-) -> Result<u64> {
-    let mut seen = 0u64;
-    r.object(expected, |r, key| {
-        match names.iter().position(|n| *n == key) {
-            Some(i) => {
-                if seen & (1 << i) != 0 {
-                    return r.shape(format!("duplicate field `{}`", names[i]));
-                }
-                seen |= 1 << i;
-                read(r, i)
-            }
-            None => r.skip(),
-        }
-    })?;
-    Ok(seen)
-}
-
-/// Refuse an object (just read) without its required field `names[i]`.
-fn require(r: &Reader<'_>, seen: u64, names: &[&str], i: usize) -> Result<()> {
-    if seen & (1 << i) == 0 {
-        return r.shape(format!("missing field `{}`", names[i]));
-    }
-    Ok(())
-}
-
 fn list<'a, T>(
     r: &mut Reader<'a>,
     expected: &str,
@@ -108,7 +75,7 @@ fn stream_options(r: &mut Reader<'_>) -> Result<Option<StreamOptions>> {
     const NAMES: [&str; 1] = ["include_usage"];
     let options = r.optional(|r| {
         let mut o = StreamOptions::default();
-        fields(r, "an object (stream_options)", &NAMES, |r, _| {
+        r.fields("an object (stream_options)", &NAMES, |r, _| {
             o.include_usage = opt_bool(r)?;
             Ok(())
         })?;
@@ -158,7 +125,7 @@ fn image_url(r: &mut Reader<'_>) -> Result<ImageUrl> {
         Kind::String => string(r).map(ImageUrl::Url),
         Kind::Object => {
             let mut detail = None;
-            fields(r, EXPECTED, &["detail"], |r, _| {
+            r.fields(EXPECTED, &["detail"], |r, _| {
                 detail = opt_string(r)?;
                 Ok(())
             })?;
@@ -181,7 +148,7 @@ fn content_part(r: &mut Reader<'_>) -> Result<ContentPart> {
         "thinking",
     ];
     let mut p = ContentPart::default();
-    fields(r, "an object (content part)", &NAMES, |r, i| {
+    r.fields("an object (content part)", &NAMES, |r, i| {
         match i {
             0 => p.kind = string(r)?,
             1 => p.text = opt_string(r)?,
@@ -200,8 +167,7 @@ fn content_part(r: &mut Reader<'_>) -> Result<ContentPart> {
 
 fn function_call(r: &mut Reader<'_>) -> Result<FunctionCall> {
     let mut f = FunctionCall::default();
-    fields(
-        r,
+    r.fields(
         "an object (function call)",
         &["name", "arguments"],
         |r, i| {
@@ -217,7 +183,7 @@ fn function_call(r: &mut Reader<'_>) -> Result<FunctionCall> {
 
 fn tool_call(r: &mut Reader<'_>) -> Result<ToolCall> {
     let mut function = None;
-    fields(r, "an object (tool call)", &["function"], |r, _| {
+    r.fields("an object (tool call)", &["function"], |r, _| {
         function = r.optional(function_call)?;
         Ok(())
     })?;
@@ -243,7 +209,7 @@ fn chat_message(r: &mut Reader<'_>) -> Result<ChatMessage> {
         function_call: None,
         refusal: None,
     };
-    let seen = fields(r, "an object (message)", &NAMES, |r, i| {
+    let seen = r.fields("an object (message)", &NAMES, |r, i| {
         match i {
             0 => m.role = string(r)?,
             1 => m.content = r.optional(content)?,
@@ -255,7 +221,7 @@ fn chat_message(r: &mut Reader<'_>) -> Result<ChatMessage> {
         }
         Ok(())
     })?;
-    require(r, seen, &NAMES, 0)?;
+    r.require(seen, &NAMES, 0)?;
     Ok(m)
 }
 
@@ -284,7 +250,7 @@ pub(crate) fn chat(r: &mut Reader<'_>) -> Result<ChatRequest> {
         max_completion_tokens: None,
         n: None,
     };
-    let seen = fields(r, "an object (chat completions request)", &NAMES, |r, i| {
+    let seen = r.fields("an object (chat completions request)", &NAMES, |r, i| {
         match i {
             0 => c.model = opt_string(r)?,
             1 => c.messages = list(r, "an array of messages", chat_message)?,
@@ -299,7 +265,7 @@ pub(crate) fn chat(r: &mut Reader<'_>) -> Result<ChatRequest> {
         }
         Ok(())
     })?;
-    require(r, seen, &NAMES, 1)?;
+    r.require(seen, &NAMES, 1)?;
     Ok(c)
 }
 
@@ -373,7 +339,7 @@ pub(crate) fn completions(r: &mut Reader<'_>) -> Result<CompletionsRequest> {
         n: None,
         best_of: None,
     };
-    let seen = fields(r, "an object (completions request)", &NAMES, |r, i| {
+    let seen = r.fields("an object (completions request)", &NAMES, |r, i| {
         match i {
             0 => c.model = opt_string(r)?,
             1 => c.prompt = text_or_tokens(r)?,
@@ -386,7 +352,7 @@ pub(crate) fn completions(r: &mut Reader<'_>) -> Result<CompletionsRequest> {
         }
         Ok(())
     })?;
-    require(r, seen, &NAMES, 1)?;
+    r.require(seen, &NAMES, 1)?;
     Ok(c)
 }
 
@@ -394,21 +360,21 @@ pub(crate) fn embeddings(r: &mut Reader<'_>) -> Result<EmbeddingsRequest> {
     const NAMES: [&str; 2] = ["model", "input"];
     let mut model = None;
     let mut input = TextOrTokens::Texts(Vec::new());
-    let seen = fields(r, "an object (embeddings request)", &NAMES, |r, i| {
+    let seen = r.fields("an object (embeddings request)", &NAMES, |r, i| {
         match i {
             0 => model = opt_string(r)?,
             _ => input = text_or_tokens(r)?,
         }
         Ok(())
     })?;
-    require(r, seen, &NAMES, 1)?;
+    r.require(seen, &NAMES, 1)?;
     Ok(EmbeddingsRequest { model, input })
 }
 
 fn responses_item(r: &mut Reader<'_>) -> Result<ResponsesItem> {
     const NAMES: [&str; 6] = ["type", "role", "content", "name", "arguments", "output"];
     let mut item = ResponsesItem::default();
-    fields(r, "an object (input item)", &NAMES, |r, i| {
+    r.fields("an object (input item)", &NAMES, |r, i| {
         match i {
             0 => item.kind = opt_string(r)?,
             1 => item.role = opt_string(r)?,
@@ -439,7 +405,7 @@ pub(crate) fn responses(r: &mut Reader<'_>) -> Result<ResponsesRequest> {
         stream: None,
         max_output_tokens: None,
     };
-    fields(r, "an object (responses request)", &NAMES, |r, i| {
+    r.fields("an object (responses request)", &NAMES, |r, i| {
         match i {
             0 => q.model = opt_string(r)?,
             1 => {
@@ -467,15 +433,15 @@ fn anthropic_message(r: &mut Reader<'_>) -> Result<AnthropicMessage> {
     const NAMES: [&str; 2] = ["role", "content"];
     let mut role = String::new();
     let mut content = AnthropicContent::Text(String::new());
-    let seen = fields(r, "an object (message)", &NAMES, |r, i| {
+    let seen = r.fields("an object (message)", &NAMES, |r, i| {
         match i {
             0 => role = string(r)?,
             _ => content = anthropic_content(r)?,
         }
         Ok(())
     })?;
-    require(r, seen, &NAMES, 0)?;
-    require(r, seen, &NAMES, 1)?;
+    r.require(seen, &NAMES, 0)?;
+    r.require(seen, &NAMES, 1)?;
     Ok(AnthropicMessage { role, content })
 }
 
@@ -496,7 +462,7 @@ pub(crate) fn anthropic(r: &mut Reader<'_>) -> Result<AnthropicRequest> {
         stream: None,
         max_tokens: None,
     };
-    let seen = fields(r, "an object (messages request)", &NAMES, |r, i| {
+    let seen = r.fields("an object (messages request)", &NAMES, |r, i| {
         match i {
             0 => a.model = opt_string(r)?,
             1 => a.system = r.optional(anthropic_content)?,
@@ -507,7 +473,7 @@ pub(crate) fn anthropic(r: &mut Reader<'_>) -> Result<AnthropicRequest> {
         }
         Ok(())
     })?;
-    require(r, seen, &NAMES, 2)?;
+    r.require(seen, &NAMES, 2)?;
     Ok(a)
 }
 

@@ -277,6 +277,27 @@ impl<'a> Reader<'a> {
         )
     }
 
+    /// An integer in `u64` (a token count), under the same rules as [`Reader::i64`].
+    pub fn u64(&mut self) -> Result<u64> {
+        if self.peek()? != Kind::Number {
+            return self.wrong_type("an unsigned integer");
+        }
+        let start = self.pos;
+        let text = self.number_text()?;
+        if text != "-0" {
+            if let Ok(v) = text.parse::<u64>() {
+                return Ok(v);
+            }
+        }
+        self.pos = start;
+        if text.parse::<f64>().map_or(true, f64::is_infinite) {
+            return self.syntax("number out of range");
+        }
+        self.shape(
+            "a field has the wrong type, expected an unsigned integer, found another number".into(),
+        )
+    }
+
     /// An integer in `u32` (a token id).
     pub fn u32(&mut self) -> Result<u32> {
         let start = self.pos;
@@ -487,6 +508,40 @@ impl<'a> Reader<'a> {
                 None => return self.syntax("unexpected end of the body"),
             }
         }
+    }
+
+    /// An object whose known members are `names`: `read` is called with the index of each
+    /// one found and must read its value; a second one of a name is refused (`duplicate
+    /// field`) before its value is read; other members are skipped. Returns which names
+    /// were found, one bit each (at most 64 names).
+    pub fn fields(
+        &mut self,
+        expected: &str,
+        names: &[&str],
+        mut read: impl FnMut(&mut Self, usize) -> Result<()>,
+    ) -> Result<u64> {
+        let mut seen = 0u64;
+        self.object(expected, |r, key| {
+            match names.iter().position(|n| *n == key) {
+                Some(i) => {
+                    if seen & (1 << i) != 0 {
+                        return r.shape(format!("duplicate field `{}`", names[i]));
+                    }
+                    seen |= 1 << i;
+                    read(r, i)
+                }
+                None => r.skip(),
+            }
+        })?;
+        Ok(seen)
+    }
+
+    /// Refuse the object just read by [`Reader::fields`] if it lacks `names[i]`.
+    pub fn require(&self, seen: u64, names: &[&str], i: usize) -> Result<()> {
+        if seen & (1 << i) == 0 {
+            return self.shape(format!("missing field `{}`", names[i]));
+        }
+        Ok(())
     }
 
     /// An array: `element` is called for each element and must read or skip it.

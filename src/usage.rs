@@ -7,6 +7,8 @@
 
 use serde::Deserialize;
 
+use crate::json::{self, Reader};
+
 /// Token usage of one exchange, as reported by the provider.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UsageReport {
@@ -85,12 +87,6 @@ impl RawUsage {
     }
 }
 
-#[derive(Deserialize)]
-struct WithUsage {
-    #[serde(default)]
-    usage: Option<RawUsage>,
-}
-
 /// Why usage could not be read from a JSON response.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UsageError {
@@ -100,12 +96,78 @@ pub enum UsageError {
     Missing,
 }
 
-/// Read `usage` from a complete non-streaming JSON response body.
+/// Read `usage` from a complete non-streaming JSON response body, in one pass with the
+/// filter's JSON reader: the top-level `usage` object is read, everything else skipped.
+/// Strings are not decoded, so a body with invalid UTF-8 in a string still has its usage
+/// read (the bytes are replaced first, without a copy when they are valid).
 pub fn usage_from_json(body: &[u8], anthropic: bool) -> Result<UsageReport, UsageError> {
-    let parsed: WithUsage = serde_json::from_slice(body).map_err(|_| UsageError::NotJson)?;
-    match parsed.usage {
+    let text = String::from_utf8_lossy(body);
+    let mut r = Reader::new(&text);
+    let mut usage: Option<RawUsage> = None;
+    r.fields("an object (response)", &["usage"], |r, _| {
+        usage = r.optional(RawUsage::read)?;
+        Ok(())
+    })
+    .and_then(|_| r.end())
+    .map_err(|_| UsageError::NotJson)?;
+    match usage {
         Some(u) if u.is_present() => Ok(u.report(anthropic)),
         _ => Err(UsageError::Missing),
+    }
+}
+
+impl RawUsage {
+    /// A `usage` object, as serde reads [`RawUsage`].
+    fn read(r: &mut Reader<'_>) -> json::Result<RawUsage> {
+        const NAMES: [&str; 10] = [
+            "prompt_tokens",
+            "completion_tokens",
+            "input_tokens",
+            "output_tokens",
+            "prompt_tokens_details",
+            "input_tokens_details",
+            "completion_tokens_details",
+            "output_tokens_details",
+            "cache_creation_input_tokens",
+            "cache_read_input_tokens",
+        ];
+        let mut u = RawUsage::default();
+        r.fields("an object (usage)", &NAMES, |r, i| {
+            let count = |r: &mut Reader<'_>| r.optional(Reader::u64);
+            match i {
+                0 => u.prompt_tokens = count(r)?,
+                1 => u.completion_tokens = count(r)?,
+                2 => u.input_tokens = count(r)?,
+                3 => u.output_tokens = count(r)?,
+                4 => u.prompt_tokens_details = r.optional(Details::read)?,
+                5 => u.input_tokens_details = r.optional(Details::read)?,
+                6 => u.completion_tokens_details = r.optional(Details::read)?,
+                7 => u.output_tokens_details = r.optional(Details::read)?,
+                8 => u.cache_creation_input_tokens = count(r)?,
+                _ => u.cache_read_input_tokens = count(r)?,
+            }
+            Ok(())
+        })?;
+        Ok(u)
+    }
+}
+
+impl Details {
+    fn read(r: &mut Reader<'_>) -> json::Result<Details> {
+        let mut d = Details::default();
+        r.fields(
+            "an object (token details)",
+            &["cached_tokens", "reasoning_tokens"],
+            |r, i| {
+                let v = r.optional(Reader::u64)?;
+                match i {
+                    0 => d.cached_tokens = v,
+                    _ => d.reasoning_tokens = v,
+                }
+                Ok(())
+            },
+        )?;
+        Ok(d)
     }
 }
 
@@ -193,6 +255,79 @@ mod tests {
         );
         assert_eq!(usage_from_json(b"[1,2]", false), Err(UsageError::NotJson));
         assert_eq!(usage_from_json(b"", false), Err(UsageError::NotJson));
+    }
+
+    /// The serde reading this module replaced, kept as the reference.
+    fn serde_usage(body: &[u8], anthropic: bool) -> Result<UsageReport, UsageError> {
+        #[derive(Deserialize)]
+        struct WithUsage {
+            #[serde(default)]
+            usage: Option<RawUsage>,
+        }
+        let parsed: WithUsage = serde_json::from_slice(body).map_err(|_| UsageError::NotJson)?;
+        match parsed.usage {
+            Some(u) if u.is_present() => Ok(u.report(anthropic)),
+            _ => Err(UsageError::Missing),
+        }
+    }
+
+    #[test]
+    fn the_reader_reads_usage_like_serde_did() {
+        let bases: [&[u8]; 4] = [
+            br#"{"id":"x","choices":[{"message":{"content":"hi \"there\" \u00e9"}}],"usage":{"prompt_tokens":120,"completion_tokens":30,"total_tokens":150,"prompt_tokens_details":{"cached_tokens":100,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":12}}}"#,
+            br#"{"type":"message","usage":{"input_tokens":10,"output_tokens":5,"cache_creation_input_tokens":200,"cache_read_input_tokens":1000}}"#,
+            br#"{"object":"response","usage":{"input_tokens":50,"output_tokens":9,"input_tokens_details":{"cached_tokens":8},"output_tokens_details":{"reasoning_tokens":4}}}"#,
+            br#"{"usage":null,"data":[1,2,{"a":[]}]}"#,
+        ];
+        const FRAGMENTS: &[&str] = &[
+            "null",
+            "-1",
+            "1.5",
+            "-0",
+            "18446744073709551615",
+            "18446744073709551616",
+            "1e400",
+            "\"7\"",
+            "{",
+            "}",
+            "[",
+            "]",
+            ",",
+            ":",
+            "\"usage\":{},",
+            "\"prompt_tokens\":3,",
+            "\"cached_tokens\":null,",
+            "\"\\ud800\"",
+            "true",
+        ];
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n.max(1) as u64) as usize
+        };
+        for round in 0..20_000 {
+            let mut body = bases[round % bases.len()].to_vec();
+            for _ in 0..1 + next(3) {
+                let at = next(body.len() + 1);
+                if next(3) == 0 {
+                    let end = (at + 1 + next(8)).min(body.len());
+                    body.drain(at.min(end)..end);
+                } else {
+                    let f = FRAGMENTS[next(FRAGMENTS.len())];
+                    body.splice(at..at, f.bytes());
+                }
+            }
+            for anthropic in [false, true] {
+                assert_eq!(
+                    usage_from_json(&body, anthropic),
+                    serde_usage(&body, anthropic),
+                    "{:?}",
+                    String::from_utf8_lossy(&body)
+                );
+            }
+        }
     }
 
     #[test]
