@@ -12,7 +12,7 @@
 #   make alerts-test  promtool: check and unit-test envoy/prometheus/ alert rules
 #   make fuzz       each cargo-fuzz target for FUZZ_SECONDS s (default 60); not in test
 #   make bench      Envoy without/with the filter under wrk load, tokenizer and memory
-#                   figures: results/bench.{md,svg,json} + README "Performance" (~7 min)
+#                   figures: results/bench.{md,svg,json} + README "Performance" (~8 min)
 #   make clean
 
 SHELL := bash
@@ -148,16 +148,19 @@ fuzz:
 	@$(CARGO) fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz
 	FUZZ_SECONDS='$(FUZZ_SECONDS)' CARGO='$(CARGO)' scripts/fuzz.sh
 
-## bench: the benchmark (bench/run.py): no filter vs. tokenfuse counting vs. tokenfuse with a
-## budget vs. a Lua bytes/4 peer under wrk, plus tokenizer speed (native vs. V8), VM start and
-## memory per worker VM. Writes results/bench.{md,svg,json} and README.md's "Performance".
+## bench: the benchmark (bench/run.py): no filter vs. a Wasm floor (holds and reads bodies,
+## counts nothing) vs. tokenfuse counting vs. tokenfuse with a budget vs. a Lua bytes/4 peer
+## under wrk, with Envoy's CPU per request; the filter's per-request work outside Envoy
+## (native and V8), tokenizer speed (native vs. V8), VM start and memory per worker VM.
+## Writes results/bench.{md,svg,json} and README.md's "Performance".
 ## BENCH_ARGS passes options through, e.g. BENCH_ARGS='--rounds 5' or '--quick --no-readme'.
 BENCH_ARGS ?=
 bench:
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory build envoy wrk && \
-	$(CARGO) build --release --example mock_upstream --example count_bench && \
-	$(CARGO) build --release --example count_bench --target $(WASM_TARGET) && \
+	$(CARGO) build --release --example mock_upstream --example count_bench --example exchange_bench && \
+	$(CARGO) build --release --target $(WASM_TARGET) \
+	  --example count_bench --example exchange_bench --example floor_filter && \
 	BENCH_STARTED=$$start ENVOY='$(ENVOY)' NODE='$(NODE)' $(PYTHON) bench/run.py $(BENCH_ARGS)
 
 ## wrk: the load generator for `make bench` (Debian package wrk), installed when missing

@@ -54,6 +54,9 @@ WASM = ROOT / "target/wasm32-wasip1/release/tokenfuse.wasm"
 MOCK = ROOT / "target/release/examples/mock_upstream"
 COUNT_NATIVE = ROOT / "target/release/examples/count_bench"
 COUNT_WASM = ROOT / "target/wasm32-wasip1/release/examples/count_bench.wasm"
+EXCHANGE_NATIVE = ROOT / "target/release/examples/exchange_bench"
+EXCHANGE_WASM = ROOT / "target/wasm32-wasip1/release/examples/exchange_bench.wasm"
+FLOOR_WASM = ROOT / "target/wasm32-wasip1/release/examples/floor_filter.wasm"
 WASI_RUN = ROOT / "scripts/wasi-run.mjs"
 PATH_CHAT = "/v1/chat/completions"
 COMMAND = "make bench"
@@ -67,6 +70,7 @@ CASES = [  # name, prompt bytes, stream
 
 CONFIGS = {
     "none": "Envoy, no filter",
+    "floor": "Wasm floor (holds and reads bodies, counts nothing)",
     "count": "tokenfuse, counting only",
     "budget": "tokenfuse, counting + budget",
     "lua": "Lua filter, bytes/4 estimate",
@@ -232,6 +236,7 @@ def envoy_bootstrap(kind: str, listener: int, admin: int, upstream: int, plugin:
             }
         )
     elif kind != "none":
+        module = FLOOR_WASM if kind == "floor" else WASM
         filters.append(
             {
                 "name": "envoy.filters.http.wasm",
@@ -243,13 +248,13 @@ def envoy_bootstrap(kind: str, listener: int, admin: int, upstream: int, plugin:
                         "vm_config": {
                             "vm_id": "tokenfuse",
                             "runtime": "envoy.wasm.runtime.v8",
-                            "code": {"local": {"filename": str(WASM)}},
+                            "code": {"local": {"filename": str(module)}},
                         },
                         "allow_on_headers_stop_iteration": True,
                         "failure_policy": "FAIL_CLOSED",
                         "configuration": {
                             "@type": "type.googleapis.com/google.protobuf.StringValue",
-                            "value": json.dumps(plugin),
+                            "value": json.dumps(plugin) if plugin is not None else "",
                         },
                     },
                 },
@@ -369,6 +374,11 @@ class Envoy:
             time.sleep(0.05)
         self.ready_s = time.monotonic() - self.started
 
+    def cpu_s(self) -> float:
+        """User + system CPU seconds Envoy has used so far (all its threads)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -425,10 +435,11 @@ def sanity(port: int, kind: str, body: bytes) -> dict:
         port, PATH_CHAT, body, {"content-type": "application/json", "x-tenant": "bench"})
     if status != 200:
         sys.exit(f"{kind}: sanity request got {status}: {payload[:300]!r}")
-    want = {"count": "x-tokenfuse-prompt-tokens", "budget": "x-ratelimit-remaining-tokens"}.get(kind)
+    want = {"count": "x-tokenfuse-prompt-tokens", "budget": "x-ratelimit-remaining-tokens",
+            "floor": "x-floor-body-bytes"}.get(kind)
     if want and want not in headers:
         sys.exit(f"{kind}: response lacks {want}: {headers}")
-    return {k: v for k, v in headers.items() if k.startswith(("x-tokenfuse", "x-ratelimit"))}
+    return {k: v for k, v in headers.items() if k.startswith(("x-tokenfuse", "x-ratelimit", "x-floor"))}
 
 
 # ---------------------------------------------------------------------------
@@ -450,6 +461,30 @@ def count_bench(files: list[str], rounds: int) -> list[dict]:
         for line in out.stdout.splitlines():
             if line.startswith("{"):
                 rows.append(json.loads(line))
+    return rows
+
+
+def exchange_bench(files: list[str]) -> list[dict]:
+    """The filter's whole per-request work outside Envoy (examples/exchange_bench.rs): natively,
+    in Node's V8 with warm caches, and in V8 with 4 MB of memory written between requests
+    (Envoy's own work between two requests of a worker evicts the caches likewise)."""
+    rows = []
+    node = os.environ.get("NODE", "node")
+    for label, cmd in (
+        ("native", [str(EXCHANGE_NATIVE)]),
+        ("V8", [node, str(WASI_RUN), str(EXCHANGE_WASM)]),
+        ("V8, caches evicted", [node, str(WASI_RUN), str(EXCHANGE_WASM), "--thrash-kb", "4096"]),
+    ):
+        log(f"per-request work: {label}")
+        out = subprocess.run(cmd + ["--rounds", "5", "--min-ms", "200"] + files, capture_output=True,
+                             text=True, cwd=ROOT, timeout=600)
+        if out.returncode != 0:
+            sys.exit(f"exchange_bench ({label}) failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+        for line in out.stdout.splitlines():
+            if line.startswith("{"):
+                row = json.loads(line)
+                row["variant"] = label
+                rows.append(row)
     return rows
 
 
@@ -519,6 +554,9 @@ def summarise(data: dict) -> dict:
                 "ratio": statistics.median(r["rps"] / b["rps"] for r, b in paired),
                 "added_p50_ms": statistics.median((r["p50_us"] - b["p50_us"]) / 1e3 for r, b in paired),
                 "added_p99_ms": statistics.median((r["p99_us"] - b["p99_us"]) / 1e3 for r, b in paired),
+                "envoy_cpu_us": statistics.median(r.get("envoy_cpu_us", float("nan")) for r in mine),
+                "added_cpu_us": statistics.median(r.get("envoy_cpu_us", float("nan"))
+                                                  - b.get("envoy_cpu_us", float("nan")) for r, b in paired),
                 "errors": sum(r["errors"] for r in mine),
                 "rounds": len(mine),
             }
@@ -545,19 +583,27 @@ def render_md(data: dict) -> str:
         f"rotated order, medians. Load generator, mock upstream and Envoy share the machine's "
         f"cores. Noisy machine: treat differences under ~10% as noise.",
         "",
-        "| configuration | case | requests/s | ratio to no filter | p50 ms | p99 ms | added p50 ms | added p99 ms |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| configuration | case | requests/s | ratio to no filter | p50 ms | p99 ms | added p50 ms | added p99 ms "
+        "| Envoy CPU µs/request | added CPU µs/request |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for kind in data["configs"]:
         for case, _, _ in CASES:
             r = s.get(f"{kind}|{case}")
             if not r:
                 continue
-            added = ("—", "—") if kind == "none" else (fmt(r["added_p50_ms"]), fmt(r["added_p99_ms"]))
+            added = (("—", "—", "—") if kind == "none" else
+                     (fmt(r["added_p50_ms"]), fmt(r["added_p99_ms"]), fmt(r.get("added_cpu_us", float("nan")), 0)))
             err = f" ({r['errors']} errors)" if r["errors"] else ""
             lines.append(
                 f"| {CONFIGS[kind]} | {case} | {r['rps']:.0f}{err} | "
-                f"{r['ratio']:.2f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {added[0]} | {added[1]} |")
+                f"{r['ratio']:.2f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {added[0]} | {added[1]} | "
+                f"{r.get('envoy_cpu_us', float('nan')):.0f} | {added[2]} |")
+    lines += ["", "Envoy CPU µs/request: user + system CPU of the Envoy process (all threads) during the "
+              "point, over the requests served (under load, so it includes the cost of contention). "
+              "The Wasm floor is a filter that holds each request until its body is complete, reads the "
+              "body, adds a response header and reads the response body — what any body-reading Wasm "
+              "filter costs (`examples/floor_filter.rs`); tokenfuse's own work is what it adds beyond it."]
     mock = data.get("mock_direct")
     if mock:
         lines += ["", f"Mock upstream alone (wrk straight at it, 1 KB case): {mock['rps']:.0f} requests/s, "
@@ -565,6 +611,24 @@ def render_md(data: dict) -> str:
                   + ("well above Envoy's no-filter figure, so the upstream is not the bottleneck."
                      if mock["rps"] > 1.5 * s.get("none|1 KB", {}).get("rps", 0)
                      else "**not** far above Envoy's no-filter figure: the mock may limit the no-filter run.")]
+
+    ex = data.get("exchange", [])
+    if ex:
+        lines += ["", "The filter's whole work per request outside Envoy (`examples/exchange_bench.rs`: request "
+                  "headers, body parse, count, reservation, response headers, usage, settlement, against an "
+                  "in-memory host; µs per request, medians; host calls and calls into the VM are not included, "
+                  "Envoy's side of them is in the Envoy CPU column above):", "",
+                  "| configuration | request | native µs | V8 µs | V8 µs, caches evicted (4 MB) | heap allocations |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for name in ("count", "budget"):
+            for row in [r for r in ex if r["variant"] == "native" and r["config"] == name]:
+                def pick(variant: str) -> float:
+                    return next((x["median_us"] for x in ex if x["variant"] == variant and x["config"] == name
+                                 and x["file"] == row["file"]), float("nan"))
+                size = Path(row["file"]).stem.replace("body-", "").upper().replace("KB", " KB")
+                lines.append(f"| {CONFIGS[name]} | {size} ({row['bytes']} bytes) | {row['median_us']:.1f} | "
+                             f"{pick('V8'):.1f} | {pick('V8, caches evicted'):.1f} | "
+                             f"{row.get('allocations_per_request', float('nan')):.0f} |")
 
     # Tokenizer figures.
     tok = data["tokenizer"]
@@ -676,7 +740,7 @@ def targets(data: dict) -> list[dict]:
 def render_svg(data: dict) -> str:
     s = data["summary"]
     kinds = [k for k in data["configs"] if k != "none"]
-    colours = {"count": "#4e79a7", "budget": "#e15759", "lua": "#76b7b2"}
+    colours = {"floor": "#bab0ac", "count": "#4e79a7", "budget": "#e15759", "lua": "#76b7b2"}
     w, h, left, top, bottom = 720, 360, 60, 40, 60
     plot_h = h - top - bottom
     group_w = (w - left - 20) / len(CASES)
@@ -703,8 +767,8 @@ def render_svg(data: dict) -> str:
     lx = left
     for kind in kinds:
         parts.append(f'<rect x="{lx}" y="{h - 22}" width="12" height="12" fill="{colours[kind]}"/>')
-        parts.append(f'<text x="{lx + 16}" y="{h - 12}">{CONFIGS[kind]}</text>')
-        lx += 220
+        parts.append(f'<text x="{lx + 16}" y="{h - 12}">{CONFIGS[kind].split(" (")[0]}</text>')
+        lx += 180
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
 
@@ -749,7 +813,8 @@ def main() -> None:
     # `make bench` passes its own start (epoch seconds), so the builds count too.
     make_started = float(os.environ.get("BENCH_STARTED", "0")) or None
     envoy = os.environ.get("ENVOY", str(ROOT / ".venv/bin/envoy"))
-    for need in (WASM, MOCK, COUNT_NATIVE, COUNT_WASM, Path(envoy)):
+    for need in (WASM, FLOOR_WASM, MOCK, COUNT_NATIVE, COUNT_WASM, EXCHANGE_NATIVE, EXCHANGE_WASM,
+                 Path(envoy)):
         if not need.exists():
             sys.exit(f"missing {need}: run `make bench` (it builds everything first)")
     if not shutil.which("wrk"):
@@ -773,6 +838,8 @@ def main() -> None:
             pf.write_text(prompt)
             prompt_files.append(str(pf.relative_to(ROOT)))
         body = chat_body(prompt, stream)
+        if not stream:
+            (out / f"body-{slug}.json").write_bytes(body)
         bf = workdir / f"body-{slug}.json"
         bf.write_bytes(body)
         bodies[case] = body
@@ -780,8 +847,8 @@ def main() -> None:
         sf.write_text(WRK_SCRIPT.format(body=bf))
         scripts[case] = sf
 
-    configs = ["none", "count", "budget"] + ([] if args.no_lua else ["lua"])
-    plugins = {"none": None, "lua": None, "count": COUNT_CONFIG, "budget": BUDGET_CONFIG}
+    configs = ["none", "floor", "count", "budget"] + ([] if args.no_lua else ["lua"])
+    plugins = {"none": None, "lua": None, "floor": None, "count": COUNT_CONFIG, "budget": BUDGET_CONFIG}
     data: dict = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
@@ -809,11 +876,14 @@ def main() -> None:
                         headers = sanity(e.listener, kind, bodies[case])
                         if args.warmup > 0:
                             run_wrk(e.listener, scripts[case], args, args.warmup)
+                        cpu_before = e.cpu_s()
                         r = run_wrk(e.listener, scripts[case], args, args.duration)
+                        r["envoy_cpu_us"] = 1e6 * (e.cpu_s() - cpu_before) / max(1, r["requests"])
                         r.update(config=kind, case=case, round=rnd, filter_headers=headers)
                         data["load"].append(r)
                         log(f"round {rnd + 1}/{args.rounds} {kind:6} {case:14} {r['rps']:8.0f} req/s "
-                            f"p50 {r['p50_us'] / 1e3:6.2f} ms p99 {r['p99_us'] / 1e3:6.2f} ms"
+                            f"p50 {r['p50_us'] / 1e3:6.2f} ms p99 {r['p99_us'] / 1e3:6.2f} ms "
+                            f"Envoy {r['envoy_cpu_us']:6.1f} us CPU/req"
                             + (f"  {r['errors']} errors" if r["errors"] else ""))
                 finally:
                     e.stop()
@@ -825,6 +895,8 @@ def main() -> None:
         stop(mock)
 
     data["tokenizer"] = count_bench([f for f in prompt_files if "1kb" not in f], rounds=3)
+    data["exchange"] = exchange_bench(
+        [str((out / f"body-{c.replace(' ', '').lower()}.json").relative_to(ROOT)) for c, _, stream in CASES if not stream])
     data["summary"] = summarise(data)
 
     # Filter figures.
