@@ -12,9 +12,16 @@
 //! ```
 //!
 //! Arguments: request bodies (chat completions JSON) to send, relative to the current
-//! directory. Options: `--rounds N` (default 5), `--min-ms N` (shortest timed loop,
-//! default 300), `--config count|budget` (default: both). Prints one JSON object per line
-//! and configuration and body: `{"kind":"exchange","config":...,"median_us":...}`. A
+//! directory. Every request is made distinct (its last message's text starts with the
+//! request's number), so the filter's count cache never serves it: the cost measured is
+//! that of text never seen before; `--repeat` sends the body unchanged instead (from the
+//! third request on, its long texts come from the cache). Options: `--rounds N` (default
+//! 5), `--min-ms N` (shortest timed loop, default 300), `--iterations N` (a fixed number of
+//! requests per round, for callgrind), `--thrash-kb N` (write N KiB of memory between
+//! requests, untimed, evicting caches as Envoy's own work does), `--config count|budget`
+//! (default: count and budget; `count-uncached` is counting with the count cache off).
+//! Prints one JSON object per line and configuration and body:
+//! `{"kind":"exchange","config":...,"median_us":...,"allocations_per_request":...}`. A
 //! benchmark, not a test: it asserts nothing but that the exchange went through.
 
 use rustc_hash::FxHashMap as HashMap;
@@ -58,11 +65,16 @@ static GLOBAL: CountingAlloc = CountingAlloc;
 
 const RESPONSE: &[u8] = br#"{"id":"chatcmpl-mock","object":"chat.completion","created":1700000000,"model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}}}"#;
 
-const CONFIGS: [(&str, &str); 2] = [
+const CONFIGS: [(&str, &str); 3] = [
     ("count", r#"{"api":"v1"}"#),
     (
         "budget",
         r#"{"api":"v1","budgets":[{"name":"bench","key":"header:x-tenant","window":"minute","base":1e15}]}"#,
+    ),
+    // What the count cache costs when it never helps (run only when asked for).
+    (
+        "count-uncached",
+        r#"{"api":"v1","tokenizer":{"cache_bytes":0}}"#,
     ),
 ];
 
@@ -222,6 +234,32 @@ fn one_request(filter: &Rc<Filter>, host: &mut BenchHost, body: &[u8], id: u32) 
     true
 }
 
+/// `body` with request `id`'s number at the start of its last `"content"` text, so no two
+/// requests carry the same prompt.
+fn distinct(out: &mut Vec<u8>, body: &[u8], id: u32) {
+    const MARK: &[u8] = br#""content":"#;
+    out.clear();
+    let text_start = body
+        .windows(MARK.len())
+        .rposition(|w| w == MARK)
+        .and_then(|at| {
+            let after = at + MARK.len();
+            let quote = after
+                + body[after..]
+                    .iter()
+                    .position(|b| !b.is_ascii_whitespace())?;
+            (body[quote] == b'"').then_some(quote + 1)
+        });
+    match text_start {
+        Some(split) => {
+            out.extend_from_slice(&body[..split]);
+            out.extend_from_slice(format!("#{id} ").as_bytes());
+            out.extend_from_slice(&body[split..]);
+        }
+        None => out.extend_from_slice(body),
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {
@@ -239,8 +277,9 @@ fn main() -> ExitCode {
     };
     let mut rounds = 5usize;
     let mut min_ms = 300u128;
-    let mut configs: Vec<(&str, &str)> = CONFIGS.to_vec();
+    let mut configs: Vec<(&str, &str)> = CONFIGS[..2].to_vec();
     let mut thrash_kb = 0usize;
+    let mut repeat = false;
     let mut iterations = 0u64;
     let mut files = Vec::new();
     let mut args = std::env::args().skip(1);
@@ -267,6 +306,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             },
+            "--repeat" => repeat = true,
             "--thrash-kb" => match args.next().and_then(|v| v.parse::<usize>().ok()) {
                 Some(n) => thrash_kb = n,
                 None => {
@@ -276,9 +316,13 @@ fn main() -> ExitCode {
             },
             "--config" => {
                 let want = args.next().unwrap_or_default();
-                configs.retain(|(name, _)| *name == want);
+                configs = CONFIGS
+                    .iter()
+                    .copied()
+                    .filter(|(n, _)| *n == want)
+                    .collect();
                 if configs.is_empty() {
-                    eprintln!("exchange_bench: --config is count or budget");
+                    eprintln!("exchange_bench: --config is count, budget or count-uncached");
                     return ExitCode::from(2);
                 }
             }
@@ -329,6 +373,7 @@ fn main() -> ExitCode {
                 }
             }
             let mut per_request = Vec::new();
+            let mut variant = Vec::with_capacity(body.len() + 16);
             let allocations_before =
                 EXCHANGE_ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed);
             let mut requests = 0u64;
@@ -339,6 +384,12 @@ fn main() -> ExitCode {
                 let mut thrash = vec![0u8; thrash_kb * 1024];
                 let mut thrash_ns = 0u128;
                 loop {
+                    if !repeat {
+                        let t = Instant::now();
+                        distinct(&mut variant, body, id);
+                        thrash_ns += t.elapsed().as_nanos();
+                    }
+                    let body = if repeat { &body[..] } else { &variant[..] };
                     if thrash_kb > 0 {
                         let t = Instant::now();
                         for (i, b) in thrash.iter_mut().enumerate().step_by(64) {

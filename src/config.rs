@@ -39,6 +39,8 @@ pub enum MalformedPolicy {
 pub struct Config {
     /// Which model names use which encoding, and the fallback for all others.
     pub models: ModelMap,
+    /// Bytes of long texts whose counts a VM remembers (`tokenizer.cache_bytes`; 0: none).
+    pub count_cache_bytes: usize,
     /// Completion tokens reserved when a request does not cap its output.
     pub default_max_output_tokens: u64,
     /// Add `stream_options.include_usage: true` to streaming chat/completions requests.
@@ -158,6 +160,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             models: ModelMap::builtin(Encoding::O200kBase, 1.0),
+            count_cache_bytes: 4 << 20,
             default_max_output_tokens: 4096,
             inject_stream_usage: false,
             hold_request_headers: true,
@@ -320,6 +323,7 @@ struct RawTokenizer {
     builtin_models: Option<bool>,
     fallback_encoding: Option<Encoding>,
     fallback_safety_factor: Option<f64>,
+    cache_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -427,6 +431,22 @@ impl Config {
             ModelMap::builtin(fallback, fallback_factor).with_rules_first(rules)
         } else {
             ModelMap::new(rules, fallback, fallback_factor)
+        };
+
+        let count_cache_bytes = match raw.tokenizer.cache_bytes {
+            None => defaults.count_cache_bytes,
+            Some(n) if n > 256 << 20 => {
+                return Err(ConfigError::new(
+                    "tokenizer.cache_bytes",
+                    "must be at most 268435456 (256 MiB per worker VM); 0 turns the cache off",
+                ))
+            }
+            Some(n) => usize::try_from(n).map_err(|_| {
+                ConfigError::new(
+                    "tokenizer.cache_bytes",
+                    "does not fit this platform's address space",
+                )
+            })?,
         };
 
         let default_max_output_tokens =
@@ -625,6 +645,7 @@ impl Config {
                 .should_retry_max_secs
                 .unwrap_or(defaults.should_retry_max_secs),
             models,
+            count_cache_bytes,
             default_max_output_tokens,
             inject_stream_usage: raw.inject_stream_usage.unwrap_or(false),
             hold_request_headers,
@@ -1253,6 +1274,20 @@ mod tests {
         assert_eq!(
             err(r#"{"api":"v1","max_stream_text_bytes":999999999999}"#).field,
             "max_stream_text_bytes"
+        );
+    }
+
+    #[test]
+    fn the_count_cache_is_on_by_default_and_bounded() {
+        assert_eq!(
+            Config::parse(br#"{"api":"v1"}"#).unwrap().count_cache_bytes,
+            4 << 20
+        );
+        let off = Config::parse(br#"{"api":"v1","tokenizer":{"cache_bytes":0}}"#).unwrap();
+        assert_eq!(off.count_cache_bytes, 0);
+        assert_eq!(
+            err(r#"{"api":"v1","tokenizer":{"cache_bytes":999999999999}}"#).field,
+            "tokenizer.cache_bytes"
         );
     }
 

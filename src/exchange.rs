@@ -1910,6 +1910,55 @@ mod tests {
         );
     }
 
+    /// An agent loop: step `n` resends the conversation so far plus one new turn.
+    fn agent_step(n: usize) -> String {
+        let mut messages = vec![
+            serde_json::json!({"role": "system", "content": "You are a careful agent. ".repeat(20)}),
+        ];
+        for i in 0..n {
+            messages.push(serde_json::json!({"role": "user", "content": format!("Step {i}: observe the tool output and decide what to do next. ").repeat(8)}));
+            messages.push(serde_json::json!({"role": "assistant", "content": format!("Thought {i}: 東京の天気 and fn step_{i}() {{ retry(); }} ").repeat(6)}));
+        }
+        serde_json::json!({"model": "gpt-4o", "messages": messages}).to_string()
+    }
+
+    fn prompt_tokens_of(f: &Rc<Filter>, body: &str) -> String {
+        let mut h = FakeHost::post("/v1/chat/completions", body.as_bytes());
+        let mut ex = Exchange::new(f.clone(), 1);
+        assert_eq!(send_request(&mut ex, &mut h, 4096), Action::Continue);
+        respond(&mut ex, &mut h, "200", "application/json", b"{}", 64);
+        h.resp_header(PROMPT_TOKENS_HEADER).unwrap()
+    }
+
+    #[test]
+    fn an_agent_loop_counts_the_same_with_the_count_cache_and_mostly_from_it() {
+        let cached = default_filter();
+        let uncached = filter(r#"{"api":"v1","tokenizer":{"cache_bytes":0}}"#);
+        for step in 1..12 {
+            let body = agent_step(step);
+            assert_eq!(
+                prompt_tokens_of(&cached, &body),
+                prompt_tokens_of(&uncached, &body),
+                "step {step}"
+            );
+        }
+        let mut stats = FakeHost::default();
+        cached.report_count_cache(&mut stats);
+        let texts = |source: &str| {
+            stats.counter(&format!("tokenfuse_count_cache_texts.source=.={source};.;"))
+        };
+        // Turns are stored on their second sighting and served from the third on.
+        assert!(
+            texts("cache") > 2 * texts("tokenizer"),
+            "{:?}",
+            stats.counters
+        );
+        assert!(stats.gauges["tokenfuse_count_cache_bytes"] > 0);
+        let mut none = FakeHost::default();
+        uncached.report_count_cache(&mut none);
+        assert!(none.counters.is_empty() && none.gauges.is_empty());
+    }
+
     #[test]
     fn a_reject_budget_reads_a_known_account_once_to_reserve_and_once_to_settle() {
         let f = filter(

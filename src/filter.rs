@@ -13,7 +13,8 @@ use rustc_hash::FxHashMap;
 use crate::config::Config;
 use crate::enforce::BudgetKey;
 use crate::global::SettleQueue;
-use crate::stats::TagLimiter;
+use crate::host::Host;
+use crate::stats::{Stat, TagLimiter};
 use crate::tokens::{TokenizerError, Tokenizers};
 
 /// Configuration and tokenizers of one VM.
@@ -40,7 +41,8 @@ impl Filter {
     /// Build the tokenizers `config` needs. Slow (tens to hundreds of milliseconds per
     /// encoding): call once per VM, from `on_configure`.
     pub fn new(config: Config) -> Result<Filter, TokenizerError> {
-        let tokenizers = Tokenizers::build(&config.encodings())?;
+        let tokenizers =
+            Tokenizers::build(&config.encodings())?.with_cache(config.count_cache_bytes);
         let model_tags = RefCell::new(TagLimiter::new(config.model_tag_limit));
         let tenant_tags = RefCell::new(TagLimiter::new(config.tenant_tag_limit));
         let config_budgets = config.budgets.len();
@@ -57,6 +59,29 @@ impl Filter {
     /// The `model` tag value for `model`, under the configured cardinality cap.
     pub fn model_tag(&self, model: &str) -> String {
         self.model_tags.borrow_mut().admit(model)
+    }
+
+    /// Hand what the count cache did since the last call to `host` as stats: long prompt
+    /// texts (and their bytes) counted from the cache or by the tokenizer, and the bytes it
+    /// holds. Called from the root context's tick, off the request path.
+    pub fn report_count_cache(&self, host: &mut dyn Host) {
+        let a = self.tokenizers.take_cache_activity();
+        for (source, texts, bytes) in [
+            ("cache", a.hits, a.hit_bytes),
+            ("tokenizer", a.misses, a.miss_bytes),
+        ] {
+            if texts > 0 {
+                let name = |n: &str| Stat::new(n).tag("source", source);
+                host.counter_add(name("count_cache_texts").name(), texts);
+                host.counter_add(name("count_cache_text_bytes").name(), bytes);
+            }
+        }
+        if self.config.count_cache_bytes > 0 {
+            host.gauge_set(
+                Stat::new("count_cache_bytes").name(),
+                self.tokenizers.cache_used_bytes() as u64,
+            );
+        }
     }
 
     /// `key` of budget `index`, if this VM has seen its account in shared data.

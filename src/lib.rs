@@ -12,6 +12,7 @@ mod api_read;
 pub mod bpe;
 pub mod budget;
 pub mod config;
+pub mod count_cache;
 pub mod enforce;
 pub mod exchange;
 pub mod filter;
@@ -205,6 +206,7 @@ mod glue {
                 if !queue.is_empty() {
                     queue.flush(&mut WasmHost, &filter.config);
                 }
+                filter.report_count_cache(&mut WasmHost);
             }
             wasm_host::flush_metrics();
         }

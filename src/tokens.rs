@@ -12,10 +12,12 @@
 //! tables and builds nothing.
 
 use std::fmt;
+use std::sync::Mutex;
 
 use serde::Deserialize;
 
 use crate::bpe::Bpe;
+use crate::count_cache::{CacheActivity, CountCache, MIN_TEXT_BYTES};
 
 /// A byte-pair encoding the filter can count with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
@@ -242,6 +244,10 @@ impl std::error::Error for TokenizerError {}
 pub struct Tokenizers {
     o200k: Option<Bpe>,
     cl100k: Option<Bpe>,
+    /// Counts of long texts seen before ([`Tokenizers::with_cache`]; none by default). A
+    /// mutex only so that a `Tokenizers` may be shared (tests, native tools); a VM is one
+    /// thread, and a lock that is taken is simply not waited for (the text is counted).
+    cache: Mutex<CountCache>,
 }
 
 impl fmt::Debug for Tokenizers {
@@ -259,6 +265,7 @@ impl Tokenizers {
         let mut t = Tokenizers {
             o200k: None,
             cl100k: None,
+            cache: Mutex::new(CountCache::new(0)),
         };
         for &encoding in encodings {
             let built = match encoding {
@@ -279,13 +286,39 @@ impl Tokenizers {
         Ok(t)
     }
 
+    /// Remember the counts of long texts, up to `capacity` bytes of them (see
+    /// [`crate::count_cache`]).
+    pub fn with_cache(self, capacity: usize) -> Tokenizers {
+        Tokenizers {
+            cache: Mutex::new(CountCache::new(capacity)),
+            ..self
+        }
+    }
+
+    /// Bytes the count cache holds.
+    pub fn cache_used_bytes(&self) -> usize {
+        self.cache.try_lock().map(|c| c.used_bytes()).unwrap_or(0)
+    }
+
+    /// What the count cache did since the last call.
+    pub fn take_cache_activity(&self) -> CacheActivity {
+        self.cache
+            .try_lock()
+            .map(|mut c| c.take_activity())
+            .unwrap_or_default()
+    }
+
     /// A counter for `encoding`, if it was built.
     pub fn counter(&self, encoding: Encoding) -> Option<TextCounter<'_>> {
         let bpe = match encoding {
             Encoding::O200kBase => self.o200k.as_ref(),
             Encoding::Cl100kBase => self.cl100k.as_ref(),
         }?;
-        Some(TextCounter { bpe, encoding })
+        Some(TextCounter {
+            bpe,
+            encoding,
+            cache: &self.cache,
+        })
     }
 }
 
@@ -294,13 +327,22 @@ impl Tokenizers {
 pub struct TextCounter<'a> {
     bpe: &'a Bpe,
     encoding: Encoding,
+    cache: &'a Mutex<CountCache>,
 }
 
 impl TextCounter<'_> {
     /// Tokens in `text`. Special-token spellings such as `<|endoftext|>` inside user text are
-    /// counted as ordinary text, as the provider's API treats them.
+    /// counted as ordinary text, as the provider's API treats them. Long texts go through the
+    /// count cache, when there is one.
     pub fn count(&self, text: &str) -> u64 {
-        self.bpe.count(text) as u64
+        let count = |t: &str| self.bpe.count(t) as u64;
+        if text.len() < MIN_TEXT_BYTES {
+            return count(text);
+        }
+        match self.cache.try_lock() {
+            Ok(mut cache) => cache.count(self.encoding, text, count),
+            Err(_) => count(text),
+        }
     }
 
     /// The tokens of `text` (tiktoken's `encode_ordinary`).
