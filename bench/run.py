@@ -61,11 +61,12 @@ WASI_RUN = ROOT / "scripts/wasi-run.mjs"
 PATH_CHAT = "/v1/chat/completions"
 COMMAND = "make bench"
 
-CASES = [  # name, prompt bytes, stream
+CASES = [  # name, prompt bytes, stream (size 0: the agent loop pool)
     ("1 KB", 1024, False),
     ("16 KB", 16 * 1024, False),
     ("128 KB", 128 * 1024, False),
     ("1 KB streamed", 1024, True),
+    ("agent loop", 0, False),
 ]
 
 CONFIGS = {
@@ -398,12 +399,33 @@ class Envoy:
 # ---------------------------------------------------------------------------
 
 WRK_SCRIPT = """
-local f = assert(io.open("{body}", "rb"))
-wrk.method = "POST"
-wrk.body = f:read("*a")
-f:close()
-wrk.headers["content-type"] = "application/json"
-wrk.headers["x-tenant"] = "bench"
+-- Bodies, one per line, sent in turn; each wrk thread starts at its own offset.
+local path = "{pool}"
+local counter = 0
+
+function setup(thread)
+  thread:set("id", counter)
+  counter = counter + 1
+end
+
+local requests = {{}}
+local n = 0
+
+function init(args)
+  local headers = {{["content-type"] = "application/json", ["x-tenant"] = "bench"}}
+  local f = assert(io.open(path, "rb"))
+  for line in f:lines() do
+    requests[#requests + 1] = wrk.format("POST", nil, headers, line)
+  end
+  f:close()
+  n = (id or 0) * math.floor(#requests / {threads})
+end
+
+function request()
+  n = n + 1
+  if n > #requests then n = 1 end
+  return requests[n]
+end
 
 function done(summary, latency, requests)
   local e = summary.errors
@@ -414,6 +436,36 @@ function done(summary, latency, requests)
     e.status, e.timeout, latency:percentile(50), latency:percentile(99), latency.mean))
 end
 """
+
+# Distinct prompts per case: the pool holds more text than the count cache of a VM (4 MiB)
+# can keep, cycled in order, so no prompt is counted from the cache: every request pays for
+# counting text it has not seen lately (the worst case). The agent loop case is the other
+# end: conversations resent step after step, each step adding one turn.
+POOL_BYTES = 16 << 20
+AGENT_CONVERSATIONS = 16
+AGENT_STEPS = 32
+
+
+def agent_pool(seed: int) -> list[bytes]:
+    """Agent loops: AGENT_CONVERSATIONS conversations of AGENT_STEPS steps, sent step by
+    step with the conversations interleaved (step 1 of each, then step 2 of each, ...); step
+    k resends the system prompt and the k turns so far."""
+    rng = random.Random(seed)
+    conversations = []
+    for c in range(AGENT_CONVERSATIONS):
+        system = f"Agent {c}. " + mixed_text(1024, seed=rng.randrange(1 << 30))
+        turns = []
+        for k in range(AGENT_STEPS):
+            turns.append({"role": "user", "content": f"Step {k}: " + mixed_text(400, seed=rng.randrange(1 << 30))})
+            turns.append({"role": "assistant", "content": mixed_text(300, seed=rng.randrange(1 << 30))})
+        conversations.append((system, turns))
+    pool = []
+    for k in range(1, AGENT_STEPS + 1):
+        for system, turns in conversations:
+            body = {"model": "gpt-4o", "max_tokens": 16,
+                    "messages": [{"role": "system", "content": system}] + turns[:2 * k - 1]}
+            pool.append(json.dumps(body, ensure_ascii=False).encode())
+    return pool
 
 
 def run_wrk(port: int, script: Path, args: argparse.Namespace, duration: float) -> dict:
@@ -826,26 +878,32 @@ def main() -> None:
     m = re.search(r"/(\d+\.\d+\.\d+)/", envoy_version)
     envoy_version = m.group(1) if m else envoy_version.strip()
 
-    # Inputs.
+    # Inputs: per case a pool of distinct bodies (see POOL_BYTES), one per line.
     scripts = {}
     bodies = {}
     prompt_files = []
-    for i, (case, size, stream) in enumerate(CASES):
-        prompt = mixed_text(size, seed=size)  # the streamed case reuses the 1 KB text
+    for case, size, stream in CASES:
         slug = case.replace(" ", "").lower()
-        if not stream:
-            pf = out / f"prompt-{slug}.txt"
-            pf.write_text(prompt)
-            prompt_files.append(str(pf.relative_to(ROOT)))
-        body = chat_body(prompt, stream)
-        if not stream:
-            (out / f"body-{slug}.json").write_bytes(body)
-        bf = workdir / f"body-{slug}.json"
-        bf.write_bytes(body)
-        bodies[case] = body
+        if size == 0:
+            pool = agent_pool(seed=7)
+            (out / f"body-{slug}.json").write_bytes(pool[-1])
+        else:
+            first = mixed_text(size, seed=size)  # the streamed case reuses the 1 KB text
+            if not stream:
+                pf = out / f"prompt-{slug}.txt"
+                pf.write_text(first)
+                prompt_files.append(str(pf.relative_to(ROOT)))
+                (out / f"body-{slug}.json").write_bytes(chat_body(first, stream))
+            count = max(64, POOL_BYTES // size)
+            pool = [chat_body(first, stream)] + [
+                chat_body(mixed_text(size, seed=size * 1_000_003 + i), stream) for i in range(1, count)]
+        bodies[case] = pool[0]
+        pf = workdir / f"pool-{slug}.jsonl"
+        pf.write_bytes(b"\n".join(pool) + b"\n")
         sf = workdir / f"wrk-{slug}.lua"
-        sf.write_text(WRK_SCRIPT.format(body=bf))
+        sf.write_text(WRK_SCRIPT.format(pool=pf, threads=args.threads))
         scripts[case] = sf
+        log(f"{case}: {len(pool)} distinct bodies, {sum(map(len, pool)) / len(pool) / 1024:.1f} KB on average")
 
     configs = ["none", "floor", "count", "budget"] + ([] if args.no_lua else ["lua"])
     plugins = {"none": None, "lua": None, "floor": None, "count": COUNT_CONFIG, "budget": BUDGET_CONFIG}

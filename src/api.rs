@@ -3,12 +3,16 @@
 //!
 //! The API is chosen from the path (the suffix, so `/v1/chat/completions`, Azure's
 //! `/openai/deployments/{name}/chat/completions` and gateway prefixes all work), then the body
-//! must have that API's shape. Only the fields needed for counting are deserialised; the rest
-//! of the body is skipped by serde without being copied. A body that is not JSON, is not
-//! UTF-8, repeats a field, or lacks the API's required field is a [`RequestError`], never a
-//! guess.
+//! must have that API's shape. The body is read once (`api_read`, with [`crate::json`]): the
+//! fields counting needs are taken, their strings borrowed from the body unless they held
+//! escapes ([`Str`]), and the rest is skipped after its syntax is checked. A body that is not
+//! JSON, is not UTF-8, repeats a field, or lacks the API's required field is a
+//! [`RequestError`], never a guess. The serde derivations on the shapes are the reference the
+//! reader is tested against ([`reference`]).
 
+use std::borrow::Cow;
 use std::fmt;
+use std::marker::PhantomData;
 
 use serde::de::{self, Error as _, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
@@ -155,14 +159,17 @@ impl RequestError {
 // Shapes. Every struct lists only what counting needs; unknown fields are skipped.
 // ---------------------------------------------------------------------------------------
 
+/// A string of the body: borrowed from it, unless it held escapes (then decoded, owned).
+pub type Str<'a> = Cow<'a, str>;
+
 /// Text, or a list of typed parts (OpenAI chat `content`, Responses `content`).
 #[derive(Debug)]
-pub enum Content {
-    Text(String),
-    Parts(Vec<ContentPart>),
+pub enum Content<'a> {
+    Text(Str<'a>),
+    Parts(Vec<ContentPart<'a>>),
 }
 
-impl<'de> Deserialize<'de> for Content {
+impl<'de, 'a> Deserialize<'de> for Content<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         text_or_list(
             d,
@@ -176,87 +183,86 @@ impl<'de> Deserialize<'de> for Content {
 /// One part of multi-part content, any API. Only the fields counting reads.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
-pub struct ContentPart {
+pub struct ContentPart<'a> {
     #[serde(rename = "type")]
-    pub kind: String,
-    pub text: Option<String>,
-    pub refusal: Option<String>,
-    pub image_url: Option<ImageUrl>,
+    pub kind: Str<'a>,
+    pub text: Option<Str<'a>>,
+    pub refusal: Option<Str<'a>>,
+    pub image_url: Option<ImageUrl<'a>>,
     /// Responses API `input_image` and Anthropic image blocks carry `detail` here.
-    pub detail: Option<String>,
+    pub detail: Option<Str<'a>>,
     // Anthropic blocks.
-    pub name: Option<String>,
+    pub name: Option<Str<'a>>,
     pub input: Option<Value>,
-    pub content: Option<Box<AnthropicContent>>,
-    pub thinking: Option<String>,
+    pub content: Option<Box<AnthropicContent<'a>>>,
+    pub thinking: Option<Str<'a>>,
 }
 
 /// `image_url` is a string (Responses API) or `{url, detail}` (Chat Completions).
 #[derive(Debug)]
-pub enum ImageUrl {
-    Url(String),
-    Object { detail: Option<String> },
+pub enum ImageUrl<'a> {
+    Url(Str<'a>),
+    Object { detail: Option<Str<'a>> },
 }
 
-impl<'de> Deserialize<'de> for ImageUrl {
+impl<'de, 'a> Deserialize<'de> for ImageUrl<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
         struct Object {
             #[serde(default)]
             detail: Option<String>,
         }
-        struct UrlOrObject;
-        impl<'de> Visitor<'de> for UrlOrObject {
-            type Value = ImageUrl;
+        struct UrlOrObject<'a>(PhantomData<&'a ()>);
+        impl<'de, 'a> Visitor<'de> for UrlOrObject<'a> {
+            type Value = ImageUrl<'a>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a URL or an object with `url` and `detail`")
             }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<ImageUrl, E> {
-                Ok(ImageUrl::Url(v.to_owned()))
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ImageUrl<'a>, E> {
+                Ok(ImageUrl::Url(Cow::Owned(v.to_owned())))
             }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<ImageUrl, E> {
-                Ok(ImageUrl::Url(v))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ImageUrl, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ImageUrl<'a>, A::Error> {
                 let o = Object::deserialize(de::value::MapAccessDeserializer::new(map))?;
-                Ok(ImageUrl::Object { detail: o.detail })
+                Ok(ImageUrl::Object {
+                    detail: o.detail.map(Cow::Owned),
+                })
             }
         }
-        d.deserialize_any(UrlOrObject)
+        d.deserialize_any(UrlOrObject(PhantomData))
     }
 }
 
 /// A chat message (OpenAI Chat Completions).
 #[derive(Debug, Deserialize)]
-pub struct ChatMessage {
-    pub role: String,
+pub struct ChatMessage<'a> {
+    pub role: Str<'a>,
     #[serde(default)]
-    pub content: Option<Content>,
+    pub content: Option<Content<'a>>,
     #[serde(default)]
-    pub name: Option<String>,
+    pub name: Option<Str<'a>>,
     #[serde(default)]
-    pub tool_calls: Option<Vec<ToolCall>>,
+    pub tool_calls: Option<Vec<ToolCall<'a>>>,
     #[serde(default)]
-    pub tool_call_id: Option<String>,
+    pub tool_call_id: Option<Str<'a>>,
     #[serde(default)]
-    pub function_call: Option<FunctionCall>,
+    pub function_call: Option<FunctionCall<'a>>,
     #[serde(default)]
-    pub refusal: Option<String>,
+    pub refusal: Option<Str<'a>>,
 }
 
 /// A tool call made by the assistant in an earlier turn.
 #[derive(Debug, Deserialize)]
-pub struct ToolCall {
+pub struct ToolCall<'a> {
     #[serde(default)]
-    pub function: Option<FunctionCall>,
+    pub function: Option<FunctionCall<'a>>,
 }
 
 /// A function name and its JSON-encoded arguments.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
-pub struct FunctionCall {
-    pub name: String,
-    pub arguments: String,
+pub struct FunctionCall<'a> {
+    pub name: Str<'a>,
+    pub arguments: Str<'a>,
 }
 
 /// `stream_options` of streaming chat/completions requests.
@@ -277,10 +283,10 @@ fn present_stream_options<'de, D: serde::Deserializer<'de>>(
 
 /// OpenAI Chat Completions request.
 #[derive(Debug, Deserialize)]
-pub struct ChatRequest {
+pub struct ChatRequest<'a> {
     #[serde(default)]
-    pub model: Option<String>,
-    pub messages: Vec<ChatMessage>,
+    pub model: Option<Str<'a>>,
+    pub messages: Vec<ChatMessage<'a>>,
     #[serde(default)]
     pub tools: Option<Vec<Value>>,
     #[serde(default)]
@@ -301,14 +307,14 @@ pub struct ChatRequest {
 
 /// A legacy-completions prompt or an embeddings input: text, texts, or token ids.
 #[derive(Debug)]
-pub enum TextOrTokens {
-    Text(String),
-    Texts(Vec<String>),
+pub enum TextOrTokens<'a> {
+    Text(Str<'a>),
+    Texts(Vec<Str<'a>>),
     Tokens(Vec<u32>),
     TokenLists(Vec<Vec<u32>>),
 }
 
-impl<'de> Deserialize<'de> for TextOrTokens {
+impl<'de, 'a> Deserialize<'de> for TextOrTokens<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         /// One element of an array prompt: the first one decides what the array holds.
         enum Element {
@@ -326,9 +332,6 @@ impl<'de> Deserialize<'de> for TextOrTokens {
                     }
                     fn visit_str<E: de::Error>(self, v: &str) -> Result<Element, E> {
                         Ok(Element::Text(v.to_owned()))
-                    }
-                    fn visit_string<E: de::Error>(self, v: String) -> Result<Element, E> {
-                        Ok(Element::Text(v))
                     }
                     fn visit_u64<E: de::Error>(self, v: u64) -> Result<Element, E> {
                         u32::try_from(v)
@@ -349,19 +352,19 @@ impl<'de> Deserialize<'de> for TextOrTokens {
                 d.deserialize_any(ElementVisitor)
             }
         }
-        struct PromptVisitor;
-        impl<'de> Visitor<'de> for PromptVisitor {
-            type Value = TextOrTokens;
+        struct PromptVisitor<'a>(PhantomData<&'a ()>);
+        impl<'de, 'a> Visitor<'de> for PromptVisitor<'a> {
+            type Value = TextOrTokens<'a>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a string, an array of strings, or token ids")
             }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<TextOrTokens, E> {
-                Ok(TextOrTokens::Text(v.to_owned()))
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<TextOrTokens<'a>, E> {
+                Ok(TextOrTokens::Text(Cow::Owned(v.to_owned())))
             }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<TextOrTokens, E> {
-                Ok(TextOrTokens::Text(v))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TextOrTokens, A::Error> {
+            fn visit_seq<A: SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<TextOrTokens<'a>, A::Error> {
                 let mixed = || A::Error::custom("an array mixing strings, token ids and arrays");
                 let mut out = TextOrTokens::Texts(Vec::new());
                 let mut first = true;
@@ -370,12 +373,12 @@ impl<'de> Deserialize<'de> for TextOrTokens {
                         (_, e) if first => {
                             first = false;
                             out = match e {
-                                Element::Text(t) => TextOrTokens::Texts(vec![t]),
+                                Element::Text(t) => TextOrTokens::Texts(vec![Cow::Owned(t)]),
                                 Element::Token(t) => TextOrTokens::Tokens(vec![t]),
                                 Element::Tokens(t) => TextOrTokens::TokenLists(vec![t]),
                             };
                         }
-                        (TextOrTokens::Texts(v), Element::Text(t)) => v.push(t),
+                        (TextOrTokens::Texts(v), Element::Text(t)) => v.push(Cow::Owned(t)),
                         (TextOrTokens::Tokens(v), Element::Token(t)) => v.push(t),
                         (TextOrTokens::TokenLists(v), Element::Tokens(t)) => v.push(t),
                         _ => return Err(mixed()),
@@ -384,18 +387,18 @@ impl<'de> Deserialize<'de> for TextOrTokens {
                 Ok(out)
             }
         }
-        d.deserialize_any(PromptVisitor)
+        d.deserialize_any(PromptVisitor(PhantomData))
     }
 }
 
 /// OpenAI legacy Completions request.
 #[derive(Debug, Deserialize)]
-pub struct CompletionsRequest {
+pub struct CompletionsRequest<'a> {
     #[serde(default)]
-    pub model: Option<String>,
-    pub prompt: TextOrTokens,
+    pub model: Option<Str<'a>>,
+    pub prompt: TextOrTokens<'a>,
     #[serde(default)]
-    pub suffix: Option<String>,
+    pub suffix: Option<Str<'a>>,
     #[serde(default)]
     pub stream: Option<bool>,
     #[serde(default, deserialize_with = "present_stream_options")]
@@ -410,20 +413,20 @@ pub struct CompletionsRequest {
 
 /// OpenAI Embeddings request.
 #[derive(Debug, Deserialize)]
-pub struct EmbeddingsRequest {
+pub struct EmbeddingsRequest<'a> {
     #[serde(default)]
-    pub model: Option<String>,
-    pub input: TextOrTokens,
+    pub model: Option<Str<'a>>,
+    pub input: TextOrTokens<'a>,
 }
 
 /// Responses API `input`: a string, or a list of items.
 #[derive(Debug)]
-pub enum ResponsesInput {
-    Text(String),
-    Items(Vec<ResponsesItem>),
+pub enum ResponsesInput<'a> {
+    Text(Str<'a>),
+    Items(Vec<ResponsesItem<'a>>),
 }
 
-impl<'de> Deserialize<'de> for ResponsesInput {
+impl<'de, 'a> Deserialize<'de> for ResponsesInput<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         text_or_list(
             d,
@@ -437,25 +440,25 @@ impl<'de> Deserialize<'de> for ResponsesInput {
 /// One Responses API input item: a message, a function call, or a function call's output.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
-pub struct ResponsesItem {
+pub struct ResponsesItem<'a> {
     #[serde(rename = "type")]
-    pub kind: Option<String>,
-    pub role: Option<String>,
-    pub content: Option<Content>,
-    pub name: Option<String>,
-    pub arguments: Option<String>,
+    pub kind: Option<Str<'a>>,
+    pub role: Option<Str<'a>>,
+    pub content: Option<Content<'a>>,
+    pub name: Option<Str<'a>>,
+    pub arguments: Option<Str<'a>>,
     pub output: Option<Value>,
 }
 
 /// OpenAI Responses request.
 #[derive(Debug, Deserialize)]
-pub struct ResponsesRequest {
+pub struct ResponsesRequest<'a> {
     #[serde(default)]
-    pub model: Option<String>,
+    pub model: Option<Str<'a>>,
     #[serde(default)]
-    pub input: Option<ResponsesInput>,
+    pub input: Option<ResponsesInput<'a>>,
     #[serde(default)]
-    pub instructions: Option<String>,
+    pub instructions: Option<Str<'a>>,
     #[serde(default)]
     pub tools: Option<Vec<Value>>,
     #[serde(default)]
@@ -466,12 +469,12 @@ pub struct ResponsesRequest {
 
 /// Anthropic content: a string or a list of blocks.
 #[derive(Debug)]
-pub enum AnthropicContent {
-    Text(String),
-    Blocks(Vec<ContentPart>),
+pub enum AnthropicContent<'a> {
+    Text(Str<'a>),
+    Blocks(Vec<ContentPart<'a>>),
 }
 
-impl<'de> Deserialize<'de> for AnthropicContent {
+impl<'de, 'a> Deserialize<'de> for AnthropicContent<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         text_or_list(
             d,
@@ -484,32 +487,29 @@ impl<'de> Deserialize<'de> for AnthropicContent {
 
 /// Deserialise "a string, or an array of `P`" straight into `T`. (serde's untagged enums
 /// would first copy the whole value into a buffer, then try each variant on it: every
-/// message's text twice.)
-fn text_or_list<'de, D, P, T>(
+/// message's text twice.) The serde reading is the reference only, so its strings are owned.
+fn text_or_list<'de, 'a, D, P, T>(
     d: D,
     expecting: &'static str,
-    text: fn(String) -> T,
+    text: fn(Str<'a>) -> T,
     list: fn(Vec<P>) -> T,
 ) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
     P: Deserialize<'de>,
 {
-    struct TextOrList<P, T> {
+    struct TextOrList<'a, P, T> {
         expecting: &'static str,
-        text: fn(String) -> T,
+        text: fn(Str<'a>) -> T,
         list: fn(Vec<P>) -> T,
     }
-    impl<'de, P: Deserialize<'de>, T> Visitor<'de> for TextOrList<P, T> {
+    impl<'de, 'a, P: Deserialize<'de>, T> Visitor<'de> for TextOrList<'a, P, T> {
         type Value = T;
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str(self.expecting)
         }
         fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
-            Ok((self.text)(v.to_owned()))
-        }
-        fn visit_string<E: de::Error>(self, v: String) -> Result<T, E> {
-            Ok((self.text)(v))
+            Ok((self.text)(Cow::Owned(v.to_owned())))
         }
         fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<T, A::Error> {
             Vec::<P>::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(self.list)
@@ -524,19 +524,19 @@ where
 
 /// An Anthropic message.
 #[derive(Debug, Deserialize)]
-pub struct AnthropicMessage {
-    pub role: String,
-    pub content: AnthropicContent,
+pub struct AnthropicMessage<'a> {
+    pub role: Str<'a>,
+    pub content: AnthropicContent<'a>,
 }
 
 /// Anthropic Messages request.
 #[derive(Debug, Deserialize)]
-pub struct AnthropicRequest {
+pub struct AnthropicRequest<'a> {
     #[serde(default)]
-    pub model: Option<String>,
+    pub model: Option<Str<'a>>,
     #[serde(default)]
-    pub system: Option<AnthropicContent>,
-    pub messages: Vec<AnthropicMessage>,
+    pub system: Option<AnthropicContent<'a>>,
+    pub messages: Vec<AnthropicMessage<'a>>,
     #[serde(default)]
     pub tools: Option<Vec<Value>>,
     #[serde(default)]
@@ -547,16 +547,16 @@ pub struct AnthropicRequest {
 
 /// A parsed request body of one of the known APIs.
 #[derive(Debug)]
-pub enum RequestBody {
-    Chat(ChatRequest),
-    Completions(CompletionsRequest),
-    Responses(ResponsesRequest),
-    Embeddings(EmbeddingsRequest),
-    Anthropic(AnthropicRequest),
+pub enum RequestBody<'a> {
+    Chat(ChatRequest<'a>),
+    Completions(CompletionsRequest<'a>),
+    Responses(ResponsesRequest<'a>),
+    Embeddings(EmbeddingsRequest<'a>),
+    Anthropic(AnthropicRequest<'a>),
 }
 
 /// Parse `body` as `kind`'s request shape.
-pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<RequestBody, RequestError> {
+pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<RequestBody<'_>, RequestError> {
     let text = checked_text(body)?;
     let mut r = json::Reader::new(text);
     let parsed = match kind {
@@ -590,7 +590,7 @@ fn checked_text(body: &[u8]) -> Result<&str, RequestError> {
 pub mod reference {
     use super::*;
 
-    pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<RequestBody, RequestError> {
+    pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<RequestBody<'_>, RequestError> {
         let text = checked_text(body)?;
         let parsed = match kind {
             ApiKind::ChatCompletions => serde_json::from_str(text).map(RequestBody::Chat),
@@ -616,7 +616,7 @@ fn positive(value: Option<i64>, field: &'static str) -> Result<Option<u64>, Requ
     }
 }
 
-impl RequestBody {
+impl RequestBody<'_> {
     fn validate(&self) -> Result<(), RequestError> {
         match self {
             RequestBody::Chat(r) => {
@@ -701,7 +701,7 @@ impl RequestBody {
 /// provider reports usage in a final chunk. Returns the new body, or `None` when nothing needs
 /// to change. The edit is textual when the body has no `stream_options` (the rest of the
 /// body stays byte for byte as the client sent it); otherwise the object is rebuilt.
-pub fn with_stream_usage(body: &[u8], parsed: &RequestBody) -> Option<Vec<u8>> {
+pub fn with_stream_usage(body: &[u8], parsed: &RequestBody<'_>) -> Option<Vec<u8>> {
     if !parsed.accepts_stream_options() || !parsed.stream() || parsed.stream_usage_requested() {
         return None;
     }

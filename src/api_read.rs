@@ -11,14 +11,12 @@
 //! `api::reference::parse_request` keeps the serde reading, and the tests compare the two on
 //! a large set of valid and broken bodies.
 
-use std::borrow::Cow;
-
 use serde_json::Value;
 
 use crate::api::{
     AnthropicContent, AnthropicMessage, AnthropicRequest, ChatMessage, ChatRequest,
     CompletionsRequest, Content, ContentPart, EmbeddingsRequest, FunctionCall, ImageUrl,
-    ResponsesInput, ResponsesItem, ResponsesRequest, StreamOptions, TextOrTokens, ToolCall,
+    ResponsesInput, ResponsesItem, ResponsesRequest, Str, StreamOptions, TextOrTokens, ToolCall,
 };
 use crate::json::{Kind, Reader, Result};
 
@@ -35,11 +33,11 @@ fn list<'a, T>(
     Ok(out)
 }
 
-fn string(r: &mut Reader<'_>) -> Result<String> {
-    r.string().map(Cow::into_owned)
+fn string<'a>(r: &mut Reader<'a>) -> Result<Str<'a>> {
+    r.string()
 }
 
-fn opt_string(r: &mut Reader<'_>) -> Result<Option<String>> {
+fn opt_string<'a>(r: &mut Reader<'a>) -> Result<Option<Str<'a>>> {
     r.optional(string)
 }
 
@@ -88,7 +86,7 @@ fn stream_options(r: &mut Reader<'_>) -> Result<Option<StreamOptions>> {
 fn text_or_list<'a, P, T>(
     r: &mut Reader<'a>,
     expected: &str,
-    text: fn(String) -> T,
+    text: fn(Str<'a>) -> T,
     parts: fn(Vec<P>) -> T,
     part: impl FnMut(&mut Reader<'a>) -> Result<P>,
 ) -> Result<T> {
@@ -99,7 +97,7 @@ fn text_or_list<'a, P, T>(
     }
 }
 
-fn content(r: &mut Reader<'_>) -> Result<Content> {
+fn content<'a>(r: &mut Reader<'a>) -> Result<Content<'a>> {
     text_or_list(
         r,
         "a string or an array of content parts",
@@ -109,7 +107,7 @@ fn content(r: &mut Reader<'_>) -> Result<Content> {
     )
 }
 
-fn anthropic_content(r: &mut Reader<'_>) -> Result<AnthropicContent> {
+fn anthropic_content<'a>(r: &mut Reader<'a>) -> Result<AnthropicContent<'a>> {
     text_or_list(
         r,
         "a string or an array of content blocks",
@@ -119,7 +117,7 @@ fn anthropic_content(r: &mut Reader<'_>) -> Result<AnthropicContent> {
     )
 }
 
-fn image_url(r: &mut Reader<'_>) -> Result<ImageUrl> {
+fn image_url<'a>(r: &mut Reader<'a>) -> Result<ImageUrl<'a>> {
     const EXPECTED: &str = "a URL or an object with `url` and `detail`";
     match r.peek()? {
         Kind::String => string(r).map(ImageUrl::Url),
@@ -135,7 +133,7 @@ fn image_url(r: &mut Reader<'_>) -> Result<ImageUrl> {
     }
 }
 
-fn content_part(r: &mut Reader<'_>) -> Result<ContentPart> {
+fn content_part<'a>(r: &mut Reader<'a>) -> Result<ContentPart<'a>> {
     const NAMES: [&str; 9] = [
         "type",
         "text",
@@ -165,7 +163,7 @@ fn content_part(r: &mut Reader<'_>) -> Result<ContentPart> {
     Ok(p)
 }
 
-fn function_call(r: &mut Reader<'_>) -> Result<FunctionCall> {
+fn function_call<'a>(r: &mut Reader<'a>) -> Result<FunctionCall<'a>> {
     let mut f = FunctionCall::default();
     r.fields(
         "an object (function call)",
@@ -181,7 +179,7 @@ fn function_call(r: &mut Reader<'_>) -> Result<FunctionCall> {
     Ok(f)
 }
 
-fn tool_call(r: &mut Reader<'_>) -> Result<ToolCall> {
+fn tool_call<'a>(r: &mut Reader<'a>) -> Result<ToolCall<'a>> {
     let mut function = None;
     r.fields("an object (tool call)", &["function"], |r, _| {
         function = r.optional(function_call)?;
@@ -190,7 +188,7 @@ fn tool_call(r: &mut Reader<'_>) -> Result<ToolCall> {
     Ok(ToolCall { function })
 }
 
-fn chat_message(r: &mut Reader<'_>) -> Result<ChatMessage> {
+fn chat_message<'a>(r: &mut Reader<'a>) -> Result<ChatMessage<'a>> {
     const NAMES: [&str; 7] = [
         "role",
         "content",
@@ -201,7 +199,7 @@ fn chat_message(r: &mut Reader<'_>) -> Result<ChatMessage> {
         "refusal",
     ];
     let mut m = ChatMessage {
-        role: String::new(),
+        role: Str::Borrowed(""),
         content: None,
         name: None,
         tool_calls: None,
@@ -225,7 +223,7 @@ fn chat_message(r: &mut Reader<'_>) -> Result<ChatMessage> {
     Ok(m)
 }
 
-pub(crate) fn chat(r: &mut Reader<'_>) -> Result<ChatRequest> {
+pub(crate) fn chat<'a>(r: &mut Reader<'a>) -> Result<ChatRequest<'a>> {
     const NAMES: [&str; 10] = [
         "model",
         "messages",
@@ -270,13 +268,13 @@ pub(crate) fn chat(r: &mut Reader<'_>) -> Result<ChatRequest> {
 }
 
 /// One element of an array prompt.
-enum Element {
-    Text(String),
+enum Element<'a> {
+    Text(Str<'a>),
     Token(u32),
     Tokens(Vec<u32>),
 }
 
-fn element(r: &mut Reader<'_>) -> Result<Element> {
+fn element<'a>(r: &mut Reader<'a>) -> Result<Element<'a>> {
     match r.peek()? {
         Kind::String => string(r).map(Element::Text),
         Kind::Number => r.u32().map(Element::Token),
@@ -288,7 +286,7 @@ fn element(r: &mut Reader<'_>) -> Result<Element> {
 /// A legacy-completions prompt or an embeddings input: text, or an array whose elements are
 /// all texts, all token ids, or all arrays of token ids (each element is read whole before
 /// the mix is judged, as serde did).
-fn text_or_tokens(r: &mut Reader<'_>) -> Result<TextOrTokens> {
+fn text_or_tokens<'a>(r: &mut Reader<'a>) -> Result<TextOrTokens<'a>> {
     const EXPECTED: &str = "a string, an array of strings, or token ids";
     match r.peek()? {
         Kind::String => return string(r).map(TextOrTokens::Text),
@@ -318,7 +316,7 @@ fn text_or_tokens(r: &mut Reader<'_>) -> Result<TextOrTokens> {
     Ok(out)
 }
 
-pub(crate) fn completions(r: &mut Reader<'_>) -> Result<CompletionsRequest> {
+pub(crate) fn completions<'a>(r: &mut Reader<'a>) -> Result<CompletionsRequest<'a>> {
     const NAMES: [&str; 8] = [
         "model",
         "prompt",
@@ -356,7 +354,7 @@ pub(crate) fn completions(r: &mut Reader<'_>) -> Result<CompletionsRequest> {
     Ok(c)
 }
 
-pub(crate) fn embeddings(r: &mut Reader<'_>) -> Result<EmbeddingsRequest> {
+pub(crate) fn embeddings<'a>(r: &mut Reader<'a>) -> Result<EmbeddingsRequest<'a>> {
     const NAMES: [&str; 2] = ["model", "input"];
     let mut model = None;
     let mut input = TextOrTokens::Texts(Vec::new());
@@ -371,7 +369,7 @@ pub(crate) fn embeddings(r: &mut Reader<'_>) -> Result<EmbeddingsRequest> {
     Ok(EmbeddingsRequest { model, input })
 }
 
-fn responses_item(r: &mut Reader<'_>) -> Result<ResponsesItem> {
+fn responses_item<'a>(r: &mut Reader<'a>) -> Result<ResponsesItem<'a>> {
     const NAMES: [&str; 6] = ["type", "role", "content", "name", "arguments", "output"];
     let mut item = ResponsesItem::default();
     r.fields("an object (input item)", &NAMES, |r, i| {
@@ -388,7 +386,7 @@ fn responses_item(r: &mut Reader<'_>) -> Result<ResponsesItem> {
     Ok(item)
 }
 
-pub(crate) fn responses(r: &mut Reader<'_>) -> Result<ResponsesRequest> {
+pub(crate) fn responses<'a>(r: &mut Reader<'a>) -> Result<ResponsesRequest<'a>> {
     const NAMES: [&str; 6] = [
         "model",
         "input",
@@ -429,10 +427,10 @@ pub(crate) fn responses(r: &mut Reader<'_>) -> Result<ResponsesRequest> {
     Ok(q)
 }
 
-fn anthropic_message(r: &mut Reader<'_>) -> Result<AnthropicMessage> {
+fn anthropic_message<'a>(r: &mut Reader<'a>) -> Result<AnthropicMessage<'a>> {
     const NAMES: [&str; 2] = ["role", "content"];
-    let mut role = String::new();
-    let mut content = AnthropicContent::Text(String::new());
+    let mut role = Str::Borrowed("");
+    let mut content = AnthropicContent::Text(Str::Borrowed(""));
     let seen = r.fields("an object (message)", &NAMES, |r, i| {
         match i {
             0 => role = string(r)?,
@@ -445,7 +443,7 @@ fn anthropic_message(r: &mut Reader<'_>) -> Result<AnthropicMessage> {
     Ok(AnthropicMessage { role, content })
 }
 
-pub(crate) fn anthropic(r: &mut Reader<'_>) -> Result<AnthropicRequest> {
+pub(crate) fn anthropic<'a>(r: &mut Reader<'a>) -> Result<AnthropicRequest<'a>> {
     const NAMES: [&str; 6] = [
         "model",
         "system",

@@ -133,7 +133,7 @@ impl<'a> Tally<'a> {
     }
 
     fn part(&mut self, part: &ContentPart) {
-        match part.kind.as_str() {
+        match &*part.kind {
             "text" | "input_text" | "output_text" => {
                 if let Some(t) = &part.text {
                     self.text(t);
