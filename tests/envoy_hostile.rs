@@ -110,17 +110,41 @@ fn post_raw(s: &Stack, headers: &[(&str, &str)], body: &[u8]) -> http::Response 
 fn deeply_nested_json_is_refused_without_exhausting_the_vm() {
     let s = shared();
     let depth = 100_000;
-    let mut body = String::from(r#"{"model":"gpt-4o","messages":[{"role":"user","content":"#);
-    body.push_str(&"[".repeat(depth));
-    body.push_str(&"]".repeat(depth));
-    body.push_str("}]}");
+    let nested = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+    // Where the filter reads the value (a tool definition is counted from its JSON), nesting
+    // past 127 levels is invalid JSON, as serde_json has it.
+    let tools = format!(
+        r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"hi"}}],"tools":{nested}}}"#
+    );
+    // Where an array stands for a content part (an object), it is the wrong shape.
+    let content =
+        format!(r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":{nested}}}]}}"#);
+    for (body, code) in [(tools, "invalid_json"), (content, "invalid_request_shape")] {
+        let r = post_raw(
+            s,
+            &[("content-type", "application/json"), ("x-tenant", "nested")],
+            body.as_bytes(),
+        );
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert_eq!(r.json()["error"]["code"], code);
+        assert_alive(s);
+    }
+    // In a field the filter skips, nesting costs nothing and is not its business: the
+    // request is counted and forwarded (the mock upstream's own JSON parser then refuses it).
+    let skipped = format!(
+        r#"{{"model":"gpt-4o","max_tokens":1,"messages":[{{"role":"user","content":"hi"}}],"metadata":{nested}}}"#
+    );
     let r = post_raw(
         s,
         &[("content-type", "application/json"), ("x-tenant", "nested")],
-        body.as_bytes(),
+        skipped.as_bytes(),
     );
-    assert_eq!(r.status, 400, "{}", r.text());
-    assert_eq!(r.json()["error"]["code"], "invalid_json");
+    assert!(r.text().contains("mock:"), "{}", r.text());
+    assert!(
+        r.header("x-tokenfuse-prompt-tokens").is_some(),
+        "{:?}",
+        r.headers
+    );
     assert_alive(s);
 }
 
