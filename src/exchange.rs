@@ -1061,13 +1061,23 @@ impl Exchange {
                     if !outcome.complete {
                         host.counter_add(tagged("responses_incomplete").name(), 1);
                     }
+                    let streamed = scale(outcome.counted_output, call.counting.safety_factor);
                     match outcome.reported {
-                        // A stream cut after its usage arrived is billed as reported.
-                        Some(usage) => Billed::Usage {
+                        Some(usage) if outcome.complete => Billed::Usage {
                             source: Source::Provider,
                             usage,
                         },
-                        None => counted(scale(outcome.counted_output, call.counting.safety_factor)),
+                        // Cut after some usage arrived: the provider's figures, but at least
+                        // the output that was streamed (Anthropic's message_start says 1
+                        // output token; the final count comes only at the end).
+                        Some(usage) => Billed::Usage {
+                            source: Source::Provider,
+                            usage: UsageReport {
+                                output: usage.output.max(streamed),
+                                ..usage
+                            },
+                        },
+                        None => counted(streamed),
                     }
                 }
                 None => Billed::Unknown,
@@ -1746,6 +1756,29 @@ mod tests {
         ex.on_done(&mut host);
         assert_eq!(tokens(&host, "completion", "counted"), 6);
         assert_eq!(host.counter_sum("tokenfuse_requests", &[]), 1);
+        assert_eq!(host.counter_sum("tokenfuse_responses_incomplete", &[]), 1);
+    }
+
+    #[test]
+    fn a_stream_cut_after_its_first_usage_is_charged_at_least_what_it_streamed() {
+        let f = default_filter();
+        let body = r#"{"model":"claude-sonnet-4","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#;
+        let mut host = FakeHost::post("/v1/messages", body.as_bytes());
+        let mut ex = Exchange::new(f, 1);
+        send_request(&mut ex, &mut host, 100);
+        host.response_headers = vec![
+            (":status".into(), "200".into()),
+            ("content-type".into(), "text/event-stream".into()),
+        ];
+        ex.on_response_headers(&mut host, false);
+        // message_start says 1 output token (its placeholder); the text that follows is more;
+        // the stream is cut before message_delta brings the final count.
+        host.response_chunk = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":12,\"output_tokens\":1}}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"tiktoken is great!\"}}\n\n".to_vec();
+        let n = host.response_chunk.len();
+        ex.on_response_body(&mut host, n, false);
+        ex.on_done(&mut host);
+        assert_eq!(tokens(&host, "prompt", "provider"), 12);
+        assert_eq!(tokens(&host, "completion", "provider"), 6);
         assert_eq!(host.counter_sum("tokenfuse_responses_incomplete", &[]), 1);
     }
 

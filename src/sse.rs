@@ -8,11 +8,14 @@
 //! `response.completed` of the Responses API, `message_start`/`message_delta` of Anthropic;
 //! and, for streams that carry no usage, the streamed text to count with the tokenizer.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
+#[cfg(test)]
 use serde::Deserialize;
 
 use crate::api::ApiKind;
+use crate::json::{self, Reader};
 use crate::tokens::TextCounter;
 use crate::usage::{RawUsage, UsageReport};
 
@@ -145,8 +148,9 @@ impl SseDecoder {
 pub struct StreamOutcome {
     /// Usage the provider reported in the stream, if it did.
     pub reported: Option<UsageReport>,
-    /// Output tokens counted from the streamed text (always computed, so a cut stream that
-    /// never reached its usage chunk is still charged for what it delivered).
+    /// Output tokens counted from the streamed text, unless the stream completed with its usage
+    /// reported (then only what was counted while the stream passed the hold cap): a cut
+    /// stream is charged at least for what it delivered, usage or not.
     pub counted_output: u64,
     /// The stream reached its API's terminal event (`[DONE]`, `response.completed`, …).
     pub complete: bool,
@@ -249,7 +253,7 @@ impl StreamMeter {
             self.complete = true;
             return true;
         }
-        let Ok(chunk) = serde_json::from_str::<OpenAiChunk>(data) else {
+        let Ok(chunk) = read_event(data, openai_chunk) else {
             return false;
         };
         for choice in &chunk.choices {
@@ -260,12 +264,7 @@ impl StreamMeter {
                 for t in [&d.content, &d.refusal].into_iter().flatten() {
                     self.push_text(choice.index, t);
                 }
-                let calls = d
-                    .tool_calls
-                    .iter()
-                    .flatten()
-                    .filter_map(|c| c.function.as_ref())
-                    .chain(d.function_call.as_ref());
+                let calls = d.tool_calls.iter().flatten().chain(&d.function_call);
                 for f in calls {
                     for t in [&f.name, &f.arguments].into_iter().flatten() {
                         self.push_text(choice.index, t);
@@ -280,10 +279,10 @@ impl StreamMeter {
     }
 
     fn responses_event(&mut self, data: &str) -> bool {
-        let Ok(ev) = serde_json::from_str::<ResponsesEvent>(data) else {
+        let Ok(ev) = read_event(data, responses_event) else {
             return false;
         };
-        match ev.kind.as_str() {
+        match &*ev.kind {
             "response.output_text.delta"
             | "response.refusal.delta"
             | "response.function_call_arguments.delta" => {
@@ -293,7 +292,7 @@ impl StreamMeter {
             }
             "response.completed" | "response.incomplete" | "response.failed" => {
                 self.complete = true;
-                if let Some(u) = ev.response.as_ref().and_then(|r| r.usage.as_ref()) {
+                if let Some(u) = &ev.usage {
                     self.merge_usage(u);
                 }
             }
@@ -303,24 +302,22 @@ impl StreamMeter {
     }
 
     fn anthropic_event(&mut self, event: &str, data: &str) -> bool {
-        let Ok(ev) = serde_json::from_str::<AnthropicEvent>(data) else {
+        let Ok(ev) = read_event(data, anthropic_event) else {
             return false;
         };
         let kind = if ev.kind.is_empty() { event } else { &ev.kind };
         match kind {
             "message_start" => {
-                if let Some(u) = ev.message.as_ref().and_then(|m| m.usage.as_ref()) {
+                if let Some(u) = &ev.message_usage {
                     self.merge_usage(u);
                 }
             }
             "content_block_delta" => {
-                if let Some(d) = &ev.delta {
-                    for t in [&d.text, &d.partial_json, &d.thinking]
-                        .into_iter()
-                        .flatten()
-                    {
-                        self.push_text(ev.index.unwrap_or(0), t);
-                    }
+                for t in [&ev.text, &ev.partial_json, &ev.thinking]
+                    .into_iter()
+                    .flatten()
+                {
+                    self.push_text(ev.index.unwrap_or(0), t);
                 }
             }
             "message_delta" => {
@@ -334,9 +331,12 @@ impl StreamMeter {
         true
     }
 
-    /// Close the meter: count the text still held and report.
+    /// Close the meter: count the text still held, unless the stream completed with its usage
+    /// reported (which bills the exchange: counting would be wasted), and report.
     pub fn finish(&mut self, counter: TextCounter<'_>) -> StreamOutcome {
-        self.flush(counter);
+        if self.usage.is_none() || !self.complete {
+            self.flush(counter);
+        }
         StreamOutcome {
             reported: self.usage,
             counted_output: self.counted,
@@ -346,94 +346,419 @@ impl StreamMeter {
     }
 }
 
-#[derive(Deserialize)]
-struct OpenAiChunk {
-    #[serde(default)]
-    choices: Vec<ChunkChoice>,
-    #[serde(default)]
+// ---------------------------------------------------------------------------------------
+// Events, read with the filter's JSON reader: the fields that carry text or usage, strings
+// borrowed from the event (owned only when they held escapes), everything else skipped.
+// Wrong types make the event a bad one, as serde did; `tests` compares the two readings.
+// ---------------------------------------------------------------------------------------
+
+fn read_event<'a, T>(
+    data: &'a str,
+    read: fn(&mut Reader<'a>) -> json::Result<T>,
+) -> json::Result<T> {
+    let mut r = Reader::new(data);
+    let event = read(&mut r)?;
+    r.end()?;
+    Ok(event)
+}
+
+fn opt_str<'a>(r: &mut Reader<'a>) -> json::Result<Option<Cow<'a, str>>> {
+    r.optional(Reader::string)
+}
+
+/// A chat/completions stream chunk.
+#[derive(Debug, Default, PartialEq)]
+#[cfg_attr(test, derive(Deserialize))]
+struct OpenAiChunk<'a> {
+    #[cfg_attr(test, serde(default))]
+    choices: Vec<ChunkChoice<'a>>,
+    #[cfg_attr(test, serde(default))]
     usage: Option<RawUsage>,
 }
 
-#[derive(Deserialize)]
-struct ChunkChoice {
-    #[serde(default)]
+#[derive(Debug, Default, PartialEq)]
+#[cfg_attr(test, derive(Deserialize))]
+struct ChunkChoice<'a> {
+    #[cfg_attr(test, serde(default))]
     index: u32,
-    #[serde(default)]
-    delta: Option<ChunkDelta>,
-    #[serde(default)]
-    text: Option<String>,
+    #[cfg_attr(test, serde(default))]
+    delta: Option<ChunkDelta<'a>>,
+    #[cfg_attr(test, serde(default))]
+    text: Option<Cow<'a, str>>,
 }
 
-#[derive(Deserialize)]
-struct ChunkDelta {
-    #[serde(default)]
-    content: Option<String>,
-    #[serde(default)]
-    refusal: Option<String>,
-    #[serde(default)]
-    tool_calls: Option<Vec<ToolCallDelta>>,
-    #[serde(default)]
-    function_call: Option<FunctionDelta>,
+#[derive(Debug, Default, PartialEq)]
+#[cfg_attr(test, derive(Deserialize))]
+struct ChunkDelta<'a> {
+    #[cfg_attr(test, serde(default))]
+    content: Option<Cow<'a, str>>,
+    #[cfg_attr(test, serde(default))]
+    refusal: Option<Cow<'a, str>>,
+    /// The `function` of each tool call.
+    #[cfg_attr(test, serde(default, deserialize_with = "tests::tool_call_functions"))]
+    tool_calls: Option<Vec<FunctionDelta<'a>>>,
+    #[cfg_attr(test, serde(default))]
+    function_call: Option<FunctionDelta<'a>>,
 }
 
-#[derive(Deserialize)]
-struct ToolCallDelta {
-    #[serde(default)]
-    function: Option<FunctionDelta>,
+#[derive(Debug, Default, PartialEq)]
+#[cfg_attr(test, derive(Deserialize))]
+struct FunctionDelta<'a> {
+    #[cfg_attr(test, serde(default))]
+    name: Option<Cow<'a, str>>,
+    #[cfg_attr(test, serde(default))]
+    arguments: Option<Cow<'a, str>>,
 }
 
-#[derive(Deserialize)]
-struct FunctionDelta {
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    arguments: Option<String>,
+fn openai_chunk<'a>(r: &mut Reader<'a>) -> json::Result<OpenAiChunk<'a>> {
+    let mut chunk = OpenAiChunk::default();
+    r.fields("an object (chunk)", &["choices", "usage"], |r, i| {
+        match i {
+            0 => r.array("an array of choices", |r| {
+                chunk.choices.push(chunk_choice(r)?);
+                Ok(())
+            })?,
+            _ => chunk.usage = r.optional(RawUsage::read)?,
+        }
+        Ok(())
+    })?;
+    Ok(chunk)
 }
 
-#[derive(Deserialize)]
-struct ResponsesEvent {
-    #[serde(rename = "type", default)]
-    kind: String,
-    #[serde(default)]
-    delta: Option<String>,
-    #[serde(default)]
-    response: Option<ResponseObject>,
+fn chunk_choice<'a>(r: &mut Reader<'a>) -> json::Result<ChunkChoice<'a>> {
+    let mut choice = ChunkChoice::default();
+    r.fields("an object (choice)", &["index", "delta", "text"], |r, i| {
+        match i {
+            0 => choice.index = r.u32()?,
+            1 => choice.delta = r.optional(chunk_delta)?,
+            _ => choice.text = opt_str(r)?,
+        }
+        Ok(())
+    })?;
+    Ok(choice)
 }
 
-#[derive(Deserialize)]
-struct ResponseObject {
-    #[serde(default)]
+fn chunk_delta<'a>(r: &mut Reader<'a>) -> json::Result<ChunkDelta<'a>> {
+    const NAMES: [&str; 4] = ["content", "refusal", "tool_calls", "function_call"];
+    let mut d = ChunkDelta::default();
+    r.fields("an object (delta)", &NAMES, |r, i| {
+        match i {
+            0 => d.content = opt_str(r)?,
+            1 => d.refusal = opt_str(r)?,
+            2 => {
+                d.tool_calls = r.optional(|r| {
+                    let mut calls = Vec::new();
+                    r.array("an array of tool calls", |r| {
+                        let mut function = None;
+                        r.fields("an object (tool call)", &["function"], |r, _| {
+                            function = r.optional(function_delta)?;
+                            Ok(())
+                        })?;
+                        calls.extend(function);
+                        Ok(())
+                    })?;
+                    Ok(calls)
+                })?
+            }
+            _ => d.function_call = r.optional(function_delta)?,
+        }
+        Ok(())
+    })?;
+    Ok(d)
+}
+
+fn function_delta<'a>(r: &mut Reader<'a>) -> json::Result<FunctionDelta<'a>> {
+    let mut f = FunctionDelta::default();
+    r.fields("an object (function)", &["name", "arguments"], |r, i| {
+        match i {
+            0 => f.name = opt_str(r)?,
+            _ => f.arguments = opt_str(r)?,
+        }
+        Ok(())
+    })?;
+    Ok(f)
+}
+
+/// A Responses API stream event.
+#[derive(Debug, Default, PartialEq)]
+struct ResponsesEvent<'a> {
+    kind: Cow<'a, str>,
+    delta: Option<Cow<'a, str>>,
+    /// `response.usage`.
     usage: Option<RawUsage>,
 }
 
-#[derive(Deserialize)]
-struct AnthropicEvent {
-    #[serde(rename = "type", default)]
-    kind: String,
-    #[serde(default)]
+fn responses_event<'a>(r: &mut Reader<'a>) -> json::Result<ResponsesEvent<'a>> {
+    let mut ev = ResponsesEvent::default();
+    r.fields(
+        "an object (event)",
+        &["type", "delta", "response"],
+        |r, i| {
+            match i {
+                0 => ev.kind = r.string()?,
+                1 => ev.delta = opt_str(r)?,
+                _ => ev.usage = r.optional(usage_of)?.flatten(),
+            }
+            Ok(())
+        },
+    )?;
+    Ok(ev)
+}
+
+/// The `usage` of an object (`response` of a Responses event, `message` of Anthropic's
+/// `message_start`).
+fn usage_of(r: &mut Reader<'_>) -> json::Result<Option<RawUsage>> {
+    let mut usage = None;
+    r.fields("an object", &["usage"], |r, _| {
+        usage = r.optional(RawUsage::read)?;
+        Ok(())
+    })?;
+    Ok(usage)
+}
+
+/// An Anthropic Messages stream event.
+#[derive(Debug, Default, PartialEq)]
+struct AnthropicEvent<'a> {
+    kind: Cow<'a, str>,
     index: Option<u32>,
-    #[serde(default)]
-    message: Option<ResponseObject>,
-    #[serde(default)]
-    delta: Option<AnthropicDelta>,
-    #[serde(default)]
+    /// `message.usage` (`message_start`).
+    message_usage: Option<RawUsage>,
+    /// `delta.text`, `delta.partial_json`, `delta.thinking` (`content_block_delta`).
+    text: Option<Cow<'a, str>>,
+    partial_json: Option<Cow<'a, str>>,
+    thinking: Option<Cow<'a, str>>,
+    /// `usage` (`message_delta`).
     usage: Option<RawUsage>,
 }
 
-#[derive(Deserialize)]
-struct AnthropicDelta {
-    #[serde(default)]
-    text: Option<String>,
-    #[serde(default)]
-    partial_json: Option<String>,
-    #[serde(default)]
-    thinking: Option<String>,
+fn anthropic_event<'a>(r: &mut Reader<'a>) -> json::Result<AnthropicEvent<'a>> {
+    const NAMES: [&str; 5] = ["type", "index", "message", "delta", "usage"];
+    let mut ev = AnthropicEvent::default();
+    r.fields("an object (event)", &NAMES, |r, i| {
+        match i {
+            0 => ev.kind = r.string()?,
+            1 => ev.index = r.optional(Reader::u32)?,
+            2 => ev.message_usage = r.optional(usage_of)?.flatten(),
+            3 => {
+                r.optional(|r| {
+                    r.fields(
+                        "an object (delta)",
+                        &["text", "partial_json", "thinking"],
+                        |r, i| {
+                            match i {
+                                0 => ev.text = opt_str(r)?,
+                                1 => ev.partial_json = opt_str(r)?,
+                                _ => ev.thinking = opt_str(r)?,
+                            }
+                            Ok(())
+                        },
+                    )
+                })?;
+            }
+            _ => ev.usage = r.optional(RawUsage::read)?,
+        }
+        Ok(())
+    })?;
+    Ok(ev)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::tokens::{tests_support::shared, Encoding};
+
+    // --- The serde reading of events, the reference for the reader's ---------------------
+
+    /// `tool_calls` as serde read them: each call's `function`, if any.
+    pub(super) fn tool_call_functions<'de, 'a, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Vec<FunctionDelta<'a>>>, D::Error> {
+        #[derive(Deserialize)]
+        struct ToolCallDelta<'a> {
+            #[serde(default)]
+            function: Option<FunctionDelta<'a>>,
+        }
+        let calls = Option::<Vec<ToolCallDelta<'a>>>::deserialize(d)?;
+        Ok(calls.map(|c| c.into_iter().filter_map(|c| c.function).collect()))
+    }
+
+    #[derive(Deserialize)]
+    struct SerdeResponsesEvent {
+        #[serde(rename = "type", default)]
+        kind: String,
+        #[serde(default)]
+        delta: Option<String>,
+        #[serde(default)]
+        response: Option<SerdeWithUsage>,
+    }
+
+    #[derive(Deserialize)]
+    struct SerdeWithUsage {
+        #[serde(default)]
+        usage: Option<RawUsage>,
+    }
+
+    #[derive(Deserialize)]
+    struct SerdeAnthropicEvent {
+        #[serde(rename = "type", default)]
+        kind: String,
+        #[serde(default)]
+        index: Option<u32>,
+        #[serde(default)]
+        message: Option<SerdeWithUsage>,
+        #[serde(default)]
+        delta: Option<SerdeAnthropicDelta>,
+        #[serde(default)]
+        usage: Option<RawUsage>,
+    }
+
+    #[derive(Deserialize)]
+    struct SerdeAnthropicDelta {
+        #[serde(default)]
+        text: Option<String>,
+        #[serde(default)]
+        partial_json: Option<String>,
+        #[serde(default)]
+        thinking: Option<String>,
+    }
+
+    /// What serde and the reader make of one event, each as `Debug` text.
+    fn both(kind: ApiKind, data: &str) -> (String, String) {
+        match kind {
+            ApiKind::Responses => (
+                format!("{:?}", read_event(data, responses_event).ok()),
+                format!(
+                    "{:?}",
+                    serde_json::from_str::<SerdeResponsesEvent>(data)
+                        .ok()
+                        .map(|e| ResponsesEvent {
+                            kind: e.kind.into(),
+                            delta: e.delta.map(Cow::Owned),
+                            usage: e.response.and_then(|r| r.usage),
+                        })
+                ),
+            ),
+            ApiKind::AnthropicMessages => (
+                format!("{:?}", read_event(data, anthropic_event).ok()),
+                format!(
+                    "{:?}",
+                    serde_json::from_str::<SerdeAnthropicEvent>(data)
+                        .ok()
+                        .map(|e| {
+                            let d = e.delta.unwrap_or(SerdeAnthropicDelta {
+                                text: None,
+                                partial_json: None,
+                                thinking: None,
+                            });
+                            AnthropicEvent {
+                                kind: e.kind.into(),
+                                index: e.index,
+                                message_usage: e.message.and_then(|m| m.usage),
+                                text: d.text.map(Cow::Owned),
+                                partial_json: d.partial_json.map(Cow::Owned),
+                                thinking: d.thinking.map(Cow::Owned),
+                                usage: e.usage,
+                            }
+                        })
+                ),
+            ),
+            _ => (
+                format!("{:?}", read_event(data, openai_chunk).ok()),
+                format!("{:?}", serde_json::from_str::<OpenAiChunk<'_>>(data).ok()),
+            ),
+        }
+    }
+
+    #[test]
+    fn events_are_read_as_serde_read_them() {
+        let samples: [(ApiKind, &str); 7] = [
+            (
+                ApiKind::ChatCompletions,
+                r#"{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":"Hel\"lo \u00e9"},"finish_reason":null}]}"#,
+            ),
+            (
+                ApiKind::ChatCompletions,
+                r#"{"choices":[{"index":1,"delta":{"tool_calls":[{"index":0,"id":"t","function":{"name":"f","arguments":"{\"a\":"}},{"index":1}]},"logprobs":null}],"usage":null}"#,
+            ),
+            (
+                ApiKind::ChatCompletions,
+                r#"{"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":12,"total_tokens":21,"completion_tokens_details":{"reasoning_tokens":2}}}"#,
+            ),
+            (
+                ApiKind::Completions,
+                r#"{"choices":[{"text":" world","index":0,"logprobs":null,"finish_reason":null}],"model":"davinci-002"}"#,
+            ),
+            (
+                ApiKind::Responses,
+                r#"{"type":"response.completed","sequence_number":9,"response":{"id":"r","output":[{"content":[{"text":"x"}]}],"usage":{"input_tokens":5,"output_tokens":6}}}"#,
+            ),
+            (
+                ApiKind::AnthropicMessages,
+                r#"{"type":"message_start","message":{"id":"m","content":[],"usage":{"input_tokens":10,"output_tokens":1,"cache_read_input_tokens":3}}}"#,
+            ),
+            (
+                ApiKind::AnthropicMessages,
+                r#"{"type":"content_block_delta","index":2,"delta":{"type":"input_json_delta","partial_json":"{\"q\": \"x"}}"#,
+            ),
+        ];
+        const FRAGMENTS: &[&str] = &[
+            "null",
+            "-1",
+            "1.5",
+            "-0",
+            "4294967296",
+            "1e400",
+            "\"x\"",
+            "{",
+            "}",
+            "[",
+            "]",
+            ",",
+            ":",
+            "\"choices\":[],",
+            "\"index\":3,",
+            "\"delta\":{},",
+            "\"text\":\"t\",",
+            "\"usage\":{\"output_tokens\":4},",
+            "\"\\ud800\"",
+            "true",
+            "\"type\":\"message_stop\",",
+        ];
+        let mut state = 0x6a09_e667_f3bc_c909u64;
+        let mut next = move |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n.max(1) as u64) as usize
+        };
+        for (kind, data) in samples {
+            let (ours, theirs) = both(kind, data);
+            assert!(ours.starts_with("Some"), "{ours} for {data}");
+            assert_eq!(ours, theirs, "{data}");
+        }
+        for round in 0..20_000 {
+            let (kind, base) = samples[round % samples.len()];
+            let mut data = base.as_bytes().to_vec();
+            for _ in 0..1 + next(3) {
+                let at = next(data.len() + 1);
+                if next(3) == 0 {
+                    let end = (at + 1 + next(8)).min(data.len());
+                    data.drain(at.min(end)..end);
+                } else {
+                    data.splice(at..at, FRAGMENTS[next(FRAGMENTS.len())].bytes());
+                }
+            }
+            // Event data reaches the meter as text (the decoder replaced invalid UTF-8).
+            let data = String::from_utf8_lossy(&data);
+            let (ours, theirs) = both(kind, &data);
+            // serde took an array for an object, its elements as the fields in order; the
+            // reader refuses it (a bad event).
+            if ours == "None" && theirs != "None" && data.contains('[') {
+                continue;
+            }
+            assert_eq!(ours, theirs, "{kind:?} {data}");
+        }
+    }
 
     fn events_of(chunks: &[&[u8]]) -> Vec<(String, String)> {
         let mut d = SseDecoder::new(1 << 20);
@@ -638,7 +963,7 @@ mod tests {
                 o.reported.map(|u| (u.input, u.output, u.cached_input)),
                 Some((12, 6, 4))
             );
-            assert_eq!(o.counted_output, 6);
+            assert_eq!(o.counted_output, 0, "complete with usage: nothing counted");
             assert!(o.complete);
         }
     }
@@ -663,7 +988,7 @@ mod tests {
             let u = o.reported.unwrap();
             assert_eq!((u.input, u.output, u.cached_input), (125, 15, 100));
             assert!(o.complete);
-            assert_eq!(o.counted_output, 6);
+            assert_eq!(o.counted_output, 0, "complete with usage: nothing counted");
         }
     }
 

@@ -25,7 +25,7 @@ pub struct UsageReport {
 }
 
 /// The `usage` object of any supported API. Unknown fields are ignored; missing ones are 0.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(default)]
 pub struct RawUsage {
     prompt_tokens: Option<u64>,
@@ -40,7 +40,7 @@ pub struct RawUsage {
     cache_read_input_tokens: Option<u64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(default)]
 struct Details {
     cached_tokens: Option<u64>,
@@ -118,7 +118,7 @@ pub fn usage_from_json(body: &[u8], anthropic: bool) -> Result<UsageReport, Usag
 
 impl RawUsage {
     /// A `usage` object, as serde reads [`RawUsage`].
-    fn read(r: &mut Reader<'_>) -> json::Result<RawUsage> {
+    pub(crate) fn read(r: &mut Reader<'_>) -> json::Result<RawUsage> {
         const NAMES: [&str; 10] = [
             "prompt_tokens",
             "completion_tokens",
