@@ -585,10 +585,46 @@ fn checked_text(body: &[u8]) -> Result<&str, RequestError> {
 }
 
 /// The serde reading of request bodies that [`parse_request`] replaced (see `api_read`):
-/// kept as the reference the tests compare it with. Not on the request path.
+/// kept as the reference the tests and the `request_body` fuzz target compare it with. Not
+/// on the request path.
 #[doc(hidden)]
 pub mod reference {
     use super::*;
+
+    /// What a parse came to, comparable across the two readings: the request in full (its
+    /// `Debug` text; a string reads the same borrowed or owned), or the class of the error.
+    fn outcome(r: &Result<RequestBody<'_>, RequestError>) -> String {
+        match r {
+            Ok(body) => format!("ok {body:?}"),
+            Err(RequestError::Empty) => "empty".into(),
+            Err(RequestError::Syntax { .. }) => "syntax".into(),
+            Err(RequestError::Shape { .. }) => "shape".into(),
+            Err(RequestError::Invalid { field, .. }) => format!("invalid {field}"),
+            Err(RequestError::Encoded) => "encoded".into(),
+        }
+    }
+
+    /// How [`super::parse_request`] and [`parse_request`] compare on `body`: `Ok(true)` when
+    /// they agree, `Ok(false)` where they differ on purpose (serde took a JSON array in place
+    /// of an object, its elements as the fields in order; the reader refuses it), `Err` with
+    /// both outcomes otherwise.
+    pub fn compare(kind: ApiKind, body: &[u8]) -> Result<bool, String> {
+        let ours = super::parse_request(kind, body);
+        if matches!(&ours, Err(RequestError::Shape { detail })
+            if detail.contains("expected an object") && detail.contains("found an array"))
+        {
+            return Ok(false);
+        }
+        let (ours, theirs) = (outcome(&ours), outcome(&parse_request(kind, body)));
+        if ours == theirs {
+            Ok(true)
+        } else {
+            Err(format!(
+                "{kind:?}: the reader says {ours}, serde says {theirs}, for {:?}",
+                String::from_utf8_lossy(body)
+            ))
+        }
+    }
 
     pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<RequestBody<'_>, RequestError> {
         let text = checked_text(body)?;

@@ -477,40 +477,11 @@ pub(crate) fn anthropic<'a>(r: &mut Reader<'a>) -> Result<AnthropicRequest<'a>> 
 
 #[cfg(test)]
 mod tests {
-    use crate::api::{parse_request, reference, ApiKind, RequestError};
-
-    /// What a parse came to, comparable across the two readers: the parsed request in full
-    /// (its `Debug` text), or the class of the error.
-    fn outcome(r: Result<crate::api::RequestBody, RequestError>) -> String {
-        match r {
-            Ok(body) => format!("ok {body:?}"),
-            Err(RequestError::Empty) => "empty".into(),
-            Err(RequestError::Syntax { .. }) => "syntax".into(),
-            Err(RequestError::Shape { .. }) => "shape".into(),
-            Err(RequestError::Invalid { field, .. }) => format!("invalid {field}"),
-            Err(RequestError::Encoded) => "encoded".into(),
-        }
-    }
-
-    /// The one place the readers differ on purpose: serde took a JSON array in place of an
-    /// object, its elements as the fields in order; the reader refuses it.
-    fn array_for_object(r: &Result<crate::api::RequestBody, RequestError>) -> bool {
-        matches!(r, Err(RequestError::Shape { detail }) if detail.contains("expected an object") && detail.contains("found an array"))
-    }
+    use crate::api::{parse_request, reference, ApiKind};
+    use crate::json::Mutator;
 
     fn compare(kind: ApiKind, body: &[u8]) -> bool {
-        let ours = parse_request(kind, body);
-        let theirs = reference::parse_request(kind, body);
-        if array_for_object(&ours) {
-            return false;
-        }
-        assert_eq!(
-            outcome(ours),
-            outcome(theirs),
-            "{kind:?} {:?}",
-            String::from_utf8_lossy(body)
-        );
-        true
+        reference::compare(kind, body).unwrap_or_else(|e| panic!("{e}"))
     }
 
     const VALID: &[(ApiKind, &str)] = &[
@@ -621,17 +592,12 @@ mod tests {
 
     #[test]
     fn the_reader_parses_like_serde_did_on_broken_bodies() {
-        // A deterministic generator (xorshift), so a failure names a reproducible body.
-        let mut state = std::env::var("TOKENFUSE_DIFF_SEED")
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-            .map_or(0x9e37_79b9_7f4a_7c15, |s| s | 1);
-        let mut next = move |n: usize| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % n.max(1) as u64) as usize
-        };
+        let mut m = Mutator::new(
+            std::env::var("TOKENFUSE_DIFF_SEED")
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0x9e37_79b9_7f4a_7c15),
+        );
         let kinds = [
             ApiKind::ChatCompletions,
             ApiKind::Completions,
@@ -646,25 +612,11 @@ mod tests {
             .and_then(|v| v.parse().ok())
             .unwrap_or(20_000);
         for round in 0..rounds {
-            let (own_kind, base) = VALID[next(VALID.len())];
-            let mut body = base.as_bytes().to_vec();
-            for _ in 0..1 + next(6) {
-                let at = next(body.len() + 1);
-                match next(4) {
-                    0 => {
-                        let end = (at + 1 + next(12)).min(body.len());
-                        body.drain(at.min(end)..end);
-                    }
-                    1 => body.truncate(at),
-                    _ => {
-                        let f = FRAGMENTS[next(FRAGMENTS.len())];
-                        body.splice(at..at, f.bytes());
-                    }
-                }
-            }
+            let (own_kind, base) = VALID[m.below(VALID.len())];
+            let body = m.mutate(base.as_bytes(), FRAGMENTS, 6);
             // Mostly its own API, sometimes another one's shape.
             let kind = if round % 5 == 0 {
-                kinds[next(kinds.len())]
+                kinds[m.below(kinds.len())]
             } else {
                 own_kind
             };
@@ -683,7 +635,15 @@ mod tests {
     fn an_array_in_place_of_an_object_is_refused() {
         for body in [&br#"[null,[]]"#[..], br#"{"messages":[["user","hi"]]}"#] {
             let e = parse_request(ApiKind::ChatCompletions, body).unwrap_err();
-            assert!(array_for_object(&Err(e.clone())), "{e}");
+            assert!(
+                e.to_string().contains("expected an object")
+                    && e.to_string().contains("found an array"),
+                "{e}"
+            );
+            assert_eq!(
+                reference::compare(ApiKind::ChatCompletions, body),
+                Ok(false)
+            );
             assert!(reference::parse_request(ApiKind::ChatCompletions, body).is_ok());
         }
     }

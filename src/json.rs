@@ -733,6 +733,50 @@ pub fn line_column(text: &[u8], at: usize) -> (usize, usize) {
     )
 }
 
+/// Deterministic mutations of JSON texts, for the tests that compare a reader of this crate
+/// with the serde reading it replaced.
+#[cfg(test)]
+pub(crate) struct Mutator {
+    state: u64,
+}
+
+#[cfg(test)]
+impl Mutator {
+    /// A mutator seeded with `seed` (xorshift: a failure names a reproducible text).
+    pub(crate) fn new(seed: u64) -> Mutator {
+        Mutator { state: seed | 1 }
+    }
+
+    /// A number below `n`.
+    pub(crate) fn below(&mut self, n: usize) -> usize {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        (self.state % n.max(1) as u64) as usize
+    }
+
+    /// `base` with 1 to `edits` edits: a few bytes deleted, the text cut short, or one of
+    /// `fragments` inserted (the most likely).
+    pub(crate) fn mutate(&mut self, base: &[u8], fragments: &[&str], edits: usize) -> Vec<u8> {
+        let mut text = base.to_vec();
+        for _ in 0..1 + self.below(edits) {
+            let at = self.below(text.len() + 1);
+            match self.below(5) {
+                0 => {
+                    let end = (at + 1 + self.below(12)).min(text.len());
+                    text.drain(at.min(end)..end);
+                }
+                1 => text.truncate(at),
+                _ => {
+                    let f = fragments[self.below(fragments.len())];
+                    text.splice(at..at, f.bytes());
+                }
+            }
+        }
+        text
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

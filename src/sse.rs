@@ -724,13 +724,7 @@ mod tests {
             "true",
             "\"type\":\"message_stop\",",
         ];
-        let mut state = 0x6a09_e667_f3bc_c909u64;
-        let mut next = move |n: usize| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % n.max(1) as u64) as usize
-        };
+        let mut m = crate::json::Mutator::new(0x6a09_e667_f3bc_c909);
         for (kind, data) in samples {
             let (ours, theirs) = both(kind, data);
             assert!(ours.starts_with("Some"), "{ours} for {data}");
@@ -738,16 +732,7 @@ mod tests {
         }
         for round in 0..20_000 {
             let (kind, base) = samples[round % samples.len()];
-            let mut data = base.as_bytes().to_vec();
-            for _ in 0..1 + next(3) {
-                let at = next(data.len() + 1);
-                if next(3) == 0 {
-                    let end = (at + 1 + next(8)).min(data.len());
-                    data.drain(at.min(end)..end);
-                } else {
-                    data.splice(at..at, FRAGMENTS[next(FRAGMENTS.len())].bytes());
-                }
-            }
+            let data = m.mutate(base.as_bytes(), FRAGMENTS, 3);
             // Event data reaches the meter as text (the decoder replaced invalid UTF-8).
             let data = String::from_utf8_lossy(&data);
             let (ours, theirs) = both(kind, &data);

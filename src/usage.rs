@@ -300,25 +300,9 @@ mod tests {
             "\"\\ud800\"",
             "true",
         ];
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move |n: usize| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % n.max(1) as u64) as usize
-        };
+        let mut m = crate::json::Mutator::new(0x2545_f491_4f6c_dd1d);
         for round in 0..20_000 {
-            let mut body = bases[round % bases.len()].to_vec();
-            for _ in 0..1 + next(3) {
-                let at = next(body.len() + 1);
-                if next(3) == 0 {
-                    let end = (at + 1 + next(8)).min(body.len());
-                    body.drain(at.min(end)..end);
-                } else {
-                    let f = FRAGMENTS[next(FRAGMENTS.len())];
-                    body.splice(at..at, f.bytes());
-                }
-            }
+            let body = m.mutate(bases[round % bases.len()], FRAGMENTS, 3);
             for anthropic in [false, true] {
                 assert_eq!(
                     usage_from_json(&body, anthropic),
