@@ -1,9 +1,10 @@
 //! Build script: compiles what the filter's tokenizer reads at run time, so a Wasm VM does
 //! no per-VM hashing or allocation to start counting (see `src/bpe/mod.rs`).
 //!
-//! * For `o200k_base` and `cl100k_base`: the vocabulary as a byte pool plus an
-//!   open-addressing hash table of (offset, length, rank) slots (`src/bpe/hash.rs` fixes the
-//!   layout and hash), written to `OUT_DIR` and embedded with `include_bytes!`. The
+//! * For `o200k_base` and `cl100k_base`: the vocabulary as three open-addressing hash
+//!   tables by token length whose slots hold the token's bytes and info (rank, prefix and
+//!   suffix bits), plus a pool of long tokens' tails (`src/bpe/hash.rs` fixes the layouts
+//!   and hashes), written to `OUT_DIR` and embedded with `include_bytes!`. The
 //!   vocabulary comes from tiktoken-rs (a build-dependency, the same version the tests use
 //!   as the reference), read back token by token through its public `decode_bytes`.
 //! * The Unicode character classes of the pre-tokenizers' patterns (`\p{L}`, `\p{N}`, `\s`,
@@ -40,8 +41,10 @@ const CLASSES: &[(&str, &str, u8)] = &[
 /// The letters of the contractions, matched case-insensitively by both patterns.
 const FOLDED: &[char] = &['s', 't', 'r', 'e', 'v', 'm', 'l', 'd'];
 
-/// Slots per token: a load factor of 0.625 keeps linear probes short.
-const SLOTS_PER_TOKEN: (usize, usize) = (8, 5);
+/// Home slots per token of each table (short, medium, long), as a fraction: the tables are
+/// Robin Hood ordered, so a miss reads about as many slots as a hit, and a lower load buys
+/// little; see the probe figures `build.rs` writes into the generated doc comments.
+const HOMES_PER_TOKEN: [(usize, usize); 3] = [(10, 7), (10, 7), (10, 7)];
 
 fn main() -> Result<()> {
     println!("cargo:rerun-if-changed=build.rs");
@@ -100,6 +103,81 @@ fn vocabulary(name: &str, bpe: &CoreBPE) -> Result<Vec<Vec<u8>>> {
     Ok(tokens)
 }
 
+/// One table of `hash.rs`: its slots, home count and probe figures.
+struct Table {
+    bytes: Vec<u8>,
+    homes: usize,
+    /// Slots read by a search that finds its key, on average over the tokens.
+    hit_probes: f64,
+    /// Slots read by a search that does not, on average over the home slots.
+    miss_probes: f64,
+    longest: usize,
+}
+
+/// Places `entries` (home, slot bytes with a zero meta word at `meta_at`, info, length) in
+/// Robin Hood order: by home, each in the first free slot at or after its home.
+fn place(
+    mut entries: Vec<(usize, Vec<u8>, u32, usize)>,
+    homes: usize,
+    slot_size: usize,
+    meta_at: usize,
+) -> Result<Table> {
+    entries.sort_by_key(|e| e.0);
+    let mut next = 0usize;
+    let mut placed = Vec::with_capacity(entries.len());
+    let mut distance_sum = 0usize;
+    let mut longest = 0usize;
+    for (home, slot, info, len) in entries {
+        let at = next.max(home);
+        next = at + 1;
+        let distance = at - home;
+        if distance > hash::MAX_DISTANCE {
+            return Err(format!("probe distance {distance} does not fit a meta word").into());
+        }
+        distance_sum += distance + 1;
+        longest = longest.max(distance + 1);
+        placed.push((at, slot, hash::meta(info, len, distance)));
+    }
+    let count = placed.len();
+    let slots = next.max(homes);
+    let mut bytes = vec![0u8; slots * slot_size];
+    for (at, slot, meta) in placed {
+        let dst = &mut bytes[at * slot_size..(at + 1) * slot_size];
+        dst.copy_from_slice(&slot);
+        dst[meta_at..meta_at + 4].copy_from_slice(&meta.to_le_bytes());
+    }
+    // Slots read by an unsuccessful search from each home: up to and including the slot
+    // that ends it (or the end of the table).
+    let mut miss_sum = 0usize;
+    for h in 0..homes {
+        let mut walked = 0;
+        loop {
+            let at = h + walked;
+            let Some(slot) = bytes.get(at * slot_size..(at + 1) * slot_size) else {
+                break;
+            };
+            let meta = u32::from_le_bytes(slot[meta_at..meta_at + 4].try_into()?);
+            if hash::ends_search(meta, walked) {
+                walked += 1;
+                break;
+            }
+            walked += 1;
+        }
+        miss_sum += walked;
+    }
+    Ok(Table {
+        bytes,
+        homes,
+        hit_probes: distance_sum as f64 / count.max(1) as f64,
+        miss_probes: miss_sum as f64 / homes.max(1) as f64,
+        longest,
+    })
+}
+
+fn homes_for(count: usize, (num, den): (usize, usize)) -> usize {
+    (count * num / den).max(1)
+}
+
 fn write_table(
     out: &Path,
     name: &str,
@@ -107,52 +185,8 @@ fn write_table(
     tokens: &[Vec<u8>],
     rs: &mut String,
 ) -> Result<()> {
-    let slot_count = tokens.len() * SLOTS_PER_TOKEN.0 / SLOTS_PER_TOKEN.1 + 1;
-    let mut slots = vec![0u64; slot_count];
-    let mut pool = Vec::new();
-    let mut probes = 0usize;
-    let mut longest = 0usize;
-    for (rank, token) in tokens.iter().enumerate() {
-        let len = token.len();
-        if len == 0 || len >= 1 << hash::LEN_BITS {
-            return Err(format!("{name}: token {rank} is {len} bytes").into());
-        }
-        if rank >= 1 << hash::RANK_BITS || pool.len() + len >= 1 << hash::OFFSET_BITS {
-            return Err(format!("{name}: too large for the slot layout").into());
-        }
-        let h = hash::hash(token);
-        let mut i = hash::home(h, slot_count as u64) as usize;
-        let mut probe = 1;
-        while slots[i] != 0 {
-            i = if i + 1 == slot_count { 0 } else { i + 1 };
-            probe += 1;
-        }
-        probes += probe;
-        longest = longest.max(probe);
-        slots[i] = hash::slot(pool.len() as u32, len as u32, rank as u32, h);
-        pool.extend_from_slice(token);
-    }
-    let by_bytes: HashMap<&[u8], usize> = tokens
-        .iter()
-        .enumerate()
-        .map(|(r, t)| (t.as_slice(), r))
-        .collect();
-    let mut byte_ranks = Vec::with_capacity(256);
-    for b in 0..=255u8 {
-        match by_bytes.get(&[b][..]) {
-            Some(&r) => byte_ranks.push(r.to_string()),
-            None => return Err(format!("{name}: byte {b} is not a token").into()),
-        }
-    }
-    // Bit (b0 << 8 | b1) set: the two bytes b0 b1 are a token.
-    let mut pairs = vec![0u8; 8192];
-    for token in tokens.iter().filter(|t| t.len() == 2) {
-        let bit = usize::from(token[0]) << 8 | usize::from(token[1]);
-        pairs[bit / 8] |= 1 << (bit % 8);
-    }
-    std::fs::write(out.join(format!("{name}.pairs")), &pairs)?;
-    // Bit `rank` set: the token is a proper prefix (resp. suffix) of a longer token. Two
-    // parts can only merge if the left one is a prefix and the right one a suffix.
+    // Info bits: a proper prefix (resp. suffix) of a longer token. Two parts can only merge
+    // if the left one is a prefix and the right one a suffix.
     let mut prefixes: HashSet<&[u8]> = HashSet::new();
     let mut suffixes: HashSet<&[u8]> = HashSet::new();
     for token in tokens {
@@ -161,35 +195,121 @@ fn write_table(
             suffixes.insert(&token[k..]);
         }
     }
-    let mut affixes = vec![0u8; tokens.len().div_ceil(8) * 2];
-    let half = affixes.len() / 2;
-    for (rank, token) in tokens.iter().enumerate() {
-        if prefixes.contains(token.as_slice()) {
-            affixes[rank / 8] |= 1 << (rank % 8);
+    let info = |rank: usize, token: &[u8]| -> u32 {
+        let mut info = rank as u32;
+        if prefixes.contains(token) {
+            info |= hash::PREFIX;
         }
-        if suffixes.contains(token.as_slice()) {
-            affixes[half + rank / 8] |= 1 << (rank % 8);
+        if suffixes.contains(token) {
+            info |= hash::SUFFIX;
+        }
+        info
+    };
+    let mut byte_infos = vec![None; 256];
+    let mut short = Vec::new();
+    let mut medium = Vec::new();
+    let mut long = Vec::new();
+    let mut tails = Vec::new();
+    let count = |max: usize, min: usize| {
+        tokens
+            .iter()
+            .filter(|t| (min..=max).contains(&t.len()))
+            .count()
+    };
+    let short_homes = homes_for(count(hash::SHORT_MAX, 2), HOMES_PER_TOKEN[0]);
+    let medium_homes = homes_for(
+        count(hash::MEDIUM_MAX, hash::SHORT_MAX + 1),
+        HOMES_PER_TOKEN[1],
+    );
+    let long_homes = homes_for(count(usize::MAX, hash::MEDIUM_MAX + 1), HOMES_PER_TOKEN[2]);
+    for (rank, token) in tokens.iter().enumerate() {
+        let len = token.len();
+        if rank > hash::RANK_MASK as usize {
+            return Err(format!("{name}: rank {rank} does not fit the slot layout").into());
+        }
+        let info = info(rank, token);
+        match len {
+            0 => return Err(format!("{name}: token {rank} is empty").into()),
+            1 => byte_infos[usize::from(token[0])] = Some(info),
+            2..=hash::SHORT_MAX => {
+                let key = hash::load_short(token);
+                let home = hash::home(hash::short_hash(key, len), short_homes);
+                let mut slot = (key as u32).to_le_bytes().to_vec();
+                slot.extend_from_slice(&[0; 4]);
+                short.push((home, slot, info, len));
+            }
+            5..=hash::MEDIUM_MAX => {
+                let key = hash::load_short(token);
+                let home = hash::home(hash::short_hash(key, len), medium_homes);
+                let mut slot = key.to_le_bytes().to_vec();
+                slot.extend_from_slice(&[0; 4]);
+                medium.push((home, slot, info, len));
+            }
+            _ => {
+                if len >= 256 || tails.len() + len >= 1 << hash::TAIL_BITS {
+                    return Err(format!("{name}: token {rank} does not fit the slot layout").into());
+                }
+                let home = hash::home(hash::long_hash(token), long_homes);
+                let mut slot = hash::load8(token, 0).to_le_bytes().to_vec();
+                slot.extend_from_slice(&[0; 4]);
+                slot.extend_from_slice(&hash::tail_word(len, tails.len()).to_le_bytes());
+                tails.extend_from_slice(&token[8..]);
+                long.push((home, slot, info, 0));
+            }
         }
     }
-    std::fs::write(out.join(format!("{name}.affixes")), &affixes)?;
-    let slot_bytes: Vec<u8> = slots.iter().flat_map(|s| s.to_le_bytes()).collect();
-    std::fs::write(out.join(format!("{name}.slots")), slot_bytes)?;
-    std::fs::write(out.join(format!("{name}.pool")), &pool)?;
+    let mut bytes = Vec::with_capacity(256);
+    for (b, info) in byte_infos.iter().enumerate() {
+        match info {
+            Some(info) => bytes.push(info.to_string()),
+            None => return Err(format!("{name}: byte {b} is not a token").into()),
+        }
+    }
+    let short = place(short, short_homes, hash::SHORT_SLOT, 4)?;
+    let medium = place(medium, medium_homes, hash::MEDIUM_SLOT, 8)?;
+    let long = place(long, long_homes, hash::LONG_SLOT, 8)?;
+    // Bit (b0 << 8 | b1) set: the two bytes b0 b1 are a token.
+    let mut pairs = vec![0u8; 8192];
+    for token in tokens.iter().filter(|t| t.len() == 2) {
+        let bit = usize::from(token[0]) << 8 | usize::from(token[1]);
+        pairs[bit / 8] |= 1 << (bit % 8);
+    }
+    std::fs::write(out.join(format!("{name}.pairs")), &pairs)?;
+    let mut doc = String::new();
+    for (table, t) in [("short", &short), ("medium", &medium), ("long", &long)] {
+        std::fs::write(out.join(format!("{name}.{table}")), &t.bytes)?;
+        writeln!(
+            doc,
+            "/// * `{table}`: {} bytes, {} homes; slots read per hit {:.2} on average ({} at \
+             most), per miss {:.2}.",
+            t.bytes.len(),
+            t.homes,
+            t.hit_probes,
+            t.longest,
+            t.miss_probes,
+        )?;
+    }
+    std::fs::write(out.join(format!("{name}.tails")), &tails)?;
     writeln!(
         rs,
-        "/// `{name}`: {} tokens, {} pool bytes, {slot_count} slots; probes per hit: {:.2} \
-         average, {longest} at most.\n\
+        "/// `{name}`: {} tokens; {} bytes of long-token tails.\n{doc}\
          pub(super) static {konst}: Vocab = Vocab {{\n    \
-         slots: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.slots\")),\n    \
-         pool: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.pool\")),\n    \
+         short: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.short\")),\n    \
+         short_homes: {},\n    \
+         medium: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.medium\")),\n    \
+         medium_homes: {},\n    \
+         long: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.long\")),\n    \
+         long_homes: {},\n    \
+         tails: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.tails\")),\n    \
          pairs: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.pairs\")),\n    \
-         affixes: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.affixes\")),\n    \
-         slot_count: {slot_count},\n    tokens: {},\n    byte_ranks: [{}],\n}};",
+         tokens: {},\n    bytes: [{}],\n}};",
         tokens.len(),
-        pool.len(),
-        probes as f64 / tokens.len() as f64,
+        tails.len(),
+        short.homes,
+        medium.homes,
+        long.homes,
         tokens.len(),
-        byte_ranks.join(", "),
+        bytes.join(", "),
     )?;
     Ok(())
 }

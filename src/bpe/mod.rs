@@ -6,8 +6,8 @@
 //!
 //! 1. `split`: the encoding's pre-tokenizer regex, hand-written (fancy-regex semantics,
 //!    Unicode classes from `classes`).
-//! 2. `table`: the rank of a piece's bytes, looked up in a hash table `build.rs` generated
-//!    from tiktoken-rs's vocabulary and that is read in place.
+//! 2. `table`: the rank of a piece's bytes, looked up in hash tables `build.rs` generated
+//!    from tiktoken-rs's vocabulary and that are read in place.
 //! 3. `merge`: tiktoken's `byte_pair_merge` for pieces that are not a token themselves.
 //!
 //! Special tokens are not recognised: their spellings (`<|endoftext|>`) are ordinary text,
@@ -112,19 +112,18 @@ fn walk(
     emit: &mut impl FnMut(u32),
 ) -> usize {
     let b = text.as_bytes();
-    let mut scratch = Scratch::default();
+    let mut scratch = Scratch::new();
     let mut count = 0;
     let mut p = 0;
     while p < b.len() {
         let end = piece_end(b, p).clamp(p + 1, b.len());
-        let piece = &b[p..end];
-        p = end;
-        if let Some(rank) = vocab.rank(piece) {
-            emit(rank);
+        if let Some(info) = vocab.info_in(b, p, end) {
+            emit(info & hash::RANK_MASK);
             count += 1;
-        } else {
+        } else if let Some(piece) = b.get(p..end) {
             count += merge::merge(vocab, joins, piece, &mut scratch, emit);
         }
+        p = end;
     }
     count
 }

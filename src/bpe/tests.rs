@@ -739,7 +739,7 @@ fn every_code_point_has_the_regex_engines_classes() {
 #[test]
 fn scan_and_heap_merges_agree() {
     let mut rng = Rng(42);
-    let mut scratch = merge::Scratch::default();
+    let mut scratch = merge::Scratch::new();
     let alphabets: [&[u8]; 5] = [
         b"ab",
         b"etaoinshr",
@@ -754,7 +754,7 @@ fn scan_and_heap_merges_agree() {
             let alphabet = *rng.pick(&alphabets);
             let piece: Vec<u8> = (0..len).map(|_| *rng.pick(alphabet)).collect();
             let (mut a, mut b) = (Vec::new(), Vec::new());
-            let na = merge::merge_small(vocab, &joins, &piece, &mut |t| a.push(t));
+            let na = merge::merge_small(vocab, &joins, &piece, &mut scratch, &mut |t| a.push(t));
             let nb = merge::merge_large(vocab, &joins, &piece, &mut scratch, &mut |t| b.push(t));
             assert_eq!((na, &a), (nb, &b), "{piece:?}");
         }
