@@ -174,6 +174,132 @@ fn place(
     })
 }
 
+/// tiktoken's merge of `bytes` on their own: the merged parts and the ranks of the merges
+/// in the order they happen.
+fn merge_alone(ranks: &HashMap<&[u8], u32>, bytes: &[u8]) -> (Vec<Vec<u8>>, Vec<u32>) {
+    let mut parts: Vec<Vec<u8>> = bytes.iter().map(|&b| vec![b]).collect();
+    let mut merges = Vec::new();
+    loop {
+        let mut best: Option<(u32, usize)> = None;
+        for i in 0..parts.len().saturating_sub(1) {
+            let joined = [parts[i].as_slice(), parts[i + 1].as_slice()].concat();
+            if let Some(&r) = ranks.get(joined.as_slice()) {
+                if best.is_none_or(|(b, _)| r < b) {
+                    best = Some((r, i));
+                }
+            }
+        }
+        let Some((rank, i)) = best else {
+            return (parts, merges);
+        };
+        let right = parts.remove(i + 1);
+        parts[i].extend_from_slice(&right);
+        merges.push(rank);
+    }
+}
+
+/// The UTF-8 length a lead byte announces (0 for a continuation byte, 1 for ASCII).
+fn utf8_len(b: u8) -> usize {
+    match b {
+        0..=0x7f => 1,
+        0x80..=0xbf => 0,
+        0xc0..=0xdf => 2,
+        0xe0..=0xef => 3,
+        _ => 4,
+    }
+}
+
+/// The characters a merge may start from whole (`src/bpe/merge.rs` has the argument):
+/// (key, length, info, neighbour masks) for every character of 2..=4 bytes that is a token
+/// `t` whose bytes merge alone into `t`, whose merges all have ranks below every token that
+/// contains `t` and more, and, per group of the left (right) neighbour's lead byte
+/// (`hash::lead_group`), below every token that ends with a proper prefix of `t` after a
+/// character of that group (starts with a proper suffix of `t` before one); mask bit `g`
+/// (left) and `8 + g` (right) say which groups pass.
+fn char_entries(
+    tokens: &[Vec<u8>],
+    info: &impl Fn(usize, &[u8]) -> u32,
+) -> Result<Vec<(u64, usize, u32, u32)>> {
+    const ANY: usize = hash::LEAD_GROUPS;
+    let ranks: HashMap<&[u8], u32> = tokens
+        .iter()
+        .enumerate()
+        .map(|(r, t)| (t.as_slice(), r as u32))
+        .collect();
+    let is_char =
+        |t: &[u8]| t.len() > 1 && std::str::from_utf8(t).is_ok_and(|s| s.chars().count() == 1);
+    // The lowest rank of a token strictly containing each character token; of a token
+    // ending with a proper character prefix after a character of each group (ANY: the
+    // token starts inside that character); of a token starting with a proper character
+    // suffix before a character of each group.
+    let mut containing: HashMap<&[u8], u32> = HashMap::new();
+    let mut ending: HashMap<(&[u8], usize), u32> = HashMap::new();
+    let mut starting: HashMap<(&[u8], usize), u32> = HashMap::new();
+    fn lower<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u32>, key: K, rank: u32) {
+        let e = map.entry(key).or_insert(u32::MAX);
+        *e = (*e).min(rank);
+    }
+    for (rank, t) in tokens.iter().enumerate() {
+        let rank = rank as u32;
+        let n = t.len();
+        for i in 0..n {
+            let len = utf8_len(t[i]);
+            if len < 2 {
+                continue;
+            }
+            if i + len <= n {
+                let c = &t[i..i + len];
+                if n > len && is_char(c) {
+                    lower(&mut containing, c, rank);
+                }
+            } else if i > 0 {
+                // t ends with the incomplete character t[i..]; what precedes it must end
+                // with a whole character (or be the tail of one that starts before t).
+                let last = (0..i).rev().find(|&j| utf8_len(t[j]) != 0);
+                let group = match last {
+                    None => ANY,
+                    Some(j) if j + utf8_len(t[j]) == i => hash::lead_group(t[j]) as usize,
+                    Some(_) => continue, // an incomplete character before a lead byte
+                };
+                lower(&mut ending, (&t[i..], group), rank);
+            }
+        }
+        let k = t.iter().take_while(|&&b| utf8_len(b) == 0).count();
+        if (1..=3).contains(&k) && k < n {
+            lower(
+                &mut starting,
+                (&t[..k], hash::lead_group(t[k]) as usize),
+                rank,
+            );
+        }
+    }
+    let mut out = Vec::new();
+    for (rank, t) in tokens.iter().enumerate() {
+        if !is_char(t) {
+            continue;
+        }
+        let (parts, merges) = merge_alone(&ranks, t);
+        let highest = merges.iter().copied().max().unwrap_or(0);
+        if parts.len() != 1 || containing.get(t.as_slice()).is_some_and(|&r| r <= highest) {
+            continue;
+        }
+        let below = |map: &HashMap<(&[u8], usize), u32>, key: &[u8], group| {
+            map.get(&(key, group)).is_none_or(|&r| r > highest)
+        };
+        let mut masks = 0u32;
+        for group in 0..hash::LEAD_GROUPS {
+            let left = (1..t.len())
+                .all(|j| below(&ending, &t[..j], group) && below(&ending, &t[..j], ANY));
+            let right = (1..t.len()).all(|j| below(&starting, &t[j..], group));
+            masks |= u32::from(left) << group | u32::from(right) << (8 + group);
+        }
+        if masks != 0 {
+            out.push((hash::load_short(t), t.len(), info(rank, t), masks));
+        }
+    }
+    Ok(out)
+}
+
 fn homes_for(count: usize, (num, den): (usize, usize)) -> usize {
     (count * num / den).max(1)
 }
@@ -265,9 +391,23 @@ fn write_table(
             None => return Err(format!("{name}: byte {b} is not a token").into()),
         }
     }
+    let chars = char_entries(tokens, &info)?;
+    let char_count = chars.len();
+    let char_homes = homes_for(char_count, HOMES_PER_TOKEN[0]);
+    let chars: Vec<_> = chars
+        .into_iter()
+        .map(|(key, len, info, masks)| {
+            let home = hash::home(hash::short_hash(key, len), char_homes);
+            let mut slot = (key as u32).to_le_bytes().to_vec();
+            slot.extend_from_slice(&[0; 4]);
+            slot.extend_from_slice(&masks.to_le_bytes());
+            (home, slot, info, len)
+        })
+        .collect();
     let short = place(short, short_homes, hash::SHORT_SLOT, 4)?;
     let medium = place(medium, medium_homes, hash::MEDIUM_SLOT, 8)?;
     let long = place(long, long_homes, hash::LONG_SLOT, 8)?;
+    let chars = place(chars, char_homes, hash::CHAR_SLOT, 4)?;
     // Bit (b0 << 8 | b1) set: the two bytes b0 b1 are a token.
     let mut pairs = vec![0u8; 8192];
     for token in tokens.iter().filter(|t| t.len() == 2) {
@@ -276,7 +416,12 @@ fn write_table(
     }
     std::fs::write(out.join(format!("{name}.pairs")), &pairs)?;
     let mut doc = String::new();
-    for (table, t) in [("short", &short), ("medium", &medium), ("long", &long)] {
+    for (table, t) in [
+        ("short", &short),
+        ("medium", &medium),
+        ("long", &long),
+        ("chars", &chars),
+    ] {
         std::fs::write(out.join(format!("{name}.{table}")), &t.bytes)?;
         writeln!(
             doc,
@@ -292,7 +437,8 @@ fn write_table(
     std::fs::write(out.join(format!("{name}.tails")), &tails)?;
     writeln!(
         rs,
-        "/// `{name}`: {} tokens; {} bytes of long-token tails.\n{doc}\
+        "/// `{name}`: {} tokens; {} bytes of long-token tails; {char_count} characters a \
+         merge may start from whole.\n{doc}\
          pub(super) static {konst}: Vocab = Vocab {{\n    \
          short: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.short\")),\n    \
          short_homes: {},\n    \
@@ -301,6 +447,8 @@ fn write_table(
          long: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.long\")),\n    \
          long_homes: {},\n    \
          tails: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.tails\")),\n    \
+         chars: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.chars\")),\n    \
+         char_homes: {},\n    \
          pairs: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.pairs\")),\n    \
          tokens: {},\n    bytes: [{}],\n}};",
         tokens.len(),
@@ -308,6 +456,7 @@ fn write_table(
         short.homes,
         medium.homes,
         long.homes,
+        chars.homes,
         tokens.len(),
         bytes.join(", "),
     )?;

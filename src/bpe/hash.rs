@@ -12,6 +12,7 @@
 //! | `short`  | 2..=4   | 8 B  | `u32` key, `u32` meta                                        |
 //! | `medium` | 5..=8   | 12 B | `u64` key, `u32` meta                                        |
 //! | `long`   | 9..     | 16 B | `u64` first 8 bytes, `u32` meta, `u32` tail (len << 24 \| off) |
+//! | `chars`  | 2..=4   | 12 B | `u32` key, `u32` meta, `u32` neighbour masks                |
 //!
 //! A key is the token's bytes as a little-endian integer, zero-padded; a long token's bytes
 //! after its first eight are in a tail pool at `off`. The meta word: bits 0..20 the token's
@@ -52,6 +53,8 @@ pub const SHORT_SLOT: usize = 8;
 pub const MEDIUM_SLOT: usize = 12;
 /// See [`SHORT_SLOT`].
 pub const LONG_SLOT: usize = 16;
+/// Slot size of the `chars` table: `short`'s layout plus a `u32` of neighbour masks.
+pub const CHAR_SLOT: usize = 12;
 /// The longest token in `short`.
 pub const SHORT_MAX: usize = 4;
 /// The longest token in `medium`.
@@ -62,6 +65,28 @@ pub const TAIL_BITS: u32 = 24;
 const K0: u64 = 0x9E37_79B9_7F4A_7C15;
 const K1: u64 = 0xFF51_AFD7_ED55_8CCD;
 const K2: u64 = 0xC4CE_B9FE_1A85_EC53;
+
+/// Groups of UTF-8 lead bytes (`chars` table masks have one bit per group and side).
+#[allow(dead_code)]
+pub const LEAD_GROUPS: usize = 8;
+
+/// The group of a character's first byte: ASCII, 2-byte characters, the rest of the BMP
+/// split where scripts change (E0-E2: Indic, Thai, punctuation, symbols; E3: CJK symbols
+/// and kana; E4-E9: CJK ideographs; EA-ED: Hangul; EE-EF: private use, compatibility and
+/// full-width forms), and 4-byte characters.
+#[inline(always)]
+pub fn lead_group(b: u8) -> u32 {
+    match b {
+        0..=0x7f => 0,
+        0x80..=0xdf => 1,
+        0xe0..=0xe2 => 2,
+        0xe3 => 3,
+        0xe4..=0xe9 => 4,
+        0xea..=0xed => 5,
+        0xee..=0xef => 6,
+        _ => 7,
+    }
+}
 
 /// The meta word of a slot holding a token with `info` and `len` bytes, `distance` slots
 /// after its home.

@@ -15,11 +15,46 @@
 //! Whether two parts merge is asked of [`pair_info`]: the parts' prefix/suffix bits (part
 //! of every token's info) rule most pairs out without a lookup, a bitmap answers for two
 //! single bytes, and the [`Joins`] memo remembers the rest.
+//!
+//! # Starting from whole characters
+//!
+//! Merging a CJK piece byte by byte spends most of its steps putting each 3-byte character
+//! back together before any merge between characters. [`Start::Chars`] starts such a
+//! character as one part instead, when that provably changes nothing. Let `c` be a
+//! character that is a token, whose bytes merged on their own become `c`, and let `M` be the
+//! highest rank among those merges. Suppose every token that can form around `c` in this
+//! piece and holds bytes of `c` and bytes outside it has a rank above `M`: tokens that
+//! contain `c` and more; tokens that end with a proper prefix of `c` after the character on
+//! its left; tokens that start with a proper suffix of `c` before the character on its
+//! right. Then the merge from bytes (B) and the merge from whole `c` (C) give the same
+//! tokens:
+//!
+//! * While `c` is incomplete in B, its inside holds a candidate of rank ≤ M (the next of
+//!   its own merges: the parts inside it are the ones it has on its own, since nothing
+//!   outside has touched them yet). A merge joining part of `c` with bytes outside it would
+//!   have a rank above M, so it never is the lowest candidate: no such merge happens, `c`
+//!   completes in B as on its own, and the first merge B makes that involves `c` takes it
+//!   whole.
+//! * Every candidate C has that B lacks joins a whole `c` with a neighbour: its token
+//!   contains `c` and more, so its rank is above M, above the candidate inside `c` that B has
+//!   instead while `c` is incomplete. Whenever B merges between whole parts, that merge is
+//!   therefore also the lowest (and, on a tie, leftmost) candidate C has in the same state;
+//!   B's merges between whole parts are C's merges, in C's order, and B ends when C does.
+//!
+//! The argument is per character, so characters that qualify start whole and the others
+//! from bytes, in one piece. `build.rs` checks the condition for every character token
+//! against the whole vocabulary, per group of the neighbours' lead bytes
+//! (`hash::lead_group`: a token " \xe4" rules out a CJK character after a space, not after
+//! another CJK character), and stores those that pass in the vocabulary's `chars` table
+//! with one mask bit per group and side; [`initial_parts`] tests the actual neighbours.
+//! Only valid UTF-8 qualifies (a neighbour is a whole character), which a `str`'s piece is.
+//! The tests check every table character next to neighbours of each group, and random
+//! runs, against a plain merge from bytes.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
-use super::hash::{PREFIX, RANK_MASK, SUFFIX};
+use super::hash::{self, PREFIX, RANK_MASK, SUFFIX};
 use super::joins::Joins;
 use super::table::Vocab;
 
@@ -112,19 +147,81 @@ fn pair_info(
         .unwrap_or(NONE)
 }
 
+/// Where a merge starts from: single bytes, or whole characters where that is safe.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Start {
+    /// Every byte a part, as tiktoken starts.
+    Bytes,
+    /// The piece is valid UTF-8 (a `str`'s piece): characters of the vocabulary's `chars`
+    /// table start whole when their neighbours allow it.
+    Chars,
+}
+
 /// Merge `piece` (at least 2 bytes, not itself a token) and hand each resulting token's rank
 /// to `emit`, in order. Returns the number of tokens.
 pub(super) fn merge(
     vocab: &Vocab,
     joins: &Joins,
     piece: &[u8],
+    start: Start,
     scratch: &mut Scratch,
     emit: &mut impl FnMut(u32),
 ) -> usize {
     if piece.len() <= SMALL {
-        merge_small(vocab, joins, piece, scratch, emit)
+        merge_small(vocab, joins, piece, start, scratch, emit)
     } else {
-        merge_large(vocab, joins, piece, scratch, emit)
+        merge_large(vocab, joins, piece, start, scratch, emit)
+    }
+}
+
+/// The parts a merge of `piece` starts from, in order: `part(start, end, info)`. With
+/// [`Start::Chars`], a character of the `chars` table is one part when the lead-byte groups
+/// of the characters before and after it (if any) have their bits in its masks.
+#[inline(always)]
+fn initial_parts(
+    vocab: &Vocab,
+    piece: &[u8],
+    start: Start,
+    mut part: impl FnMut(usize, usize, u32),
+) {
+    if start == Start::Bytes || piece.is_ascii() {
+        for (i, &b) in piece.iter().enumerate() {
+            part(i, i + 1, vocab.byte(b));
+        }
+        return;
+    }
+    let n = piece.len();
+    let mut i = 0;
+    // The lead-byte group of the character before the one at i.
+    let mut left_group: Option<u32> = None;
+    while i < n {
+        let lead = piece[i];
+        let len = match lead {
+            0xc0..=0xdf => 2,
+            0xe0..=0xef => 3,
+            0xf0..=0xff => 4,
+            _ => 1,
+        };
+        let end = (i + len).min(n);
+        if len > 1 && end == i + len {
+            if let Some((info, masks)) = vocab.char_info(hash::load_short(&piece[i..end]), len) {
+                let left = left_group.is_none_or(|g| masks & (1 << g) != 0);
+                let right = piece
+                    .get(end)
+                    .is_none_or(|&next| masks & (1 << (8 + hash::lead_group(next))) != 0);
+                if left && right {
+                    part(i, end, info);
+                    left_group = Some(hash::lead_group(lead));
+                    i = end;
+                    continue;
+                }
+            }
+        }
+        for (j, &b) in piece.iter().enumerate().take(end).skip(i) {
+            part(j, j + 1, vocab.byte(b));
+        }
+        left_group = Some(hash::lead_group(lead));
+        i = end;
     }
 }
 
@@ -134,6 +231,7 @@ pub(super) fn merge_small(
     vocab: &Vocab,
     joins: &Joins,
     piece: &[u8],
+    start: Start,
     scratch: &mut Scratch,
     emit: &mut impl FnMut(u32),
 ) -> usize {
@@ -153,11 +251,15 @@ pub(super) fn merge_small(
     dst.copy_from_slice(piece);
     pad.fill(0);
     let text = &*text;
-    for (i, &byte) in piece.iter().enumerate() {
-        end[i] = i as u8 + 1;
-        prev[i] = i.saturating_sub(1) as u8;
-        token[i] = vocab.byte(byte);
-    }
+    let mut count = 0;
+    let mut last = 0;
+    initial_parts(vocab, piece, start, |from, to, info| {
+        end[from] = to as u8;
+        prev[from] = last as u8;
+        token[from] = info;
+        last = from;
+        count += 1;
+    });
     let keyed = |info: u32, at: usize| {
         if info == NONE {
             NONE
@@ -178,11 +280,14 @@ pub(super) fn merge_small(
         live
     };
     let mut candidates = 0;
-    for i in 0..n.saturating_sub(1) {
-        let info = pair_info(vocab, joins, token[i], token[i + 1], text, i, i + 2);
+    let mut i = 0;
+    while usize::from(end[i]) < n {
+        let next = usize::from(end[i]);
+        let next_end = usize::from(end[next]);
+        let info = pair_info(vocab, joins, token[i], token[next], text, i, next_end);
         candidates = put(key, i, keyed(info, i));
+        i = next;
     }
-    let mut count = n;
     loop {
         let mut best = NONE;
         let mut rest = candidates;
@@ -232,6 +337,7 @@ pub(super) fn merge_large(
     vocab: &Vocab,
     joins: &Joins,
     piece: &[u8],
+    start: Start,
     scratch: &mut Scratch,
     emit: &mut impl FnMut(u32),
 ) -> usize {
@@ -241,33 +347,47 @@ pub(super) fn merge_large(
     parts.clear();
     heap.clear();
     // Parts are indexed by their start offset; parts[i] is meaningful while i starts a part.
-    for (i, &byte) in piece.iter().enumerate() {
-        parts.push(Part {
-            end: i as u32 + 1,
-            prev: if i == 0 { NONE } else { i as u32 - 1 },
+    let unused = Part {
+        end: NONE,
+        prev: NONE,
+        pair: NONE,
+        token: NONE,
+    };
+    parts.resize(n, unused);
+    let mut count = 0;
+    let mut last = NONE;
+    initial_parts(vocab, piece, start, |from, to, info| {
+        parts[from] = Part {
+            end: to as u32,
+            prev: last,
             pair: NONE,
-            token: vocab.byte(byte),
-        });
-    }
+            token: info,
+        };
+        last = from as u32;
+        count += 1;
+    });
     let rank = |info: u32| if info == NONE { NONE } else { info & RANK_MASK };
-    for i in 0..n.saturating_sub(1) {
+    let mut i = 0;
+    while (parts[i].end as usize) < n {
+        let next = parts[i].end as usize;
+        let next_end = parts[next].end as usize;
         let pair = pair_info(
             vocab,
             joins,
             parts[i].token,
-            parts[i + 1].token,
+            parts[next].token,
             piece,
             i,
-            i + 2,
+            next_end,
         );
         parts[i].pair = pair;
         if pair != NONE {
             heap.push(Reverse((rank(pair), i as u32)));
         }
+        i = next;
     }
-    let mut count = n;
-    while let Some(Reverse((pair_rank, start))) = heap.pop() {
-        let left = start as usize;
+    while let Some(Reverse((pair_rank, at))) = heap.pop() {
+        let left = at as usize;
         let info = parts[left].pair;
         if rank(info) != pair_rank {
             continue; // stale: this part has changed since the candidate was pushed

@@ -121,7 +121,7 @@ fn walk(
             emit(info & hash::RANK_MASK);
             count += 1;
         } else if let Some(piece) = b.get(p..end) {
-            count += merge::merge(vocab, joins, piece, &mut scratch, emit);
+            count += merge::merge(vocab, joins, piece, merge::Start::Chars, &mut scratch, emit);
         }
         p = end;
     }

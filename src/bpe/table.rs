@@ -26,6 +26,9 @@ pub(super) struct Vocab {
     pub(super) long_homes: usize,
     /// The bytes of long tokens after their first eight.
     pub(super) tails: &'static [u8],
+    /// Characters a merge may start from whole: `hash::CHAR_SLOT`-byte slots.
+    pub(super) chars: &'static [u8],
+    pub(super) char_homes: usize,
     /// One bit per byte pair, set when the pair is a token: most pairs a merge asks about
     /// are not, and this answers them from 8 KB instead of the large table.
     pub(super) pairs: &'static [u8; 8192],
@@ -43,6 +46,33 @@ fn word(table: &[u8], at: usize) -> u32 {
     match table.get(at..at + 4) {
         Some(&[a, b, c, d]) => u32::from_le_bytes([a, b, c, d]),
         _ => 0,
+    }
+}
+
+/// The byte offset of the slot holding the `len`-byte `key` (hash `h`) in a table whose
+/// slots start with a `u32` key and a meta word.
+#[inline(always)]
+fn find_short(
+    table: &[u8],
+    slot: usize,
+    homes: usize,
+    h: u64,
+    key: u64,
+    len: usize,
+) -> Option<usize> {
+    let key = key as u32;
+    let mut at = hash::home(h, homes) * slot;
+    let mut walked = 0;
+    loop {
+        let meta = word(table, at + 4);
+        if hash::ends_search(meta, walked) {
+            return None;
+        }
+        if hash::len_matches(meta, len) && word(table, at) == key {
+            return Some(at);
+        }
+        at += slot;
+        walked += 1;
     }
 }
 
@@ -67,20 +97,8 @@ impl Vocab {
     pub(super) fn short_info(&self, key: u64, len: usize) -> Option<u32> {
         let h = hash::short_hash(key, len);
         if len <= hash::SHORT_MAX {
-            let key = key as u32;
-            let mut at = hash::home(h, self.short_homes) * hash::SHORT_SLOT;
-            let mut walked = 0;
-            loop {
-                let meta = word(self.short, at + 4);
-                if hash::ends_search(meta, walked) {
-                    return None;
-                }
-                if hash::len_matches(meta, len) && word(self.short, at) == key {
-                    return Some(hash::meta_info(meta));
-                }
-                at += hash::SHORT_SLOT;
-                walked += 1;
-            }
+            let at = find_short(self.short, hash::SHORT_SLOT, self.short_homes, h, key, len)?;
+            Some(hash::meta_info(word(self.short, at + 4)))
         } else {
             let mut at = hash::home(h, self.medium_homes) * hash::MEDIUM_SLOT;
             let mut walked = 0;
@@ -96,6 +114,18 @@ impl Vocab {
                 walked += 1;
             }
         }
+    }
+
+    /// The info and neighbour masks of the character whose `len` (2..=4) bytes are `key`,
+    /// if a merge may start from it whole (see `merge.rs`).
+    #[inline(always)]
+    pub(super) fn char_info(&self, key: u64, len: usize) -> Option<(u32, u32)> {
+        let h = hash::short_hash(key, len);
+        let at = find_short(self.chars, hash::CHAR_SLOT, self.char_homes, h, key, len)?;
+        Some((
+            hash::meta_info(word(self.chars, at + 4)),
+            word(self.chars, at + 8),
+        ))
     }
 
     /// The info of the token spelled `key` (more than 8 bytes), if there is one.
@@ -171,12 +201,28 @@ impl Vocab {
             table.len() % slot == 0 && table.len() / slot >= homes && homes > 0
         };
         fits(self.short, hash::SHORT_SLOT, self.short_homes)
+            && fits(self.chars, hash::CHAR_SLOT, self.char_homes)
             && fits(self.medium, hash::MEDIUM_SLOT, self.medium_homes)
             && fits(self.long, hash::LONG_SLOT, self.long_homes)
             && self
                 .bytes
                 .iter()
                 .all(|&info| ((info & hash::RANK_MASK) as usize) < self.tokens)
+    }
+
+    /// The `chars` table's characters, infos and neighbour masks (for tests).
+    #[cfg(test)]
+    pub(super) fn char_entries(&self) -> Vec<(Vec<u8>, u32, u32)> {
+        let mut out = Vec::new();
+        for at in (0..self.chars.len()).step_by(hash::CHAR_SLOT) {
+            let meta = word(self.chars, at + 4);
+            if !hash::ends_search(meta, 0) {
+                let len = ((meta >> hash::INFO_BITS) & 7) as usize;
+                let bytes = self.chars[at..at + len].to_vec();
+                out.push((bytes, hash::meta_info(meta), word(self.chars, at + 8)));
+            }
+        }
+        out
     }
 
     /// Every token's bytes and info, in table order (for tests and diagnostics).
