@@ -38,6 +38,9 @@ const CLASSES: &[(&str, &str, u8)] = &[
     ("NEWLINE", r"[\r\n]", 32),
 ];
 
+/// The class of bytes 0x80..=0xff in the per-byte table (no code point class uses it).
+const NON_ASCII: u8 = 128;
+
 /// The letters of the contractions, matched case-insensitively by both patterns.
 const FOLDED: &[char] = &['s', 't', 'r', 'e', 'v', 'm', 'l', 'd'];
 
@@ -531,17 +534,25 @@ fn write_classes(out: &Path) -> Result<()> {
     };
     std::fs::write(out.join("class_blocks.bin"), &blocks)?;
     let index: Vec<String> = index.iter().map(u16::to_string).collect();
-    let ascii: Vec<String> = flags[..128].iter().map(u8::to_string).collect();
+    // Per byte: an ASCII character's class bits, or NON_ASCII for a byte of a longer one.
+    let bytes: Vec<String> = (0..256)
+        .map(|b| if b < 128 { flags[b] } else { NON_ASCII })
+        .map(|f| f.to_string())
+        .collect();
     writeln!(
         rs,
         "const BLOCK_SHIFT: u32 = {shift};\n\
          static BLOCK_INDEX: [u16; {}] = [{}];\n\
          static BLOCKS: &[u8; {}] = include_bytes!(concat!(env!(\"OUT_DIR\"), \"/class_blocks.bin\"));\n\
-         static ASCII: [u8; 128] = [{}];",
+         /// Class bits of each byte as a character of its own: ASCII's classes, and\n\
+         /// `NON_ASCII` for the bytes of longer characters.\n\
+         static BYTE_CLASS: [u8; 256] = [{}];\n\
+         /// `BYTE_CLASS` of a byte that starts or continues a character of 2 or more bytes.\n\
+         pub(super) const NON_ASCII: u8 = {NON_ASCII};",
         index.len(),
         index.join(", "),
         blocks.len(),
-        ascii.join(", "),
+        bytes.join(", "),
     )?;
 
     // Case-insensitive letters: which ASCII letter (if any) a code point folds to.

@@ -21,11 +21,18 @@ pub(super) fn is_other(flags: u8) -> bool {
     flags & (SPACE | LETTER | NUMBER) == 0
 }
 
+/// The class bits of byte `b` taken as a character of its own: an ASCII character's, or
+/// [`NON_ASCII`] for a byte of a longer character.
+#[inline(always)]
+pub(super) fn byte_class(b: u8) -> u8 {
+    BYTE_CLASS[usize::from(b)]
+}
+
 /// The class bits of code point `cp`.
 #[inline]
 pub(super) fn class_of(cp: u32) -> u8 {
     if cp < 128 {
-        return ASCII[cp as usize];
+        return BYTE_CLASS[cp as usize];
     }
     let block = BLOCK_INDEX
         .get((cp >> BLOCK_SHIFT) as usize)
@@ -63,7 +70,7 @@ pub(super) fn decode(b: &[u8], i: usize) -> (u32, usize) {
 pub(super) fn class_at(b: &[u8], i: usize) -> (u8, usize) {
     let b0 = b[i];
     if b0 < 0x80 {
-        return (ASCII[usize::from(b0)], 1);
+        return (BYTE_CLASS[usize::from(b0)], 1);
     }
     let (cp, len) = decode(b, i);
     (class_of(cp), len)

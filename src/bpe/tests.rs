@@ -685,6 +685,15 @@ fn full_corpus_encodes_like_tiktoken() {
     }
 }
 
+/// The pre-tokenizers' ASCII fast paths agree with their general paths at every character
+/// boundary of the reduced corpus.
+#[test]
+fn ascii_fast_paths_agree_with_the_general_ones_on_the_corpus() {
+    for text in corpus(1) {
+        split::tests::assert_fast_paths_agree(&text);
+    }
+}
+
 #[test]
 fn reduced_corpus_encodes_like_tiktoken() {
     let corpus = corpus(1);
