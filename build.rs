@@ -40,6 +40,8 @@ const CLASSES: &[(&str, &str, u8)] = &[
 
 /// The class of bytes 0x80..=0xff in the per-byte table (no code point class uses it).
 const NON_ASCII: u8 = 128;
+/// The lead-byte table's mark of a lead byte whose characters all have one class.
+const UNIFORM: u8 = 64;
 
 /// The letters of the contractions, matched case-insensitively by both patterns.
 const FOLDED: &[char] = &['s', 't', 'r', 'e', 'v', 'm', 'l', 'd'];
@@ -539,6 +541,42 @@ fn write_classes(out: &Path) -> Result<()> {
         .map(|b| if b < 128 { flags[b] } else { NON_ASCII })
         .map(|f| f.to_string())
         .collect();
+    // Per lead byte: the class every character it starts has, with UNIFORM, when they all
+    // have the same one (the CJK ideographs' lead bytes, most Hangul syllables'), else 0.
+    let mut uniform = Vec::new();
+    let leads: Vec<String> = (0..256u32)
+        .map(|b| {
+            let range = match b {
+                0xc2..=0xdf => ((b & 0x1f) << 6)..(((b & 0x1f) << 6) + 0x40),
+                0xe0..=0xef => ((b & 0x0f) << 12)..(((b & 0x0f) << 12) + 0x1000),
+                0xf0..=0xf4 => ((b & 0x07) << 18)..(((b & 0x07) << 18) + 0x4_0000),
+                _ => 0..0,
+            };
+            // Only code points this lead byte starts in valid UTF-8 (no overlong forms, no
+            // surrogates, nothing past U+10FFFF).
+            let mut classes = range
+                .filter(|&cp| char::from_u32(cp).is_some_and(|c| c.len_utf8() > 1))
+                .map(|cp| flags[cp as usize]);
+            match classes.next() {
+                Some(first) if classes.all(|f| f == first) => {
+                    uniform.push(format!("{b:#x}"));
+                    first | UNIFORM
+                }
+                _ => 0,
+            }
+        })
+        .map(|f| f.to_string())
+        .collect();
+    writeln!(
+        rs,
+        "/// Class bits of every character a lead byte starts, with `UNIFORM`, if they are \
+         the same for all (lead bytes {}), else 0.\n\
+         static LEAD_CLASS: [u8; 256] = [{}];\n\
+         /// `LEAD_CLASS` bit: the lead byte's characters all have the class it holds.\n\
+         pub(super) const UNIFORM: u8 = {UNIFORM};",
+        uniform.join(", "),
+        leads.join(", "),
+    )?;
     writeln!(
         rs,
         "const BLOCK_SHIFT: u32 = {shift};\n\

@@ -76,15 +76,16 @@ pub const LEAD_GROUPS: usize = 8;
 /// full-width forms), and 4-byte characters.
 #[inline(always)]
 pub fn lead_group(b: u8) -> u32 {
-    match b {
-        0..=0x7f => 0,
-        0x80..=0xdf => 1,
-        0xe0..=0xe2 => 2,
-        0xe3 => 3,
-        0xe4..=0xe9 => 4,
-        0xea..=0xed => 5,
-        0xee..=0xef => 6,
-        _ => 7,
+    // Groups of E0..=EF, a nibble each from E0 up.
+    const THREE_BYTE: u64 = 0x6655_5544_4444_3222;
+    if b < 0x80 {
+        0
+    } else if b < 0xe0 {
+        1
+    } else if b < 0xf0 {
+        ((THREE_BYTE >> ((b & 0xf) * 4)) & 0xf) as u32
+    } else {
+        7
     }
 }
 
@@ -155,6 +156,21 @@ pub fn load8(b: &[u8], at: usize) -> u64 {
     match b.get(at..at + 8) {
         Some(&[a, b, c, d, e, f, g, h]) => u64::from_le_bytes([a, b, c, d, e, f, g, h]),
         _ => 0,
+    }
+}
+
+/// The `len` (1..=8) bytes of `text` from `at` as a little-endian integer, zero-padded:
+/// one 8-byte load where `text` has 8 bytes from `at`, or from its end.
+#[inline(always)]
+pub fn key_at(text: &[u8], at: usize, len: usize) -> u64 {
+    let n = text.len();
+    if at + 8 <= n {
+        low_bytes(load8(text, at), len)
+    } else if n >= 8 && at + len <= n {
+        // The last 8 bytes of the text hold the key at their end.
+        low_bytes(load8(text, n - 8) >> (8 * (at + 8 - n)), len)
+    } else {
+        text.get(at..at + len).map_or(0, load_short)
     }
 }
 

@@ -174,13 +174,15 @@ pub(super) fn merge(
     }
 }
 
-/// The parts a merge of `piece` starts from, in order: `part(start, end, info)`. With
+/// The parts a merge of `piece` starts from, in order: `part(start, end, info)`; `keys`
+/// holds the piece's bytes at the same offsets (padded, or the piece itself). With
 /// [`Start::Chars`], a character of the `chars` table is one part when the lead-byte groups
 /// of the characters before and after it (if any) have their bits in its masks.
 #[inline(always)]
 fn initial_parts(
     vocab: &Vocab,
     piece: &[u8],
+    keys: &[u8],
     start: Start,
     mut part: impl FnMut(usize, usize, u32),
 ) {
@@ -193,7 +195,9 @@ fn initial_parts(
     let n = piece.len();
     let mut i = 0;
     // The lead-byte group of the character before the one at i.
-    let mut left_group: Option<u32> = None;
+    // Mask bit of the lead-byte group of the character before the one at i (all bits for
+    // none).
+    let mut left_bit = u32::MAX;
     while i < n {
         let lead = piece[i];
         let len = match lead {
@@ -204,14 +208,14 @@ fn initial_parts(
         };
         let end = (i + len).min(n);
         if len > 1 && end == i + len {
-            if let Some((info, masks)) = vocab.char_info(hash::load_short(&piece[i..end]), len) {
-                let left = left_group.is_none_or(|g| masks & (1 << g) != 0);
-                let right = piece
+            let key = hash::key_at(keys, i, len);
+            if let Some((info, masks)) = vocab.char_info(key, len) {
+                let right_bit = piece
                     .get(end)
-                    .is_none_or(|&next| masks & (1 << (8 + hash::lead_group(next))) != 0);
-                if left && right {
+                    .map_or(u32::MAX, |&next| 1 << (8 + hash::lead_group(next)));
+                if masks & left_bit != 0 && masks & right_bit != 0 {
                     part(i, end, info);
-                    left_group = Some(hash::lead_group(lead));
+                    left_bit = 1 << hash::lead_group(lead);
                     i = end;
                     continue;
                 }
@@ -220,7 +224,7 @@ fn initial_parts(
         for (j, &b) in piece.iter().enumerate().take(end).skip(i) {
             part(j, j + 1, vocab.byte(b));
         }
-        left_group = Some(hash::lead_group(lead));
+        left_bit = 1 << hash::lead_group(lead);
         i = end;
     }
 }
@@ -253,7 +257,7 @@ pub(super) fn merge_small(
     let text = &*text;
     let mut count = 0;
     let mut last = 0;
-    initial_parts(vocab, piece, start, |from, to, info| {
+    initial_parts(vocab, piece, text, start, |from, to, info| {
         end[from] = to as u8;
         prev[from] = last as u8;
         token[from] = info;
@@ -356,7 +360,7 @@ pub(super) fn merge_large(
     parts.resize(n, unused);
     let mut count = 0;
     let mut last = NONE;
-    initial_parts(vocab, piece, start, |from, to, info| {
+    initial_parts(vocab, piece, piece, start, |from, to, info| {
         parts[from] = Part {
             end: to as u32,
             prev: last,

@@ -179,13 +179,7 @@ impl Vocab {
         if len == 2 && !self.is_pair(text[start], text[start + 1]) {
             return None;
         }
-        let key = if start + 8 <= text.len() {
-            hash::load8(text, start)
-        } else {
-            // The last 8 bytes of the text hold the key at their end.
-            hash::load8(text, text.len() - 8) >> (8 * (start + 8 - text.len()))
-        };
-        self.short_info(hash::low_bytes(key, len), len)
+        self.short_info(hash::key_at(text, start, len), len)
     }
 
     /// The rank of the token spelled `key`, if there is one.
