@@ -120,8 +120,9 @@ pub fn len_matches(meta: u32, len: usize) -> bool {
 /// The hash of a key of `len` bytes (2..=8) held in `key` (little-endian, zero-padded).
 #[inline(always)]
 pub fn short_hash(key: u64, len: usize) -> u64 {
-    let h = (key ^ (len as u64).wrapping_mul(K0)).wrapping_mul(K1);
-    (h ^ (h >> 32)).wrapping_mul(K2)
+    // One multiply: the fold brings the key's high bytes down, where they reach every bit
+    // of the product's upper half, which picks the home slot.
+    (key ^ (key >> 32) ^ (len as u64).wrapping_mul(K0)).wrapping_mul(K1)
 }
 
 /// `b` (1..=8 bytes) as a little-endian integer, zero-padded.
