@@ -44,7 +44,7 @@ use super::classes::{
 };
 
 /// The end of the piece of `b` (a `str`'s bytes) starting at `p < b.len()`, for o200k_base.
-#[inline]
+#[inline(always)]
 pub(super) fn o200k_piece_end(b: &[u8], p: usize) -> usize {
     match o200k_ascii(b, p) {
         Some(end) => end,
@@ -54,7 +54,7 @@ pub(super) fn o200k_piece_end(b: &[u8], p: usize) -> usize {
 
 /// The end of the piece of `b` (a `str`'s bytes) starting at `p < b.len()`, for
 /// cl100k_base.
-#[inline]
+#[inline(always)]
 pub(super) fn cl100k_piece_end(b: &[u8], p: usize) -> usize {
     match cl100k_ascii(b, p) {
         Some(end) => end,
@@ -221,6 +221,7 @@ fn ascii_punctuation(b: &[u8], p: usize, c0: u8, c1: u8, slash: bool) -> Option<
 }
 
 /// The o200k piece at `p`, any characters.
+#[inline(never)]
 fn o200k_general(b: &[u8], p: usize) -> usize {
     let (f0, l0) = class_at(b, p);
     if is_prefix(f0) || f0 & (UPPER | LOWER) != 0 {
@@ -255,6 +256,7 @@ fn o200k_general(b: &[u8], p: usize) -> usize {
 }
 
 /// The cl100k piece at `p`, any characters.
+#[inline(never)]
 fn cl100k_general(b: &[u8], p: usize) -> usize {
     if b[p] == b'\'' {
         let end = contraction(b, p);
