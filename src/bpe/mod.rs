@@ -13,6 +13,25 @@
 //! Special tokens are not recognised: their spellings (`<|endoftext|>`) are ordinary text,
 //! as in `encode_ordinary`. The equivalence with tiktoken-rs, token for token, is what the
 //! tests in `tests.rs` check on a large generated corpus.
+//!
+//! # Where the time goes, and how it is kept short
+//!
+//! Inside Envoy a count usually starts with cold caches (the proxy's own work between
+//! requests evicts L1 and L2), so the design counts cache lines as well as instructions.
+//! One loop walks the text: the pre-tokenizer finds the next piece (ASCII pieces on a fast
+//! path of byte-table lookups, `split.rs`), the piece is looked up whole (most are tokens),
+//! and only the others are merged. A lookup reads one slot of a table chosen by the piece's
+//! length, and the slot holds the token's bytes (8- and 12-byte slots for tokens of up to
+//! 8 bytes, the great majority), so a hit costs one cache line, not a slot and then the
+//! token's bytes elsewhere; the slot also carries the token's rank and whether it can be
+//! the left or right part of a merge, which rules most merge candidates out with no lookup
+//! at all (`hash.rs`, `table.rs`). Merges start from single bytes as tiktoken's do, except
+//! that characters of a vocabulary-derived table start whole where a proof (in
+//! `merge.rs`) shows the result cannot differ: a CJK piece then costs about one step per
+//! character instead of three. Pair merges already answered are remembered per VM
+//! (`joins.rs`); nothing about earlier texts is. The tables are ~3.6 MB (`o200k_base`) and
+//! ~1.7 MB (`cl100k_base`) of static data, read in place; a VM builds nothing but the
+//! memo and counts without allocating unless a piece is longer than 64 bytes.
 
 mod classes;
 mod hash;

@@ -37,6 +37,15 @@
 //!
 //! Every position starts a match (each character is a letter, mark, number, white space or
 //! in `[^\s\p{L}\p{N}]`), so the pieces tile the text. Unicode classes: `classes.rs`.
+//!
+//! Most pieces of real prompts are ASCII: a word with an optional space or punctuation
+//! before it, a few digits, a punctuation run. [`o200k_piece_end`] and [`cl100k_piece_end`]
+//! first try an ASCII fast path that decides such pieces from a 256-entry byte class table
+//! (ASCII letters are in U or in W, never both, so A1/A2 reduce to an upper-case run and a
+//! lower-case run, scanned 8 bytes at a time); the moment it meets a byte of a longer
+//! character, which could extend the piece, it gives up and the general path above decides
+//! from scratch. The tests check the two against each other at every character boundary of
+//! the corpus, and the whole against fancy-regex.
 
 use super::classes::{
     byte_class, class_at, decode, folded_letter, is_other, is_prefix, LETTER, LOWER, NEWLINE,

@@ -10,12 +10,20 @@
 //! long runs (pieces of hundreds of bytes, which take the heap merge), seeded random
 //! strings (code points drawn from every Unicode general category and every plane; random
 //! mixes of atoms, words and code points; random runs over small alphabets aimed at one
-//! part of the patterns each). Each string is encoded on its own (start and end of text
-//! matter to the patterns). `full_corpus_encodes_like_tiktoken` runs natively: 225,381
-//! strings, 5.6 MB per encoding when this was written (it prints the exact figures; the
+//! part of the patterns each, or at merges that start from whole characters next to
+//! characters of other scripts). Each string is encoded on its own (start and end of text
+//! matter to the patterns). `full_corpus_encodes_like_tiktoken` runs natively: 255,381
+//! strings, 6.3 MB per encoding when this was written (it prints the exact figures; the
 //! repository files in it change); about 20 s in a test build. `make wasm-test` runs
-//! `reduced_corpus_encodes_like_tiktoken` compiled to wasm32-wasip1 in V8: 35,212 strings,
-//! 0.64 MB per encoding.
+//! `reduced_corpus_encodes_like_tiktoken` compiled to wasm32-wasip1 in V8: 37,712 strings,
+//! 0.71 MB per encoding.
+//!
+//! The faster paths are also checked against the plainer ones they replace: the
+//! pre-tokenizers' ASCII fast paths against their general paths at every character
+//! boundary of the reduced corpus, merges from whole characters against a plain merge from
+//! bytes for every character that may start whole, the scan merge against the heap merge,
+//! and the rank tables against their own contents (every token found from its bytes at
+//! every offset, none found from near misses).
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -551,7 +559,8 @@ fn long_runs() -> Vec<String> {
 
 /// Small alphabets whose random strings exercise one part of the patterns hard: white-space
 /// runs (lookahead, last newline), letters of every case class with marks and contractions
-/// (o200k's overlapping upper/lower classes), punctuation with newlines and slashes, digits.
+/// (o200k's overlapping upper/lower classes), punctuation with newlines and slashes, digits;
+/// and letters of several scripts side by side (merges from whole characters).
 const FOCUSED: &[&[&str]] = &[
     &[
         " ", "\t", "\r", "\n", "\u{a0}", "\u{3000}", "\u{2028}", "\u{85}", "\u{b}", "\u{c}",
