@@ -45,7 +45,8 @@ pub const INFO_BITS: u32 = RANK_BITS + 2;
 const INFO_MASK: u32 = (1 << INFO_BITS) - 1;
 
 const LEN_SHIFT: u32 = INFO_BITS;
-const LEN_MASK: u32 = 7 << LEN_SHIFT;
+/// The length field of a meta word.
+pub const LEN_MASK: u32 = 7 << LEN_SHIFT;
 const DIST_SHIFT: u32 = INFO_BITS + 3;
 /// The largest probe distance a meta word holds.
 #[allow(dead_code)]
@@ -114,11 +115,17 @@ pub fn ends_search(meta: u32, walked: usize) -> bool {
     (meta >> DIST_SHIFT) as usize <= walked
 }
 
+/// The length field a meta word holds for a key of `len` bytes.
+#[inline(always)]
+pub fn len_field(len: usize) -> u32 {
+    ((len & 7) as u32) << LEN_SHIFT
+}
+
 /// Whether a meta word's length field fits a key of `len` bytes (for `long`, `len` is
 /// taken as 0: its length is in the tail word).
 #[inline(always)]
 pub fn len_matches(meta: u32, len: usize) -> bool {
-    meta & LEN_MASK == ((len & 7) as u32) << LEN_SHIFT
+    meta & LEN_MASK == len_field(len)
 }
 
 /// The hash of a key of `len` bytes (2..=8) held in `key` (little-endian, zero-padded).

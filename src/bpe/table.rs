@@ -49,8 +49,9 @@ fn word(table: &[u8], at: usize) -> u32 {
     }
 }
 
-/// The byte offset of the slot holding the `len`-byte `key` (hash `h`) in a table whose
-/// slots start with a `u32` key and a meta word.
+/// The byte offset and meta word of the slot holding the `len`-byte `key` (2..=4 bytes,
+/// hash `h`) in a table whose slots start with a `u32` key and a meta word, read as one
+/// 8-byte word per slot.
 #[inline(always)]
 fn find_short(
     table: &[u8],
@@ -59,17 +60,21 @@ fn find_short(
     h: u64,
     key: u64,
     len: usize,
-) -> Option<usize> {
-    let key = key as u32;
+) -> Option<(usize, u32)> {
+    // Key and length fields at once; the length field is never 0 for these lengths, so
+    // an empty (all-zero) slot never matches.
+    let fields = u64::from(u32::MAX) | u64::from(hash::LEN_MASK) << 32;
+    let want = (key & u64::from(u32::MAX)) | u64::from(hash::len_field(len)) << 32;
     let mut at = hash::home(h, homes) * slot;
     let mut walked = 0;
     loop {
-        let meta = word(table, at + 4);
+        let both = hash::load8(table, at);
+        let meta = (both >> 32) as u32;
+        if both & fields == want {
+            return Some((at, meta));
+        }
         if hash::ends_search(meta, walked) {
             return None;
-        }
-        if hash::len_matches(meta, len) && word(table, at) == key {
-            return Some(at);
         }
         at += slot;
         walked += 1;
@@ -97,8 +102,9 @@ impl Vocab {
     pub(super) fn short_info(&self, key: u64, len: usize) -> Option<u32> {
         let h = hash::short_hash(key, len);
         if len <= hash::SHORT_MAX {
-            let at = find_short(self.short, hash::SHORT_SLOT, self.short_homes, h, key, len)?;
-            Some(hash::meta_info(word(self.short, at + 4)))
+            let (_, meta) =
+                find_short(self.short, hash::SHORT_SLOT, self.short_homes, h, key, len)?;
+            Some(hash::meta_info(meta))
         } else {
             let mut at = hash::home(h, self.medium_homes) * hash::MEDIUM_SLOT;
             let mut walked = 0;
@@ -121,11 +127,8 @@ impl Vocab {
     #[inline(always)]
     pub(super) fn char_info(&self, key: u64, len: usize) -> Option<(u32, u32)> {
         let h = hash::short_hash(key, len);
-        let at = find_short(self.chars, hash::CHAR_SLOT, self.char_homes, h, key, len)?;
-        Some((
-            hash::meta_info(word(self.chars, at + 4)),
-            word(self.chars, at + 8),
-        ))
+        let (at, meta) = find_short(self.chars, hash::CHAR_SLOT, self.char_homes, h, key, len)?;
+        Some((hash::meta_info(meta), word(self.chars, at + 8)))
     }
 
     /// The info of the token spelled `key` (more than 8 bytes), if there is one.
