@@ -135,7 +135,12 @@ fn walk(
     let mut count = 0;
     let mut p = 0;
     while p < b.len() {
-        let end = piece_end(b, p).clamp(p + 1, b.len());
+        // A piece is never empty and never runs past the text (a broken pre-tokenizer
+        // could only make the count wrong, not loop or panic).
+        let end = match piece_end(b, p) {
+            end if end > p && end <= b.len() => end,
+            _ => p + 1,
+        };
         if let Some(info) = vocab.info_in(b, p, end) {
             emit(info & hash::RANK_MASK);
             count += 1;
