@@ -1,9 +1,10 @@
 //! Build script: compiles what the filter's tokenizer reads at run time, so a Wasm VM does
 //! no per-VM hashing or allocation to start counting (see `src/bpe/mod.rs`).
 //!
-//! * For `o200k_base` and `cl100k_base`: the vocabulary as a byte pool plus an
-//!   open-addressing hash table of (offset, length, rank) slots (`src/bpe/hash.rs` fixes the
-//!   layout and hash), written to `OUT_DIR` and embedded with `include_bytes!`. The
+//! * For `o200k_base` and `cl100k_base`: the vocabulary as three open-addressing hash
+//!   tables by token length whose slots hold the token's bytes and info (rank, prefix and
+//!   suffix bits), plus a pool of long tokens' tails (`src/bpe/hash.rs` fixes the layouts
+//!   and hashes), written to `OUT_DIR` and embedded with `include_bytes!`. The
 //!   vocabulary comes from tiktoken-rs (a build-dependency, the same version the tests use
 //!   as the reference), read back token by token through its public `decode_bytes`.
 //! * The Unicode character classes of the pre-tokenizers' patterns (`\p{L}`, `\p{N}`, `\s`,
@@ -37,11 +38,18 @@ const CLASSES: &[(&str, &str, u8)] = &[
     ("NEWLINE", r"[\r\n]", 32),
 ];
 
+/// The class of bytes 0x80..=0xff in the per-byte table (no code point class uses it).
+const NON_ASCII: u8 = 128;
+/// The lead-byte table's mark of a lead byte whose characters all have one class.
+const UNIFORM: u8 = 64;
+
 /// The letters of the contractions, matched case-insensitively by both patterns.
 const FOLDED: &[char] = &['s', 't', 'r', 'e', 'v', 'm', 'l', 'd'];
 
-/// Slots per token: a load factor of 0.625 keeps linear probes short.
-const SLOTS_PER_TOKEN: (usize, usize) = (8, 5);
+/// Home slots per token of each table (short, medium, long), as a fraction: the tables are
+/// Robin Hood ordered, so a miss reads about as many slots as a hit, and a lower load buys
+/// little; see the probe figures `build.rs` writes into the generated doc comments.
+const HOMES_PER_TOKEN: [(usize, usize); 3] = [(10, 7), (10, 7), (10, 7)];
 
 fn main() -> Result<()> {
     println!("cargo:rerun-if-changed=build.rs");
@@ -100,6 +108,207 @@ fn vocabulary(name: &str, bpe: &CoreBPE) -> Result<Vec<Vec<u8>>> {
     Ok(tokens)
 }
 
+/// One table of `hash.rs`: its slots, home count and probe figures.
+struct Table {
+    bytes: Vec<u8>,
+    homes: usize,
+    /// Slots read by a search that finds its key, on average over the tokens.
+    hit_probes: f64,
+    /// Slots read by a search that does not, on average over the home slots.
+    miss_probes: f64,
+    longest: usize,
+}
+
+/// Places `entries` (home, slot bytes with a zero meta word at `meta_at`, info, length) in
+/// Robin Hood order: by home, each in the first free slot at or after its home.
+fn place(
+    mut entries: Vec<(usize, Vec<u8>, u32, usize)>,
+    homes: usize,
+    slot_size: usize,
+    meta_at: usize,
+) -> Result<Table> {
+    entries.sort_by_key(|e| e.0);
+    let mut next = 0usize;
+    let mut placed = Vec::with_capacity(entries.len());
+    let mut distance_sum = 0usize;
+    let mut longest = 0usize;
+    for (home, slot, info, len) in entries {
+        let at = next.max(home);
+        next = at + 1;
+        let distance = at - home;
+        if distance > hash::MAX_DISTANCE {
+            return Err(format!("probe distance {distance} does not fit a meta word").into());
+        }
+        distance_sum += distance + 1;
+        longest = longest.max(distance + 1);
+        placed.push((at, slot, hash::meta(info, len, distance)));
+    }
+    let count = placed.len();
+    let slots = next.max(homes);
+    let mut bytes = vec![0u8; slots * slot_size];
+    for (at, slot, meta) in placed {
+        let dst = &mut bytes[at * slot_size..(at + 1) * slot_size];
+        dst.copy_from_slice(&slot);
+        dst[meta_at..meta_at + 4].copy_from_slice(&meta.to_le_bytes());
+    }
+    // Slots read by an unsuccessful search from each home: up to and including the slot
+    // that ends it (or the end of the table).
+    let mut miss_sum = 0usize;
+    for h in 0..homes {
+        let mut walked = 0;
+        loop {
+            let at = h + walked;
+            let Some(slot) = bytes.get(at * slot_size..(at + 1) * slot_size) else {
+                break;
+            };
+            let meta = u32::from_le_bytes(slot[meta_at..meta_at + 4].try_into()?);
+            if hash::ends_search(meta, walked) {
+                walked += 1;
+                break;
+            }
+            walked += 1;
+        }
+        miss_sum += walked;
+    }
+    Ok(Table {
+        bytes,
+        homes,
+        hit_probes: distance_sum as f64 / count.max(1) as f64,
+        miss_probes: miss_sum as f64 / homes.max(1) as f64,
+        longest,
+    })
+}
+
+/// tiktoken's merge of `bytes` on their own: the merged parts and the ranks of the merges
+/// in the order they happen.
+fn merge_alone(ranks: &HashMap<&[u8], u32>, bytes: &[u8]) -> (Vec<Vec<u8>>, Vec<u32>) {
+    let mut parts: Vec<Vec<u8>> = bytes.iter().map(|&b| vec![b]).collect();
+    let mut merges = Vec::new();
+    loop {
+        let mut best: Option<(u32, usize)> = None;
+        for i in 0..parts.len().saturating_sub(1) {
+            let joined = [parts[i].as_slice(), parts[i + 1].as_slice()].concat();
+            if let Some(&r) = ranks.get(joined.as_slice()) {
+                if best.is_none_or(|(b, _)| r < b) {
+                    best = Some((r, i));
+                }
+            }
+        }
+        let Some((rank, i)) = best else {
+            return (parts, merges);
+        };
+        let right = parts.remove(i + 1);
+        parts[i].extend_from_slice(&right);
+        merges.push(rank);
+    }
+}
+
+/// The UTF-8 length a lead byte announces (0 for a continuation byte, 1 for ASCII).
+fn utf8_len(b: u8) -> usize {
+    match b {
+        0..=0x7f => 1,
+        0x80..=0xbf => 0,
+        0xc0..=0xdf => 2,
+        0xe0..=0xef => 3,
+        _ => 4,
+    }
+}
+
+/// The characters a merge may start from whole (`src/bpe/merge.rs` has the argument):
+/// (key, length, info, neighbour masks) for every character of 2..=4 bytes that is a token
+/// `t` whose bytes merge alone into `t`, whose merges all have ranks below every token that
+/// contains `t` and more, and, per group of the left (right) neighbour's lead byte
+/// (`hash::lead_group`), below every token that ends with a proper prefix of `t` after a
+/// character of that group (starts with a proper suffix of `t` before one); mask bit `g`
+/// (left) and `8 + g` (right) say which groups pass.
+fn char_entries(
+    tokens: &[Vec<u8>],
+    info: &impl Fn(usize, &[u8]) -> u32,
+) -> Result<Vec<(u64, usize, u32, u32)>> {
+    const ANY: usize = hash::LEAD_GROUPS;
+    let ranks: HashMap<&[u8], u32> = tokens
+        .iter()
+        .enumerate()
+        .map(|(r, t)| (t.as_slice(), r as u32))
+        .collect();
+    let is_char =
+        |t: &[u8]| t.len() > 1 && std::str::from_utf8(t).is_ok_and(|s| s.chars().count() == 1);
+    // The lowest rank of a token strictly containing each character token; of a token
+    // ending with a proper character prefix after a character of each group (ANY: the
+    // token starts inside that character); of a token starting with a proper character
+    // suffix before a character of each group.
+    let mut containing: HashMap<&[u8], u32> = HashMap::new();
+    let mut ending: HashMap<(&[u8], usize), u32> = HashMap::new();
+    let mut starting: HashMap<(&[u8], usize), u32> = HashMap::new();
+    fn lower<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u32>, key: K, rank: u32) {
+        let e = map.entry(key).or_insert(u32::MAX);
+        *e = (*e).min(rank);
+    }
+    for (rank, t) in tokens.iter().enumerate() {
+        let rank = rank as u32;
+        let n = t.len();
+        for i in 0..n {
+            let len = utf8_len(t[i]);
+            if len < 2 {
+                continue;
+            }
+            if i + len <= n {
+                let c = &t[i..i + len];
+                if n > len && is_char(c) {
+                    lower(&mut containing, c, rank);
+                }
+            } else if i > 0 {
+                // t ends with the incomplete character t[i..]; what precedes it must end
+                // with a whole character (or be the tail of one that starts before t).
+                let last = (0..i).rev().find(|&j| utf8_len(t[j]) != 0);
+                let group = match last {
+                    None => ANY,
+                    Some(j) if j + utf8_len(t[j]) == i => hash::lead_group(t[j]) as usize,
+                    Some(_) => continue, // an incomplete character before a lead byte
+                };
+                lower(&mut ending, (&t[i..], group), rank);
+            }
+        }
+        let k = t.iter().take_while(|&&b| utf8_len(b) == 0).count();
+        if (1..=3).contains(&k) && k < n {
+            lower(
+                &mut starting,
+                (&t[..k], hash::lead_group(t[k]) as usize),
+                rank,
+            );
+        }
+    }
+    let mut out = Vec::new();
+    for (rank, t) in tokens.iter().enumerate() {
+        if !is_char(t) {
+            continue;
+        }
+        let (parts, merges) = merge_alone(&ranks, t);
+        let highest = merges.iter().copied().max().unwrap_or(0);
+        if parts.len() != 1 || containing.get(t.as_slice()).is_some_and(|&r| r <= highest) {
+            continue;
+        }
+        let below = |map: &HashMap<(&[u8], usize), u32>, key: &[u8], group| {
+            map.get(&(key, group)).is_none_or(|&r| r > highest)
+        };
+        let mut masks = 0u32;
+        for group in 0..hash::LEAD_GROUPS {
+            let left = (1..t.len())
+                .all(|j| below(&ending, &t[..j], group) && below(&ending, &t[..j], ANY));
+            let right = (1..t.len()).all(|j| below(&starting, &t[j..], group));
+            masks |= u32::from(left) << group | u32::from(right) << (8 + group);
+        }
+        if masks != 0 {
+            out.push((hash::load_short(t), t.len(), info(rank, t), masks));
+        }
+    }
+    Ok(out)
+}
+
+fn homes_for(count: usize, (num, den): (usize, usize)) -> usize {
+    (count * num / den).max(1)
+}
+
 fn write_table(
     out: &Path,
     name: &str,
@@ -107,52 +316,8 @@ fn write_table(
     tokens: &[Vec<u8>],
     rs: &mut String,
 ) -> Result<()> {
-    let slot_count = tokens.len() * SLOTS_PER_TOKEN.0 / SLOTS_PER_TOKEN.1 + 1;
-    let mut slots = vec![0u64; slot_count];
-    let mut pool = Vec::new();
-    let mut probes = 0usize;
-    let mut longest = 0usize;
-    for (rank, token) in tokens.iter().enumerate() {
-        let len = token.len();
-        if len == 0 || len >= 1 << hash::LEN_BITS {
-            return Err(format!("{name}: token {rank} is {len} bytes").into());
-        }
-        if rank >= 1 << hash::RANK_BITS || pool.len() + len >= 1 << hash::OFFSET_BITS {
-            return Err(format!("{name}: too large for the slot layout").into());
-        }
-        let h = hash::hash(token);
-        let mut i = hash::home(h, slot_count as u64) as usize;
-        let mut probe = 1;
-        while slots[i] != 0 {
-            i = if i + 1 == slot_count { 0 } else { i + 1 };
-            probe += 1;
-        }
-        probes += probe;
-        longest = longest.max(probe);
-        slots[i] = hash::slot(pool.len() as u32, len as u32, rank as u32, h);
-        pool.extend_from_slice(token);
-    }
-    let by_bytes: HashMap<&[u8], usize> = tokens
-        .iter()
-        .enumerate()
-        .map(|(r, t)| (t.as_slice(), r))
-        .collect();
-    let mut byte_ranks = Vec::with_capacity(256);
-    for b in 0..=255u8 {
-        match by_bytes.get(&[b][..]) {
-            Some(&r) => byte_ranks.push(r.to_string()),
-            None => return Err(format!("{name}: byte {b} is not a token").into()),
-        }
-    }
-    // Bit (b0 << 8 | b1) set: the two bytes b0 b1 are a token.
-    let mut pairs = vec![0u8; 8192];
-    for token in tokens.iter().filter(|t| t.len() == 2) {
-        let bit = usize::from(token[0]) << 8 | usize::from(token[1]);
-        pairs[bit / 8] |= 1 << (bit % 8);
-    }
-    std::fs::write(out.join(format!("{name}.pairs")), &pairs)?;
-    // Bit `rank` set: the token is a proper prefix (resp. suffix) of a longer token. Two
-    // parts can only merge if the left one is a prefix and the right one a suffix.
+    // Info bits: a proper prefix (resp. suffix) of a longer token. Two parts can only merge
+    // if the left one is a prefix and the right one a suffix.
     let mut prefixes: HashSet<&[u8]> = HashSet::new();
     let mut suffixes: HashSet<&[u8]> = HashSet::new();
     for token in tokens {
@@ -161,35 +326,144 @@ fn write_table(
             suffixes.insert(&token[k..]);
         }
     }
-    let mut affixes = vec![0u8; tokens.len().div_ceil(8) * 2];
-    let half = affixes.len() / 2;
-    for (rank, token) in tokens.iter().enumerate() {
-        if prefixes.contains(token.as_slice()) {
-            affixes[rank / 8] |= 1 << (rank % 8);
+    let info = |rank: usize, token: &[u8]| -> u32 {
+        let mut info = rank as u32;
+        if prefixes.contains(token) {
+            info |= hash::PREFIX;
         }
-        if suffixes.contains(token.as_slice()) {
-            affixes[half + rank / 8] |= 1 << (rank % 8);
+        if suffixes.contains(token) {
+            info |= hash::SUFFIX;
+        }
+        info
+    };
+    let mut byte_infos = vec![None; 256];
+    let mut short = Vec::new();
+    let mut medium = Vec::new();
+    let mut long = Vec::new();
+    let mut tails = Vec::new();
+    let count = |max: usize, min: usize| {
+        tokens
+            .iter()
+            .filter(|t| (min..=max).contains(&t.len()))
+            .count()
+    };
+    let short_homes = homes_for(count(hash::SHORT_MAX, 2), HOMES_PER_TOKEN[0]);
+    let medium_homes = homes_for(
+        count(hash::MEDIUM_MAX, hash::SHORT_MAX + 1),
+        HOMES_PER_TOKEN[1],
+    );
+    let long_homes = homes_for(count(usize::MAX, hash::MEDIUM_MAX + 1), HOMES_PER_TOKEN[2]);
+    for (rank, token) in tokens.iter().enumerate() {
+        let len = token.len();
+        if rank > hash::RANK_MASK as usize {
+            return Err(format!("{name}: rank {rank} does not fit the slot layout").into());
+        }
+        let info = info(rank, token);
+        match len {
+            0 => return Err(format!("{name}: token {rank} is empty").into()),
+            1 => byte_infos[usize::from(token[0])] = Some(info),
+            2..=hash::SHORT_MAX => {
+                let key = hash::load_short(token);
+                let home = hash::home(hash::short_hash(key, len), short_homes);
+                let mut slot = (key as u32).to_le_bytes().to_vec();
+                slot.extend_from_slice(&[0; 4]);
+                short.push((home, slot, info, len));
+            }
+            5..=hash::MEDIUM_MAX => {
+                let key = hash::load_short(token);
+                let home = hash::home(hash::short_hash(key, len), medium_homes);
+                let mut slot = key.to_le_bytes().to_vec();
+                slot.extend_from_slice(&[0; 4]);
+                medium.push((home, slot, info, len));
+            }
+            _ => {
+                if len >= 256 || tails.len() + len >= 1 << hash::TAIL_BITS {
+                    return Err(format!("{name}: token {rank} does not fit the slot layout").into());
+                }
+                let home = hash::home(hash::long_hash(token), long_homes);
+                let mut slot = hash::load8(token, 0).to_le_bytes().to_vec();
+                slot.extend_from_slice(&[0; 4]);
+                slot.extend_from_slice(&hash::tail_word(len, tails.len()).to_le_bytes());
+                tails.extend_from_slice(&token[8..]);
+                long.push((home, slot, info, 0));
+            }
         }
     }
-    std::fs::write(out.join(format!("{name}.affixes")), &affixes)?;
-    let slot_bytes: Vec<u8> = slots.iter().flat_map(|s| s.to_le_bytes()).collect();
-    std::fs::write(out.join(format!("{name}.slots")), slot_bytes)?;
-    std::fs::write(out.join(format!("{name}.pool")), &pool)?;
+    let mut bytes = Vec::with_capacity(256);
+    for (b, info) in byte_infos.iter().enumerate() {
+        match info {
+            Some(info) => bytes.push(info.to_string()),
+            None => return Err(format!("{name}: byte {b} is not a token").into()),
+        }
+    }
+    let chars = char_entries(tokens, &info)?;
+    let char_count = chars.len();
+    let char_homes = homes_for(char_count, HOMES_PER_TOKEN[0]);
+    let chars: Vec<_> = chars
+        .into_iter()
+        .map(|(key, len, info, masks)| {
+            let home = hash::home(hash::short_hash(key, len), char_homes);
+            let mut slot = (key as u32).to_le_bytes().to_vec();
+            slot.extend_from_slice(&[0; 4]);
+            slot.extend_from_slice(&masks.to_le_bytes());
+            (home, slot, info, len)
+        })
+        .collect();
+    let short = place(short, short_homes, hash::SHORT_SLOT, 4)?;
+    let medium = place(medium, medium_homes, hash::MEDIUM_SLOT, 8)?;
+    let long = place(long, long_homes, hash::LONG_SLOT, 8)?;
+    let chars = place(chars, char_homes, hash::CHAR_SLOT, 4)?;
+    // Bit (b0 << 8 | b1) set: the two bytes b0 b1 are a token.
+    let mut pairs = vec![0u8; 8192];
+    for token in tokens.iter().filter(|t| t.len() == 2) {
+        let bit = usize::from(token[0]) << 8 | usize::from(token[1]);
+        pairs[bit / 8] |= 1 << (bit % 8);
+    }
+    std::fs::write(out.join(format!("{name}.pairs")), &pairs)?;
+    let mut doc = String::new();
+    for (table, t) in [
+        ("short", &short),
+        ("medium", &medium),
+        ("long", &long),
+        ("chars", &chars),
+    ] {
+        std::fs::write(out.join(format!("{name}.{table}")), &t.bytes)?;
+        writeln!(
+            doc,
+            "/// * `{table}`: {} bytes, {} homes; slots read per hit {:.2} on average ({} at \
+             most), per miss {:.2}.",
+            t.bytes.len(),
+            t.homes,
+            t.hit_probes,
+            t.longest,
+            t.miss_probes,
+        )?;
+    }
+    std::fs::write(out.join(format!("{name}.tails")), &tails)?;
     writeln!(
         rs,
-        "/// `{name}`: {} tokens, {} pool bytes, {slot_count} slots; probes per hit: {:.2} \
-         average, {longest} at most.\n\
+        "/// `{name}`: {} tokens; {} bytes of long-token tails; {char_count} characters a \
+         merge may start from whole.\n{doc}\
          pub(super) static {konst}: Vocab = Vocab {{\n    \
-         slots: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.slots\")),\n    \
-         pool: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.pool\")),\n    \
+         short: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.short\")),\n    \
+         short_homes: {},\n    \
+         medium: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.medium\")),\n    \
+         medium_homes: {},\n    \
+         long: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.long\")),\n    \
+         long_homes: {},\n    \
+         tails: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.tails\")),\n    \
+         chars: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.chars\")),\n    \
+         char_homes: {},\n    \
          pairs: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.pairs\")),\n    \
-         affixes: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.affixes\")),\n    \
-         slot_count: {slot_count},\n    tokens: {},\n    byte_ranks: [{}],\n}};",
+         tokens: {},\n    bytes: [{}],\n}};",
         tokens.len(),
-        pool.len(),
-        probes as f64 / tokens.len() as f64,
+        tails.len(),
+        short.homes,
+        medium.homes,
+        long.homes,
+        chars.homes,
         tokens.len(),
-        byte_ranks.join(", "),
+        bytes.join(", "),
     )?;
     Ok(())
 }
@@ -262,17 +536,61 @@ fn write_classes(out: &Path) -> Result<()> {
     };
     std::fs::write(out.join("class_blocks.bin"), &blocks)?;
     let index: Vec<String> = index.iter().map(u16::to_string).collect();
-    let ascii: Vec<String> = flags[..128].iter().map(u8::to_string).collect();
+    // Per byte: an ASCII character's class bits, or NON_ASCII for a byte of a longer one.
+    let bytes: Vec<String> = (0..256)
+        .map(|b| if b < 128 { flags[b] } else { NON_ASCII })
+        .map(|f| f.to_string())
+        .collect();
+    // Per lead byte: the class every character it starts has, with UNIFORM, when they all
+    // have the same one (the CJK ideographs' lead bytes, most Hangul syllables'), else 0.
+    let mut uniform = Vec::new();
+    let leads: Vec<String> = (0..256u32)
+        .map(|b| {
+            let range = match b {
+                0xc2..=0xdf => ((b & 0x1f) << 6)..(((b & 0x1f) << 6) + 0x40),
+                0xe0..=0xef => ((b & 0x0f) << 12)..(((b & 0x0f) << 12) + 0x1000),
+                0xf0..=0xf4 => ((b & 0x07) << 18)..(((b & 0x07) << 18) + 0x4_0000),
+                _ => 0..0,
+            };
+            // Only code points this lead byte starts in valid UTF-8 (no overlong forms, no
+            // surrogates, nothing past U+10FFFF).
+            let mut classes = range
+                .filter(|&cp| char::from_u32(cp).is_some_and(|c| c.len_utf8() > 1))
+                .map(|cp| flags[cp as usize]);
+            match classes.next() {
+                Some(first) if classes.all(|f| f == first) => {
+                    uniform.push(format!("{b:#x}"));
+                    first | UNIFORM
+                }
+                _ => 0,
+            }
+        })
+        .map(|f| f.to_string())
+        .collect();
+    writeln!(
+        rs,
+        "/// Class bits of every character a lead byte starts, with `UNIFORM`, if they are \
+         the same for all (lead bytes {}), else 0.\n\
+         static LEAD_CLASS: [u8; 256] = [{}];\n\
+         /// `LEAD_CLASS` bit: the lead byte's characters all have the class it holds.\n\
+         pub(super) const UNIFORM: u8 = {UNIFORM};",
+        uniform.join(", "),
+        leads.join(", "),
+    )?;
     writeln!(
         rs,
         "const BLOCK_SHIFT: u32 = {shift};\n\
          static BLOCK_INDEX: [u16; {}] = [{}];\n\
          static BLOCKS: &[u8; {}] = include_bytes!(concat!(env!(\"OUT_DIR\"), \"/class_blocks.bin\"));\n\
-         static ASCII: [u8; 128] = [{}];",
+         /// Class bits of each byte as a character of its own: ASCII's classes, and\n\
+         /// `NON_ASCII` for the bytes of longer characters.\n\
+         static BYTE_CLASS: [u8; 256] = [{}];\n\
+         /// `BYTE_CLASS` of a byte that starts or continues a character of 2 or more bytes.\n\
+         pub(super) const NON_ASCII: u8 = {NON_ASCII};",
         index.len(),
         index.join(", "),
         blocks.len(),
-        ascii.join(", "),
+        bytes.join(", "),
     )?;
 
     // Case-insensitive letters: which ASCII letter (if any) a code point folds to.

@@ -13,7 +13,11 @@
 //! Arguments: text files to count (relative to the current directory, which is the only
 //! directory the WASI runner opens). Options: `--rounds N` (default 5), `--min-ms N`
 //! (shortest timed counting loop, default 300), `--counter tokenfuse|tiktoken-rs` (default:
-//! both), `--encoding o200k_base|cl100k_base` (default: both). Prints one JSON object per line: `{"kind":"build",...}` per counter and encoding
+//! both), `--encoding o200k_base|cl100k_base` (default: both), `--iterations N` (count each
+//! file exactly N times per round instead of for `--min-ms`: for callgrind, where the
+//! instructions of one count are the difference of two runs), `--thrash-kb N` (write N KiB
+//! of memory before every count, untimed, so each count starts with the caches as cold as
+//! after Envoy's own work between requests). Prints one JSON object per line: `{"kind":"build",...}` per counter and encoding
 //! and `{"kind":"count",...}` per counter, encoding and file, with medians over the rounds
 //! and the token count (the same for both counters, or the filter is wrong). A benchmark,
 //! not a test: it asserts nothing.
@@ -75,6 +79,8 @@ fn main() -> ExitCode {
     let mut min_ms = 300u128;
     let mut counters = vec!["tokenfuse", "tiktoken-rs"];
     let mut encodings = vec![Encoding::O200kBase, Encoding::Cl100kBase];
+    let mut iterations = 0u64;
+    let mut thrash_kb = 0usize;
     let mut files = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -91,6 +97,20 @@ fn main() -> ExitCode {
                 Some(n) => min_ms = u128::from(n),
                 None => {
                     eprintln!("count_bench: --min-ms needs a number");
+                    return ExitCode::from(2);
+                }
+            },
+            "--iterations" => match value(args.next()) {
+                Some(n) => iterations = n,
+                None => {
+                    eprintln!("count_bench: --iterations needs a number");
+                    return ExitCode::from(2);
+                }
+            },
+            "--thrash-kb" => match value(args.next()) {
+                Some(n) => thrash_kb = n as usize,
+                None => {
+                    eprintln!("count_bench: --thrash-kb needs a number");
                     return ExitCode::from(2);
                 }
             },
@@ -152,20 +172,35 @@ fn main() -> ExitCode {
                 // Warm-up (lets V8 tier the hot code up before timing).
                 let tokens = counter.count(text);
                 let mut rates = Vec::new();
+                let mut thrash = vec![0u8; thrash_kb * 1024];
                 for _ in 0..rounds {
                     let start = Instant::now();
+                    let mut thrash_ns = 0u128;
                     let mut bytes = 0usize;
+                    let mut n = 0u64;
                     loop {
+                        if thrash_kb > 0 {
+                            let t = Instant::now();
+                            for (i, b) in thrash.iter_mut().enumerate().step_by(64) {
+                                *b = b.wrapping_add(i as u8);
+                            }
+                            std::hint::black_box(&thrash);
+                            thrash_ns += t.elapsed().as_nanos();
+                        }
                         std::hint::black_box(counter.count(std::hint::black_box(text)));
                         bytes += text.len();
-                        if start.elapsed().as_millis() >= min_ms {
+                        n += 1;
+                        if (iterations > 0 && n >= iterations)
+                            || (iterations == 0 && start.elapsed().as_millis() >= min_ms)
+                        {
                             break;
                         }
                     }
-                    rates.push(bytes as f64 / 1e6 / start.elapsed().as_secs_f64());
+                    let spent_ns = start.elapsed().as_nanos().saturating_sub(thrash_ns).max(1);
+                    rates.push(bytes as f64 * 1e3 / spent_ns as f64);
                 }
                 println!(
-                    "{{\"kind\":\"count\",\"counter\":\"{name}\",\"target\":\"{target}\",\"encoding\":\"{encoding}\",\"file\":\"{path}\",\"bytes\":{},\"tokens\":{tokens},\"rounds\":{rounds},\"median_mb_s\":{:.3}}}",
+                    "{{\"kind\":\"count\",\"counter\":\"{name}\",\"target\":\"{target}\",\"encoding\":\"{encoding}\",\"file\":\"{path}\",\"bytes\":{},\"tokens\":{tokens},\"rounds\":{rounds},\"thrash_kb\":{thrash_kb},\"median_mb_s\":{:.3}}}",
                     text.len(),
                     median(rates),
                 );

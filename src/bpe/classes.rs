@@ -2,8 +2,9 @@
 //! `build.rs` generated with the Unicode data of the regex engine tiktoken uses.
 //!
 //! [`class_at`] decodes the character at a byte offset of a `str` and returns its class
-//! bits and its UTF-8 length. ASCII is one table lookup; other code points go through a
-//! two-level table (block index, then the block).
+//! bits and its UTF-8 length. ASCII is one table lookup, and so is a character whose lead
+//! byte starts only characters of one class (CJK ideographs, most Hangul syllables); other
+//! code points go through a two-level table (block index, then the block).
 
 include!(concat!(env!("OUT_DIR"), "/classes.rs"));
 
@@ -21,11 +22,18 @@ pub(super) fn is_other(flags: u8) -> bool {
     flags & (SPACE | LETTER | NUMBER) == 0
 }
 
+/// The class bits of byte `b` taken as a character of its own: an ASCII character's, or
+/// [`NON_ASCII`] for a byte of a longer character.
+#[inline(always)]
+pub(super) fn byte_class(b: u8) -> u8 {
+    BYTE_CLASS[usize::from(b)]
+}
+
 /// The class bits of code point `cp`.
 #[inline]
 pub(super) fn class_of(cp: u32) -> u8 {
     if cp < 128 {
-        return ASCII[cp as usize];
+        return BYTE_CLASS[cp as usize];
     }
     let block = BLOCK_INDEX
         .get((cp >> BLOCK_SHIFT) as usize)
@@ -63,7 +71,18 @@ pub(super) fn decode(b: &[u8], i: usize) -> (u32, usize) {
 pub(super) fn class_at(b: &[u8], i: usize) -> (u8, usize) {
     let b0 = b[i];
     if b0 < 0x80 {
-        return (ASCII[usize::from(b0)], 1);
+        return (BYTE_CLASS[usize::from(b0)], 1);
+    }
+    let lead = LEAD_CLASS[usize::from(b0)];
+    if lead & UNIFORM != 0 {
+        let len = if b0 < 0xe0 {
+            2
+        } else if b0 < 0xf0 {
+            3
+        } else {
+            4
+        };
+        return (lead & !UNIFORM, len);
     }
     let (cp, len) = decode(b, i);
     (class_of(cp), len)
@@ -99,6 +118,20 @@ mod tests {
         assert_eq!(class_of('\u{200d}' as u32), 0); // ZWJ: format, not white space
         assert_eq!(class_of('!' as u32), 0);
         assert_eq!(class_of(0x10_ffff), 0);
+    }
+
+    #[test]
+    fn every_character_is_classed_alike_from_its_bytes_and_its_code_point() {
+        let mut buf = [0u8; 4];
+        for c in (0..=0x10_ffffu32).filter_map(char::from_u32) {
+            let bytes = c.encode_utf8(&mut buf).as_bytes();
+            assert_eq!(
+                class_at(bytes, 0),
+                (class_of(c as u32), bytes.len()),
+                "U+{:04X}",
+                c as u32
+            );
+        }
     }
 
     #[test]

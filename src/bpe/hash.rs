@@ -1,47 +1,156 @@
-//! The rank table's hash function and slot layout, shared by `build.rs` (which fills the
-//! table) and [`super::table`] (which reads it in place): both sides must agree bit for bit,
-//! so this file is compiled into the build script too (`#[path]`) and depends on nothing.
+//! The rank tables' hash functions and slot layouts, shared by `build.rs` (which fills the
+//! tables) and [`super::table`] (which reads them in place): both sides must agree bit for
+//! bit, so this file is compiled into the build script too (`#[path]`) and depends on
+//! nothing.
 //!
-//! A slot is a little-endian `u64`: bits 0..24 the token's offset in the byte pool, 24..32
-//! its length (1..=255; 0 marks an empty slot), 32..50 its rank, 50..64 a 14-bit fingerprint
-//! of its hash, so a probe rarely has to compare bytes with a token that is not the one
-//! looked for. The table uses linear probing; a hash picks its home slot with the high 32
-//! bits (multiply-shift onto the table size) and its fingerprint with the low 14.
+//! A token is looked up in one of three open-addressing tables, by its length, and the slot
+//! that holds it carries its bytes, so a hit reads one slot and no pool (one cache line,
+//! unless the slot straddles two). A fourth, `chars`, holds the characters a merge may
+//! start from whole (`merge.rs`), with one mask bit per [lead-byte group](lead_group) and
+//! side saying next to which neighbours that is safe:
+//!
+//! | table    | lengths | slot | layout (little-endian)                                       |
+//! |----------|---------|------|--------------------------------------------------------------|
+//! | `short`  | 2..=4   | 8 B  | `u32` key, `u32` meta                                        |
+//! | `medium` | 5..=8   | 12 B | `u64` key, `u32` meta                                        |
+//! | `long`   | 9..     | 16 B | `u64` first 8 bytes, `u32` meta, `u32` tail (len << 24 \| off) |
+//! | `chars`  | 2..=4   | 12 B | `u32` key, `u32` meta, `u32` neighbour masks                |
+//!
+//! A key is the token's bytes as a little-endian integer, zero-padded; a long token's bytes
+//! after its first eight are in a tail pool at `off`. The meta word: bits 0..20 the token's
+//! [info](INFO_BITS) (rank, and whether it is a proper prefix or suffix of a longer token),
+//! bits 20..23 the length modulo 8 (0 in `long`, whose tail word has the length), bits 23..32
+//! the probe distance plus one (0: an empty slot).
+//!
+//! The tables are Robin Hood ordered: `build.rs` places keys in order of their home slot, so
+//! along a probe sequence the homes never decrease, and a search stops at the first slot
+//! whose distance from its own home is smaller than the distance walked (which an empty slot
+//! always is). There is no wrap-around: the table has room after its last home for the
+//! longest run. Hits and misses alike read about two slots (the figures are in the doc
+//! comments `build.rs` generates), at 0.7 tokens per home slot. Keys of up to 8 bytes hash
+//! with one multiply; longer ones with a round per 8 bytes.
 
-/// Bits of the pool offset.
-pub const OFFSET_BITS: u32 = 24;
-/// Bits of the token length.
-pub const LEN_BITS: u32 = 8;
-/// Bits of the rank.
+/// Bits of a rank.
 pub const RANK_BITS: u32 = 18;
-/// Bits of the fingerprint.
-pub const FP_BITS: u32 = 14;
+/// The rank bits of a token's info.
+pub const RANK_MASK: u32 = (1 << RANK_BITS) - 1;
+/// Info bit: the token is a proper prefix of a longer token (it can be the left part of a
+/// merge).
+pub const PREFIX: u32 = 1 << RANK_BITS;
+/// Info bit: the token is a proper suffix of a longer token (it can be the right part of a
+/// merge).
+pub const SUFFIX: u32 = 1 << (RANK_BITS + 1);
+/// Bits of a token's info: rank, [`PREFIX`], [`SUFFIX`].
+pub const INFO_BITS: u32 = RANK_BITS + 2;
+const INFO_MASK: u32 = (1 << INFO_BITS) - 1;
 
-const LEN_SHIFT: u32 = OFFSET_BITS;
-const RANK_SHIFT: u32 = OFFSET_BITS + LEN_BITS;
-const FP_SHIFT: u32 = OFFSET_BITS + LEN_BITS + RANK_BITS;
-const FP_MASK: u64 = (1 << FP_BITS) - 1;
+const LEN_SHIFT: u32 = INFO_BITS;
+/// The length field of a meta word.
+pub const LEN_MASK: u32 = 7 << LEN_SHIFT;
+const DIST_SHIFT: u32 = INFO_BITS + 3;
+/// The largest probe distance a meta word holds.
+#[allow(dead_code)]
+pub const MAX_DISTANCE: usize = (1 << (32 - DIST_SHIFT)) - 2;
+
+/// Slot sizes in bytes.
+pub const SHORT_SLOT: usize = 8;
+/// See [`SHORT_SLOT`].
+pub const MEDIUM_SLOT: usize = 12;
+/// See [`SHORT_SLOT`].
+pub const LONG_SLOT: usize = 16;
+/// Slot size of the `chars` table: `short`'s layout plus a `u32` of neighbour masks.
+pub const CHAR_SLOT: usize = 12;
+/// The longest token in `short`.
+pub const SHORT_MAX: usize = 4;
+/// The longest token in `medium`.
+pub const MEDIUM_MAX: usize = 8;
+/// Bits of a long token's tail offset.
+pub const TAIL_BITS: u32 = 24;
 
 const K0: u64 = 0x9E37_79B9_7F4A_7C15;
 const K1: u64 = 0xFF51_AFD7_ED55_8CCD;
 const K2: u64 = 0xC4CE_B9FE_1A85_EC53;
 
-/// Up to 8 bytes as a little-endian integer (zero-padded); `b.len()` must be 1..=8.
+/// Groups of UTF-8 lead bytes (`chars` table masks have one bit per group and side).
+#[allow(dead_code)]
+pub const LEAD_GROUPS: usize = 8;
+
+/// The group of a character's first byte: ASCII, 2-byte characters, the rest of the BMP
+/// split where scripts change (E0-E2: Indic, Thai, punctuation, symbols; E3: CJK symbols
+/// and kana; E4-E9: CJK ideographs; EA-ED: Hangul; EE-EF: private use, compatibility and
+/// full-width forms), and 4-byte characters.
 #[inline(always)]
-fn load_short(b: &[u8]) -> u64 {
+pub fn lead_group(b: u8) -> u32 {
+    // Groups of E0..=EF, a nibble each from E0 up.
+    const THREE_BYTE: u64 = 0x6655_5544_4444_3222;
+    if b < 0x80 {
+        0
+    } else if b < 0xe0 {
+        1
+    } else if b < 0xf0 {
+        ((THREE_BYTE >> ((b & 0xf) * 4)) & 0xf) as u32
+    } else {
+        7
+    }
+}
+
+/// The meta word of a slot holding a token with `info` and `len` bytes, `distance` slots
+/// after its home.
+#[allow(dead_code)]
+pub fn meta(info: u32, len: usize, distance: usize) -> u32 {
+    (info & INFO_MASK) | (((len & 7) as u32) << LEN_SHIFT) | (((distance + 1) as u32) << DIST_SHIFT)
+}
+
+/// The token info in a meta word.
+#[inline(always)]
+pub fn meta_info(meta: u32) -> u32 {
+    meta & INFO_MASK
+}
+
+/// Whether a search that has walked `walked` slots from its home ends (unsuccessfully) at a
+/// slot with this meta word: the slot is empty, or its key's home lies after the searched
+/// key's.
+#[inline(always)]
+pub fn ends_search(meta: u32, walked: usize) -> bool {
+    (meta >> DIST_SHIFT) as usize <= walked
+}
+
+/// The length field a meta word holds for a key of `len` bytes.
+#[inline(always)]
+pub fn len_field(len: usize) -> u32 {
+    ((len & 7) as u32) << LEN_SHIFT
+}
+
+/// Whether a meta word's length field fits a key of `len` bytes (for `long`, `len` is
+/// taken as 0: its length is in the tail word).
+#[inline(always)]
+pub fn len_matches(meta: u32, len: usize) -> bool {
+    meta & LEN_MASK == len_field(len)
+}
+
+/// The hash of a key of `len` bytes (2..=8) held in `key` (little-endian, zero-padded).
+#[inline(always)]
+pub fn short_hash(key: u64, len: usize) -> u64 {
+    // One multiply: the fold brings the key's high bytes down, where they reach every bit
+    // of the product's upper half, which picks the home slot.
+    (key ^ (key >> 32) ^ (len as u64).wrapping_mul(K0)).wrapping_mul(K1)
+}
+
+/// `b` (1..=8 bytes) as a little-endian integer, zero-padded.
+#[inline(always)]
+pub fn load_short(b: &[u8]) -> u64 {
     let n = b.len();
     if n >= 4 {
         // Two overlapping 4-byte reads: the overlap holds the same bytes at the same place.
         let lo = load4(b, 0);
         let hi = load4(b, n - 4);
         lo | (hi << ((n - 4) * 8))
-    } else if n > 0 {
-        let first = u64::from(b[0]);
-        let mid = u64::from(b[n / 2]);
-        let last = u64::from(b[n - 1]);
-        first | (mid << 8) | (last << 16)
     } else {
-        0
+        let mut v = 0;
+        for (i, &byte) in b.iter().enumerate() {
+            v |= u64::from(byte) << (8 * i);
+        }
+        v
     }
 }
 
@@ -53,12 +162,34 @@ fn load4(b: &[u8], at: usize) -> u64 {
     }
 }
 
+/// Eight bytes of `b` from `at` as a little-endian integer (0 if there are fewer).
 #[inline(always)]
-fn load8(b: &[u8], at: usize) -> u64 {
+pub fn load8(b: &[u8], at: usize) -> u64 {
     match b.get(at..at + 8) {
         Some(&[a, b, c, d, e, f, g, h]) => u64::from_le_bytes([a, b, c, d, e, f, g, h]),
         _ => 0,
     }
+}
+
+/// The `len` (1..=8) bytes of `text` from `at` as a little-endian integer, zero-padded:
+/// one 8-byte load where `text` has 8 bytes from `at`, or from its end.
+#[inline(always)]
+pub fn key_at(text: &[u8], at: usize, len: usize) -> u64 {
+    let n = text.len();
+    if at + 8 <= n {
+        low_bytes(load8(text, at), len)
+    } else if n >= 8 && at + len <= n {
+        // The last 8 bytes of the text hold the key at their end.
+        low_bytes(load8(text, n - 8) >> (8 * (at + 8 - n)), len)
+    } else {
+        text.get(at..at + len).map_or(0, load_short)
+    }
+}
+
+/// The low `len` bytes (1..=8) of `v`.
+#[inline(always)]
+pub fn low_bytes(v: u64, len: usize) -> u64 {
+    v & (u64::MAX >> (64 - 8 * len.clamp(1, 8)))
 }
 
 /// Whether `a` and `b` (of equal length) hold the same bytes: word compares instead of a
@@ -70,7 +201,7 @@ pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     if n <= 8 {
-        return load_short(a) == load_short(b);
+        return n == 0 || load_short(a) == load_short(b);
     }
     let mut at = 0;
     while at + 8 < n {
@@ -82,22 +213,18 @@ pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     load8(a, n - 8) == load8(b, n - 8)
 }
 
-/// The hash of a token's bytes.
+/// The hash of a long key (more than 8 bytes).
 #[inline]
-pub fn hash(b: &[u8]) -> u64 {
+pub fn long_hash(b: &[u8]) -> u64 {
     let n = b.len();
     let mut h = (n as u64).wrapping_mul(K0);
-    if n <= 8 {
-        h ^= load_short(b);
-    } else {
-        let mut at = 0;
-        while at + 8 < n {
-            h = (h ^ load8(b, at)).wrapping_mul(K0).rotate_left(29);
-            at += 8;
-        }
-        // The last 8 bytes (overlapping the previous chunk when n is not a multiple of 8).
-        h ^= load8(b, n - 8);
+    let mut at = 0;
+    while at + 8 < n {
+        h = (h ^ load8(b, at)).wrapping_mul(K0).rotate_left(29);
+        at += 8;
     }
+    // The last 8 bytes (overlapping the previous chunk when n is not a multiple of 8).
+    h ^= load8(b, n.saturating_sub(8));
     h ^= h >> 33;
     h = h.wrapping_mul(K1);
     h ^= h >> 33;
@@ -105,52 +232,26 @@ pub fn hash(b: &[u8]) -> u64 {
     h ^ (h >> 33)
 }
 
-/// The home slot of `hash` in a table of `slots` slots (`slots` < 2^32).
+/// The home slot of `hash` in a table of `homes` home slots (`homes` < 2^32).
 #[inline(always)]
-pub fn home(hash: u64, slots: u64) -> u64 {
-    ((hash >> 32) * slots) >> 32
+pub fn home(hash: u64, homes: usize) -> usize {
+    (((hash >> 32) * homes as u64) >> 32) as usize
 }
 
-/// The fingerprint of `hash` as it sits in a slot.
-#[inline(always)]
-fn fingerprint_bits(hash: u64) -> u64 {
-    (hash & FP_MASK) << FP_SHIFT
-}
-
-/// The bits of a slot that must equal [`match_bits`] for the slot to hold a key of this
-/// length and hash: its length and fingerprint fields.
-pub const MATCH_MASK: u64 = (((1 << LEN_BITS) - 1) << LEN_SHIFT) | (FP_MASK << FP_SHIFT);
-
-/// What the length and fingerprint fields of the slot holding a `len`-byte key with this
-/// hash look like.
-#[inline(always)]
-pub fn match_bits(len: usize, hash: u64) -> u64 {
-    ((len as u64) << LEN_SHIFT) | fingerprint_bits(hash)
-}
-
-/// A filled slot (build.rs fills the table with these).
+/// A long slot's tail word.
 #[allow(dead_code)]
-pub fn slot(offset: u32, len: u32, rank: u32, hash: u64) -> u64 {
-    u64::from(offset)
-        | (u64::from(len) << LEN_SHIFT)
-        | (u64::from(rank) << RANK_SHIFT)
-        | fingerprint_bits(hash)
+pub fn tail_word(len: usize, offset: usize) -> u32 {
+    ((len as u32) << TAIL_BITS) | offset as u32
 }
 
-/// The pool offset of a slot's token.
+/// The token length in a long slot's tail word.
 #[inline(always)]
-pub fn slot_offset(slot: u64) -> usize {
-    (slot & ((1 << OFFSET_BITS) - 1)) as usize
+pub fn tail_len(word: u32) -> usize {
+    (word >> TAIL_BITS) as usize
 }
 
-/// The length of a slot's token; 0 for an empty slot.
+/// The tail pool offset in a long slot's tail word.
 #[inline(always)]
-pub fn slot_len(slot: u64) -> usize {
-    ((slot >> LEN_SHIFT) & ((1 << LEN_BITS) - 1)) as usize
-}
-
-/// The rank of a slot's token.
-#[inline(always)]
-pub fn slot_rank(slot: u64) -> u32 {
-    ((slot >> RANK_SHIFT) & ((1 << RANK_BITS) - 1)) as u32
+pub fn tail_offset(word: u32) -> usize {
+    (word & ((1 << TAIL_BITS) - 1)) as usize
 }

@@ -1,4 +1,4 @@
-//! A memo of pair merges: (left token, right token) → the token the two spell together, or
+//! A memo of pair merges: (left token, right token) → the token the two spell together (its info), or
 //! none. Merging asks the same question about the same two tokens again and again (in CJK
 //! text nearly every character is two or three merges of the same byte pairs), and the
 //! answer is a pure function of the two ranks, so remembering it cannot change a result.
@@ -12,14 +12,14 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use super::hash::RANK_BITS;
+use super::hash::{INFO_BITS, RANK_BITS};
 
 const SLOT_BITS: u32 = 14;
 const KEY_BITS: u32 = 2 * RANK_BITS;
 const KEY_MASK: u64 = (1 << KEY_BITS) - 1;
-const ANSWER_MASK: u64 = (1 << (RANK_BITS + 1)) - 1;
+const ANSWER_MASK: u64 = (1 << (INFO_BITS + 1)) - 1;
 const VALID: u64 = 1 << 63;
-const _: () = assert!(KEY_BITS + RANK_BITS + 1 < 63);
+const _: () = assert!(KEY_BITS + INFO_BITS + 1 < 63);
 
 pub(super) struct Joins {
     slots: Box<[AtomicU64]>,

@@ -4,38 +4,105 @@
 //!
 //! Pieces that are a token by themselves never get here (the caller looks the whole piece
 //! up first, as tiktoken does). Parts are linked by their start offsets, so a merge moves
-//! nothing. Pieces of up to 64 bytes find each merge by a scan over keys `rank << 6 | offset`
-//! on the stack (the smallest key is the lowest rank at the leftmost offset, tiktoken's
-//! choice), visiting only offsets that hold a candidate (a 64-bit mask); longer ones keep (rank, offset) candidates in a heap and skip
-//! stale ones, like tiktoken's `_byte_pair_merge_large` (a piece of n bytes would otherwise
-//! cost n² steps). Both give the same tokens; the tests check them against each other and
+//! nothing. Pieces of up to 64 bytes find each merge by a scan over keys `rank << 8 | … |
+//! offset` (the smallest key is the lowest rank at the leftmost offset, tiktoken's choice),
+//! visiting only offsets that hold a candidate (a 64-bit mask), in arrays kept for the whole
+//! text ([`Scratch`]); longer ones keep (rank, offset) candidates in a heap and skip stale
+//! ones, like tiktoken's `_byte_pair_merge_large` (a piece of n bytes would otherwise cost n²
+//! steps). Both give the same tokens; the tests check them against each other and
 //! against tiktoken-rs.
 //!
-//! Whether two parts merge is asked of [`pair_rank`]: a bitmap answers for two single
-//! bytes, the vocabulary's prefix/suffix bits rule most other pairs out without a lookup,
-//! and the [`Joins`] memo remembers the rest.
+//! Whether two parts merge is asked of [`pair_info`]: the parts' prefix/suffix bits (part
+//! of every token's info) rule most pairs out without a lookup, a bitmap answers for two
+//! single bytes, and the [`Joins`] memo remembers the rest.
+//!
+//! # Starting from whole characters
+//!
+//! Merging a CJK piece byte by byte spends most of its steps putting each 3-byte character
+//! back together before any merge between characters. [`Start::Chars`] starts such a
+//! character as one part instead, when that provably changes nothing. Let `c` be a
+//! character that is a token, whose bytes merged on their own become `c`, and let `M` be the
+//! highest rank among those merges. Suppose every token that can form around `c` in this
+//! piece and holds bytes of `c` and bytes outside it has a rank above `M`: tokens that
+//! contain `c` and more; tokens that end with a proper prefix of `c` after the character on
+//! its left; tokens that start with a proper suffix of `c` before the character on its
+//! right. Then the merge from bytes (B) and the merge from whole `c` (C) give the same
+//! tokens:
+//!
+//! * While `c` is incomplete in B, its inside holds a candidate of rank ≤ M (the next of
+//!   its own merges: the parts inside it are the ones it has on its own, since nothing
+//!   outside has touched them yet). A merge joining part of `c` with bytes outside it would
+//!   have a rank above M, so it never is the lowest candidate: no such merge happens, `c`
+//!   completes in B as on its own, and the first merge B makes that involves `c` takes it
+//!   whole.
+//! * Every candidate C has that B lacks joins a whole `c` with a neighbour: its token
+//!   contains `c` and more, so its rank is above M, above the candidate inside `c` that B has
+//!   instead while `c` is incomplete. Whenever B merges between whole parts, that merge is
+//!   therefore also the lowest (and, on a tie, leftmost) candidate C has in the same state;
+//!   B's merges between whole parts are C's merges, in C's order, and B ends when C does.
+//!
+//! The argument is per character, so characters that qualify start whole and the others
+//! from bytes, in one piece. `build.rs` checks the condition for every character token
+//! against the whole vocabulary, per group of the neighbours' lead bytes
+//! (`hash::lead_group`: a token " \xe4" rules out a CJK character after a space, not after
+//! another CJK character), and stores those that pass in the vocabulary's `chars` table
+//! with one mask bit per group and side; [`initial_parts`] tests the actual neighbours.
+//! Only valid UTF-8 qualifies (a neighbour is a whole character), which a `str`'s piece is.
+//! The tests check every table character next to neighbours of each group, and random
+//! runs, against a plain merge from bytes.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
+use super::hash::{self, PREFIX, RANK_MASK, SUFFIX};
 use super::joins::Joins;
 use super::table::Vocab;
 
-/// Pieces of at most this many bytes take the scan path, on the stack.
+/// Pieces of at most this many bytes take the scan path.
 pub(super) const SMALL: usize = 64;
 
 const NONE: u32 = u32::MAX;
 
-/// Offsets of a short piece fit 6 bits (SMALL is 64); ranks (18 bits, `hash.rs`) fit above.
+/// A scan key: `rank << 8 | affix bits << 6 | offset`. The smallest key is the lowest rank
+/// at the leftmost offset (one rank has one set of affix bits), and the key holds the whole
+/// info of the merged token.
 const OFFSET_BITS: u32 = 6;
 const OFFSET_MASK: u32 = (1 << OFFSET_BITS) - 1;
-const _: () = assert!(SMALL <= 1 << OFFSET_BITS && super::hash::RANK_BITS + OFFSET_BITS < 32);
+const AFFIX_SHIFT: u32 = super::hash::RANK_BITS;
+const _: () = assert!(SMALL <= 1 << OFFSET_BITS && super::hash::INFO_BITS + OFFSET_BITS < 32);
 
-/// Reusable buffers for long pieces (allocated on first use, kept for a whole text).
-#[derive(Default)]
+/// Working memory for merges, kept for a whole text so that merging a short piece
+/// initialises only as many entries as the piece has bytes (the arrays are indexed by byte
+/// offset; entries past the piece's end are stale and never read).
 pub(super) struct Scratch {
+    /// The piece, zero-padded, so every key of up to 8 bytes is one 8-byte load.
+    text: [u8; SMALL + 8],
+    /// For each offset that starts a part: where the part ends,
+    end: [u8; SMALL],
+    /// where the previous one starts,
+    prev: [u8; SMALL],
+    /// the part's own info,
+    token: [u32; SMALL],
+    /// and the scan key of its merge with the next part (NONE: not a token, no next part,
+    /// or the offset no longer starts a part).
+    key: [u32; SMALL],
+    /// The heap path's parts and candidates (allocated on first use).
     parts: Vec<Part>,
     heap: BinaryHeap<Reverse<(u32, u32)>>,
+}
+
+impl Scratch {
+    pub(super) fn new() -> Scratch {
+        Scratch {
+            text: [0; SMALL + 8],
+            end: [0; SMALL],
+            prev: [0; SMALL],
+            token: [0; SMALL],
+            key: [NONE; SMALL],
+            parts: Vec::new(),
+            heap: BinaryHeap::new(),
+        }
+    }
 }
 
 /// One token of a piece being merged (an entry of a doubly linked list over the piece).
@@ -45,26 +112,49 @@ struct Part {
     end: u32,
     /// Start of the previous part (`NONE` for the first).
     prev: u32,
-    /// Rank of this part merged with the next one, or `NONE`.
+    /// Info of this part merged with the next one, or `NONE`.
     pair: u32,
-    /// Rank of this part's own bytes.
+    /// Info of this part's own bytes.
     token: u32,
 }
 
-/// The rank of the token that adjacent parts with tokens `left` and `right`, together
-/// spelled `bytes`, merge into; `NONE` if they do not.
+/// The info of the token that adjacent parts with infos `left` and `right`, together
+/// spelled `text[start..end]`, merge into; `NONE` if they do not.
 #[inline(always)]
-fn pair_rank(vocab: &Vocab, joins: &Joins, left: u32, right: u32, bytes: &[u8]) -> u32 {
-    let possible = match *bytes {
-        [b0, b1] => vocab.is_pair(b0, b1),
-        _ => vocab.may_join(left, right),
-    };
-    if !possible {
+fn pair_info(
+    vocab: &Vocab,
+    joins: &Joins,
+    left: u32,
+    right: u32,
+    text: &[u8],
+    start: usize,
+    end: usize,
+) -> u32 {
+    if left & PREFIX == 0 || right & SUFFIX == 0 {
         return NONE;
     }
+    if end - start == 2 {
+        // Two single bytes: the bitmap answers, and the table only for a token.
+        return match vocab.info_in(text, start, end) {
+            Some(info) => info,
+            None => NONE,
+        };
+    }
     joins
-        .get_or(left, right, || vocab.rank(bytes))
+        .get_or(left & RANK_MASK, right & RANK_MASK, || {
+            vocab.info_in(text, start, end)
+        })
         .unwrap_or(NONE)
+}
+
+/// Where a merge starts from: single bytes, or whole characters where that is safe.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Start {
+    /// Every byte a part, as tiktoken starts.
+    Bytes,
+    /// The piece is valid UTF-8 (a `str`'s piece): characters of the vocabulary's `chars`
+    /// table start whole when their neighbours allow it.
+    Chars,
 }
 
 /// Merge `piece` (at least 2 bytes, not itself a token) and hand each resulting token's rank
@@ -73,59 +163,135 @@ pub(super) fn merge(
     vocab: &Vocab,
     joins: &Joins,
     piece: &[u8],
+    start: Start,
     scratch: &mut Scratch,
     emit: &mut impl FnMut(u32),
 ) -> usize {
     if piece.len() <= SMALL {
-        merge_small(vocab, joins, piece, emit)
+        merge_small(vocab, joins, piece, start, scratch, emit)
     } else {
-        merge_large(vocab, joins, piece, scratch, emit)
+        merge_large(vocab, joins, piece, start, scratch, emit)
     }
 }
 
-/// The scan path. For each offset that starts a part: where the part ends, where the
-/// previous one starts, the part's own rank, and the key of its merge with the next part
-/// (NONE: not a token, no next part, or the offset no longer starts a part).
+/// The parts a merge of `piece` starts from, in order: `part(start, end, info)`; `keys`
+/// holds the piece's bytes at the same offsets (padded, or the piece itself). With
+/// [`Start::Chars`], a character of the `chars` table is one part when the lead-byte groups
+/// of the characters before and after it (if any) have their bits in its masks.
+#[inline(always)]
+fn initial_parts(
+    vocab: &Vocab,
+    piece: &[u8],
+    keys: &[u8],
+    start: Start,
+    mut part: impl FnMut(usize, usize, u32),
+) {
+    if start == Start::Bytes || piece.is_ascii() {
+        for (i, &b) in piece.iter().enumerate() {
+            part(i, i + 1, vocab.byte(b));
+        }
+        return;
+    }
+    let n = piece.len();
+    let mut i = 0;
+    // The lead-byte group of the character before the one at i.
+    // Mask bit of the lead-byte group of the character before the one at i (all bits for
+    // none).
+    let mut left_bit = u32::MAX;
+    while i < n {
+        let lead = piece[i];
+        let len = match lead {
+            0xc0..=0xdf => 2,
+            0xe0..=0xef => 3,
+            0xf0..=0xff => 4,
+            _ => 1,
+        };
+        let end = (i + len).min(n);
+        if len > 1 && end == i + len {
+            let key = hash::key_at(keys, i, len);
+            if let Some((info, masks)) = vocab.char_info(key, len) {
+                let right_bit = piece
+                    .get(end)
+                    .map_or(u32::MAX, |&next| 1 << (8 + hash::lead_group(next)));
+                if masks & left_bit != 0 && masks & right_bit != 0 {
+                    part(i, end, info);
+                    left_bit = 1 << hash::lead_group(lead);
+                    i = end;
+                    continue;
+                }
+            }
+        }
+        for (j, &b) in piece.iter().enumerate().take(end).skip(i) {
+            part(j, j + 1, vocab.byte(b));
+        }
+        left_bit = 1 << hash::lead_group(lead);
+        i = end;
+    }
+}
+
+/// The scan path: each merge scans the keys of the offsets that hold a candidate (a
+/// 64-bit mask), updates the two neighbouring candidates, and moves nothing.
 pub(super) fn merge_small(
     vocab: &Vocab,
     joins: &Joins,
     piece: &[u8],
+    start: Start,
+    scratch: &mut Scratch,
     emit: &mut impl FnMut(u32),
 ) -> usize {
     let n = piece.len();
-    debug_assert!((2..=SMALL).contains(&n));
-    let mut end = [0u8; SMALL];
-    let mut prev = [0u8; SMALL];
-    let mut key = [NONE; SMALL];
-    let mut token = [0u32; SMALL];
-    let keyed = |rank: u32, at: usize| {
-        if rank == NONE {
+    let Scratch {
+        text,
+        end,
+        prev,
+        token,
+        key,
+        ..
+    } = scratch;
+    let Some(padded) = text.get_mut(..n + 8) else {
+        return 0;
+    };
+    let (dst, pad) = padded.split_at_mut(n);
+    dst.copy_from_slice(piece);
+    pad.fill(0);
+    let text = &*text;
+    let mut count = 0;
+    let mut last = 0;
+    initial_parts(vocab, piece, text, start, |from, to, info| {
+        end[from] = to as u8;
+        prev[from] = last as u8;
+        token[from] = info;
+        last = from;
+        count += 1;
+    });
+    let keyed = |info: u32, at: usize| {
+        if info == NONE {
             NONE
         } else {
-            rank << OFFSET_BITS | at as u32
+            (info & RANK_MASK) << 8 | (info >> AFFIX_SHIFT) << OFFSET_BITS | at as u32
         }
     };
-    for i in 0..n {
-        end[i] = i as u8 + 1;
-        prev[i] = i.saturating_sub(1) as u8;
-        token[i] = vocab.byte_ranks[usize::from(piece[i])];
-    }
     // Bit i set: key[i] is a candidate (not NONE). The scan visits only those; once the
     // bytes of a piece have formed characters, few are left.
-    let mut candidates = 0u64;
-    let put = |key: &mut [u32; SMALL], candidates: &mut u64, at: usize, k: u32| {
+    let mut live = 0u64;
+    let mut put = |key: &mut [u32; SMALL], at: usize, k: u32| {
         key[at] = k;
         if k == NONE {
-            *candidates &= !(1 << at);
+            live &= !(1 << at);
         } else {
-            *candidates |= 1 << at;
+            live |= 1 << at;
         }
+        live
     };
-    for i in 0..n - 1 {
-        let rank = pair_rank(vocab, joins, token[i], token[i + 1], &piece[i..i + 2]);
-        put(&mut key, &mut candidates, i, keyed(rank, i));
+    let mut candidates = 0;
+    let mut i = 0;
+    while usize::from(end[i]) < n {
+        let next = usize::from(end[i]);
+        let next_end = usize::from(end[next]);
+        let info = pair_info(vocab, joins, token[i], token[next], text, i, next_end);
+        candidates = put(key, i, keyed(info, i));
+        i = next;
     }
-    let mut count = n;
     loop {
         let mut best = NONE;
         let mut rest = candidates;
@@ -136,32 +302,34 @@ pub(super) fn merge_small(
         if best == NONE {
             break;
         }
-        let rank = best >> OFFSET_BITS;
+        let info = (best >> 8) | ((best >> OFFSET_BITS) & 3) << AFFIX_SHIFT;
         let left = (best & OFFSET_MASK) as usize;
         let right = usize::from(end[left]);
         let right_end = usize::from(end[right]);
         end[left] = right_end as u8;
-        token[left] = rank;
-        put(&mut key, &mut candidates, right, NONE);
+        token[left] = info;
+        put(key, right, NONE);
         count -= 1;
         let k = if right_end < n {
             prev[right_end] = left as u8;
-            let bytes = &piece[left..usize::from(end[right_end])];
-            keyed(pair_rank(vocab, joins, rank, token[right_end], bytes), left)
+            let next_end = usize::from(end[right_end]);
+            keyed(
+                pair_info(vocab, joins, info, token[right_end], text, left, next_end),
+                left,
+            )
         } else {
             NONE
         };
-        put(&mut key, &mut candidates, left, k);
+        candidates = put(key, left, k);
         if left > 0 {
             let before = usize::from(prev[left]);
-            let bytes = &piece[before..right_end];
-            let k = keyed(pair_rank(vocab, joins, token[before], rank, bytes), before);
-            put(&mut key, &mut candidates, before, k);
+            let joined = pair_info(vocab, joins, token[before], info, text, before, right_end);
+            candidates = put(key, before, keyed(joined, before));
         }
     }
     let mut i = 0;
     while i < n {
-        emit(token[i]);
+        emit(token[i] & RANK_MASK);
         i = usize::from(end[i]);
     }
     count
@@ -173,6 +341,7 @@ pub(super) fn merge_large(
     vocab: &Vocab,
     joins: &Joins,
     piece: &[u8],
+    start: Start,
     scratch: &mut Scratch,
     emit: &mut impl FnMut(u32),
 ) -> usize {
@@ -182,38 +351,56 @@ pub(super) fn merge_large(
     parts.clear();
     heap.clear();
     // Parts are indexed by their start offset; parts[i] is meaningful while i starts a part.
-    for (i, &byte) in piece.iter().enumerate() {
-        parts.push(Part {
-            end: i as u32 + 1,
-            prev: if i == 0 { NONE } else { i as u32 - 1 },
+    let unused = Part {
+        end: NONE,
+        prev: NONE,
+        pair: NONE,
+        token: NONE,
+    };
+    parts.resize(n, unused);
+    let mut count = 0;
+    let mut last = NONE;
+    initial_parts(vocab, piece, piece, start, |from, to, info| {
+        parts[from] = Part {
+            end: to as u32,
+            prev: last,
             pair: NONE,
-            token: vocab.byte_ranks[usize::from(byte)],
-        });
-    }
-    for i in 0..n - 1 {
-        let pair = pair_rank(
+            token: info,
+        };
+        last = from as u32;
+        count += 1;
+    });
+    let rank = |info: u32| if info == NONE { NONE } else { info & RANK_MASK };
+    let mut i = 0;
+    while (parts[i].end as usize) < n {
+        let next = parts[i].end as usize;
+        let next_end = parts[next].end as usize;
+        let pair = pair_info(
             vocab,
             joins,
             parts[i].token,
-            parts[i + 1].token,
-            &piece[i..i + 2],
+            parts[next].token,
+            piece,
+            i,
+            next_end,
         );
         parts[i].pair = pair;
         if pair != NONE {
-            heap.push(Reverse((pair, i as u32)));
+            heap.push(Reverse((rank(pair), i as u32)));
         }
+        i = next;
     }
-    let mut count = n;
-    while let Some(Reverse((rank, start))) = heap.pop() {
-        let left = start as usize;
-        if parts[left].pair != rank {
+    while let Some(Reverse((pair_rank, at))) = heap.pop() {
+        let left = at as usize;
+        let info = parts[left].pair;
+        if rank(info) != pair_rank {
             continue; // stale: this part has changed since the candidate was pushed
         }
         let right = parts[left].end as usize;
         let right_end = parts[right].end as usize;
         // Merge left and right.
         parts[left].end = right_end as u32;
-        parts[left].token = rank;
+        parts[left].token = info;
         parts[right].pair = NONE; // `right` no longer starts a part
         count -= 1;
         // New candidates: left with its new neighbour, and the previous part with left.
@@ -221,26 +408,26 @@ pub(super) fn merge_large(
             parts[right_end].prev = left as u32;
             let next_end = parts[right_end].end as usize;
             let right_token = parts[right_end].token;
-            pair_rank(vocab, joins, rank, right_token, &piece[left..next_end])
+            pair_info(vocab, joins, info, right_token, piece, left, next_end)
         } else {
             NONE
         };
         if parts[left].pair != NONE {
-            heap.push(Reverse((parts[left].pair, left as u32)));
+            heap.push(Reverse((rank(parts[left].pair), left as u32)));
         }
         let prev = parts[left].prev;
         if prev != NONE {
             let prev = prev as usize;
             let prev_token = parts[prev].token;
-            parts[prev].pair = pair_rank(vocab, joins, prev_token, rank, &piece[prev..right_end]);
+            parts[prev].pair = pair_info(vocab, joins, prev_token, info, piece, prev, right_end);
             if parts[prev].pair != NONE {
-                heap.push(Reverse((parts[prev].pair, prev as u32)));
+                heap.push(Reverse((rank(parts[prev].pair), prev as u32)));
             }
         }
     }
     let mut i = 0;
     while i < n {
-        emit(parts[i].token);
+        emit(parts[i].token & RANK_MASK);
         i = parts[i].end as usize;
     }
     count

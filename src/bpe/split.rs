@@ -37,14 +37,201 @@
 //!
 //! Every position starts a match (each character is a letter, mark, number, white space or
 //! in `[^\s\p{L}\p{N}]`), so the pieces tile the text. Unicode classes: `classes.rs`.
+//!
+//! Most pieces of real prompts are ASCII: a word with an optional space or punctuation
+//! before it, a few digits, a punctuation run. [`o200k_piece_end`] and [`cl100k_piece_end`]
+//! first try an ASCII fast path that decides such pieces from a 256-entry byte class table
+//! (ASCII letters are in U or in W, never both, so A1/A2 reduce to an upper-case run and a
+//! lower-case run, scanned 8 bytes at a time); the moment it meets a byte of a longer
+//! character, which could extend the piece, it gives up and the general path above decides
+//! from scratch. The tests check the two against each other at every character boundary of
+//! the corpus, and the whole against fancy-regex.
 
 use super::classes::{
-    class_at, decode, folded_letter, is_other, is_prefix, LETTER, LOWER, NEWLINE, NUMBER, SPACE,
-    UPPER,
+    byte_class, class_at, decode, folded_letter, is_other, is_prefix, LETTER, LOWER, NEWLINE,
+    NON_ASCII, NUMBER, SPACE, UPPER,
 };
 
 /// The end of the piece of `b` (a `str`'s bytes) starting at `p < b.len()`, for o200k_base.
+#[inline(always)]
 pub(super) fn o200k_piece_end(b: &[u8], p: usize) -> usize {
+    match o200k_ascii(b, p) {
+        Some(end) => end,
+        None => o200k_general(b, p),
+    }
+}
+
+/// The end of the piece of `b` (a `str`'s bytes) starting at `p < b.len()`, for
+/// cl100k_base.
+#[inline(always)]
+pub(super) fn cl100k_piece_end(b: &[u8], p: usize) -> usize {
+    match cl100k_ascii(b, p) {
+        Some(end) => end,
+        None => cl100k_general(b, p),
+    }
+}
+
+/// The o200k piece at `p` if deciding it takes only ASCII characters: a word of ASCII
+/// letters (after an optional ASCII prefix character), up to three ASCII digits, or ASCII
+/// punctuation; each class test one table lookup per byte. `None` when a character of more
+/// bytes (which could extend the piece) or anything else comes first: the general path
+/// decides.
+#[inline(always)]
+fn o200k_ascii(b: &[u8], p: usize) -> Option<usize> {
+    let c0 = byte_class(*b.get(p)?);
+    if c0 & LETTER != 0 {
+        return ascii_word(b, p); // A1/A2 without a prefix
+    }
+    if c0 & NUMBER != 0 {
+        return ascii_digits(b, p); // A3
+    }
+    if c0 & (NON_ASCII | NEWLINE) != 0 {
+        return None;
+    }
+    // An ASCII character in P = [^\r\n\p{L}\p{N}]: white space, punctuation, a control.
+    let c1 = byte_class(*b.get(p + 1)?);
+    if c1 & LETTER != 0 {
+        return ascii_word(b, p + 1); // A1/A2 with the prefix
+    }
+    ascii_punctuation(b, p, c0, c1, true) // A4
+}
+
+/// The cl100k piece at `p` if deciding it takes only ASCII characters (see
+/// [`o200k_ascii`]); an apostrophe (B1) goes to the general path.
+#[inline(always)]
+fn cl100k_ascii(b: &[u8], p: usize) -> Option<usize> {
+    let c0 = byte_class(*b.get(p)?);
+    if c0 & LETTER != 0 {
+        return ascii_letters(b, p); // B2 without a prefix
+    }
+    if c0 & NUMBER != 0 {
+        return ascii_digits(b, p); // B3
+    }
+    if c0 & (NON_ASCII | NEWLINE) != 0 || b[p] == b'\'' {
+        return None;
+    }
+    let c1 = byte_class(*b.get(p + 1)?);
+    if c1 & LETTER != 0 {
+        return ascii_letters(b, p + 1); // B2 with the prefix
+    }
+    ascii_punctuation(b, p, c0, c1, false) // B4
+}
+
+/// `[U]*[W]+C?` or `[U]+[W]*C?` at `q` over ASCII letters (which are in U or in W, never in
+/// both): the upper-case run, the lower-case run, a contraction.
+#[inline(always)]
+fn ascii_word(b: &[u8], q: usize) -> Option<usize> {
+    let mut i = q;
+    while i < b.len() && byte_class(b[i]) & UPPER != 0 {
+        i += 1;
+    }
+    i = lower_run(b, i);
+    if b.get(i).is_some_and(|&c| byte_class(c) & NON_ASCII != 0) {
+        return None; // a longer character could still be a letter of the word
+    }
+    Some(contraction(b, i))
+}
+
+/// The end of the run of ASCII lower-case letters at `i`, eight bytes at a time where the
+/// text has them (most words end within the first eight).
+#[inline(always)]
+fn lower_run(b: &[u8], i: usize) -> usize {
+    letter_run_with(b, i, 0, LOWER)
+}
+
+/// The end of the run of ASCII letters of either case at `i` (see [`lower_run`]).
+#[inline(always)]
+fn letter_run(b: &[u8], i: usize) -> usize {
+    letter_run_with(b, i, 0x20, LETTER)
+}
+
+/// The end of the run at `i` of ASCII bytes that are lower-case letters once OR-ed with
+/// `fold` (0x20 folds upper case onto lower case, and no other byte onto a letter), and
+/// after the last full 8 bytes of ASCII bytes whose class has `class`.
+#[inline(always)]
+fn letter_run_with(b: &[u8], mut i: usize, fold: u8, class: u8) -> usize {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    const EACH: u64 = 0x0101_0101_0101_0101;
+    while let Some(&[b0, b1, b2, b3, b4, b5, b6, b7]) = b.get(i..i + 8) {
+        let x = u64::from_le_bytes([b0, b1, b2, b3, b4, b5, b6, b7]);
+        let y = (x & LOW7) | (u64::from(fold) * EACH);
+        // High bit of each byte: at least b'a' (y + 0x1f carries into bit 7), at least
+        // b'{' (y + 5 does), an ASCII byte at all; no carry crosses a byte (y <= 0x7f).
+        let from_a = y + 0x1f * EACH;
+        let past_z = y + 0x05 * EACH;
+        let lower = from_a & !past_z & !x & HIGH;
+        let stop = !lower & HIGH;
+        if stop != 0 {
+            return i + (stop.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while i < b.len() && byte_class(b[i]) & class != 0 {
+        i += 1;
+    }
+    i
+}
+
+/// `\p{L}++` at `q` over ASCII letters.
+#[inline(always)]
+fn ascii_letters(b: &[u8], q: usize) -> Option<usize> {
+    let i = letter_run(b, q);
+    if b.get(i).is_some_and(|&c| byte_class(c) & NON_ASCII != 0) {
+        return None;
+    }
+    Some(i)
+}
+
+/// `\p{N}{1,3}` at `p` (an ASCII digit) over ASCII digits.
+#[inline(always)]
+fn ascii_digits(b: &[u8], p: usize) -> Option<usize> {
+    let mut i = p + 1;
+    while i < b.len() && i < p + 3 {
+        let c = byte_class(b[i]);
+        if c & NON_ASCII != 0 {
+            return None; // could be a number character
+        }
+        if c & NUMBER == 0 {
+            break;
+        }
+        i += 1;
+    }
+    Some(i)
+}
+
+/// A4 ` ?[^\s\p{L}\p{N}]+[\r\n/]*` (`slash`) or B4 ` ?[^\s\p{L}\p{N}]+[\r\n]*` at `p`,
+/// whose ASCII character (class `c0`, in P and not a letter) is followed by one of class
+/// `c1` that is not a letter, over ASCII characters.
+#[inline(always)]
+fn ascii_punctuation(b: &[u8], p: usize, c0: u8, c1: u8, slash: bool) -> Option<usize> {
+    let other = |c: u8| c & (SPACE | LETTER | NUMBER | NON_ASCII) == 0;
+    let mut i = if other(c0) {
+        p + 1
+    } else if b[p] == b' ' && other(c1) {
+        p + 2
+    } else {
+        return None; // white space: the general path's runs
+    };
+    while i < b.len() {
+        let c = byte_class(b[i]);
+        if c & NON_ASCII != 0 {
+            return None; // could be punctuation too
+        }
+        if !other(c) {
+            break;
+        }
+        i += 1;
+    }
+    while i < b.len() && (b[i] == b'\r' || b[i] == b'\n' || (slash && b[i] == b'/')) {
+        i += 1;
+    }
+    Some(i)
+}
+
+/// The o200k piece at `p`, any characters.
+#[inline(never)]
+fn o200k_general(b: &[u8], p: usize) -> usize {
     let (f0, l0) = class_at(b, p);
     if is_prefix(f0) || f0 & (UPPER | LOWER) != 0 {
         if let Some(end) = o200k_lower_word(b, p, f0, l0) {
@@ -77,8 +264,9 @@ pub(super) fn o200k_piece_end(b: &[u8], p: usize) -> usize {
     p + l0
 }
 
-/// The end of the piece of `b` starting at `p < b.len()`, for cl100k_base.
-pub(super) fn cl100k_piece_end(b: &[u8], p: usize) -> usize {
+/// The cl100k piece at `p`, any characters.
+#[inline(never)]
+fn cl100k_general(b: &[u8], p: usize) -> usize {
     if b[p] == b'\'' {
         let end = contraction(b, p);
         if end > p {
@@ -171,9 +359,18 @@ fn o200k_upper_word(b: &[u8], p: usize, f0: u8, l0: usize) -> Option<usize> {
 
 /// `(?i:'s|'t|'re|'ve|'m|'ll|'d)` at `i`: the end of the contraction, or `i` when there is
 /// none (the same set as cl100k's `'(?i:[sdmt]|ll|ve|re)`).
-#[inline]
+#[inline(always)]
 fn contraction(b: &[u8], i: usize) -> usize {
-    if b.get(i) != Some(&b'\'') || i + 1 >= b.len() {
+    if b.get(i) != Some(&b'\'') {
+        return i;
+    }
+    contraction_after_apostrophe(b, i)
+}
+
+/// [`contraction`] at an apostrophe.
+#[inline(never)]
+fn contraction_after_apostrophe(b: &[u8], i: usize) -> usize {
+    if i + 1 >= b.len() {
         return i;
     }
     let (c1, l1) = decode(b, i + 1);
@@ -288,8 +485,83 @@ pub(super) fn pieces(text: &str, end_of: fn(&[u8], usize) -> usize) -> Vec<&str>
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+
+    /// Where an ASCII fast path answers, at every character boundary of `text`, it gives
+    /// the general path's answer.
+    pub(in crate::bpe) fn assert_fast_paths_agree(text: &str) {
+        let b = text.as_bytes();
+        for (p, _) in text.char_indices() {
+            if let Some(end) = o200k_ascii(b, p) {
+                assert_eq!(end, o200k_general(b, p), "o200k at {p} of {text:?}");
+            }
+            if let Some(end) = cl100k_ascii(b, p) {
+                assert_eq!(end, cl100k_general(b, p), "cl100k at {p} of {text:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn letter_runs_end_at_the_first_other_byte() {
+        for byte in 0..=255u8 {
+            for at in 0..12 {
+                let mut text = vec![b'q'; 12];
+                text[at] = byte;
+                let want = if byte.is_ascii_lowercase() { 12 } else { at };
+                assert_eq!(lower_run(&text, 0), want, "{byte:#x} at {at}");
+                assert_eq!(lower_run(&text, at.min(3)), want.max(at.min(3)));
+                let want = if byte.is_ascii_alphabetic() { 12 } else { at };
+                assert_eq!(letter_run(&text, 0), want, "{byte:#x} at {at}");
+                if at > 0 {
+                    text[0] = b'Q';
+                    assert_eq!(letter_run(&text, 0), want, "{byte:#x} at {at}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ascii_fast_paths_agree_with_the_general_ones_on_edge_cases() {
+        for text in [
+            "hello world",
+            "Hello World",
+            "HTTPServer",
+            "iPhone",
+            "don't",
+            "DON'T",
+            "it's",
+            "it'ſ",
+            "x'll",
+            "a  b",
+            " (req)",
+            "(req",
+            "!!\n/x",
+            " !!\n\r/",
+            "a!b",
+            "123456",
+            "12\u{663}",
+            "1\u{bd}",
+            "caf\u{e9}",
+            "ABC\u{e9}",
+            " \u{4e2d}",
+            "!\u{ff0c}",
+            "\tword",
+            "\x0bword",
+            "x",
+            " ",
+            "!",
+            "a\n",
+            "'s",
+            "''",
+            "A'",
+            "é",
+            "_x",
+            "x_y",
+        ] {
+            assert_fast_paths_agree(text);
+        }
+    }
 
     fn o200k(text: &str) -> Vec<&str> {
         pieces(text, o200k_piece_end)

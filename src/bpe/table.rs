@@ -1,80 +1,91 @@
-//! A vocabulary's rank table, read in place from the bytes `build.rs` embedded in the
-//! module: token bytes → rank, with no hashing or allocation at VM start. Wasm copies the
-//! data segment into each VM's linear memory once; nothing else is built.
+//! A vocabulary's rank tables, read in place from the bytes `build.rs` embedded in the
+//! module: token bytes → token info (rank, and whether the token can be the left or right
+//! part of a merge), with no hashing or allocation at VM start. Wasm copies the data segment
+//! into each VM's linear memory once; nothing else is built.
 //!
-//! Layout and hash: `hash.rs`. A lookup hashes the key once, walks the probe sequence from
-//! its home slot and compares bytes only with slots whose length and fingerprint match; an
-//! empty slot ends an unsuccessful search.
+//! Layouts and hashes: `hash.rs`. Single bytes are an array; two-byte keys are first tested
+//! against a bitmap of the two-byte tokens (8 KB, where most pairs a merge asks about end);
+//! other keys go to the table for their length, whose slots hold the token's bytes: keys of
+//! up to 8 bytes are compared as one integer, so a lookup touches one slot's cache line (and
+//! a long token's tail, for the rare keys of 9 bytes or more that reach a slot with the same
+//! first 8 bytes and length).
 
 use super::hash;
 
 /// One encoding's ordinary vocabulary (special tokens are not in it: the filter counts
 /// their spellings as ordinary text).
 pub(super) struct Vocab {
-    /// `slot_count` little-endian `u64` slots.
-    pub(super) slots: &'static [u8],
-    /// Every token's bytes, in rank order.
-    pub(super) pool: &'static [u8],
+    /// Tokens of 2..=4 bytes: `hash::SHORT_SLOT`-byte slots.
+    pub(super) short: &'static [u8],
+    pub(super) short_homes: usize,
+    /// Tokens of 5..=8 bytes: `hash::MEDIUM_SLOT`-byte slots.
+    pub(super) medium: &'static [u8],
+    pub(super) medium_homes: usize,
+    /// Tokens of 9 bytes or more: `hash::LONG_SLOT`-byte slots.
+    pub(super) long: &'static [u8],
+    pub(super) long_homes: usize,
+    /// The bytes of long tokens after their first eight.
+    pub(super) tails: &'static [u8],
+    /// Characters a merge may start from whole: `hash::CHAR_SLOT`-byte slots.
+    pub(super) chars: &'static [u8],
+    pub(super) char_homes: usize,
     /// One bit per byte pair, set when the pair is a token: most pairs a merge asks about
     /// are not, and this answers them from 8 KB instead of the large table.
     pub(super) pairs: &'static [u8; 8192],
-    /// Two bitsets over ranks, one after the other: the token is a proper prefix of a longer
-    /// token; it is a proper suffix of one. Parts whose bits rule out a merge are not looked
-    /// up at all.
-    pub(super) affixes: &'static [u8],
-    pub(super) slot_count: usize,
     /// Number of tokens (ranks are `0..tokens`).
     pub(super) tokens: usize,
-    /// The rank of each single byte (all 256 are tokens).
-    pub(super) byte_ranks: [u32; 256],
+    /// The info of each single byte (all 256 are tokens).
+    pub(super) bytes: [u32; 256],
 }
 
 include!(concat!(env!("OUT_DIR"), "/vocab.rs"));
 
-impl Vocab {
-    /// The rank of the token spelled `key`, if there is one.
-    #[inline]
-    pub(super) fn rank(&self, key: &[u8]) -> Option<u32> {
-        match *key {
-            [] => return None,
-            [b] => return Some(self.byte_ranks[usize::from(b)]),
-            [b0, b1] if !self.is_pair(b0, b1) => return None,
-            _ => {}
-        }
-        let h = hash::hash(key);
-        let want = hash::match_bits(key.len(), h);
-        let mut i = hash::home(h, self.slot_count as u64) as usize;
-        loop {
-            let slot = self.slot(i);
-            if slot & hash::MATCH_MASK == want {
-                let at = hash::slot_offset(slot);
-                if let Some(token) = self.pool.get(at..at + key.len()) {
-                    if hash::same_bytes(token, key) {
-                        return Some(hash::slot_rank(slot));
-                    }
-                }
-            } else if hash::slot_len(slot) == 0 {
-                return None;
-            }
-            i += 1;
-            if i == self.slot_count {
-                i = 0;
-            }
-        }
+/// Four bytes of `table` from `at`, little-endian (0 past the end: an empty slot's meta).
+#[inline(always)]
+fn word(table: &[u8], at: usize) -> u32 {
+    match table.get(at..at + 4) {
+        Some(&[a, b, c, d]) => u32::from_le_bytes([a, b, c, d]),
+        _ => 0,
     }
+}
 
-    /// Whether the tokens `left` and `right` could concatenate to a token: `left` must be a
-    /// proper prefix and `right` a proper suffix of some token. False means certainly not.
+/// The byte offset and meta word of the slot holding the `len`-byte `key` (2..=4 bytes,
+/// hash `h`) in a table whose slots start with a `u32` key and a meta word, read as one
+/// 8-byte word per slot.
+#[inline(always)]
+fn find_short(
+    table: &[u8],
+    slot: usize,
+    homes: usize,
+    h: u64,
+    key: u64,
+    len: usize,
+) -> Option<(usize, u32)> {
+    // Key and length fields at once; the length field is never 0 for these lengths, so
+    // an empty (all-zero) slot never matches.
+    let fields = u64::from(u32::MAX) | u64::from(hash::LEN_MASK) << 32;
+    let want = (key & u64::from(u32::MAX)) | u64::from(hash::len_field(len)) << 32;
+    let mut at = hash::home(h, homes) * slot;
+    let mut walked = 0;
+    loop {
+        let both = hash::load8(table, at);
+        let meta = (both >> 32) as u32;
+        if both & fields == want {
+            return Some((at, meta));
+        }
+        if hash::ends_search(meta, walked) {
+            return None;
+        }
+        at += slot;
+        walked += 1;
+    }
+}
+
+impl Vocab {
+    /// The info of the single byte `b`.
     #[inline(always)]
-    pub(super) fn may_join(&self, left: u32, right: u32) -> bool {
-        let half = self.affixes.len() / 2;
-        let bit = |base: usize, rank: u32| {
-            let r = rank as usize;
-            self.affixes
-                .get(base + r / 8)
-                .is_some_and(|b| b & (1 << (r % 8)) != 0)
-        };
-        bit(0, left) && bit(half, right)
+    pub(super) fn byte(&self, b: u8) -> u32 {
+        self.bytes[usize::from(b)]
     }
 
     /// Whether the two bytes `b0 b1` are a token.
@@ -84,51 +95,172 @@ impl Vocab {
         self.pairs[bit / 8] & (1 << (bit % 8)) != 0
     }
 
+    /// The info of the token whose `len` (2..=8) bytes are `key` (little-endian,
+    /// zero-padded), if there is one. The caller has checked two-byte keys against
+    /// [`Vocab::is_pair`] or knows them to be tokens.
     #[inline(always)]
-    fn slot(&self, i: usize) -> u64 {
-        match self.slots.get(i * 8..i * 8 + 8) {
-            Some(&[a, b, c, d, e, f, g, h]) => u64::from_le_bytes([a, b, c, d, e, f, g, h]),
-            // Out of range never happens for i < slot_count; an empty slot ends the search.
-            _ => 0,
+    pub(super) fn short_info(&self, key: u64, len: usize) -> Option<u32> {
+        let h = hash::short_hash(key, len);
+        if len <= hash::SHORT_MAX {
+            let (_, meta) =
+                find_short(self.short, hash::SHORT_SLOT, self.short_homes, h, key, len)?;
+            Some(hash::meta_info(meta))
+        } else {
+            let mut at = hash::home(h, self.medium_homes) * hash::MEDIUM_SLOT;
+            let mut walked = 0;
+            loop {
+                let meta = word(self.medium, at + 8);
+                if hash::ends_search(meta, walked) {
+                    return None;
+                }
+                if hash::len_matches(meta, len) && hash::load8(self.medium, at) == key {
+                    return Some(hash::meta_info(meta));
+                }
+                at += hash::MEDIUM_SLOT;
+                walked += 1;
+            }
         }
     }
 
-    /// The embedded table has the size the generated constants say (it always has, unless
-    /// the build is broken); the one check a VM makes before counting.
-    pub(super) fn is_consistent(&self) -> bool {
-        self.slots.len() == self.slot_count * 8
-            && self.slot_count > self.tokens
-            && self.affixes.len() == self.tokens.div_ceil(8) * 2
-            && self.byte_ranks.iter().all(|&r| (r as usize) < self.tokens)
+    /// The info and neighbour masks of the character whose `len` (2..=4) bytes are `key`,
+    /// if a merge may start from it whole (see `merge.rs`).
+    #[inline(always)]
+    pub(super) fn char_info(&self, key: u64, len: usize) -> Option<(u32, u32)> {
+        let h = hash::short_hash(key, len);
+        let (at, meta) = find_short(self.chars, hash::CHAR_SLOT, self.char_homes, h, key, len)?;
+        Some((hash::meta_info(meta), word(self.chars, at + 8)))
     }
 
-    /// The bytes of the token with `rank` (a linear scan: for tests and diagnostics only).
+    /// The info of the token spelled `key` (more than 8 bytes), if there is one.
+    #[inline(never)]
+    pub(super) fn long_info(&self, key: &[u8]) -> Option<u32> {
+        let first = hash::load8(key, 0);
+        let tail = key.get(8..)?;
+        let mut at = hash::home(hash::long_hash(key), self.long_homes) * hash::LONG_SLOT;
+        let mut walked = 0;
+        loop {
+            let meta = word(self.long, at + 8);
+            if hash::ends_search(meta, walked) {
+                return None;
+            }
+            if hash::load8(self.long, at) == first {
+                let tail_word = word(self.long, at + 12);
+                if hash::tail_len(tail_word) == key.len() {
+                    let off = hash::tail_offset(tail_word);
+                    if let Some(stored) = self.tails.get(off..off + tail.len()) {
+                        if hash::same_bytes(stored, tail) {
+                            return Some(hash::meta_info(meta));
+                        }
+                    }
+                }
+            }
+            at += hash::LONG_SLOT;
+            walked += 1;
+        }
+    }
+
+    /// The info of the token spelled `key`, if there is one.
+    #[inline]
+    pub(super) fn info(&self, key: &[u8]) -> Option<u32> {
+        match *key {
+            [] => None,
+            [b] => Some(self.byte(b)),
+            [b0, b1] if !self.is_pair(b0, b1) => None,
+            _ if key.len() <= hash::MEDIUM_MAX => self.short_info(hash::load_short(key), key.len()),
+            _ => self.long_info(key),
+        }
+    }
+
+    /// The info of the token spelled `text[start..end]` (`start < end <= text.len()`), if
+    /// there is one; reads the key as one 8-byte load where the text allows.
+    #[inline(always)]
+    pub(super) fn info_in(&self, text: &[u8], start: usize, end: usize) -> Option<u32> {
+        let len = end - start;
+        if !(2..=hash::MEDIUM_MAX).contains(&len) || text.len() < 8 {
+            return self.info(text.get(start..end)?);
+        }
+        if len == 2 && !self.is_pair(text[start], text[start + 1]) {
+            return None;
+        }
+        self.short_info(hash::key_at(text, start, len), len)
+    }
+
+    /// The rank of the token spelled `key`, if there is one.
     #[cfg(test)]
-    pub(super) fn bytes_of(&self, rank: u32) -> Option<&'static [u8]> {
-        (0..self.slot_count).find_map(|i| {
-            let slot = self.slot(i);
-            (hash::slot_len(slot) != 0 && hash::slot_rank(slot) == rank).then(|| {
-                let at = hash::slot_offset(slot);
-                &self.pool[at..at + hash::slot_len(slot)]
-            })
-        })
+    pub(super) fn rank(&self, key: &[u8]) -> Option<u32> {
+        self.info(key).map(|info| info & hash::RANK_MASK)
+    }
+
+    /// The embedded tables have the sizes the generated constants say (they always have,
+    /// unless the build is broken); the one check a VM makes before counting.
+    pub(super) fn is_consistent(&self) -> bool {
+        let fits = |table: &[u8], slot: usize, homes: usize| {
+            table.len() % slot == 0 && table.len() / slot >= homes && homes > 0
+        };
+        fits(self.short, hash::SHORT_SLOT, self.short_homes)
+            && fits(self.chars, hash::CHAR_SLOT, self.char_homes)
+            && fits(self.medium, hash::MEDIUM_SLOT, self.medium_homes)
+            && fits(self.long, hash::LONG_SLOT, self.long_homes)
+            && self
+                .bytes
+                .iter()
+                .all(|&info| ((info & hash::RANK_MASK) as usize) < self.tokens)
+    }
+
+    /// The `chars` table's characters, infos and neighbour masks (for tests).
+    #[cfg(test)]
+    pub(super) fn char_entries(&self) -> Vec<(Vec<u8>, u32, u32)> {
+        let mut out = Vec::new();
+        for at in (0..self.chars.len()).step_by(hash::CHAR_SLOT) {
+            let meta = word(self.chars, at + 4);
+            if !hash::ends_search(meta, 0) {
+                let len = ((meta >> hash::INFO_BITS) & 7) as usize;
+                let bytes = self.chars[at..at + len].to_vec();
+                out.push((bytes, hash::meta_info(meta), word(self.chars, at + 8)));
+            }
+        }
+        out
+    }
+
+    /// Every token's bytes and info, in table order (for tests and diagnostics).
+    #[cfg(test)]
+    pub(super) fn entries(&self) -> Vec<(Vec<u8>, u32)> {
+        let mut out: Vec<(Vec<u8>, u32)> = (0..=255u8).map(|b| (vec![b], self.byte(b))).collect();
+        for at in (0..self.short.len()).step_by(hash::SHORT_SLOT) {
+            let meta = word(self.short, at + 4);
+            if !hash::ends_search(meta, 0) {
+                let len = ((meta >> hash::INFO_BITS) & 7) as usize;
+                out.push((self.short[at..at + len].to_vec(), hash::meta_info(meta)));
+            }
+        }
+        for at in (0..self.medium.len()).step_by(hash::MEDIUM_SLOT) {
+            let meta = word(self.medium, at + 8);
+            if !hash::ends_search(meta, 0) {
+                let len = match (meta >> hash::INFO_BITS) & 7 {
+                    0 => 8,
+                    n => n as usize,
+                };
+                out.push((self.medium[at..at + len].to_vec(), hash::meta_info(meta)));
+            }
+        }
+        for at in (0..self.long.len()).step_by(hash::LONG_SLOT) {
+            let meta = word(self.long, at + 8);
+            if !hash::ends_search(meta, 0) {
+                let tail_word = word(self.long, at + 12);
+                let off = hash::tail_offset(tail_word);
+                let mut bytes = self.long[at..at + 8].to_vec();
+                bytes.extend_from_slice(&self.tails[off..off + hash::tail_len(tail_word) - 8]);
+                out.push((bytes, hash::meta_info(meta)));
+            }
+        }
+        out
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_single_byte_is_a_token_and_found_by_lookup_too() {
-        for vocab in [&O200K_BASE, &CL100K_BASE] {
-            assert!(vocab.is_consistent());
-            for b in 0..=255u8 {
-                let r = vocab.byte_ranks[usize::from(b)];
-                assert_eq!(vocab.bytes_of(r), Some(&[b][..]));
-            }
-        }
-    }
+    use std::collections::HashSet;
 
     #[test]
     fn known_tokens_have_their_tiktoken_ranks() {
@@ -143,21 +275,76 @@ mod tests {
     }
 
     #[test]
-    fn every_slot_is_found_from_its_own_bytes() {
+    fn every_token_is_in_the_tables_once_and_found_from_its_own_bytes() {
         for vocab in [&O200K_BASE, &CL100K_BASE] {
-            let mut found = 0;
-            for i in 0..vocab.slot_count {
-                let slot = vocab.slot(i);
-                let len = hash::slot_len(slot);
-                if len == 0 {
-                    continue;
+            assert!(vocab.is_consistent());
+            let entries = vocab.entries();
+            assert_eq!(entries.len(), vocab.tokens);
+            let ranks: HashSet<u32> = entries.iter().map(|e| e.1 & hash::RANK_MASK).collect();
+            assert_eq!(ranks.len(), vocab.tokens);
+            for (bytes, info) in &entries {
+                assert_eq!(vocab.info(bytes), Some(*info), "{bytes:?}");
+                // The same key at every position of a text: the over-reading load.
+                for before in 0..9 {
+                    for after in 0..9 {
+                        let mut text = vec![b'#'; before];
+                        text.extend_from_slice(bytes);
+                        text.extend(std::iter::repeat_n(b'#', after));
+                        let end = before + bytes.len();
+                        assert_eq!(vocab.info_in(&text, before, end), Some(*info));
+                    }
                 }
-                let at = hash::slot_offset(slot);
-                let key = &vocab.pool[at..at + len];
-                assert_eq!(vocab.rank(key), Some(hash::slot_rank(slot)));
-                found += 1;
             }
-            assert_eq!(found, vocab.tokens);
+        }
+    }
+
+    #[test]
+    fn prefix_and_suffix_bits_say_which_tokens_extend() {
+        for vocab in [&O200K_BASE, &CL100K_BASE] {
+            let entries = vocab.entries();
+            let mut prefixes = HashSet::new();
+            let mut suffixes = HashSet::new();
+            for (bytes, _) in &entries {
+                for k in 1..bytes.len() {
+                    prefixes.insert(bytes[..k].to_vec());
+                    suffixes.insert(bytes[k..].to_vec());
+                }
+            }
+            for (bytes, info) in &entries {
+                assert_eq!(info & hash::PREFIX != 0, prefixes.contains(bytes));
+                assert_eq!(info & hash::SUFFIX != 0, suffixes.contains(bytes));
+            }
+        }
+    }
+
+    #[test]
+    fn keys_that_are_not_tokens_are_not_found() {
+        for vocab in [&O200K_BASE, &CL100K_BASE] {
+            let tokens: HashSet<Vec<u8>> = vocab.entries().into_iter().map(|e| e.0).collect();
+            // Every token with one byte changed or appended, and zero-padded variants
+            // (a key's padding must not match a shorter or longer token).
+            let mut tried = 0;
+            for token in tokens.iter().take(40_000) {
+                let mut variants = vec![token.clone()];
+                variants[0].push(0);
+                let mut changed = token.clone();
+                if let Some(last) = changed.last_mut() {
+                    *last = last.wrapping_add(1);
+                }
+                variants.push(changed);
+                if token.len() > 2 {
+                    variants.push(token[..token.len() - 1].to_vec());
+                }
+                for key in variants {
+                    assert_eq!(vocab.info(&key).is_some(), tokens.contains(&key), "{key:?}");
+                    tried += 1;
+                }
+            }
+            assert!(tried > 100_000);
+            for len in 2..=9 {
+                let zeros = vec![0u8; len];
+                assert_eq!(vocab.info(&zeros).is_some(), tokens.contains(&zeros));
+            }
         }
     }
 }

@@ -10,18 +10,27 @@
 //! long runs (pieces of hundreds of bytes, which take the heap merge), seeded random
 //! strings (code points drawn from every Unicode general category and every plane; random
 //! mixes of atoms, words and code points; random runs over small alphabets aimed at one
-//! part of the patterns each). Each string is encoded on its own (start and end of text
-//! matter to the patterns). `full_corpus_encodes_like_tiktoken` runs natively: 225,381
-//! strings, 5.6 MB per encoding when this was written (it prints the exact figures; the
+//! part of the patterns each, or at merges that start from whole characters next to
+//! characters of other scripts). Each string is encoded on its own (start and end of text
+//! matter to the patterns). `full_corpus_encodes_like_tiktoken` runs natively: 255,381
+//! strings, 6.3 MB per encoding when this was written (it prints the exact figures; the
 //! repository files in it change); about 20 s in a test build. `make wasm-test` runs
-//! `reduced_corpus_encodes_like_tiktoken` compiled to wasm32-wasip1 in V8: 35,212 strings,
-//! 0.64 MB per encoding.
+//! `reduced_corpus_encodes_like_tiktoken` compiled to wasm32-wasip1 in V8: 37,712 strings,
+//! 0.71 MB per encoding.
+//!
+//! The faster paths are also checked against the plainer ones they replace: the
+//! pre-tokenizers' ASCII fast paths against their general paths at every character
+//! boundary of the reduced corpus, merges from whole characters against a plain merge from
+//! bytes for every character that may start whole, the scan merge against the heap merge,
+//! and the rank tables against their own contents (every token found from its bytes at
+//! every offset, none found from near misses).
 
+use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use tiktoken_rs::CoreBPE;
 
-use super::{joins, merge, split, table, Bpe};
+use super::{hash, joins, merge, split, table, Bpe};
 
 // ---------------------------------------------------------------------------------------
 // The reference
@@ -550,7 +559,8 @@ fn long_runs() -> Vec<String> {
 
 /// Small alphabets whose random strings exercise one part of the patterns hard: white-space
 /// runs (lookahead, last newline), letters of every case class with marks and contractions
-/// (o200k's overlapping upper/lower classes), punctuation with newlines and slashes, digits.
+/// (o200k's overlapping upper/lower classes), punctuation with newlines and slashes, digits;
+/// and letters of several scripts side by side (merges from whole characters).
 const FOCUSED: &[&[&str]] = &[
     &[
         " ", "\t", "\r", "\n", "\u{a0}", "\u{3000}", "\u{2028}", "\u{85}", "\u{b}", "\u{c}",
@@ -565,6 +575,29 @@ const FOCUSED: &[&[&str]] = &[
     ],
     &[
         "1", "\u{663}", "\u{bd}", "\u{2160}", " ", "a", ".", "\u{ff11}",
+    ],
+    // Letters of several scripts side by side: merges that start from whole characters
+    // (merge.rs) next to neighbours of every lead-byte group.
+    &[
+        "\u{4e2d}",
+        "\u{6587}",
+        "\u{7684}",
+        "\u{306e}",
+        "\u{30ab}",
+        "\u{d55c}",
+        "\u{ad6d}",
+        "\u{3002}",
+        "\u{ff0c}",
+        "\u{e9}",
+        "\u{436}",
+        "\u{915}",
+        "\u{e01}",
+        "\u{1f600}",
+        "\u{20000}",
+        " ",
+        "a",
+        "'",
+        "s",
     ],
 ];
 
@@ -661,6 +694,15 @@ fn full_corpus_encodes_like_tiktoken() {
     }
 }
 
+/// The pre-tokenizers' ASCII fast paths agree with their general paths at every character
+/// boundary of the reduced corpus.
+#[test]
+fn ascii_fast_paths_agree_with_the_general_ones_on_the_corpus() {
+    for text in corpus(1) {
+        split::tests::assert_fast_paths_agree(&text);
+    }
+}
+
 #[test]
 fn reduced_corpus_encodes_like_tiktoken() {
     let corpus = corpus(1);
@@ -739,7 +781,7 @@ fn every_code_point_has_the_regex_engines_classes() {
 #[test]
 fn scan_and_heap_merges_agree() {
     let mut rng = Rng(42);
-    let mut scratch = merge::Scratch::default();
+    let mut scratch = merge::Scratch::new();
     let alphabets: [&[u8]; 5] = [
         b"ab",
         b"etaoinshr",
@@ -754,9 +796,147 @@ fn scan_and_heap_merges_agree() {
             let alphabet = *rng.pick(&alphabets);
             let piece: Vec<u8> = (0..len).map(|_| *rng.pick(alphabet)).collect();
             let (mut a, mut b) = (Vec::new(), Vec::new());
-            let na = merge::merge_small(vocab, &joins, &piece, &mut |t| a.push(t));
-            let nb = merge::merge_large(vocab, &joins, &piece, &mut scratch, &mut |t| b.push(t));
+            let na = merge::merge_small(
+                vocab,
+                &joins,
+                &piece,
+                merge::Start::Bytes,
+                &mut scratch,
+                &mut |t| a.push(t),
+            );
+            let nb = merge::merge_large(
+                vocab,
+                &joins,
+                &piece,
+                merge::Start::Bytes,
+                &mut scratch,
+                &mut |t| b.push(t),
+            );
             assert_eq!((na, &a), (nb, &b), "{piece:?}");
+        }
+    }
+}
+
+/// tiktoken's `byte_pair_merge`, as plainly as it can be written: the ranks `piece` merges
+/// into, starting from single bytes.
+fn plain_merge(ranks: &HashMap<Vec<u8>, u32>, piece: &[u8]) -> Vec<u32> {
+    let mut parts: Vec<Vec<u8>> = piece.iter().map(|&b| vec![b]).collect();
+    loop {
+        let mut best: Option<(u32, usize)> = None;
+        for i in 0..parts.len().saturating_sub(1) {
+            let joined = [parts[i].as_slice(), parts[i + 1].as_slice()].concat();
+            if let Some(&r) = ranks.get(&joined) {
+                if best.is_none_or(|(b, _)| r < b) {
+                    best = Some((r, i));
+                }
+            }
+        }
+        let Some((_, i)) = best else {
+            return parts.iter().map(|p| ranks[p]).collect();
+        };
+        let right = parts.remove(i + 1);
+        parts[i].extend_from_slice(&right);
+    }
+}
+
+/// A merge that starts from whole characters (the vocabulary's `chars` table, where the
+/// neighbours allow it) gives the tokens tiktoken's merge from single bytes gives: every
+/// character of the table alone, doubled, after and before characters of every lead-byte
+/// group, between two of them; and random runs of table characters and such neighbours,
+/// short (the scan path) and long (the heap path).
+#[test]
+fn merges_from_whole_characters_give_the_tokens_of_merges_from_bytes() {
+    const NEIGHBOURS: &[&str] = &[
+        " ",
+        "a",
+        "Z",
+        "1",
+        "'",
+        ".",
+        "\n",
+        "\u{e9}",
+        "\u{436}",
+        "\u{df}",
+        "\u{639}",
+        "\u{5e9}",
+        "\u{915}",
+        "\u{e01}",
+        "\u{2014}",
+        "\u{201c}",
+        "\u{2026}",
+        "\u{20ac}",
+        "\u{306e}",
+        "\u{30ab}",
+        "\u{3002}",
+        "\u{3001}",
+        "\u{4e2d}",
+        "\u{7684}",
+        "\u{6587}",
+        "\u{56fd}",
+        "\u{d55c}",
+        "\u{ad6d}",
+        "\u{c5b4}",
+        "\u{ff0c}",
+        "\u{ff01}",
+        "\u{ff71}",
+        "\u{e000}",
+        "\u{1f600}",
+        "\u{20000}",
+        "\u{1f3fd}",
+    ];
+    let step = if cfg!(target_family = "wasm") { 7 } else { 1 };
+    let mut rng = Rng(0x63_68_61_72_73); // "chars"
+    let mut scratch = merge::Scratch::new();
+    for vocab in [&table::O200K_BASE, &table::CL100K_BASE] {
+        let joins = joins::Joins::new();
+        let ranks: HashMap<Vec<u8>, u32> = vocab
+            .entries()
+            .into_iter()
+            .map(|(bytes, info)| (bytes, info & hash::RANK_MASK))
+            .collect();
+        let chars: Vec<String> = vocab
+            .char_entries()
+            .into_iter()
+            .map(|(bytes, _, _)| String::from_utf8(bytes).unwrap())
+            .collect();
+        assert!(chars.len() > 1000);
+        let mut check = |text: &str| {
+            let piece = text.as_bytes();
+            if piece.len() < 2 {
+                return;
+            }
+            let mut whole = Vec::new();
+            let n = merge::merge(
+                vocab,
+                &joins,
+                piece,
+                merge::Start::Chars,
+                &mut scratch,
+                &mut |t| whole.push(t),
+            );
+            assert_eq!(n, whole.len());
+            assert_eq!(whole, plain_merge(&ranks, piece), "{text:?}");
+        };
+        for c in chars.iter().step_by(step) {
+            check(c);
+            check(&format!("{c}{c}"));
+            for n in NEIGHBOURS {
+                check(&format!("{n}{c}"));
+                check(&format!("{c}{n}"));
+                check(&format!("{n}{c}{}", rng.pick(NEIGHBOURS)));
+                check(&format!("{}{c}{n}", rng.pick(&chars)));
+            }
+        }
+        for _ in 0..20_000 / step {
+            let longest = if rng.below(4) == 0 { 60 } else { 16 };
+            let len = 1 + rng.below(longest);
+            let text: String = (0..len)
+                .map(|_| match rng.below(3) {
+                    0 => *rng.pick(NEIGHBOURS),
+                    _ => rng.pick(&chars).as_str(),
+                })
+                .collect();
+            check(&text);
         }
     }
 }
