@@ -475,7 +475,14 @@ def agent_pool(seed: int) -> list[bytes]:
 def run_wrk(port: int, script: Path, args: argparse.Namespace, duration: float) -> dict:
     cmd = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{max(1, round(duration))}s", "--latency",
            "-s", str(script), f"http://127.0.0.1:{port}{PATH_CHAT}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+    except subprocess.TimeoutExpired:
+        # A point that cannot finish is reported as such, not the end of the whole run.
+        log(f"wrk did not finish within {duration + 60:.0f} s: point recorded as failed")
+        return {"requests": 0, "duration_us": int(duration * 1e6), "bytes": 0, "connect": 0,
+                "read": 0, "write": 0, "status": 0, "timeout": 1, "p50_us": 0, "p99_us": 0,
+                "mean_us": 0.0, "rps": 0.0, "errors": 1, "failed": True}
     m = re.search(r"^BENCH (\{.*\})$", out.stdout, re.M)
     if not m:
         sys.exit(f"wrk gave no result:\n{out.stdout}\n{out.stderr}")

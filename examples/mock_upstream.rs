@@ -85,6 +85,9 @@ fn main() -> ExitCode {
         }
     };
     server.set_logging(!args.quiet);
+    // Nothing reads the requests of a standalone mock (make run, make bench): keeping
+    // them would grow its memory by every body it is sent.
+    server.set_recording(false);
     println!(
         "mock upstream {} listening on 127.0.0.1:{}",
         server.name(),

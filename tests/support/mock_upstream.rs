@@ -185,6 +185,11 @@ impl MockUpstream {
         self.shared.logging.store(on, Ordering::Relaxed);
     }
 
+    /// Keeps (the default) or forgets requests as they arrive; usage totals are kept.
+    pub fn set_recording(&self, on: bool) {
+        self.shared.recording.store(on, Ordering::Relaxed);
+    }
+
     /// Serves until the process ends.
     pub fn serve_forever(mut self) {
         if let Some(acceptor) = self.acceptor.take() {
@@ -223,6 +228,9 @@ struct Shared {
     next_connection: AtomicU64,
     stopping: AtomicBool,
     logging: AtomicBool,
+    /// Keep every request for [`MockUpstream::requests`] (on by default; the example
+    /// binary turns it off: a benchmark's millions of bodies would fill the memory).
+    recording: AtomicBool,
 }
 
 impl Shared {
@@ -235,6 +243,7 @@ impl Shared {
             next_connection: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             logging: AtomicBool::new(false),
+            recording: AtomicBool::new(true),
         }
     }
 
@@ -310,7 +319,9 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
         let close = request
             .header("connection")
             .is_some_and(|v| v.eq_ignore_ascii_case("close"));
-        lock(&shared.requests).push(request.clone());
+        if shared.recording.load(Ordering::Relaxed) {
+            lock(&shared.requests).push(request.clone());
+        }
         let reply = plan_reply(&shared.name, &request);
         log_request(shared, &request, &reply);
         let outcome = send(&mut writer, shared, &reply, close);
