@@ -61,7 +61,7 @@ impl SseDecoder {
                 rest = &rest[1..];
             }
         }
-        while let Some(end) = rest.iter().position(|b| *b == b'\n' || *b == b'\r') {
+        while let Some(end) = memchr::memchr2(b'\n', b'\r', rest) {
             let (line, tail) = rest.split_at(end);
             // A line longer than `max_line` goes through `push_pending` even when whole in
             // this chunk, so it is dropped the same wherever the chunks were split.
@@ -113,7 +113,12 @@ impl SseDecoder {
             self.has_data = false;
             return;
         }
-        let text = String::from_utf8_lossy(line);
+        // Valid UTF-8 (every event a provider sends) is checked by the fast validator;
+        // only a broken line pays for the lossy decoding.
+        let text = match std::str::from_utf8(line) {
+            Ok(t) => Cow::Borrowed(t),
+            Err(_) => String::from_utf8_lossy(line),
+        };
         let (field, value) = match text.find(':') {
             Some(0) => return, // comment
             Some(i) => {
@@ -256,7 +261,7 @@ impl StreamMeter {
         let Ok(chunk) = read_event(data, openai_chunk) else {
             return false;
         };
-        for choice in &chunk.choices {
+        for choice in chunk.choices.iter() {
             if let Some(t) = &choice.text {
                 self.push_text(choice.index, t);
             }
@@ -264,7 +269,11 @@ impl StreamMeter {
                 for t in [&d.content, &d.refusal].into_iter().flatten() {
                     self.push_text(choice.index, t);
                 }
-                let calls = d.tool_calls.iter().flatten().chain(&d.function_call);
+                let calls = d
+                    .tool_calls
+                    .iter()
+                    .flat_map(List::iter)
+                    .chain(&d.function_call);
                 for f in calls {
                     for t in [&f.name, &f.arguments].into_iter().flatten() {
                         self.push_text(choice.index, t);
@@ -366,12 +375,66 @@ fn opt_str<'a>(r: &mut Reader<'a>) -> json::Result<Option<Cow<'a, str>>> {
     r.optional(Reader::string)
 }
 
+/// A list that holds its first item inline: a chunk nearly always has one choice and a tool
+/// call delta one call, so reading an event allocates nothing for them.
+#[derive(PartialEq)]
+struct List<T> {
+    first: Option<T>,
+    rest: Vec<T>,
+}
+
+impl<T> Default for List<T> {
+    fn default() -> Self {
+        List {
+            first: None,
+            rest: Vec::new(),
+        }
+    }
+}
+
+impl<T> List<T> {
+    fn push(&mut self, item: T) {
+        if self.first.is_none() {
+            self.first = Some(item);
+        } else {
+            self.rest.push(item);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &T> {
+        self.first.iter().chain(&self.rest)
+    }
+}
+
+impl<T> Extend<T> for List<T> {
+    fn extend<I: IntoIterator<Item = T>>(&mut self, items: I) {
+        for item in items {
+            self.push(item);
+        }
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for List<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+#[cfg(test)]
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for List<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut list = List::default();
+        list.extend(Vec::<T>::deserialize(d)?);
+        Ok(list)
+    }
+}
+
 /// A chat/completions stream chunk.
 #[derive(Debug, Default, PartialEq)]
 #[cfg_attr(test, derive(Deserialize))]
 struct OpenAiChunk<'a> {
     #[cfg_attr(test, serde(default))]
-    choices: Vec<ChunkChoice<'a>>,
+    choices: List<ChunkChoice<'a>>,
     #[cfg_attr(test, serde(default))]
     usage: Option<RawUsage>,
 }
@@ -396,7 +459,7 @@ struct ChunkDelta<'a> {
     refusal: Option<Cow<'a, str>>,
     /// The `function` of each tool call.
     #[cfg_attr(test, serde(default, deserialize_with = "tests::tool_call_functions"))]
-    tool_calls: Option<Vec<FunctionDelta<'a>>>,
+    tool_calls: Option<List<FunctionDelta<'a>>>,
     #[cfg_attr(test, serde(default))]
     function_call: Option<FunctionDelta<'a>>,
 }
@@ -447,7 +510,7 @@ fn chunk_delta<'a>(r: &mut Reader<'a>) -> json::Result<ChunkDelta<'a>> {
             1 => d.refusal = opt_str(r)?,
             2 => {
                 d.tool_calls = r.optional(|r| {
-                    let mut calls = Vec::new();
+                    let mut calls = List::default();
                     r.array("an array of tool calls", |r| {
                         let mut function = None;
                         r.fields("an object (tool call)", &["function"], |r, _| {
@@ -572,14 +635,18 @@ mod tests {
     /// `tool_calls` as serde read them: each call's `function`, if any.
     pub(super) fn tool_call_functions<'de, 'a, D: serde::Deserializer<'de>>(
         d: D,
-    ) -> Result<Option<Vec<FunctionDelta<'a>>>, D::Error> {
+    ) -> Result<Option<List<FunctionDelta<'a>>>, D::Error> {
         #[derive(Deserialize)]
         struct ToolCallDelta<'a> {
             #[serde(default)]
             function: Option<FunctionDelta<'a>>,
         }
         let calls = Option::<Vec<ToolCallDelta<'a>>>::deserialize(d)?;
-        Ok(calls.map(|c| c.into_iter().filter_map(|c| c.function).collect()))
+        Ok(calls.map(|c| {
+            let mut list = List::default();
+            list.extend(c.into_iter().filter_map(|c| c.function));
+            list
+        }))
     }
 
     #[derive(Deserialize)]
