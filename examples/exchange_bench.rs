@@ -12,7 +12,9 @@
 //! ```
 //!
 //! Arguments: request bodies (chat completions JSON) to send, relative to the current
-//! directory. Every request is made distinct (its last message's text starts with the
+//! directory. A body asking for `"stream":true` is answered with a chat completion stream
+//! ([`stream_events`]: one SSE event per body chunk, as the mock upstream sends it, ending
+//! with a usage chunk and `[DONE]`); any other with one JSON completion. Every request is made distinct (its last message's text starts with the
 //! request's number), so the filter's count cache never serves it: the cost measured is
 //! that of text never seen before; `--repeat` sends the body unchanged instead (from the
 //! third request on, its long texts come from the cache). Options: `--rounds N` (default
@@ -65,6 +67,38 @@ static GLOBAL: CountingAlloc = CountingAlloc;
 
 const RESPONSE: &[u8] = br#"{"id":"chatcmpl-mock","object":"chat.completion","created":1700000000,"model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}}}"#;
 
+/// A streamed answer: a role-and-text chunk, 23 more text chunks, the finish chunk, the
+/// usage chunk (`stream_options.include_usage`) and `[DONE]`, each delivered as its own body
+/// chunk.
+fn stream_events() -> Vec<Vec<u8>> {
+    const HEAD: &str = r#"{"id":"chatcmpl-mock","object":"chat.completion.chunk","created":1700000000,"model":"gpt-4o""#;
+    let words = "Sure, here is a short answer with a few words in every chunk, as models \
+                 stream them: tokens arrive one or two at a time, and the filter meters them.";
+    let mut events: Vec<Vec<u8>> = words
+        .split_inclusive(' ')
+        .enumerate()
+        .map(|(i, w)| {
+            let role = if i == 0 { r#""role":"assistant","# } else { "" };
+            format!(
+                "data: {HEAD},\"choices\":[{{\"index\":0,\"delta\":{{{role}\"content\":\"{w}\"}},\"finish_reason\":null}}]}}\n\n"
+            )
+            .into_bytes()
+        })
+        .collect();
+    events.push(
+        format!("data: {HEAD},\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"stop\"}}]}}\n\n")
+            .into_bytes(),
+    );
+    events.push(
+        format!(
+            "data: {HEAD},\"choices\":[],\"usage\":{{\"prompt_tokens\":11,\"completion_tokens\":30,\"total_tokens\":41}}}}\n\n"
+        )
+        .into_bytes(),
+    );
+    events.push(b"data: [DONE]\n\n".to_vec());
+    events
+}
+
 const CONFIGS: [(&str, &str); 3] = [
     ("count", r#"{"api":"v1"}"#),
     (
@@ -86,7 +120,8 @@ struct BenchHost {
     request_headers: Vec<(String, String)>,
     request_body: Vec<u8>,
     response_headers: Vec<(String, String)>,
-    response_chunk: &'static [u8],
+    /// The response body chunk Envoy would hold now.
+    response_chunk: Vec<u8>,
     shared: Shared,
     counters: HashMap<String, u64>,
     replied: Option<u32>,
@@ -192,7 +227,14 @@ impl Host for BenchHost {
 
 /// One request through the exchange, as Envoy's HTTP/1 codec delivers it: headers, the
 /// body (then an empty end-of-stream chunk), response headers, the response body, done.
-fn one_request(filter: &Rc<Filter>, host: &mut BenchHost, body: &[u8], id: u32) -> bool {
+/// `stream`: the events of a streamed answer (empty: answer with [`RESPONSE`]).
+fn one_request(
+    filter: &Rc<Filter>,
+    host: &mut BenchHost,
+    body: &[u8],
+    id: u32,
+    stream: &[Vec<u8>],
+) -> bool {
     host.request_headers = vec![
         (":method".into(), "POST".into()),
         (":path".into(), "/v1/chat/completions".into()),
@@ -209,11 +251,19 @@ fn one_request(filter: &Rc<Filter>, host: &mut BenchHost, body: &[u8], id: u32) 
     ];
     host.request_body.clear();
     host.request_body.extend_from_slice(body);
-    host.response_headers = vec![
-        (":status".into(), "200".into()),
-        ("content-type".into(), "application/json".into()),
-        ("content-length".into(), RESPONSE.len().to_string()),
-    ];
+    host.response_headers = if stream.is_empty() {
+        vec![
+            (":status".into(), "200".into()),
+            ("content-type".into(), "application/json".into()),
+            ("content-length".into(), RESPONSE.len().to_string()),
+        ]
+    } else {
+        vec![
+            (":status".into(), "200".into()),
+            ("content-type".into(), "text/event-stream".into()),
+            ("transfer-encoding".into(), "chunked".into()),
+        ]
+    };
     host.replied = None;
     let allocations = ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed);
     let mut ex = Exchange::new(Rc::clone(filter), id);
@@ -224,7 +274,20 @@ fn one_request(filter: &Rc<Filter>, host: &mut BenchHost, body: &[u8], id: u32) 
         return false;
     }
     ex.on_response_headers(host, false);
-    ex.on_response_body(host, RESPONSE.len(), true);
+    if stream.is_empty() {
+        host.response_chunk.clear();
+        host.response_chunk.extend_from_slice(RESPONSE);
+        ex.on_response_body(host, RESPONSE.len(), true);
+    } else {
+        // Chunks pass through (the filter returns Continue), so each call sees one event;
+        // the stream ends with an empty end-of-stream chunk, as Envoy's codec delivers it.
+        for event in stream {
+            host.response_chunk.clear();
+            host.response_chunk.extend_from_slice(event);
+            ex.on_response_body(host, event.len(), false);
+        }
+        ex.on_response_body(host, 0, true);
+    }
     ex.on_done(host);
     drop(ex);
     EXCHANGE_ALLOCATIONS.fetch_add(
@@ -355,16 +418,23 @@ fn main() -> ExitCode {
             request_headers: Vec::new(),
             request_body: Vec::new(),
             response_headers: Vec::new(),
-            response_chunk: RESPONSE,
+            response_chunk: Vec::new(),
             shared: Shared::default(),
             counters: HashMap::default(),
             replied: None,
         };
         for (path, body) in &bodies {
+            let streamed = serde_json::from_slice::<serde_json::Value>(body)
+                .is_ok_and(|v| v["stream"] == serde_json::Value::Bool(true));
+            let stream = if streamed {
+                stream_events()
+            } else {
+                Vec::new()
+            };
             // Warm-up (lets V8 tier the hot code up), and the check that the request went
             // through the filter and upstream, not into a local reply.
             for id in 0..50 {
-                if !one_request(&filter, &mut host, body, id) {
+                if !one_request(&filter, &mut host, body, id, &stream) {
                     eprintln!(
                         "exchange_bench: {name}: {path} did not go through (reply {:?})",
                         host.replied
@@ -398,7 +468,7 @@ fn main() -> ExitCode {
                         std::hint::black_box(&thrash);
                         thrash_ns += t.elapsed().as_nanos();
                     }
-                    std::hint::black_box(one_request(&filter, &mut host, body, id));
+                    std::hint::black_box(one_request(&filter, &mut host, body, id, &stream));
                     id = id.wrapping_add(1);
                     n += 1;
                     requests += 1;
@@ -417,8 +487,9 @@ fn main() -> ExitCode {
             let allocations = EXCHANGE_ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed)
                 - allocations_before;
             println!(
-                "{{\"kind\":\"exchange\",\"config\":\"{name}\",\"target\":\"{target}\",\"file\":\"{path}\",\"bytes\":{},\"rounds\":{rounds},\"median_us\":{:.3},\"allocations_per_request\":{:.1}}}",
+                "{{\"kind\":\"exchange\",\"config\":\"{name}\",\"target\":\"{target}\",\"file\":\"{path}\",\"bytes\":{},\"stream_events\":{},\"rounds\":{rounds},\"median_us\":{:.3},\"allocations_per_request\":{:.1}}}",
                 body.len(),
+                stream.len(),
                 median(per_request),
                 allocations as f64 / requests.max(1) as f64,
             );
