@@ -1522,6 +1522,19 @@ mod tests {
         ex.on_done(host);
     }
 
+    /// A 200 event stream of which `chunk` arrives, then the stream ends without its end of
+    /// stream (cut upstream or abandoned by the client).
+    fn respond_cut(ex: &mut Exchange, host: &mut FakeHost, chunk: &[u8]) {
+        host.response_headers = vec![
+            (":status".into(), "200".into()),
+            ("content-type".into(), "text/event-stream".into()),
+        ];
+        ex.on_response_headers(host, false);
+        host.response_chunk = chunk.to_vec();
+        ex.on_response_body(host, chunk.len(), false);
+        ex.on_done(host);
+    }
+
     fn tokens(host: &FakeHost, kind: &str, source: &str) -> u64 {
         host.counter_sum(
             "tokenfuse_tokens",
@@ -1744,15 +1757,11 @@ mod tests {
         let mut host = FakeHost::post("/v1/chat/completions", CHAT.as_bytes());
         let mut ex = Exchange::new(f, 1);
         send_request(&mut ex, &mut host, 100);
-        host.response_headers = vec![
-            (":status".into(), "200".into()),
-            ("content-type".into(), "text/event-stream".into()),
-        ];
-        ex.on_response_headers(&mut host, false);
-        host.response_chunk = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"tiktoken is great!\"}}]}\n\ndata: {\"cho".to_vec();
-        let n = host.response_chunk.len();
-        ex.on_response_body(&mut host, n, false);
-        ex.on_done(&mut host);
+        respond_cut(
+            &mut ex,
+            &mut host,
+            b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"tiktoken is great!\"}}]}\n\ndata: {\"cho",
+        );
         ex.on_done(&mut host);
         assert_eq!(tokens(&host, "completion", "counted"), 6);
         assert_eq!(host.counter_sum("tokenfuse_requests", &[]), 1);
@@ -1766,17 +1775,13 @@ mod tests {
         let mut host = FakeHost::post("/v1/messages", body.as_bytes());
         let mut ex = Exchange::new(f, 1);
         send_request(&mut ex, &mut host, 100);
-        host.response_headers = vec![
-            (":status".into(), "200".into()),
-            ("content-type".into(), "text/event-stream".into()),
-        ];
-        ex.on_response_headers(&mut host, false);
         // message_start says 1 output token (its placeholder); the text that follows is more;
         // the stream is cut before message_delta brings the final count.
-        host.response_chunk = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":12,\"output_tokens\":1}}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"tiktoken is great!\"}}\n\n".to_vec();
-        let n = host.response_chunk.len();
-        ex.on_response_body(&mut host, n, false);
-        ex.on_done(&mut host);
+        respond_cut(
+            &mut ex,
+            &mut host,
+            b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":12,\"output_tokens\":1}}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"tiktoken is great!\"}}\n\n",
+        );
         assert_eq!(tokens(&host, "prompt", "provider"), 12);
         assert_eq!(tokens(&host, "completion", "provider"), 6);
         assert_eq!(host.counter_sum("tokenfuse_responses_incomplete", &[]), 1);
@@ -2185,15 +2190,11 @@ mod tests {
         let mut h = budget_host("acme", &chat_with(300), &shared);
         let mut ex = Exchange::new(f.clone(), 1);
         send_request(&mut ex, &mut h, 64);
-        h.response_headers = vec![
-            (":status".into(), "200".into()),
-            ("content-type".into(), "text/event-stream".into()),
-        ];
-        ex.on_response_headers(&mut h, false);
-        h.response_chunk = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"tiktoken is great!\"}}]}\n\n".to_vec();
-        let n = h.response_chunk.len();
-        ex.on_response_body(&mut h, n, false);
-        ex.on_done(&mut h);
+        respond_cut(
+            &mut ex,
+            &mut h,
+            b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"tiktoken is great!\"}}]}\n\n",
+        );
         assert_eq!(minute_used(&shared, &f, "acme"), 8 + 6);
     }
 
