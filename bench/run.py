@@ -924,22 +924,25 @@ def main() -> None:
     scripts = {}
     bodies = {}
     prompt_files = []
+    body_files = {}  # a body of each case (not the one-connection ones), for exchange_bench
     for case, size, stream in CASES:
         if case in ONE_CONNECTION:
             scripts[case] = scripts[ONE_CONNECTION[case]]
             bodies[case] = bodies[ONE_CONNECTION[case]]
             continue
         slug = case.replace(" ", "").lower()
+        body_file = out / f"body-{slug}.json"
+        body_files[str(body_file.relative_to(ROOT))] = case
         if size == 0:
             pool = agent_pool(seed=7)
-            (out / f"body-{slug}.json").write_bytes(pool[-1])
+            body_file.write_bytes(pool[-1])
         else:
             first = mixed_text(size, seed=size)  # the streamed case reuses the 1 KB text
             if not stream:
                 pf = out / f"prompt-{slug}.txt"
                 pf.write_text(first)
                 prompt_files.append(str(pf.relative_to(ROOT)))
-            (out / f"body-{slug}.json").write_bytes(chat_body(first, stream))
+            body_file.write_bytes(chat_body(first, stream))
             count = max(64, POOL_BYTES // size)
             pool = [chat_body(first, stream)] + [
                 chat_body(mixed_text(size, seed=size * 1_000_003 + i), stream) for i in range(1, count)]
@@ -1002,11 +1005,9 @@ def main() -> None:
         stop(mock)
 
     data["tokenizer"] = count_bench([f for f in prompt_files if "1kb" not in f], rounds=3)
-    exchange_files = {str((out / f"body-{c.replace(' ', '').lower()}.json").relative_to(ROOT)): c
-                      for c, *_ in CASES if c not in ONE_CONNECTION}
-    data["exchange"] = exchange_bench(list(exchange_files))
+    data["exchange"] = exchange_bench(list(body_files))
     for row in data["exchange"]:
-        row["case"] = exchange_files.get(row["file"], row["file"])
+        row["case"] = body_files.get(row["file"], row["file"])
     data["summary"] = summarise(data)
 
     # Filter figures.
