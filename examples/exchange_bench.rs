@@ -14,8 +14,8 @@
 //! Arguments: request bodies (chat completions JSON) to send, relative to the current
 //! directory. A body asking for `"stream":true` is answered with a chat completion stream
 //! ([`stream_events`]: one SSE event per body chunk, as the mock upstream sends it, ending
-//! with a usage chunk and `[DONE]`); any other with one JSON completion. Every request is made distinct (its last message's text starts with the
-//! request's number), so the filter's count cache never serves it: the cost measured is
+//! with a usage chunk and `[DONE]`); any other with one JSON completion. Every request is
+//! made distinct (its last message's text starts with the request's number), so the filter's count cache never serves it: the cost measured is
 //! that of text never seen before; `--repeat` sends the body unchanged instead (from the
 //! third request on, its long texts come from the cache). Options: `--rounds N` (default
 //! 5), `--min-ms N` (shortest timed loop, default 300), `--iterations N` (a fixed number of
@@ -67,14 +67,15 @@ static GLOBAL: CountingAlloc = CountingAlloc;
 
 const RESPONSE: &[u8] = br#"{"id":"chatcmpl-mock","object":"chat.completion","created":1700000000,"model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}}}"#;
 
-/// A streamed answer: a role-and-text chunk, 23 more text chunks, the finish chunk, the
-/// usage chunk (`stream_options.include_usage`) and `[DONE]`, each delivered as its own body
-/// chunk.
-fn stream_events() -> Vec<Vec<u8>> {
+/// A streamed answer: a role-and-text chunk, 29 more text chunks (a word each), the finish
+/// chunk, the usage chunk (`stream_options.include_usage`) and `[DONE]`, each delivered as its
+/// own body chunk. Built once per body file and kept for the run (leaked), so the host lends
+/// every chunk as it lends [`RESPONSE`].
+fn stream_events() -> Vec<&'static [u8]> {
     const HEAD: &str = r#"{"id":"chatcmpl-mock","object":"chat.completion.chunk","created":1700000000,"model":"gpt-4o""#;
     let words = "Sure, here is a short answer with a few words in every chunk, as models \
                  stream them: tokens arrive one or two at a time, and the filter meters them.";
-    let mut events: Vec<Vec<u8>> = words
+    let mut events: Vec<String> = words
         .split_inclusive(' ')
         .enumerate()
         .map(|(i, w)| {
@@ -82,21 +83,16 @@ fn stream_events() -> Vec<Vec<u8>> {
             format!(
                 "data: {HEAD},\"choices\":[{{\"index\":0,\"delta\":{{{role}\"content\":\"{w}\"}},\"finish_reason\":null}}]}}\n\n"
             )
-            .into_bytes()
         })
         .collect();
-    events.push(
-        format!("data: {HEAD},\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"stop\"}}]}}\n\n")
-            .into_bytes(),
-    );
-    events.push(
-        format!(
-            "data: {HEAD},\"choices\":[],\"usage\":{{\"prompt_tokens\":11,\"completion_tokens\":30,\"total_tokens\":41}}}}\n\n"
-        )
-        .into_bytes(),
-    );
-    events.push(b"data: [DONE]\n\n".to_vec());
-    events
+    events.push(format!(
+        "data: {HEAD},\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"stop\"}}]}}\n\n"
+    ));
+    events.push(format!(
+        "data: {HEAD},\"choices\":[],\"usage\":{{\"prompt_tokens\":11,\"completion_tokens\":30,\"total_tokens\":41}}}}\n\n"
+    ));
+    events.push("data: [DONE]\n\n".to_string());
+    events.into_iter().map(|e| e.leak().as_bytes()).collect()
 }
 
 const CONFIGS: [(&str, &str); 3] = [
@@ -121,7 +117,7 @@ struct BenchHost {
     request_body: Vec<u8>,
     response_headers: Vec<(String, String)>,
     /// The response body chunk Envoy would hold now.
-    response_chunk: Vec<u8>,
+    response_chunk: &'static [u8],
     shared: Shared,
     counters: HashMap<String, u64>,
     replied: Option<u32>,
@@ -233,7 +229,7 @@ fn one_request(
     host: &mut BenchHost,
     body: &[u8],
     id: u32,
-    stream: &[Vec<u8>],
+    stream: &[&'static [u8]],
 ) -> bool {
     host.request_headers = vec![
         (":method".into(), "POST".into()),
@@ -275,15 +271,13 @@ fn one_request(
     }
     ex.on_response_headers(host, false);
     if stream.is_empty() {
-        host.response_chunk.clear();
-        host.response_chunk.extend_from_slice(RESPONSE);
+        host.response_chunk = RESPONSE;
         ex.on_response_body(host, RESPONSE.len(), true);
     } else {
         // Chunks pass through (the filter returns Continue), so each call sees one event;
         // the stream ends with an empty end-of-stream chunk, as Envoy's codec delivers it.
         for event in stream {
-            host.response_chunk.clear();
-            host.response_chunk.extend_from_slice(event);
+            host.response_chunk = event;
             ex.on_response_body(host, event.len(), false);
         }
         ex.on_response_body(host, 0, true);
@@ -418,7 +412,7 @@ fn main() -> ExitCode {
             request_headers: Vec::new(),
             request_body: Vec::new(),
             response_headers: Vec::new(),
-            response_chunk: Vec::new(),
+            response_chunk: RESPONSE,
             shared: Shared::default(),
             counters: HashMap::default(),
             replied: None,
