@@ -151,7 +151,8 @@ fuzz:
 ## bench: the benchmark (bench/run.py): no filter vs. a Wasm floor (holds and reads bodies,
 ## counts nothing) vs. tokenfuse counting vs. tokenfuse with a budget vs. a Lua bytes/4 peer
 ## under wrk, with Envoy's CPU per request; the filter's per-request work outside Envoy
-## (native and V8), tokenizer speed (native vs. V8), VM start and memory per worker VM.
+## (native and V8), the cost of each kind of host call inside Envoy, tokenizer speed (native
+## vs. V8), VM start and memory per worker VM.
 ## Writes results/bench.{md,svg,json} and README.md's "Performance".
 ## BENCH_ARGS passes options through, e.g. BENCH_ARGS='--rounds 5' or '--quick --no-readme'.
 BENCH_ARGS ?=
@@ -160,7 +161,7 @@ bench:
 	$(MAKE) --no-print-directory build envoy wrk && \
 	$(CARGO) build --release --example mock_upstream --example count_bench --example exchange_bench && \
 	$(CARGO) build --release --target $(WASM_TARGET) \
-	  --example count_bench --example exchange_bench --example floor_filter && \
+	  --example count_bench --example exchange_bench --example floor_filter --example host_calls && \
 	BENCH_STARTED=$$start ENVOY='$(ENVOY)' NODE='$(NODE)' $(PYTHON) bench/run.py $(BENCH_ARGS)
 
 ## wrk: the load generator for `make bench` (Debian package wrk), installed when missing

@@ -57,6 +57,7 @@ COUNT_WASM = ROOT / "target/wasm32-wasip1/release/examples/count_bench.wasm"
 EXCHANGE_NATIVE = ROOT / "target/release/examples/exchange_bench"
 EXCHANGE_WASM = ROOT / "target/wasm32-wasip1/release/examples/exchange_bench.wasm"
 FLOOR_WASM = ROOT / "target/wasm32-wasip1/release/examples/floor_filter.wasm"
+HOST_CALLS_WASM = ROOT / "target/wasm32-wasip1/release/examples/host_calls.wasm"
 WASI_RUN = ROOT / "scripts/wasi-run.mjs"
 PATH_CHAT = "/v1/chat/completions"
 # Node runs Wasm as Envoy's V8 does: Envoy's host (proxy-wasm-cpp-host) turns Liftoff, V8's
@@ -245,7 +246,7 @@ def envoy_bootstrap(kind: str, listener: int, admin: int, upstream: int, plugin:
             }
         )
     elif kind != "none":
-        module = FLOOR_WASM if kind == "floor" else WASM
+        module = {"floor": FLOOR_WASM, "calls": HOST_CALLS_WASM}.get(kind, WASM)
         filters.append(
             {
                 "name": "envoy.filters.http.wasm",
@@ -557,6 +558,22 @@ def exchange_bench(files: list[str]) -> list[dict]:
     return rows
 
 
+def host_calls(envoy: str, workdir: Path, upstream: int, script: Path, args: argparse.Namespace) -> dict:
+    """What each kind of host call costs inside Envoy (examples/host_calls.rs), under the 1 KB
+    load: the medians of the averages the filter logs (µs per call, per 2,000 requests of a VM)."""
+    e = Envoy(envoy, workdir, "calls", upstream, None)
+    try:
+        run_wrk(e.listener, script, args, args.warmup + 2 * args.duration)
+    finally:
+        e.stop()
+    reports = [json.loads(m) for m in re.findall(r"host_calls (\{.*\})", e.log_path.read_text(errors="replace"))]
+    if not reports:
+        sys.exit(f"host_calls: no report in {e.log_path}")
+    kinds = list(reports[0]["us"])
+    return {"reports": len(reports), "requests_per_report": reports[0]["requests"],
+            "us": {k: statistics.median(r["us"][k] for r in reports) for k in kinds}}
+
+
 def memory(envoy: str, workdir: Path, upstream: int, body: bytes, concurrencies: list[int]) -> list[dict]:
     rows = []
     variants = [("none", None), ("both", COUNT_CONFIG), ("o200k", O200K_ONLY_CONFIG),
@@ -683,6 +700,22 @@ def render_md(data: dict) -> str:
                      if mock["rps"] > 1.5 * s.get("none|1 KB", {}).get("rps", 0)
                      else "**not** far above Envoy's no-filter figure: the mock may limit the no-filter run.")]
 
+    hc = data.get("host_calls")
+    if hc:
+        lines += ["", "Host calls inside Envoy (`examples/host_calls.rs`, loaded in place of tokenfuse under the "
+                  "1 KB load): each kind of call tokenfuse makes, ten in a row per request, timed from inside "
+                  "the VM with the host clock; µs per call, median over "
+                  f"{hc['reports']} reports of {hc['requests_per_report']} requests. A call's time includes "
+                  "Envoy's side and, for calls that return data, the host's call back into the VM to allocate "
+                  "the returned buffer (shared data get cas: a read and its compare-and-swap write); back to back, so warm "
+                  "figures. A 1 KB request with a budget makes about "
+                  "15 (the request header map, the request body, two clock reads, a shared-data read and "
+                  "compare-and-swap write to reserve and two more to settle, four response header sets, the "
+                  "cluster property, the response header map, the response body); the floor makes three.", "",
+                  "| " + " | ".join(k.replace("_", " ") for k in hc["us"]) + " |",
+                  "|" + "---:|" * len(hc["us"]),
+                  "| " + " | ".join(f"{v:.2f}" for v in hc["us"].values()) + " |"]
+
     ex = data.get("exchange", [])
     if ex:
         lines += ["", "The filter's whole work per request outside Envoy (`examples/exchange_bench.rs`: request "
@@ -796,7 +829,9 @@ def render_md(data: dict) -> str:
     lines += ["", "Reproduce: `make bench` (about 10 minutes on this machine, builds included; "
               "`make bench BENCH_ARGS='--rounds 5'` for more rounds, `--no-lua` without the Lua peer). "
               "It writes `results/bench.md` (this text), `results/bench.svg` (throughput ratios as a "
-              "bar chart) and `results/bench.json` (every run's raw numbers); `results/` is not committed."]
+              "bar chart) and `results/bench.json` (every run's raw numbers); `results/` is not committed. "
+              "Where Envoy's CPU goes within one configuration (Wasm code, host calls, Envoy, kernel; "
+              "sampled with perf): `python3 bench/profile.py budget --size 1024` after `make bench`."]
     return "\n".join(lines) + "\n"
 
 
@@ -907,7 +942,7 @@ def main() -> None:
     # `make bench` passes its own start (epoch seconds), so the builds count too.
     make_started = float(os.environ.get("BENCH_STARTED", "0")) or None
     envoy = os.environ.get("ENVOY", str(ROOT / ".venv/bin/envoy"))
-    for need in (WASM, FLOOR_WASM, MOCK, COUNT_NATIVE, COUNT_WASM, EXCHANGE_NATIVE, EXCHANGE_WASM,
+    for need in (WASM, FLOOR_WASM, HOST_CALLS_WASM, MOCK, COUNT_NATIVE, COUNT_WASM, EXCHANGE_NATIVE, EXCHANGE_WASM,
                  Path(envoy)):
         if not need.exists():
             sys.exit(f"missing {need}: run `make bench` (it builds everything first)")
@@ -998,6 +1033,9 @@ def main() -> None:
                 finally:
                     e.stop()
 
+        log("host call costs inside Envoy (examples/host_calls.rs, 1 KB load)")
+        data["host_calls"] = host_calls(envoy, workdir, upstream_port, scripts["1 KB"], args)
+        log("host calls, us per call: " + ", ".join(f"{k} {v:.2f}" for k, v in data["host_calls"]["us"].items()))
         concurrencies = [1, 2, 4]
         data["concurrencies"] = concurrencies
         data["memory"] = memory(envoy, workdir, upstream_port, bodies["1 KB"], concurrencies)
