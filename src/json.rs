@@ -720,6 +720,17 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// `bytes` as text for a [`Reader`], with invalid UTF-8 replaced (U+FFFD) as
+/// `String::from_utf8_lossy` does. Valid input (what providers send) is borrowed after the
+/// standard library's fast validator; only broken input pays for the lossy decoding, whose
+/// byte-by-byte walk is several times slower on long text.
+pub fn lossy_text(bytes: &[u8]) -> Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
+}
+
 /// The 1-based line and column (in bytes) of offset `at` in `text`.
 pub fn line_column(text: &[u8], at: usize) -> (usize, usize) {
     let before = &text[..at.min(text.len())];
@@ -780,6 +791,26 @@ impl Mutator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lossy_text_is_from_utf8_lossy_and_borrows_valid_text() {
+        let cases: [&[u8]; 6] = [
+            b"",
+            b"{\"usage\":1}",
+            "data: 你好".as_bytes(),
+            b"\xff",
+            b"ab\xe4\xb8cd",
+            b"\xed\xa0\x80 surrogate",
+        ];
+        for bytes in cases {
+            let text = lossy_text(bytes);
+            assert_eq!(text, String::from_utf8_lossy(bytes), "{bytes:?}");
+            assert_eq!(
+                matches!(text, Cow::Borrowed(_)),
+                std::str::from_utf8(bytes).is_ok()
+            );
+        }
+    }
 
     fn skip_all(text: &str) -> Result<()> {
         let mut r = Reader::new(text);

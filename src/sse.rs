@@ -113,12 +113,7 @@ impl SseDecoder {
             self.has_data = false;
             return;
         }
-        // Valid UTF-8 (every event a provider sends) is checked by the fast validator;
-        // only a broken line pays for the lossy decoding.
-        let text = match std::str::from_utf8(line) {
-            Ok(t) => Cow::Borrowed(t),
-            Err(_) => String::from_utf8_lossy(line),
-        };
+        let text = json::lossy_text(line);
         let (field, value) = match text.find(':') {
             Some(0) => return, // comment
             Some(i) => {

@@ -101,7 +101,7 @@ pub enum UsageError {
 /// Strings are not decoded, so a body with invalid UTF-8 in a string still has its usage
 /// read (the bytes are replaced first, without a copy when they are valid).
 pub fn usage_from_json(body: &[u8], anthropic: bool) -> Result<UsageReport, UsageError> {
-    let text = String::from_utf8_lossy(body);
+    let text = json::lossy_text(body);
     let mut r = Reader::new(&text);
     let mut usage: Option<RawUsage> = None;
     r.fields("an object (response)", &["usage"], |r, _| {
