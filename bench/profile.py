@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  (bench/run.py: the same Envoy, mock, bodies and wrk script)
 
-PLUGINS = {"none": None, "floor": None, "count": bench.COUNT_CONFIG, "budget": bench.BUDGET_CONFIG}
+CONFIGS = ("none", "floor", "count", "budget")
 
 
 def region(dso: str) -> str:
@@ -65,28 +65,25 @@ def split(data: Path) -> collections.Counter:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", choices=sorted(PLUGINS))
+    p.add_argument("config", choices=CONFIGS)
     p.add_argument("--size", type=int, default=1024, help="prompt bytes (default 1024)")
     p.add_argument("--seconds", type=int, default=5)
     p.add_argument("--frequency", type=int, default=2000, help="samples per second")
     args = p.parse_args()
     if not shutil.which("perf"):
         sys.exit("perf not found: apt-get install -y linux-perf")
-    envoy = str(bench.ROOT / ".venv/bin/envoy")
+    envoy = bench.envoy_binary()
     for need in (bench.WASM, bench.FLOOR_WASM, bench.MOCK, Path(envoy)):
         if not need.exists():
             sys.exit(f"missing {need}: run `make bench` first (it builds everything)")
     work = Path(tempfile.mkdtemp(prefix="tokenfuse-profile-"))
-    pool = [bench.chat_body(bench.mixed_text(args.size, seed=args.size * 1_000_003 + i), False)
-            for i in range(max(64, bench.POOL_BYTES // args.size))]
-    (work / "pool.jsonl").write_bytes(b"\n".join(pool) + b"\n")
-    script = work / "wrk.lua"
-    script.write_text(bench.WRK_SCRIPT.format(pool=work / "pool.jsonl", threads=2))
-    load = argparse.Namespace(threads=2, connections=16)
+    load = argparse.Namespace(threads=2, connections=16)  # make bench's defaults
+    pool = bench.prompt_pool(args.size, stream=False)
+    script = bench.wrk_script(work, "profile", pool, load.threads)
     upstream = bench.free_port()
     mock = bench.start_mock(upstream)
     try:
-        e = bench.Envoy(envoy, work, args.config, upstream, PLUGINS[args.config])
+        e = bench.Envoy(envoy, work, args.config, upstream, bench.PLUGINS[args.config])
         try:
             bench.sanity(e.listener, args.config, pool[0])
             bench.run_wrk(e.listener, script, load, 2)

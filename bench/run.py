@@ -93,6 +93,8 @@ BUDGET_CONFIG = {
         {"name": "bench", "key": "header:x-tenant", "window": "minute", "base": 1e15}
     ],
 }
+# The plugin configuration of each configuration of the load runs (None: no tokenfuse).
+PLUGINS = {"none": None, "lua": None, "floor": None, "count": COUNT_CONFIG, "budget": BUDGET_CONFIG}
 O200K_ONLY_CONFIG = {
     "api": "v1",
     "tokenizer": {"builtin_models": False, "fallback_encoding": "o200k_base"},
@@ -218,6 +220,11 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def envoy_binary() -> str:
+    """$ENVOY, as make passes it, or the Envoy `make envoy` installs."""
+    return os.environ.get("ENVOY", str(ROOT / ".venv/bin/envoy"))
 
 
 def start_mock(port: int) -> subprocess.Popen:
@@ -453,6 +460,23 @@ end
 POOL_BYTES = 16 << 20
 AGENT_CONVERSATIONS = 16
 AGENT_STEPS = 32
+
+
+def prompt_pool(size: int, stream: bool) -> list[bytes]:
+    """The chat bodies of a case with `size`-byte prompts: enough distinct prompts to fill
+    POOL_BYTES (at least 64), the first of them `mixed_text(size, seed=size)`."""
+    count = max(64, POOL_BYTES // size)
+    return [chat_body(mixed_text(size, seed=size), stream)] + [
+        chat_body(mixed_text(size, seed=size * 1_000_003 + i), stream) for i in range(1, count)]
+
+
+def wrk_script(workdir: Path, slug: str, pool: list[bytes], threads: int) -> Path:
+    """A wrk script sending `pool`'s bodies in turn (written with the pool under `workdir`)."""
+    pf = workdir / f"pool-{slug}.jsonl"
+    pf.write_bytes(b"\n".join(pool) + b"\n")
+    sf = workdir / f"wrk-{slug}.lua"
+    sf.write_text(WRK_SCRIPT.format(pool=pf, threads=threads))
+    return sf
 
 
 def agent_pool(seed: int) -> list[bytes]:
@@ -954,7 +978,7 @@ def main() -> None:
     t0 = time.monotonic()
     # `make bench` passes its own start (epoch seconds), so the builds count too.
     make_started = float(os.environ.get("BENCH_STARTED", "0")) or None
-    envoy = os.environ.get("ENVOY", str(ROOT / ".venv/bin/envoy"))
+    envoy = envoy_binary()
     for need in (WASM, FLOOR_WASM, HOST_CALLS_WASM, MOCK, COUNT_NATIVE, COUNT_WASM, EXCHANGE_NATIVE, EXCHANGE_WASM,
                  Path(envoy)):
         if not need.exists():
@@ -990,20 +1014,13 @@ def main() -> None:
                 pf = out / f"prompt-{slug}.txt"
                 pf.write_text(first)
                 prompt_files.append(str(pf.relative_to(ROOT)))
-            body_file.write_bytes(chat_body(first, stream))
-            count = max(64, POOL_BYTES // size)
-            pool = [chat_body(first, stream)] + [
-                chat_body(mixed_text(size, seed=size * 1_000_003 + i), stream) for i in range(1, count)]
+            pool = prompt_pool(size, stream)
+            body_file.write_bytes(pool[0])
         bodies[case] = pool[0]
-        pf = workdir / f"pool-{slug}.jsonl"
-        pf.write_bytes(b"\n".join(pool) + b"\n")
-        sf = workdir / f"wrk-{slug}.lua"
-        sf.write_text(WRK_SCRIPT.format(pool=pf, threads=args.threads))
-        scripts[case] = sf
+        scripts[case] = wrk_script(workdir, slug, pool, args.threads)
         log(f"{case}: {len(pool)} distinct bodies, {sum(map(len, pool)) / len(pool) / 1024:.1f} KB on average")
 
     configs = ["none", "floor", "count", "budget"] + ([] if args.no_lua else ["lua"])
-    plugins = {"none": None, "lua": None, "floor": None, "count": COUNT_CONFIG, "budget": BUDGET_CONFIG}
     data: dict = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
@@ -1025,7 +1042,7 @@ def main() -> None:
         for rnd in range(args.rounds):
             order = configs[rnd % len(configs):] + configs[:rnd % len(configs)]
             for kind in order:
-                e = Envoy(envoy, workdir, kind, upstream_port, plugins[kind])
+                e = Envoy(envoy, workdir, kind, upstream_port, PLUGINS[kind])
                 try:
                     for i, (case, *_) in enumerate(CASES):
                         headers = sanity(e.listener, kind, bodies[case])
