@@ -27,18 +27,9 @@ use std::time::Instant;
 
 use tokenfuse::tokens::{Encoding, Tokenizers};
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
+#[path = "support/bench.rs"]
+mod bench;
+use bench::{median, Thrash};
 
 /// A built counter of either kind.
 enum Counter {
@@ -172,21 +163,14 @@ fn main() -> ExitCode {
                 // Warm-up (lets V8 tier the hot code up before timing).
                 let tokens = counter.count(text);
                 let mut rates = Vec::new();
-                let mut thrash = vec![0u8; thrash_kb * 1024];
+                let mut thrash = Thrash::new(thrash_kb);
                 for _ in 0..rounds {
                     let start = Instant::now();
                     let mut thrash_ns = 0u128;
                     let mut bytes = 0usize;
                     let mut n = 0u64;
                     loop {
-                        if thrash_kb > 0 {
-                            let t = Instant::now();
-                            for (i, b) in thrash.iter_mut().enumerate().step_by(64) {
-                                *b = b.wrapping_add(i as u8);
-                            }
-                            std::hint::black_box(&thrash);
-                            thrash_ns += t.elapsed().as_nanos();
-                        }
+                        thrash_ns += thrash.evict();
                         std::hint::black_box(counter.count(std::hint::black_box(text)));
                         bytes += text.len();
                         n += 1;

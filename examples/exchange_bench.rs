@@ -32,6 +32,9 @@ use std::process::ExitCode;
 use std::rc::Rc;
 use std::time::Instant;
 
+#[path = "support/bench.rs"]
+mod bench;
+use bench::{median, Thrash};
 use tokenfuse::config::Config;
 use tokenfuse::exchange::{Action, Exchange};
 use tokenfuse::filter::Filter;
@@ -69,8 +72,8 @@ const RESPONSE: &[u8] = br#"{"id":"chatcmpl-mock","object":"chat.completion","cr
 
 /// A streamed answer: a role-and-text chunk, 29 more text chunks (a word each), the finish
 /// chunk, the usage chunk (`stream_options.include_usage`) and `[DONE]`, each delivered as its
-/// own body chunk. Built once per body file and kept for the run (leaked), so the host lends
-/// every chunk as it lends [`RESPONSE`].
+/// own body chunk. Built once and kept for the run (leaked), so the host lends every chunk as
+/// it lends [`RESPONSE`].
 fn stream_events() -> Vec<&'static [u8]> {
     const HEAD: &str = r#"{"id":"chatcmpl-mock","object":"chat.completion.chunk","created":1700000000,"model":"gpt-4o""#;
     let words = "Sure, here is a short answer with a few words in every chunk, as models \
@@ -317,15 +320,6 @@ fn distinct(out: &mut Vec<u8>, body: &[u8], id: u32) {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
 fn main() -> ExitCode {
     let target = if cfg!(target_family = "wasm") {
         "wasm32-wasip1"
@@ -386,10 +380,18 @@ fn main() -> ExitCode {
             _ => files.push(arg),
         }
     }
+    // Each body with the answer it gets: the events of a streamed one (for `"stream":true`),
+    // or none (answered with RESPONSE).
+    let events = stream_events();
     let mut bodies = Vec::new();
     for path in &files {
         match std::fs::read(path) {
-            Ok(body) => bodies.push((path.clone(), body)),
+            Ok(body) => {
+                let streamed = serde_json::from_slice::<serde_json::Value>(&body)
+                    .is_ok_and(|v| v["stream"] == serde_json::Value::Bool(true));
+                let stream: &[&'static [u8]] = if streamed { &events } else { &[] };
+                bodies.push((path.clone(), body, stream));
+            }
             Err(err) => {
                 eprintln!("exchange_bench: cannot read {path}: {err}");
                 return ExitCode::from(2);
@@ -417,18 +419,11 @@ fn main() -> ExitCode {
             counters: HashMap::default(),
             replied: None,
         };
-        for (path, body) in &bodies {
-            let streamed = serde_json::from_slice::<serde_json::Value>(body)
-                .is_ok_and(|v| v["stream"] == serde_json::Value::Bool(true));
-            let stream = if streamed {
-                stream_events()
-            } else {
-                Vec::new()
-            };
+        for &(ref path, ref body, stream) in &bodies {
             // Warm-up (lets V8 tier the hot code up), and the check that the request went
             // through the filter and upstream, not into a local reply.
             for id in 0..50 {
-                if !one_request(&filter, &mut host, body, id, &stream) {
+                if !one_request(&filter, &mut host, body, id, stream) {
                     eprintln!(
                         "exchange_bench: {name}: {path} did not go through (reply {:?})",
                         host.replied
@@ -445,7 +440,7 @@ fn main() -> ExitCode {
             for _ in 0..rounds {
                 let start = Instant::now();
                 let mut n = 0u64;
-                let mut thrash = vec![0u8; thrash_kb * 1024];
+                let mut thrash = Thrash::new(thrash_kb);
                 let mut thrash_ns = 0u128;
                 loop {
                     if !repeat {
@@ -454,15 +449,8 @@ fn main() -> ExitCode {
                         thrash_ns += t.elapsed().as_nanos();
                     }
                     let body = if repeat { &body[..] } else { &variant[..] };
-                    if thrash_kb > 0 {
-                        let t = Instant::now();
-                        for (i, b) in thrash.iter_mut().enumerate().step_by(64) {
-                            *b = b.wrapping_add(i as u8);
-                        }
-                        std::hint::black_box(&thrash);
-                        thrash_ns += t.elapsed().as_nanos();
-                    }
-                    std::hint::black_box(one_request(&filter, &mut host, body, id, &stream));
+                    thrash_ns += thrash.evict();
+                    std::hint::black_box(one_request(&filter, &mut host, body, id, stream));
                     id = id.wrapping_add(1);
                     n += 1;
                     requests += 1;
