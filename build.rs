@@ -203,17 +203,6 @@ fn merge_alone(ranks: &HashMap<&[u8], u32>, bytes: &[u8]) -> (Vec<Vec<u8>>, Vec<
     }
 }
 
-/// The UTF-8 length a lead byte announces (0 for a continuation byte, 1 for ASCII).
-fn utf8_len(b: u8) -> usize {
-    match b {
-        0..=0x7f => 1,
-        0x80..=0xbf => 0,
-        0xc0..=0xdf => 2,
-        0xe0..=0xef => 3,
-        _ => 4,
-    }
-}
-
 /// The characters a merge may start from whole (`src/bpe/merge.rs` has the argument):
 /// (key, length, info, neighbour masks) for every character of 2..=4 bytes that is a token
 /// `t` whose bytes merge alone into `t`, whose merges all have ranks below every token that
@@ -248,7 +237,7 @@ fn char_entries(
         let rank = rank as u32;
         let n = t.len();
         for i in 0..n {
-            let len = utf8_len(t[i]);
+            let len = hash::utf8_len(t[i]);
             if len < 2 {
                 continue;
             }
@@ -260,16 +249,16 @@ fn char_entries(
             } else if i > 0 {
                 // t ends with the incomplete character t[i..]; what precedes it must end
                 // with a whole character (or be the tail of one that starts before t).
-                let last = (0..i).rev().find(|&j| utf8_len(t[j]) != 0);
+                let last = (0..i).rev().find(|&j| hash::utf8_len(t[j]) != 0);
                 let group = match last {
                     None => ANY,
-                    Some(j) if j + utf8_len(t[j]) == i => hash::lead_group(t[j]) as usize,
+                    Some(j) if j + hash::utf8_len(t[j]) == i => hash::lead_group(t[j]) as usize,
                     Some(_) => continue, // an incomplete character before a lead byte
                 };
                 lower(&mut ending, (&t[i..], group), rank);
             }
         }
-        let k = t.iter().take_while(|&&b| utf8_len(b) == 0).count();
+        let k = t.iter().take_while(|&&b| hash::utf8_len(b) == 0).count();
         if (1..=3).contains(&k) && k < n {
             lower(
                 &mut starting,

@@ -75,14 +75,8 @@ pub(super) fn class_at(b: &[u8], i: usize) -> (u8, usize) {
     }
     let lead = LEAD_CLASS[usize::from(b0)];
     if lead & UNIFORM != 0 {
-        let len = if b0 < 0xe0 {
-            2
-        } else if b0 < 0xf0 {
-            3
-        } else {
-            4
-        };
-        return (lead & !UNIFORM, len);
+        // Only lead bytes (C2-F4) are marked UNIFORM, so the length is 2 to 4.
+        return (lead & !UNIFORM, super::hash::utf8_len(b0));
     }
     let (cp, len) = decode(b, i);
     (class_of(cp), len)

@@ -75,6 +75,18 @@ const K2: u64 = 0xC4CE_B9FE_1A85_EC53;
 #[allow(dead_code)]
 pub const LEAD_GROUPS: usize = 8;
 
+/// The UTF-8 length a lead byte announces (0 for a continuation byte, 1 for ASCII).
+#[inline(always)]
+pub fn utf8_len(b: u8) -> usize {
+    match b {
+        0..=0x7f => 1,
+        0x80..=0xbf => 0,
+        0xc0..=0xdf => 2,
+        0xe0..=0xef => 3,
+        _ => 4,
+    }
+}
+
 /// The group of a character's first byte: ASCII, 2-byte characters, the rest of the BMP
 /// split where scripts change (E0-E2: Indic, Thai, punctuation, symbols; E3: CJK symbols
 /// and kana; E4-E9: CJK ideographs; EA-ED: Hangul; EE-EF: private use, compatibility and

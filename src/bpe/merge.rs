@@ -194,18 +194,13 @@ fn initial_parts(
     }
     let n = piece.len();
     let mut i = 0;
-    // The lead-byte group of the character before the one at i.
     // Mask bit of the lead-byte group of the character before the one at i (all bits for
     // none).
     let mut left_bit = u32::MAX;
     while i < n {
         let lead = piece[i];
-        let len = match lead {
-            0xc0..=0xdf => 2,
-            0xe0..=0xef => 3,
-            0xf0..=0xff => 4,
-            _ => 1,
-        };
+        // A stray continuation byte (never in a `str`'s piece) is a part of its own.
+        let len = hash::utf8_len(lead).max(1);
         let end = (i + len).min(n);
         if len > 1 && end == i + len {
             let key = hash::key_at(keys, i, len);
