@@ -1,15 +1,21 @@
 //! The admin endpoint: read a key's budgets, top up an elastic balance.
 //!
-//! Off unless configured (`admin.path`, `admin.token`). Every request to the path is
-//! answered by the filter itself and never reaches an upstream; it must carry
+//! Off unless configured (`admin.path`, `admin.token`). Every request whose path falls
+//! under the admin path is answered by the filter itself and never reaches an upstream:
+//! the path is compared after percent-decoding, merging slashes, resolving `.`/`..` and
+//! ignoring ASCII case, so no spelling of it (`/TokenFuse/Admin/`, `/tokenfuse%2Fadmin`)
+//! slips through to an upstream with the admin token. It must carry
 //! `authorization: Bearer <token>` (compared in constant time), else 401.
 //!
 //! - `GET <path>?key=<key>[&budget=<name>]`: the key's account in every (or one) budget.
 //! - `POST <path>/topup` with `{"budget": "<name>", "key": "<key>", "amount": <n>}`: add
 //!   `n` (tokens, or USD for USD budgets) to the key's elastic balance.
+//! - anything else under the path: 404 (405 for a known resource with another method).
 //!
-//! Keys are the stored ones: the header value, `key-<hash>` for bearer budgets, the route
-//! name, or the constant.
+//! A key is named as a request presents it (a header value, a route name, the credential
+//! of a `bearer` budget) or by its stored key (`_h-…`, `_key-…`, as stats show it), and
+//! mapped exactly as traffic is ([`crate::identity::named`]): a top-up always lands on the
+//! account requests of that identity use.
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -17,7 +23,8 @@ use serde_json::{json, Value};
 use crate::budget::Unit;
 use crate::config::{Admin, Config};
 use crate::host::Host;
-use crate::ledger;
+use crate::identity;
+use crate::ledger::{self, Hold, Slot};
 use crate::price::usd_to_micro;
 
 /// What the admin handler wants next.
@@ -31,10 +38,38 @@ pub enum AdminStep {
     AwaitBody,
 }
 
-/// True when `path` (query ignored) is the admin path or below it.
-fn is_admin_path(admin: &Admin, path: &str) -> bool {
-    let p = path.split('?').next().unwrap_or(path);
-    p == admin.path || p.starts_with(&format!("{}/", admin.path))
+/// `path` as the filter compares it: the part before `?` or `#`, percent-decoded once,
+/// ASCII-lowercased, with empty and `.` segments dropped and `..` resolved. Bytes that do
+/// not decode to UTF-8 are replaced; the result always starts with `/`.
+pub fn normalize_path(path: &str) -> String {
+    let bare = path.split(['?', '#']).next().unwrap_or_default();
+    let decoded = percent_decode(bare, false).to_ascii_lowercase();
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len().saturating_add(1));
+    for s in segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
+/// Where under the admin path a normalized path points, if it is under it at all: `""`
+/// for the path itself, `"/topup"` and so on below it. Any path that merely starts with
+/// the admin path (`/tokenfuse/adminx`) is the admin's too: it is answered, not forwarded.
+fn admin_resource<'p>(admin: &Admin, normalized: &'p str) -> Option<&'p str> {
+    normalized.strip_prefix(admin.path.as_str())
 }
 
 /// Constant-time comparison, so the token cannot be guessed byte by byte from timings.
@@ -46,13 +81,10 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn authorized(host: &dyn Host, admin: &Admin) -> bool {
-    let Some(auth) = host.request_header("authorization") else {
-        return false;
-    };
-    let auth = auth.trim();
-    auth.len() > 7
-        && auth[..7].eq_ignore_ascii_case("bearer ")
-        && same(auth[7..].trim().as_bytes(), admin.token.as_bytes())
+    host.request_header("authorization")
+        .as_deref()
+        .and_then(identity::bearer_credential)
+        .is_some_and(|token| same(token.as_bytes(), admin.token.as_bytes()))
 }
 
 fn reply(host: &mut dyn Host, status: u32, body: &Value) {
@@ -66,68 +98,64 @@ fn reply(host: &mut dyn Host, status: u32, body: &Value) {
     );
 }
 
-fn error(host: &mut dyn Host, status: u32, message: &str) {
+fn error(host: &mut dyn Host, status: u32, code: &str, message: &str) {
     reply(
         host,
         status,
-        &json!({"error": {"message": message, "type": "admin_error", "param": null, "code": status}}),
+        &json!({"error": {"message": message, "type": "admin_error", "param": null, "code": code}}),
     );
 }
 
 fn query_param(path: &str, name: &str) -> Option<String> {
     let query = path.split_once('?')?.1;
+    let query = query.split('#').next().unwrap_or_default();
     query.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then(|| percent_decode(v))
+        (k == name).then(|| percent_decode(v, true))
     })
 }
 
-fn percent_decode(s: &str) -> String {
+/// `s` with `%XX` escapes decoded (and `+` as a space in query values); a `%` not followed
+/// by two hex digits stays as it is. Works on bytes, so any input is safe.
+fn percent_decode(s: &str, plus_is_space: bool) -> String {
     let bytes = s.as_bytes();
+    let hex = |b: u8| char::from(b).to_digit(16);
     let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(b) => {
-                        out.push(b);
-                        i += 3;
-                    }
-                    None => {
-                        out.push(b'%');
-                        i += 1;
-                    }
+    let mut rest = bytes;
+    while let Some((&b, tail)) = rest.split_first() {
+        rest = tail;
+        match b {
+            b'%' => match (
+                tail.first().and_then(|&h| hex(h)),
+                tail.get(1).and_then(|&l| hex(l)),
+            ) {
+                (Some(h), Some(l)) => {
+                    // Two hex digits: at most 0xff.
+                    out.push(u8::try_from(h * 16 + l).unwrap_or(b'%'));
+                    rest = tail.get(2..).unwrap_or_default();
                 }
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
+                _ => out.push(b'%'),
+            },
+            b'+' if plus_is_space => out.push(b' '),
+            b => out.push(b),
         }
     }
     String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A budget's figures for one key, as JSON (amounts in the budget's unit: tokens or
-/// micro-USD).
+/// micro-USD). `key` is the stored key.
 fn describe(host: &dyn Host, config: &Config, index: usize, key: &str, now_ms: i64) -> Value {
-    let Some(effective) = config.budget_for(index, key) else {
+    let Some(budget) = config.budget_for(index, key) else {
         return Value::Null;
     };
-    let budget = &effective;
-    let base = budget.base;
     let now = now_ms.div_euclid(1000);
-    let shared_key = ledger::account_key(budget, key);
-    let tracked = host.shared_get(&shared_key).is_some();
-    let account = ledger::read(host, &effective, &shared_key, now)
-        .unwrap_or_else(|| effective.open_account(now));
-    let standing = effective.standing(&account, now);
+    let found = ledger::find(host, &budget, key, now);
+    let tracked = found.is_some();
+    let account = found
+        .map(|(_, a)| a)
+        .unwrap_or_else(|| budget.open_account(now));
+    let standing = budget.standing(&account, now);
     let burst_limit = budget.burst.as_ref().map(|b| b.amount).unwrap_or(0);
     let burst_active = budget.burst.as_ref().is_some_and(|b| b.peak.contains(now));
     json!({
@@ -142,7 +170,7 @@ fn describe(host: &dyn Host, config: &Config, index: usize, key: &str, now_ms: i
         "remaining": standing.remaining,
         "limit": standing.limit,
         "tiers": {
-            "base": {"limit": base, "used": account.base_used},
+            "base": {"limit": budget.base, "used": account.base_used},
             "elastic": {"balance": account.elastic_balance, "used_this_window": account.elastic_used},
             "burst": {"limit": burst_limit, "used": account.burst_used, "active": burst_active},
         },
@@ -155,48 +183,63 @@ pub fn on_request_headers(host: &mut dyn Host, config: &Config, end_of_stream: b
         return AdminStep::NotAdmin;
     };
     let path = host.request_header(":path").unwrap_or_default();
-    if !is_admin_path(admin, &path) {
+    let normalized = normalize_path(&path);
+    let Some(resource) = admin_resource(admin, &normalized) else {
         return AdminStep::NotAdmin;
-    }
+    };
     if !authorized(host, admin) {
-        error(host, 401, "missing or wrong admin bearer token");
+        error(
+            host,
+            401,
+            "unauthorized",
+            "missing or wrong admin bearer token",
+        );
         return AdminStep::Replied;
     }
     let method = host.request_header(":method").unwrap_or_default();
-    let bare = path.split('?').next().unwrap_or(&path);
-    match (method.as_str(), bare == admin.path) {
-        ("GET", true) => {
-            let Some(key) = query_param(&path, "key").filter(|k| !k.is_empty()) else {
-                error(host, 400, "query parameter `key` is required");
+    match (resource, method.as_str()) {
+        ("", "GET") => {
+            let Some(name) = query_param(&path, "key").filter(|k| !k.trim().is_empty()) else {
+                error(
+                    host,
+                    400,
+                    "missing_key",
+                    "query parameter `key` is required",
+                );
                 return AdminStep::Replied;
             };
             let wanted = query_param(&path, "budget");
             let now_ms = host.now_ms();
-            let budgets: Vec<Value> = (0..config.budgets.len())
-                .filter(|i| {
-                    wanted
-                        .as_deref()
-                        .is_none_or(|w| config.budgets[*i].name == w)
-                })
-                .map(|i| describe(host, config, i, &key, now_ms))
-                .collect();
+            let mut budgets = Vec::new();
+            for (i, budget) in config.budgets.iter().enumerate() {
+                if wanted.as_deref().is_none_or(|w| budget.name == w) {
+                    let key = identity::named(&budget.key, &name);
+                    budgets.push(describe(host, config, i, &key, now_ms));
+                }
+            }
             if budgets.is_empty() {
-                error(host, 404, "no such budget");
+                error(host, 404, "no_such_budget", "no such budget");
             } else {
-                reply(host, 200, &json!({"key": key, "budgets": budgets}));
+                reply(host, 200, &json!({"budgets": budgets}));
             }
             AdminStep::Replied
         }
-        ("POST", false) if bare == format!("{}/topup", admin.path) => {
-            if end_of_stream {
-                error(host, 400, "a top-up needs a JSON body");
-                AdminStep::Replied
-            } else {
-                AdminStep::AwaitBody
-            }
+        ("/topup", "POST") if end_of_stream => {
+            error(host, 400, "missing_body", "a top-up needs a JSON body");
+            AdminStep::Replied
+        }
+        ("/topup", "POST") => AdminStep::AwaitBody,
+        ("" | "/topup", _) => {
+            error(
+                host,
+                405,
+                "method_not_allowed",
+                "use GET <path>?key=… or POST <path>/topup",
+            );
+            AdminStep::Replied
         }
         _ => {
-            error(host, 405, "use GET <path>?key=… or POST <path>/topup");
+            error(host, 404, "not_found", "no such admin resource");
             AdminStep::Replied
         }
     }
@@ -216,25 +259,36 @@ pub fn on_topup_body(host: &mut dyn Host, config: &Config, body: &[u8]) {
         error(
             host,
             400,
+            "invalid_body",
             "body must be {\"budget\": …, \"key\": …, \"amount\": …}",
         );
         return;
     };
-    let Some(index) = config.budgets.iter().position(|b| b.name == topup.budget) else {
-        error(host, 404, "no such budget");
+    let Some((index, budget)) = config
+        .budgets
+        .iter()
+        .enumerate()
+        .find(|(_, b)| b.name == topup.budget)
+    else {
+        error(host, 404, "no_such_budget", "no such budget");
         return;
     };
-    let budget = &config.budgets[index];
     let amount = match budget.unit {
         Unit::Tokens
             if topup.amount >= 0.0 && topup.amount.fract() == 0.0 && topup.amount < 1e18 =>
         {
+            // Checked just above: a whole number in [0, 1e18).
             topup.amount as u64
         }
         Unit::Usd => match usd_to_micro(topup.amount) {
             Some(m) => m,
             None => {
-                error(host, 400, "amount must be a USD amount, at least 0");
+                error(
+                    host,
+                    400,
+                    "invalid_amount",
+                    "amount must be a USD amount, at least 0",
+                );
                 return;
             }
         },
@@ -242,39 +296,43 @@ pub fn on_topup_body(host: &mut dyn Host, config: &Config, body: &[u8]) {
             error(
                 host,
                 400,
+                "invalid_amount",
                 "amount must be a whole number of tokens, at least 0",
             );
             return;
         }
     };
-    if topup.key.is_empty() || topup.key.len() > 80 {
-        error(host, 400, "key must be 1-80 characters");
+    if topup.key.trim().is_empty() || topup.key.len() > 4096 {
+        error(host, 400, "invalid_key", "key must be 1-4096 bytes");
         return;
     }
+    let key = identity::named(&budget.key, &topup.key);
     let now_ms = host.now_ms();
     let now = now_ms.div_euclid(1000);
-    // A top-up creates the key's account, so it counts against the key cap like traffic.
-    let key = match ledger::admit_key(host, budget, &topup.key, now, config.cas_retries) {
-        Ok(k) if k == topup.key => k,
+    // A top-up takes a key slot, like a request; the balance it adds keeps the slot.
+    let slot = match ledger::locate(host, budget, &key, now, None, config.cas_retries) {
+        Ok(found) if found.slot != Slot::Overflow => found.slot,
         Ok(_) => {
             error(
                 host,
                 409,
-                "the budget tracks its maximum number of keys; this key cannot be added",
+                "no_key_slot",
+                "every key slot of this budget holds a live account; this key cannot be added now",
             );
             return;
         }
         Err(_) => {
-            error(host, 503, "shared data is busy; retry");
+            error(host, 503, "store_busy", "shared data is busy; retry");
             return;
         }
     };
     let result = ledger::update(
         host,
         budget,
-        &ledger::account_key(budget, &key),
+        ledger::At { slot, owner: &key },
         now,
         config.cas_retries.saturating_mul(4),
+        Hold::Keep,
         |account| {
             account.elastic_balance = account.elastic_balance.saturating_add(amount);
             (true, ())
@@ -285,7 +343,7 @@ pub fn on_topup_body(host: &mut dyn Host, config: &Config, body: &[u8]) {
             let state = describe(host, config, index, &key, now_ms);
             reply(host, 200, &state);
         }
-        Err(_) => error(host, 503, "shared data is busy; retry"),
+        Err(_) => error(host, 503, "store_busy", "shared data is busy; retry"),
     }
 }
 

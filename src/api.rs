@@ -69,12 +69,30 @@ impl ApiKind {
     }
 }
 
-/// The Azure OpenAI deployment named in a path (`/openai/deployments/{name}/…`): Azure
-/// requests may carry no `model` in the body, and the deployment stands for it.
+/// The Azure OpenAI deployment named in a path (`/openai/deployments/{name}/…`). Azure
+/// serves (and bills) the deployment, whatever `model` the body names: on such a path the
+/// deployment is the model that is counted, priced and rerouted.
 pub fn azure_deployment(path: &str) -> Option<&str> {
-    let rest = path.split("/deployments/").nth(1)?;
-    let name = rest.split(['/', '?']).next()?;
-    (!name.is_empty()).then_some(name)
+    deployment_span(path).and_then(|r| path.get(r))
+}
+
+fn deployment_span(path: &str) -> Option<std::ops::Range<usize>> {
+    const MARK: &str = "/deployments/";
+    let bare = path.split(['?', '#']).next()?;
+    let start = bare.find(MARK)?.checked_add(MARK.len())?;
+    let rest = bare.get(start..)?;
+    let len = rest.find('/').unwrap_or(rest.len());
+    (len > 0).then(|| start..start.saturating_add(len))
+}
+
+/// `path` with its Azure deployment replaced by `deployment` (`None` when it names none).
+pub fn with_azure_deployment(path: &str, deployment: &str) -> Option<String> {
+    let span = deployment_span(path)?;
+    Some(format!(
+        "{}{deployment}{}",
+        path.get(..span.start)?,
+        path.get(span.end..)?
+    ))
 }
 
 /// Why a request body could not be read. Messages name positions and fields, never content.
@@ -273,7 +291,7 @@ pub struct StreamOptions {
 }
 
 /// `stream_options` when the key is present, `null` included (as empty options): a body with
-/// `"stream_options": null` must have that key rewritten by [`with_stream_usage`], not a
+/// `"stream_options": null` must have that key rewritten by [`crate::rewrite::with_stream_usage`], not a
 /// second `stream_options` key added in front of it.
 fn present_stream_options<'de, D: serde::Deserializer<'de>>(
     d: D,
@@ -714,55 +732,30 @@ impl RequestBody<'_> {
         matches!(self, RequestBody::Chat(_) | RequestBody::Completions(_))
     }
 
-    /// The most output tokens the request allows, over all choices; `None` when the request
-    /// does not say (the caller then reserves its configured default). Embeddings produce no
-    /// output tokens.
-    pub fn max_output_tokens(&self) -> Option<u64> {
-        let choices = |n: Option<i64>| n.filter(|v| *v >= 1).unwrap_or(1) as u64;
-        let cap = |v: Option<i64>| v.filter(|v| *v >= 1).map(|v| v as u64);
+    /// The most output tokens the request can be billed for, over all choices it asks to be
+    /// generated (`n`, and `best_of` for legacy completions, which generates that many and
+    /// bills them all). `default` stands for the per-choice cap when the request gives none
+    /// — it is multiplied by the choices too, or `n: 128` without a cap would reserve one
+    /// choice and be billed for 128. Embeddings produce no output tokens.
+    pub fn output_reservation(&self, default: u64) -> u64 {
+        let choices = |n: Option<i64>| n.and_then(|v| u64::try_from(v).ok()).unwrap_or(1).max(1);
+        let cap = |v: Option<i64>| {
+            v.and_then(|v| u64::try_from(v).ok())
+                .filter(|v| *v >= 1)
+                .unwrap_or(default)
+        };
         match self {
-            RequestBody::Chat(r) => cap(r.max_completion_tokens.or(r.max_tokens))
-                .map(|m| m.saturating_mul(choices(r.n))),
+            RequestBody::Chat(r) => {
+                cap(r.max_completion_tokens.or(r.max_tokens)).saturating_mul(choices(r.n))
+            }
             RequestBody::Completions(r) => {
-                cap(r.max_tokens).map(|m| m.saturating_mul(choices(r.n).max(choices(r.best_of))))
+                cap(r.max_tokens).saturating_mul(choices(r.n).max(choices(r.best_of)))
             }
             RequestBody::Responses(r) => cap(r.max_output_tokens),
             RequestBody::Anthropic(r) => cap(r.max_tokens),
-            RequestBody::Embeddings(_) => Some(0),
+            RequestBody::Embeddings(_) => 0,
         }
     }
-}
-
-/// Add `stream_options.include_usage: true` to a streaming chat/completions body, so the
-/// provider reports usage in a final chunk. Returns the new body, or `None` when nothing needs
-/// to change. The edit is textual when the body has no `stream_options` (the rest of the
-/// body stays byte for byte as the client sent it); otherwise the object is rebuilt.
-pub fn with_stream_usage(body: &[u8], parsed: &RequestBody<'_>) -> Option<Vec<u8>> {
-    if !parsed.accepts_stream_options() || !parsed.stream() || parsed.stream_usage_requested() {
-        return None;
-    }
-    let has_options = match parsed {
-        RequestBody::Chat(r) => r.stream_options.is_some(),
-        RequestBody::Completions(r) => r.stream_options.is_some(),
-        _ => false,
-    };
-    if !has_options {
-        let open = body.iter().position(|b| *b == b'{')?;
-        let mut out = Vec::with_capacity(body.len() + 40);
-        out.extend_from_slice(&body[..=open]);
-        out.extend_from_slice(br#""stream_options":{"include_usage":true},"#);
-        out.extend_from_slice(&body[open + 1..]);
-        return Some(out);
-    }
-    let mut value: Value = serde_json::from_slice(body).ok()?;
-    let options = value.get_mut("stream_options")?;
-    if !options.is_object() {
-        *options = Value::Object(serde_json::Map::new());
-    }
-    options
-        .as_object_mut()?
-        .insert("include_usage".into(), Value::Bool(true));
-    serde_json::to_vec(&value).ok()
 }
 
 #[cfg(test)]
@@ -909,29 +902,67 @@ mod tests {
     }
 
     #[test]
+    fn azure_deployments_are_found_and_replaced_in_the_path() {
+        let p = "/openai/deployments/prod-4o/chat/completions?api-version=2024-10-21";
+        assert_eq!(azure_deployment(p), Some("prod-4o"));
+        assert_eq!(
+            with_azure_deployment(p, "mini").as_deref(),
+            Some("/openai/deployments/mini/chat/completions?api-version=2024-10-21")
+        );
+        assert_eq!(azure_deployment("/v1/chat/completions"), None);
+        assert_eq!(
+            azure_deployment("/openai/deployments//chat/completions"),
+            None
+        );
+        assert_eq!(azure_deployment("/x?q=/deployments/a/b"), None);
+        assert_eq!(
+            azure_deployment("/openai/deployments/\u{e9}\u{e9}"),
+            Some("\u{e9}\u{e9}")
+        );
+    }
+
+    #[test]
     fn output_cap_prefers_max_completion_tokens_and_multiplies_by_n() {
-        let b = parse_request(
-            ApiKind::ChatCompletions,
-            br#"{"messages":[],"max_tokens":10,"max_completion_tokens":20,"n":3}"#,
-        )
-        .unwrap();
-        assert_eq!(b.max_output_tokens(), Some(60));
-        let b = parse_request(ApiKind::ChatCompletions, br#"{"messages":[]}"#).unwrap();
-        assert_eq!(b.max_output_tokens(), None);
-        let b = parse_request(
-            ApiKind::Completions,
-            br#"{"prompt":"x","max_tokens":5,"n":2,"best_of":4}"#,
-        )
-        .unwrap();
-        assert_eq!(b.max_output_tokens(), Some(20));
-        let b = parse_request(
-            ApiKind::Responses,
-            br#"{"input":"x","max_output_tokens":7}"#,
-        )
-        .unwrap();
-        assert_eq!(b.max_output_tokens(), Some(7));
-        let b = parse_request(ApiKind::Embeddings, br#"{"input":"x"}"#).unwrap();
-        assert_eq!(b.max_output_tokens(), Some(0));
+        let out = |kind, body: &[u8]| parse_request(kind, body).unwrap().output_reservation(100);
+        let chat = ApiKind::ChatCompletions;
+        assert_eq!(
+            out(
+                chat,
+                br#"{"messages":[],"max_tokens":10,"max_completion_tokens":20,"n":3}"#
+            ),
+            60
+        );
+        assert_eq!(out(chat, br#"{"messages":[]}"#), 100);
+        let completions = ApiKind::Completions;
+        assert_eq!(
+            out(
+                completions,
+                br#"{"prompt":"x","max_tokens":5,"n":2,"best_of":4}"#
+            ),
+            20
+        );
+        assert_eq!(
+            out(
+                ApiKind::Responses,
+                br#"{"input":"x","max_output_tokens":7}"#
+            ),
+            7
+        );
+        assert_eq!(out(ApiKind::Embeddings, br#"{"input":"x"}"#), 0);
+    }
+
+    #[test]
+    fn choices_without_a_cap_reserve_the_default_for_each() {
+        // Found by attack: `n: 128` without `max_tokens` reserved one default output.
+        let out = |kind, body: &[u8]| parse_request(kind, body).unwrap().output_reservation(4096);
+        assert_eq!(
+            out(ApiKind::ChatCompletions, br#"{"messages":[],"n":128}"#),
+            128 * 4096
+        );
+        assert_eq!(
+            out(ApiKind::Completions, br#"{"prompt":"x","best_of":5,"n":2}"#),
+            5 * 4096
+        );
     }
 
     #[test]
@@ -941,70 +972,7 @@ mod tests {
             br#"{"messages":[],"max_tokens":9223372036854775807,"n":4}"#,
         )
         .unwrap();
-        assert_eq!(b.max_output_tokens(), Some(u64::MAX));
-    }
-
-    #[test]
-    fn stream_usage_is_injected_textually_when_absent() {
-        let body =
-            br#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
-        let parsed = parse_request(ApiKind::ChatCompletions, body).unwrap();
-        let out = with_stream_usage(body, &parsed).unwrap();
-        let v: Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v["stream_options"]["include_usage"], Value::Bool(true));
-        assert!(out.ends_with(br#""messages":[{"role":"user","content":"hi"}]}"#));
-    }
-
-    #[test]
-    fn stream_usage_overrides_an_explicit_false() {
-        let body =
-            br#"{"stream":true,"stream_options":{"include_usage":false,"x":1},"messages":[]}"#;
-        let parsed = parse_request(ApiKind::ChatCompletions, body).unwrap();
-        let v: Value = serde_json::from_slice(&with_stream_usage(body, &parsed).unwrap()).unwrap();
-        assert_eq!(v["stream_options"]["include_usage"], Value::Bool(true));
-        assert_eq!(v["stream_options"]["x"], 1);
-    }
-
-    #[test]
-    fn stream_usage_replaces_a_null_stream_options_instead_of_duplicating_the_key() {
-        // Found by `make fuzz` (request_body): the textual edit used to put a second
-        // `stream_options` key in front of `"stream_options":null`, and JSON readers take
-        // the last one, so usage was never asked for (and tokenfuse itself refuses the body).
-        for (kind, body) in [
-            (
-                ApiKind::Completions,
-                &br#"{"model":"davinci-002","prompt":[1,2,3,4],"stream":true,"stream_options":null}"#[..],
-            ),
-            (
-                ApiKind::ChatCompletions,
-                br#"{"stream_options":null,"stream":true,"messages":[]}"#,
-            ),
-        ] {
-            let parsed = parse_request(kind, body).unwrap();
-            let out = with_stream_usage(body, &parsed).unwrap();
-            let v: Value = serde_json::from_slice(&out).unwrap();
-            assert_eq!(v["stream_options"]["include_usage"], Value::Bool(true));
-            assert!(parse_request(kind, &out).unwrap().stream_usage_requested());
-        }
-    }
-
-    #[test]
-    fn stream_usage_is_left_alone_when_not_needed() {
-        for (kind, body) in [
-            (ApiKind::ChatCompletions, &br#"{"messages":[]}"#[..]),
-            (
-                ApiKind::ChatCompletions,
-                br#"{"stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
-            ),
-            (ApiKind::Responses, br#"{"stream":true,"input":"x"}"#),
-            (
-                ApiKind::AnthropicMessages,
-                br#"{"stream":true,"messages":[],"max_tokens":5}"#,
-            ),
-        ] {
-            let parsed = parse_request(kind, body).unwrap();
-            assert!(with_stream_usage(body, &parsed).is_none());
-        }
+        assert_eq!(b.output_reservation(1), u64::MAX);
     }
 
     #[test]

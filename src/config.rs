@@ -34,6 +34,18 @@ pub enum MalformedPolicy {
     Pass,
 }
 
+/// What a request whose client left before the response headers arrived is charged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AbandonedPolicy {
+    /// Keep the reservation: the provider has usually generated (and bills) the answer by
+    /// the time anyone notices the client is gone, so this is the safe side.
+    Charge,
+    /// Give the reservation back (the provider did not bill, or the operator accepts the
+    /// risk of under-counting).
+    Refund,
+}
+
 /// The validated configuration the filter runs with.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -54,6 +66,8 @@ pub struct Config {
     pub hold_request_headers: bool,
     /// Outcome for unreadable bodies on LLM paths.
     pub malformed_request: MalformedPolicy,
+    /// What a request abandoned before its response headers is charged.
+    pub abandoned: AbandonedPolicy,
     /// Tokens charged for an image part with `detail: "low"`.
     pub image_tokens_low: u64,
     /// Tokens charged for any other image part (its size is unknown to the filter).
@@ -165,6 +179,7 @@ impl Default for Config {
             inject_stream_usage: false,
             hold_request_headers: true,
             malformed_request: MalformedPolicy::Reject,
+            abandoned: AbandonedPolicy::Charge,
             image_tokens_low: 85,
             image_tokens_high: 765,
             max_response_body_bytes: 8 << 20,
@@ -206,6 +221,7 @@ pub struct RawConfig {
     inject_stream_usage: Option<bool>,
     hold_request_headers: Option<bool>,
     malformed_request: Option<MalformedPolicy>,
+    abandoned: Option<AbandonedPolicy>,
     image_tokens: Option<RawImageTokens>,
     max_response_body_bytes: Option<u64>,
     max_stream_text_bytes: Option<u64>,
@@ -578,10 +594,16 @@ impl Config {
         let admin = match raw.admin {
             None => None,
             Some(a) => {
-                if !a.path.starts_with('/') || a.path.len() < 2 {
+                // Requests are matched by their normalized path (admin.rs): the configured
+                // path must be one already, so that the two compare.
+                let normalized = crate::admin::normalize_path(&a.path);
+                if !a.path.starts_with('/')
+                    || normalized == "/"
+                    || normalized != a.path.trim_end_matches('/')
+                {
                     return Err(ConfigError::new(
                         "admin.path",
-                        "must be an absolute path other than `/`",
+                        "must be an absolute path other than `/`, in lower case, without `?`, `#`, `%`, `.` or empty segments",
                     ));
                 }
                 if a.token.len() < 16 {
@@ -650,6 +672,7 @@ impl Config {
             inject_stream_usage: raw.inject_stream_usage.unwrap_or(false),
             hold_request_headers,
             malformed_request: raw.malformed_request.unwrap_or(MalformedPolicy::Reject),
+            abandoned: raw.abandoned.unwrap_or(defaults.abandoned),
             image_tokens_low,
             image_tokens_high,
             max_response_body_bytes,
@@ -899,8 +922,9 @@ fn compile_budget(i: usize, rb: &RawBudget) -> Result<(Budget, HashMap<String, u
     let mut overrides = HashMap::new();
     for (k, v) in &rb.base_overrides {
         check_name(&f(&format!("base_overrides.{k}")), k)?;
+        // Keyed by the stored key, as the ledger names accounts.
         overrides.insert(
-            k.clone(),
+            crate::identity::named(&key, k),
             amount(&f(&format!("base_overrides.{k}")), *v, unit)?,
         );
     }

@@ -18,13 +18,14 @@ use std::rc::Rc;
 use crate::admin::{self, AdminStep};
 use crate::api::{self, ApiKind, RequestBody, RequestError};
 use crate::budget::{self, OversizeAction, Priority, Standing, Unit};
-use crate::config::{FailureMode, MalformedPolicy};
+use crate::config::{AbandonedPolicy, FailureMode, MalformedPolicy};
 use crate::enforce::{self, BudgetKey, Facts, Plan, RateHeaders, Rejection, Reservation};
 use crate::filter::Filter;
 use crate::global;
 use crate::host::{Host, Level};
 use crate::ledger;
 use crate::prompt::{count_prompt, scale, ImageCosts, PromptCount};
+use crate::rewrite;
 use crate::rls;
 use crate::sse::{SseDecoder, StreamMeter};
 use crate::stats::Stat;
@@ -81,6 +82,8 @@ enum Phase {
 /// What the filter knows about a forwarded LLM call.
 struct Call {
     kind: ApiKind,
+    /// The request path (an Azure reroute rewrites its deployment).
+    path: String,
     model_tag: String,
     counting: ModelCounting,
     prompt: PromptCount,
@@ -180,6 +183,13 @@ impl Exchange {
                 return Action::Pause;
             }
         }
+        // The reroute header is the filter's to set, on any request: a client must not pick
+        // the economy route for itself (an LLM call would get the cheaper model's budget
+        // treatment; any other request would reach the economy cluster).
+        let reroute_header = &self.filter.config.reroute.header;
+        if host.request_header(reroute_header).is_some() {
+            host.set_request_header(reroute_header, None);
+        }
         let method = host.request_header(":method").unwrap_or_default();
         let path = host.request_header(":path").unwrap_or_default();
         let kind = match ApiKind::from_path(&path) {
@@ -199,11 +209,6 @@ impl Exchange {
         }
         // Ask the provider for an uncompressed response: its usage must be readable.
         host.set_request_header("accept-encoding", None);
-        // The reroute header is the filter's to set: a client must not pick the economy
-        // route (and a cheaper model's budget treatment) for itself.
-        if !self.filter.config.budgets.is_empty() {
-            host.set_request_header(&self.filter.config.reroute.header, None);
-        }
         let config = &self.filter.config;
         let who = Identity {
             budget_ids: config
@@ -214,13 +219,13 @@ impl Exchange {
             global_ids: config
                 .global_budgets
                 .iter()
-                .map(|b| enforce::identity_from(host, &b.key))
+                .map(|b| crate::identity::of_request(host, &b.key))
                 .collect(),
             priority: enforce::priority(host, config),
             request_id: host.request_header("x-request-id"),
             tenant_tag: config.tenant_tag.as_ref().map(|source| {
                 self.filter
-                    .tenant_tag(&enforce::identity_from(host, source))
+                    .tenant_tag(&crate::identity::of_request(host, source))
             }),
         };
         self.phase = Phase::AwaitingBody {
@@ -270,9 +275,10 @@ impl Exchange {
             Ok(parsed) => parsed,
             Err(e) => return self.malformed(host, kind, &e),
         };
-        let model = parsed
-            .model()
-            .or_else(|| api::azure_deployment(&path))
+        // On an Azure path the deployment is what is served and billed, whatever the body
+        // says; elsewhere the body's model.
+        let model = api::azure_deployment(&path)
+            .or_else(|| parsed.model())
             .unwrap_or("unknown")
             .to_string();
         let counting = self.filter.config.models.resolve(&model);
@@ -292,11 +298,10 @@ impl Exchange {
         let filter = Rc::clone(&self.filter);
         let config = &filter.config;
         let prompt = self.count(&parsed, &model, counting);
-        let max_output = parsed
-            .max_output_tokens()
-            .unwrap_or(config.default_max_output_tokens);
+        let max_output = parsed.output_reservation(config.default_max_output_tokens);
         let mut call = Call {
             kind,
+            path,
             model_tag: filter.model_tag(&model),
             counting,
             prompt,
@@ -316,21 +321,23 @@ impl Exchange {
         // injection, and put back once at the end.
         let mut body: Option<Vec<u8>> = None;
         if config.has_budgets() {
-            match self.enforce(host, &original, &mut call, &who, max_output) {
+            match self.enforce(host, &original, &parsed, &mut call, &who, max_output) {
                 Ok(new_body) => body = new_body,
                 Err(reply) => return reply,
             }
         }
         if config.inject_stream_usage {
-            // A rewritten body (truncated, rerouted) is the one to inject into.
+            // A rewritten body (truncated, rerouted) is the one to inject into; it asks for
+            // a stream exactly when the original did.
             let current = body.as_deref().unwrap_or(&original);
-            let rewritten = body
-                .as_deref()
-                .and_then(|b| api::parse_request(kind, b).ok());
-            if let Some(new_body) =
-                api::with_stream_usage(current, rewritten.as_ref().unwrap_or(&parsed))
-            {
-                body = Some(new_body);
+            match rewrite::with_stream_usage(current, &parsed) {
+                Ok(Some(new_body)) => body = Some(new_body),
+                Ok(None) => {}
+                Err(_) => {
+                    let now_ms = host.now_ms();
+                    enforce::settle(host, config, &call.reservations, |_, _| 0, now_ms);
+                    return self.unrewritable(host, &call);
+                }
             }
         }
         if let Some(new_body) = body {
@@ -616,6 +623,7 @@ impl Exchange {
         &mut self,
         host: &mut dyn Host,
         original: &[u8],
+        parsed: &RequestBody,
         call: &mut Call,
         who: &Identity,
         max_output: u64,
@@ -626,27 +634,54 @@ impl Exchange {
         let now = now_ms.div_euclid(1000);
         let mut body: Option<Vec<u8>> = None;
 
-        // Budget keys, under each budget's key cap.
-        let mut keys = Vec::with_capacity(config.budgets.len());
+        // Each budget's key, located in its slots (or the overflow account).
+        let mut placed = Vec::with_capacity(config.budgets.len());
         for (i, (budget, id)) in config.budgets.iter().zip(&who.budget_ids).enumerate() {
-            if let Some(known) = filter.known_key(i, id) {
-                keys.push(known);
+            let key = filter.budget_key(i, id);
+            let hint = key.slot.get();
+            if let (Some(slot), false) = (hint, config.may_change_route()) {
+                // No read-only pass will look at the account: go straight to the
+                // reservation, which checks the owner (and places the key again if the
+                // slot was taken over).
+                placed.push(enforce::Placed {
+                    budget: i,
+                    key,
+                    slot,
+                    account: None,
+                });
                 continue;
             }
-            match ledger::admit_key(host, budget, id, now, config.cas_retries) {
-                Ok(key) => {
-                    if key == ledger::OVERFLOW_KEY && *id != key {
+            match ledger::locate(host, budget, id, now, hint, config.cas_retries) {
+                Ok(found) if found.slot == ledger::Slot::Overflow => {
+                    host.counter_add(
+                        Stat::new("keys_overflowed")
+                            .tag("budget", &budget.name)
+                            .name(),
+                        1,
+                    );
+                    placed.push(enforce::Placed {
+                        budget: i,
+                        key: filter.budget_key(i, ledger::OVERFLOW_KEY),
+                        slot: found.slot,
+                        account: found.account,
+                    });
+                }
+                Ok(found) => {
+                    key.slot.set(Some(found.slot));
+                    placed.push(enforce::Placed {
+                        budget: i,
+                        key,
+                        slot: found.slot,
+                        account: found.account,
+                    });
+                }
+                Err(_) => match config.on_store_failure {
+                    FailureMode::Open => {
                         host.counter_add(
-                            Stat::new("keys_overflowed")
-                                .tag("budget", &budget.name)
-                                .name(),
+                            Stat::new("fail_open").tag("budget", &budget.name).name(),
                             1,
                         );
                     }
-                    keys.push(filter.budget_key(i, &key, key == *id));
-                }
-                Err(_) => match config.on_store_failure {
-                    FailureMode::Open => keys.push(filter.budget_key(i, id, false)),
                     FailureMode::Closed => {
                         self.decision(host, call, "unavailable", Some(budget.name.as_str()));
                         send_error(
@@ -683,10 +718,8 @@ impl Exchange {
         }
         if let Some((cap, cap_budget)) = trunc_cap {
             let fitted = cap.checked_sub(max_output).and_then(|max_prompt| {
-                truncate::truncate(call.kind, original, max_prompt, |p| {
-                    let m = p.model().unwrap_or(&call.served_model).to_string();
-                    self.count(p, &m, call.counting).tokens
-                })
+                let costs = self.message_costs(parsed, &call.served_model, call.counting)?;
+                truncate::truncate(original, parsed, &costs, max_prompt)
             });
             match fitted {
                 Some(t) => {
@@ -714,7 +747,7 @@ impl Exchange {
             pick: budget::pick(&seed),
             now_ms,
         };
-        match enforce::plan(host, config, &keys, &facts) {
+        match enforce::plan(host, config, &placed, &facts) {
             Plan::Reject(r) => {
                 self.decision(host, call, "rejected", Some(&r.budget));
                 self.reject(host, &r, config.should_retry_max_secs);
@@ -769,7 +802,28 @@ impl Exchange {
                 call.decision = Some(decision);
                 if let Some(to) = reroute_to {
                     let current = body.as_deref().unwrap_or(original);
-                    body = Some(with_model(current, &to).unwrap_or_else(|| current.to_vec()));
+                    // Azure serves the path's deployment: that is what changes (and the
+                    // body's model too, when it names one); elsewhere the body's model.
+                    let azure_path = api::with_azure_deployment(&call.path, &to);
+                    let edited = match (&azure_path, parsed.model()) {
+                        (Some(_), None) => Ok(None),
+                        _ => rewrite::set_model(current, &to).map(Some),
+                    };
+                    match edited {
+                        Ok(new_body) => {
+                            if let Some(new_body) = new_body {
+                                body = Some(new_body);
+                            }
+                            if let Some(path) = &azure_path {
+                                host.set_request_header(":path", Some(path));
+                            }
+                        }
+                        Err(_) => {
+                            // Never forward the dearer model billed as the cheaper one.
+                            enforce::settle(host, config, &reservations, |_, _| 0, now_ms);
+                            return Err(self.unrewritable(host, call));
+                        }
+                    }
                     host.set_request_header(&config.reroute.header, Some(&config.reroute.value));
                     host.clear_route_cache();
                     // Stats follow the model that serves (and bills) the request.
@@ -796,6 +850,41 @@ impl Exchange {
             stat = stat.tag("budget", b);
         }
         host.counter_add(stat.tag("priority", call.priority.tag()).name(), 1);
+    }
+
+    /// A body edit failed on a body the reader admitted (never expected): refuse rather
+    /// than forward a body that says something else than what was billed.
+    fn unrewritable(&self, host: &mut dyn Host, call: &Call) -> Action {
+        self.decision(host, call, "unrewritable", None);
+        host.log(
+            Level::Error,
+            &format!("#{} could not edit the request body; refused", self.id),
+        );
+        send_error(
+            host,
+            500,
+            "tokenfuse: the request could not be prepared for the upstream; it was not sent",
+            "server_error",
+            "request_rewrite_failed",
+            &[],
+        );
+        Action::Pause
+    }
+
+    /// The per-message costs of `parsed`, counted for `model`.
+    fn message_costs(
+        &self,
+        parsed: &RequestBody,
+        model: &str,
+        counting: ModelCounting,
+    ) -> Option<crate::prompt::MessageCosts> {
+        let config = &self.filter.config;
+        let images = ImageCosts {
+            low: config.image_tokens_low,
+            high: config.image_tokens_high,
+        };
+        let counter = self.filter.tokenizers.counter(counting.encoding)?;
+        crate::prompt::message_costs(parsed, model, counting, counter, images)
     }
 
     fn oversize(
@@ -958,13 +1047,13 @@ impl Exchange {
 
     /// Settle the exchange into stats and budgets, exactly once.
     fn settle(&mut self, host: &mut dyn Host, ended: bool) {
-        let mut call = match std::mem::replace(&mut self.phase, Phase::Idle) {
-            Phase::Forwarded(call) => call,
+        let (mut call, forwarded) = match std::mem::replace(&mut self.phase, Phase::Idle) {
+            Phase::Forwarded(call) => (call, true),
             // The client left while the rate limit service was asked: Envoy cancels the
             // calls, nothing went upstream, local reservations go back.
             Phase::Checking { mut call, .. } => {
                 call.decision = None;
-                call
+                (call, false)
             }
             _ => return,
         };
@@ -1009,7 +1098,12 @@ impl Exchange {
         let billed = match std::mem::replace(&mut call.response, Response::Pending) {
             Response::Pending => {
                 host.counter_add(tagged("no_response").name(), 1);
-                Billed::Nothing
+                // The client left before the response headers. The provider usually went
+                // on generating, and bills it: keep the reservation unless told otherwise.
+                match self.filter.config.abandoned {
+                    AbandonedPolicy::Charge if forwarded => Billed::Unknown,
+                    _ => Billed::Nothing,
+                }
             }
             Response::UpstreamError { status } => {
                 let class = format!("{}xx", status / 100);
@@ -1448,14 +1542,6 @@ fn send_error(
     ];
     headers.extend_from_slice(extra);
     host.send_reply(status, &headers, body.as_bytes());
-}
-
-/// `body` with its `model` replaced (or added).
-fn with_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
-    let mut doc: serde_json::Value = serde_json::from_slice(body).ok()?;
-    doc.as_object_mut()?
-        .insert("model".into(), serde_json::Value::from(model));
-    serde_json::to_vec(&doc).ok()
 }
 
 #[cfg(test)]
@@ -1899,13 +1985,9 @@ mod tests {
 
     fn minute_used(shared: &FakeHost, f: &Filter, key: &str) -> u64 {
         let b = &f.config.budgets[0];
-        let a = crate::ledger::read(
-            shared,
-            b,
-            &crate::ledger::account_key(b, key),
-            1_800_000_030,
-        )
-        .unwrap();
+        let a = crate::ledger::find(shared, b, key, 1_800_000_030)
+            .unwrap()
+            .1;
         b.standing(&a, 1_800_000_030).used
     }
 
@@ -2167,7 +2249,7 @@ mod tests {
     }
 
     #[test]
-    fn upstream_errors_and_lost_responses_refund_the_reservation() {
+    fn upstream_errors_refund_the_reservation() {
         let f = filter(BUDGETS);
         let shared = FakeHost::default();
         let mut h = budget_host("acme", &chat_with(300), &shared);
@@ -2176,8 +2258,24 @@ mod tests {
         assert_eq!(minute_used(&shared, &f, "acme"), 308);
         respond(&mut ex, &mut h, "503", "application/json", b"{}", 10);
         assert_eq!(minute_used(&shared, &f, "acme"), 0);
+    }
+
+    #[test]
+    fn a_client_gone_before_the_response_is_charged_its_reservation_unless_told_to_refund() {
+        // The provider usually generated (and bills) the answer by then.
+        let f = filter(BUDGETS);
+        let shared = FakeHost::default();
         let mut h = budget_host("acme", &chat_with(300), &shared);
         let mut ex = Exchange::new(f.clone(), 2);
+        send_request(&mut ex, &mut h, 64);
+        ex.on_done(&mut h);
+        assert_eq!(minute_used(&shared, &f, "acme"), 308);
+        let refunding =
+            BUDGETS.replacen(r#"{"api":"v1","#, r#"{"api":"v1","abandoned":"refund","#, 1);
+        let f = filter(&refunding);
+        let shared = FakeHost::default();
+        let mut h = budget_host("acme", &chat_with(300), &shared);
+        let mut ex = Exchange::new(f.clone(), 3);
         send_request(&mut ex, &mut h, 64);
         ex.on_done(&mut h);
         assert_eq!(minute_used(&shared, &f, "acme"), 0);

@@ -28,13 +28,12 @@ pub struct Filter {
     tenant_tags: RefCell<TagLimiter>,
     /// Global-budget settlements waiting for the root context's next tick.
     pub settlements: RefCell<SettleQueue>,
-    /// Per budget, the keys whose account this VM has seen in shared data. Accounts are
-    /// never removed, so a key found once needs no existence check again.
+    /// Per budget, the keys this VM has seen: their gauge names and the slot where their
+    /// account was last found.
     known_keys: RefCell<Vec<FxHashMap<String, Rc<BudgetKey>>>>,
 }
 
-/// The most keys [`Filter::known_key`] remembers per budget and VM (beyond, the account is
-/// looked up in shared data again, as before it was seen).
+/// The most keys [`Filter::budget_key`] remembers per budget and VM.
 const KNOWN_KEYS_CAP: usize = 100_000;
 
 impl Filter {
@@ -84,30 +83,30 @@ impl Filter {
         }
     }
 
-    /// `key` of budget `index`, if this VM has seen its account in shared data.
-    pub fn known_key(&self, index: usize, key: &str) -> Option<Rc<BudgetKey>> {
-        self.known_keys.borrow().get(index)?.get(key).cloned()
-    }
-
-    /// `key` of budget `index`; with `exists`, remembered as having an account.
-    pub fn budget_key(&self, index: usize, key: &str, exists: bool) -> Rc<BudgetKey> {
-        if let Some(known) = self.known_key(index, key) {
-            return known;
+    /// `key` (a stored key) of budget `index`, as this VM knows it: made once, then shared
+    /// by every request of the key (up to [`KNOWN_KEYS_CAP`] keys per budget; beyond, made
+    /// afresh per request).
+    pub fn budget_key(&self, index: usize, key: &str) -> Rc<BudgetKey> {
+        if let Some(known) = self
+            .known_keys
+            .borrow()
+            .get(index)
+            .and_then(|keys| keys.get(key))
+        {
+            return Rc::clone(known);
         }
-        let Some(budget) = self.config.budgets.get(index) else {
+        let made = Rc::new(match self.config.budgets.get(index) {
+            Some(budget) => BudgetKey::new(budget, key, &self.tenant_tag(key)),
             // Callers pass indices of `config.budgets`; a key of no budget has no gauges.
-            return Rc::new(BudgetKey {
+            None => BudgetKey {
                 key: key.to_string(),
-                shared_key: String::new(),
+                slot: Default::default(),
                 gauges: None,
-            });
-        };
-        let made = Rc::new(BudgetKey::new(budget, key, &self.tenant_tag(key)));
-        if exists {
-            if let Some(keys) = self.known_keys.borrow_mut().get_mut(index) {
-                if keys.len() < KNOWN_KEYS_CAP {
-                    keys.insert(key.to_string(), Rc::clone(&made));
-                }
+            },
+        });
+        if let Some(keys) = self.known_keys.borrow_mut().get_mut(index) {
+            if keys.len() < KNOWN_KEYS_CAP {
+                keys.insert(key.to_string(), Rc::clone(&made));
             }
         }
         made

@@ -14,6 +14,7 @@
 //! syntax.
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 /// Deepest nesting of arrays and objects (serde_json's limit: its 128th level fails).
 const MAX_DEPTH: u32 = 127;
@@ -700,6 +701,15 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// The next value, checked and passed over as [`Reader::skip`] does; returns where its
+    /// text is in the document.
+    pub fn skip_span(&mut self) -> Result<Range<usize>> {
+        self.peek()?;
+        let start = self.pos;
+        self.skip()?;
+        Ok(start..self.pos)
+    }
+
     /// The next value's text, checked as a value that will be decoded (for the few fields
     /// read as a `serde_json::Value`): its strings' escapes must decode, and its nesting
     /// counts toward the document's limit, as when serde_json decodes it in place.
@@ -718,6 +728,37 @@ impl<'a> Reader<'a> {
             _ => self.skip(),
         }
     }
+}
+
+/// The members of the object that `text` is: each key (escapes decoded) and where its
+/// value is in `text`. The document is checked as [`Reader::skip`] checks a value.
+pub fn members(text: &str) -> Result<Vec<(Cow<'_, str>, Range<usize>)>> {
+    let mut r = Reader::new(text);
+    let mut out = Vec::new();
+    r.object("an object", |r, key| {
+        out.push((key, r.skip_span()?));
+        Ok(())
+    })?;
+    r.end()?;
+    Ok(out)
+}
+
+/// Where each element of the array at `range` of `text` is in `text`.
+pub fn elements(text: &str, range: Range<usize>) -> Result<Vec<Range<usize>>> {
+    let offset = range.start;
+    let inner = text.get(range).ok_or(Error {
+        at: offset,
+        kind: ErrorKind::Syntax("expected an array"),
+    })?;
+    let mut r = Reader::new(inner);
+    let mut out = Vec::new();
+    r.array("an array", |r| {
+        let span = r.skip_span()?;
+        // Offsets within `inner`, a part of `text`: no sum exceeds `text.len()`.
+        out.push(offset.saturating_add(span.start)..offset.saturating_add(span.end));
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 /// `bytes` as text for a [`Reader`], with invalid UTF-8 replaced (U+FFFD) as

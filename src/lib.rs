@@ -18,10 +18,12 @@ pub mod exchange;
 pub mod filter;
 pub mod global;
 pub mod host;
+pub mod identity;
 pub mod json;
 pub mod ledger;
 pub mod price;
 pub mod prompt;
+pub mod rewrite;
 pub mod rls;
 pub mod sse;
 pub mod stats;
@@ -129,6 +131,18 @@ mod glue {
 
     proxy_wasm::main! {{
         proxy_wasm::set_log_level(LogLevel::Trace);
+        // Replaces the SDK's hook (set just above), which logs the panic message: messages
+        // can quote what they panicked on — a header, a credential — and logs must not.
+        std::panic::set_hook(Box::new(|info| {
+            let at = info.location().map_or_else(
+                || "an unknown location".to_string(),
+                |l| format!("{}:{}:{}", l.file(), l.line(), l.column()),
+            );
+            let _ = proxy_wasm::hostcalls::log(
+                LogLevel::Critical,
+                &format!("tokenfuse panicked at {at}; the message is withheld (it may quote request data)"),
+            );
+        }));
         proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
             Box::new(TokenfuseRoot { filter: None })
         });

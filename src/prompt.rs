@@ -15,8 +15,8 @@
 use serde_json::Value;
 
 use crate::api::{
-    AnthropicContent, AnthropicRequest, ChatMessage, ChatRequest, Content, ContentPart, ImageUrl,
-    RequestBody, ResponsesInput, ResponsesRequest, TextOrTokens,
+    AnthropicContent, AnthropicMessage, AnthropicRequest, ChatMessage, ChatRequest, Content,
+    ContentPart, ImageUrl, RequestBody, ResponsesInput, ResponsesRequest, TextOrTokens,
 };
 use crate::tokens::{Encoding, ModelCounting, TextCounter};
 
@@ -349,10 +349,80 @@ pub fn count_prompt(
     tally.finish(model.safety_factor)
 }
 
+/// A conversation's prompt cost split into what each message adds and the rest, before the
+/// model's safety factor: the prompt of any subset of the messages (in order) is
+/// `scale(fixed + Σ messages[i], factor)`, exactly what [`count_prompt`] gives for the body
+/// holding that subset — counting is additive over messages. Lets a truncation try every cut
+/// of a conversation in linear time instead of recounting it per cut.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MessageCosts {
+    pub fixed: i64,
+    pub messages: Vec<i64>,
+    pub factor: f64,
+}
+
+impl MessageCosts {
+    /// `raw` (the fixed part plus the costs of some messages) as a prompt count: scaled by
+    /// the safety factor.
+    pub fn prompt(&self, raw: i64) -> u64 {
+        scale(u64::try_from(raw.max(0)).unwrap_or(0), self.factor)
+    }
+
+    /// The unscaled sum of every message and the fixed part.
+    pub fn total(&self) -> i64 {
+        self.messages
+            .iter()
+            .fold(self.fixed, |sum, m| sum.saturating_add(*m))
+    }
+}
+
+/// The per-message costs of a chat or Anthropic request (`None` for other APIs).
+pub fn message_costs(
+    body: &RequestBody,
+    model_name: &str,
+    model: ModelCounting,
+    counter: TextCounter<'_>,
+    images: ImageCosts,
+) -> Option<MessageCosts> {
+    let format = ChatFormat::for_model(model_name, model.encoding);
+    let one = |f: &mut dyn FnMut(&mut Tally<'_>)| {
+        let mut tally = Tally::new(counter, images);
+        f(&mut tally);
+        tally.tokens
+    };
+    let (fixed, messages) = match body {
+        RequestBody::Chat(r) => (
+            one(&mut |t| count_chat_rest(t, r, &format)),
+            r.messages
+                .iter()
+                .map(|m| one(&mut |t| t.chat_message(m, &format)))
+                .collect(),
+        ),
+        RequestBody::Anthropic(r) => (
+            one(&mut |t| count_anthropic_rest(t, r)),
+            r.messages
+                .iter()
+                .map(|m| one(&mut |t| anthropic_message(t, m)))
+                .collect(),
+        ),
+        _ => return None,
+    };
+    Some(MessageCosts {
+        fixed,
+        messages,
+        factor: model.safety_factor,
+    })
+}
+
 fn count_chat(tally: &mut Tally<'_>, r: &ChatRequest, format: &ChatFormat) {
     for m in &r.messages {
         tally.chat_message(m, format);
     }
+    count_chat_rest(tally, r, format);
+}
+
+/// Everything of a chat request but its messages.
+fn count_chat_rest(tally: &mut Tally<'_>, r: &ChatRequest, format: &ChatFormat) {
     tally.add(format.reply_priming);
     let tool_defs = r
         .tools
@@ -423,14 +493,23 @@ fn count_responses(tally: &mut Tally<'_>, r: &ResponsesRequest, format: &ChatFor
 /// Anthropic's tokenizer is private: the text is counted with the borrowed encoding and the
 /// model rule's safety factor scales it.
 fn count_anthropic(tally: &mut Tally<'_>, r: &AnthropicRequest) {
+    for m in &r.messages {
+        anthropic_message(tally, m);
+    }
+    count_anthropic_rest(tally, r);
+}
+
+fn anthropic_message(tally: &mut Tally<'_>, m: &AnthropicMessage) {
+    tally.add(3);
+    tally.text(&m.role);
+    tally.anthropic_content(&m.content);
+}
+
+/// Everything of an Anthropic request but its messages.
+fn count_anthropic_rest(tally: &mut Tally<'_>, r: &AnthropicRequest) {
     tally.estimate();
     if let Some(system) = &r.system {
         tally.anthropic_content(system);
-    }
-    for m in &r.messages {
-        tally.add(3);
-        tally.text(&m.role);
-        tally.anthropic_content(&m.content);
     }
     for tool in r.tools.iter().flatten() {
         tally.json(tool);

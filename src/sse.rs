@@ -209,9 +209,10 @@ impl StreamMeter {
     }
 
     fn flush(&mut self, counter: TextCounter<'_>) {
-        for text in self.text.values_mut() {
-            self.counted = self.counted.saturating_add(counter.count(text));
-            text.clear();
+        // The texts are dropped, not cleared: a cleared string keeps its allocation, and a
+        // hostile stream spread over many choices would keep all of them.
+        for text in std::mem::take(&mut self.text).into_values() {
+            self.counted = self.counted.saturating_add(counter.count(&text));
         }
         self.text_bytes = 0;
     }
@@ -220,7 +221,7 @@ impl StreamMeter {
         if text.is_empty() {
             return;
         }
-        self.text_bytes += text.len();
+        self.text_bytes = self.text_bytes.saturating_add(text.len());
         self.text.entry(index).or_default().push_str(text);
     }
 
