@@ -131,7 +131,7 @@ fn percent_decode(s: &str, plus_is_space: bool) -> String {
             ) {
                 (Some(h), Some(l)) => {
                     // Two hex digits: at most 0xff.
-                    out.push(u8::try_from(h * 16 + l).unwrap_or(b'%'));
+                    out.push(u8::try_from(h.saturating_mul(16).saturating_add(l)).unwrap_or(b'%'));
                     rest = tail.get(2..).unwrap_or_default();
                 }
                 _ => out.push(b'%'),

@@ -160,8 +160,8 @@ impl RequestError {
                 let detail =
                     if text.starts_with("missing field") || text.starts_with("duplicate field") {
                         text.to_string()
-                    } else if let Some(pos) = text.find("expected") {
-                        format!("a field has the wrong type, {}", &text[pos..])
+                    } else if let Some((_, rest)) = text.split_once("expected") {
+                        format!("a field has the wrong type, expected{rest}")
                     } else {
                         "a field has the wrong type".to_string()
                     };

@@ -224,6 +224,16 @@ pub fn reservation_in(
     }
 }
 
+/// The share of `budget`'s limit requests of `priority` may use.
+fn ceiling(budget: &Budget, priority: Priority) -> f64 {
+    let [p0, p1, p2] = budget.ceilings;
+    match priority {
+        Priority::P0 => p0,
+        Priority::P1 => p1,
+        Priority::P2 => p2,
+    }
+}
+
 fn rejection(
     budget: &Budget,
     standing: crate::budget::Standing,
@@ -234,11 +244,7 @@ fn rejection(
     let now_ms = facts.now_ms;
     Rejection {
         needed,
-        ceiling: budget.ceilings[match facts.priority {
-            Priority::P0 => 0,
-            Priority::P1 => 1,
-            Priority::P2 => 2,
-        }],
+        ceiling: ceiling(budget, facts.priority),
         priority: facts.priority,
         budget: budget.name.clone(),
         unit: budget.unit,
@@ -484,9 +490,13 @@ pub fn settle(
                 ));
                 let reserved = r.drawn.total();
                 if amount < reserved {
-                    report.refunded = report.refunded.saturating_add(reserved - amount);
+                    report.refunded = report
+                        .refunded
+                        .saturating_add(reserved.saturating_sub(amount));
                 } else {
-                    report.charged_extra = report.charged_extra.saturating_add(amount - reserved);
+                    report.charged_extra = report
+                        .charged_extra
+                        .saturating_add(amount.saturating_sub(reserved));
                 }
             }
             // Lost: contended or refused by the proxy, or the slot was taken over (only a

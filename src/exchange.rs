@@ -407,21 +407,28 @@ impl Exchange {
                 )
             })
             .collect();
-        if let Some(i) = hits.iter().position(|&h| h > u64::from(u32::MAX)) {
+        if let Some((i, (key, &hits))) = ids
+            .iter()
+            .zip(&hits)
+            .enumerate()
+            .find(|(_, (_, &h))| h > u64::from(u32::MAX))
+        {
             // More than one call can carry: this request can never pass. Nothing is sent.
             let check = global::Check {
                 token: 0,
                 budget: i,
-                key: ids[i].clone(),
-                hits: hits[i],
+                key: key.clone(),
+                hits,
                 outcome: Some(global::Outcome::OverLimit(None)),
             };
             return self.conclude(host, call, vec![check]);
         }
         let mut checks = Vec::with_capacity(config.global_budgets.len());
-        for (i, (budget, key)) in config.global_budgets.iter().zip(ids).enumerate() {
+        for (i, ((budget, key), &hits)) in
+            config.global_budgets.iter().zip(ids).zip(&hits).enumerate()
+        {
             let (token, outcome) =
-                match global::dispatch_check(host, service, &budget.name, key, hits[i]) {
+                match global::dispatch_check(host, service, &budget.name, key, hits) {
                     Ok(token) => (token, None),
                     Err(reason) => (0, Some(global::Outcome::Failed(reason))),
                 };
@@ -429,7 +436,7 @@ impl Exchange {
                 token,
                 budget: i,
                 key: key.clone(),
-                hits: hits[i],
+                hits,
                 outcome,
             });
         }
@@ -491,7 +498,10 @@ impl Exchange {
         let mut refusal: Option<(&global::Check, Option<rls::DescriptorStatus>)> = None;
         let mut failure: Option<&global::Check> = None;
         for check in &checks {
-            let name = config.global_budgets[check.budget].name.as_str();
+            let Some(budget) = config.global_budgets.get(check.budget) else {
+                continue;
+            };
+            let name = budget.name.as_str();
             match &check.outcome {
                 Some(global::Outcome::Ok(status)) => {
                     call.holds.push(global::Hold {
@@ -499,7 +509,6 @@ impl Exchange {
                         key: check.key.clone(),
                         hits: check.hits,
                     });
-                    let budget = &config.global_budgets[check.budget];
                     if let (Unit::Tokens, Some(s)) = (budget.unit, status) {
                         if let Some(limit) = s.limit {
                             let h = RateHeaders {
@@ -558,15 +567,18 @@ impl Exchange {
         let now_ms = host.now_ms();
         enforce::settle(host, config, &call.reservations, |_, _| 0, now_ms);
         for hold in &call.holds {
-            let name = &config.global_budgets[hold.budget].name;
-            add(
-                host,
-                &Stat::new("global_unreturned").tag("budget", name),
-                hold.hits,
-            );
+            if let Some(budget) = config.global_budgets.get(hold.budget) {
+                add(
+                    host,
+                    &Stat::new("global_unreturned").tag("budget", &budget.name),
+                    hold.hits,
+                );
+            }
         }
-        if let Some((check, status)) = refusal {
-            let budget = &config.global_budgets[check.budget];
+        let budget_of = |check: &global::Check| config.global_budgets.get(check.budget);
+        if let Some((check, status, budget)) =
+            refusal.and_then(|(c, st)| Some((c, st, budget_of(c)?)))
+        {
             self.decision(host, &call, "rejected", Some(&budget.name));
             reject_global(
                 host,
@@ -575,9 +587,10 @@ impl Exchange {
                 status,
                 config.should_retry_max_secs,
             );
-        } else if let Some(check) = failure {
-            let name = &config.global_budgets[check.budget].name;
-            self.decision(host, &call, "unavailable", Some(name));
+        } else {
+            // A failure under `on_failure: closed` (every refusal names a budget).
+            let name = failure.and_then(budget_of).map(|b| b.name.as_str());
+            self.decision(host, &call, "unavailable", name);
             send_error(
                 host,
                 503,
@@ -783,7 +796,9 @@ impl Exchange {
                     host.counter_add(Stat::new("fail_open").tag("budget", name).name(), 1);
                 }
                 for r in &reservations {
-                    let b = &config.budgets[r.budget];
+                    let Some(b) = config.budgets.get(r.budget) else {
+                        continue;
+                    };
                     add(
                         host,
                         &Stat::new("reserved")
@@ -1018,7 +1033,7 @@ impl Exchange {
         let max_json = self.filter.config.max_response_body_bytes;
         match &mut call.response {
             Response::Json { body, overflowed } if !*overflowed && body_size > 0 => {
-                if body.len() + body_size > max_json {
+                if body.len().saturating_add(body_size) > max_json {
                     *overflowed = true;
                     *body = Vec::new();
                 } else if let Some(chunk) = host.response_body(body_size) {
@@ -1288,13 +1303,13 @@ impl Exchange {
                     config,
                     hold.budget,
                     &hold.key,
-                    cost - hold.hits,
+                    cost.saturating_sub(hold.hits),
                 );
             } else {
                 add(
                     host,
                     &Stat::new("global_unreturned").tag("budget", &budget.name),
-                    hold.hits - cost,
+                    hold.hits.saturating_sub(cost),
                 );
             }
         }
@@ -1469,29 +1484,34 @@ fn json_output_tokens(body: &[u8], counter: TextCounter<'_>) -> u64 {
             total = total.saturating_add(counter.count(t));
         }
     };
+    use serde_json::Value;
+    fn list<'v>(v: &'v Value, at: &str) -> &'v [Value] {
+        v.pointer(at)
+            .and_then(Value::as_array)
+            .map_or(&[], Vec::as_slice)
+    }
+    fn text<'v>(v: &'v Value, at: &str) -> Option<&'v str> {
+        v.pointer(at).and_then(Value::as_str)
+    }
     // Chat / completions.
-    for choice in v["choices"].as_array().into_iter().flatten() {
-        count(choice["message"]["content"].as_str());
-        count(choice["text"].as_str());
-        for call in choice["message"]["tool_calls"]
-            .as_array()
-            .into_iter()
-            .flatten()
-        {
-            count(call["function"]["name"].as_str());
-            count(call["function"]["arguments"].as_str());
+    for choice in list(&v, "/choices") {
+        count(text(choice, "/message/content"));
+        count(text(choice, "/text"));
+        for call in list(choice, "/message/tool_calls") {
+            count(text(call, "/function/name"));
+            count(text(call, "/function/arguments"));
         }
     }
     // Responses API.
-    for item in v["output"].as_array().into_iter().flatten() {
-        for part in item["content"].as_array().into_iter().flatten() {
-            count(part["text"].as_str());
+    for item in list(&v, "/output") {
+        for part in list(item, "/content") {
+            count(text(part, "/text"));
         }
-        count(item["arguments"].as_str());
+        count(text(item, "/arguments"));
     }
     // Anthropic.
-    for block in v["content"].as_array().into_iter().flatten() {
-        count(block["text"].as_str());
+    for block in list(&v, "/content") {
+        count(text(block, "/text"));
         if let Some(input) = block.get("input") {
             count(Some(&input.to_string()));
         }

@@ -31,6 +31,8 @@
 //! checks the record's owner: a slot taken over since it was located answers
 //! [`LedgerError::Moved`], never another identity's account.
 
+use std::num::NonZeroU64;
+
 use sha2::{Digest, Sha256};
 
 use crate::budget::{Account, Budget};
@@ -98,7 +100,7 @@ impl Record {
     pub fn encode(&self) -> Vec<u8> {
         let owner = self.owner.as_bytes();
         let owner = owner.get(..MAX_OWNER).unwrap_or(owner);
-        let mut out = Vec::with_capacity(FIXED_BYTES + owner.len());
+        let mut out = Vec::with_capacity(FIXED_BYTES.saturating_add(owner.len()));
         out.push(RECORD_VERSION);
         let a = &self.account;
         out.extend_from_slice(&a.window_start.to_le_bytes());
@@ -243,9 +245,9 @@ enum Probe {
 
 /// Look for `key` in its probe window (reads only).
 fn probe(host: &dyn Host, budget: &Budget, key: &str, now: i64) -> Probe {
-    let slots = budget.max_keys.max(1);
+    let slots = NonZeroU64::new(budget.max_keys).unwrap_or(NonZeroU64::MIN);
     let start = home(budget, key) % slots;
-    let probes = slots.min(u64::from(PROBES));
+    let probes = slots.get().min(u64::from(PROBES));
     let mut free: Option<(u32, Option<u32>)> = None;
     for j in 0..probes {
         let Ok(n) = u32::try_from(start.saturating_add(j) % slots) else {
@@ -333,9 +335,11 @@ pub fn locate(
             }
             // Another worker wrote the slot first (placing this identity, or another):
             // look again.
-            Err(SharedError::CasMismatch) if lost < retries => lost += 1,
+            Err(SharedError::CasMismatch) if lost < retries => lost = lost.saturating_add(1),
             Err(SharedError::CasMismatch) => {
-                return Err(LedgerError::Contended { attempts: lost + 1 })
+                return Err(LedgerError::Contended {
+                    attempts: lost.saturating_add(1),
+                })
             }
             Err(SharedError::Failed) => return Err(LedgerError::Unavailable),
         }
@@ -399,9 +403,11 @@ pub fn update<R>(
                     retries: lost,
                 })
             }
-            Err(SharedError::CasMismatch) if lost < retries => lost += 1,
+            Err(SharedError::CasMismatch) if lost < retries => lost = lost.saturating_add(1),
             Err(SharedError::CasMismatch) => {
-                return Err(LedgerError::Contended { attempts: lost + 1 })
+                return Err(LedgerError::Contended {
+                    attempts: lost.saturating_add(1),
+                })
             }
             Err(SharedError::Failed) => return Err(LedgerError::Unavailable),
         }

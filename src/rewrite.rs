@@ -34,7 +34,12 @@ fn member(text: &str, name: &str) -> Result<Option<Range<usize>>, Error> {
 fn splice(text: &str, span: Range<usize>, with: &str) -> Option<Vec<u8>> {
     let before = text.get(..span.start)?;
     let after = text.get(span.end..)?;
-    let mut out = Vec::with_capacity(before.len() + with.len() + after.len());
+    let mut out = Vec::with_capacity(
+        before
+            .len()
+            .saturating_add(with.len())
+            .saturating_add(after.len()),
+    );
     out.extend_from_slice(before.as_bytes());
     out.extend_from_slice(with.as_bytes());
     out.extend_from_slice(after.as_bytes());
@@ -73,7 +78,7 @@ fn text(body: &[u8]) -> Result<&str, EditError> {
 }
 
 fn object_start(text: &str) -> Result<usize, EditError> {
-    let start = text.len() - text.trim_start().len();
+    let start = text.len().saturating_sub(text.trim_start().len());
     match text.as_bytes().get(start) {
         Some(b'{') => Ok(start),
         _ => Err(EditError::Unreadable),
@@ -116,8 +121,10 @@ pub fn with_stream_usage(
                 // An object (the reader refused any other type): set its member.
                 match member(value, "include_usage")? {
                     Some(inner) => {
+                        // `inner` is within `value`, which starts at `span.start`.
                         let at = span.start;
-                        splice(text, at + inner.start..at + inner.end, "true")
+                        let start = at.saturating_add(inner.start);
+                        splice(text, start..at.saturating_add(inner.end), "true")
                     }
                     None => prepend_member(text, span.start, MEMBER),
                 }

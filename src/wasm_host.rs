@@ -229,10 +229,12 @@ thread_local! {
     static HEADER_MAPS: RefCell<[Option<HeaderPairs>; 2]> = const { RefCell::new([None, None]) };
 }
 
-fn slot(map: MapType) -> usize {
+/// The cache entry of `map`: request headers, or the response's.
+fn slot(maps: &mut [Option<HeaderPairs>; 2], map: MapType) -> &mut Option<HeaderPairs> {
+    let [request, response] = maps;
     match map {
-        MapType::HttpRequestHeaders => 0,
-        _ => 1,
+        MapType::HttpRequestHeaders => request,
+        _ => response,
     }
 }
 
@@ -264,7 +266,7 @@ fn header_pairs(map: MapType) -> Option<HeaderPairs> {
 fn with_cached_map<T>(map: MapType, read: impl FnOnce(&HeaderPairs) -> T) -> Option<T> {
     HEADER_MAPS.with(|maps| {
         let mut maps = maps.borrow_mut();
-        let entry = &mut maps[slot(map)];
+        let entry = slot(&mut maps, map);
         if entry.is_none() {
             *entry = Some(header_pairs(map)?);
         }
@@ -297,7 +299,7 @@ fn set_header(map: MapType, name: &str, value: Option<&str>) {
     }
     // Keep the cached map in step (the proxy replaces every value of `name`).
     HEADER_MAPS.with(|m| {
-        if let Some(pairs) = &mut m.borrow_mut()[slot(map)] {
+        if let Some(pairs) = slot(&mut m.borrow_mut(), map) {
             pairs.set(name, value);
         }
     });
@@ -381,7 +383,7 @@ impl Host for WasmHost {
                 current = log_level();
                 cached.set((current, 1000));
             } else {
-                cached.set((current, left - 1));
+                cached.set((current, left.saturating_sub(1)));
             }
             wanted as u32 >= current
         })
