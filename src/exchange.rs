@@ -349,10 +349,9 @@ impl Exchange {
             host.log(
             Level::Debug,
             &format!(
-                "#{} {} model={} encoding={} prompt_tokens={} exact={} stream={} max_output={} priority={} reserved_in={} rerouted={}",
+                "#{} {} encoding={} prompt_tokens={} exact={} stream={} max_output={} priority={} reserved_in={} rerouted={}",
                 self.id,
                 kind.tag(),
-                crate::stats::sanitize(&model),
                 counting.encoding,
                 call.prompt.tokens,
                 call.prompt.exact,

@@ -270,7 +270,7 @@ mod map_tests {
     }
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "testkit"))]
 pub mod fake {
     //! An in-memory [`Host`] for tests.
 

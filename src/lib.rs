@@ -25,6 +25,8 @@ pub mod price;
 pub mod prompt;
 pub mod rewrite;
 pub mod rls;
+#[cfg(any(test, feature = "testkit"))]
+pub mod scenario;
 pub mod sse;
 pub mod stats;
 pub mod tokens;
