@@ -236,9 +236,7 @@ fn request_body(b: &mut Bytes<'_>, path: &str) -> Vec<u8> {
         .collect();
     let mut body = if path.ends_with("/v1/messages") {
         serde_json::json!({"model": model, "messages": messages, "max_tokens": b.pick(&[1, 50, 5000])})
-    } else if path.ends_with("/embeddings") {
-        serde_json::json!({"model": model, "input": text(b)})
-    } else if path.ends_with("/responses") {
+    } else if path.ends_with("/embeddings") || path.ends_with("/responses") {
         serde_json::json!({"model": model, "input": text(b)})
     } else if path.ends_with("/chat/completions") {
         serde_json::json!({"model": model, "messages": messages})
