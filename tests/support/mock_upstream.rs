@@ -35,6 +35,9 @@
 //! | `x-mock-split`             | one HTTP chunk per SSE event       | streams: write the SSE body in pieces of N bytes, ignoring event and UTF-8 boundaries |
 //! | `x-mock-cut-after`         | —                                  | close the TCP connection after N body bytes (streams: no terminating 0-chunk, even if N ≥ body; JSON: short body if N < body) |
 //! | `x-mock-no-done`           | —                                  | `OpenAI` chat/completions streams: omit `data: [DONE]` |
+//! | `x-mock-repeat`            | 1                                  | the completion text is repeated N times (long answers without long headers) |
+//! | `x-mock-delta-chars`       | 4                                  | streams: characters per delta |
+//! | `x-mock-choices`           | 1                                  | chat streams: the deltas go to N choices, in N consecutive runs (choice 0 first) |
 //!
 //! A malformed control header (non-number, bad base64, status out of range) is
 //! answered with a 400 error naming it: a test bug should fail loudly.
@@ -528,6 +531,8 @@ struct Controls {
     split: Option<usize>,
     cut_after: Option<usize>,
     no_done: bool,
+    delta_chars: usize,
+    choices: usize,
 }
 
 impl Controls {
@@ -557,6 +562,9 @@ impl Controls {
                     .ok_or_else(|| "mock: x-mock-completion b64: is not base64 UTF-8".to_owned())?,
             },
         };
+        let repeat = number(request, "x-mock-repeat")?.unwrap_or(1);
+        let text =
+            text.repeat(usize::try_from(repeat).map_err(|_| "mock: x-mock-repeat too large")?);
         let millis =
             |name| Ok::<_, String>(Duration::from_millis(number(request, name)?.unwrap_or(0)));
         let size = |name| {
@@ -576,6 +584,10 @@ impl Controls {
             no_done: request
                 .header("x-mock-no-done")
                 .is_some_and(|v| !matches!(v, "0" | "false")),
+            delta_chars: size("x-mock-delta-chars")?
+                .filter(|&n| n > 0)
+                .unwrap_or(DELTA_CHARS),
+            choices: size("x-mock-choices")?.filter(|&n| n > 0).unwrap_or(1),
         })
     }
 }
@@ -704,7 +716,7 @@ fn json_reply(api: Api, model: &str, controls: &Controls) -> Reply {
 /// `None` for embeddings, which are never streamed (answered as JSON even
 /// with `"stream": true`).
 fn stream_reply(api: Api, json: &Value, model: &str, controls: &Controls) -> Option<Reply> {
-    let deltas = text_deltas(&controls.text);
+    let deltas = text_deltas(&controls.text, controls.delta_chars);
     let done = !controls.no_done;
     let mut extra_headers = Vec::new();
     let (events, reported) = match api {
@@ -717,7 +729,7 @@ fn stream_reply(api: Api, json: &Value, model: &str, controls: &Controls) -> Opt
             extra_headers.push(("x-mock-include-usage", include_usage.to_string()));
             let usage = controls.usage.filter(|_| include_usage);
             let events = if api == Api::Chat {
-                chat_stream(model, &deltas, usage, done)
+                chat_stream(model, &deltas, usage, done, controls.choices)
             } else {
                 completions_stream(model, &deltas, usage, done)
             };
@@ -754,13 +766,13 @@ fn js(s: &str) -> String {
 
 /// `text` split on char boundaries into pieces of [`DELTA_CHARS`] chars; at
 /// least one (possibly empty) piece so streams always carry a delta.
-fn text_deltas(text: &str) -> Vec<String> {
+fn text_deltas(text: &str, size: usize) -> Vec<String> {
     let chars: Vec<char> = text.chars().collect();
     if chars.is_empty() {
         return vec![String::new()];
     }
     chars
-        .chunks(DELTA_CHARS)
+        .chunks(size)
         .map(|piece| piece.iter().collect())
         .collect()
 }
@@ -856,7 +868,13 @@ fn named_event(name: &str, json: &str) -> String {
 
 /// Chat chunks: role+first delta, further deltas, finish chunk, optional usage
 /// chunk (`choices: []`), optional `[DONE]`.
-fn chat_stream(model: &str, deltas: &[String], usage: Option<Usage>, done: bool) -> Vec<String> {
+fn chat_stream(
+    model: &str,
+    deltas: &[String],
+    usage: Option<Usage>,
+    done: bool,
+    choices: usize,
+) -> Vec<String> {
     let head = format!(
         r#"{{"id":"chatcmpl-mock","object":"chat.completion.chunk","created":{CREATED},"model":{}"#,
         js(model)
@@ -866,8 +884,10 @@ fn chat_stream(model: &str, deltas: &[String], usage: Option<Usage>, done: bool)
         .enumerate()
         .map(|(i, delta)| {
             let role = if i == 0 { r#""role":"assistant","# } else { "" };
+            // Consecutive runs of deltas per choice: choice 0 gets the first run.
+            let index = i * choices / deltas.len();
             data_event(&format!(
-                r#"{head},"choices":[{{"index":0,"delta":{{{role}"content":{}}},"finish_reason":null}}]}}"#,
+                r#"{head},"choices":[{{"index":{index},"delta":{{{role}"content":{}}},"finish_reason":null}}]}}"#,
                 js(delta)
             ))
         })

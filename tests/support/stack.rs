@@ -109,11 +109,7 @@ pub fn text_tokens(encoding: Encoding, text: &str) -> u64 {
     tokenizers().counter(encoding).unwrap().count(text)
 }
 
-/// The budget key a `bearer` budget stores for `secret`: `key-` and the first 64 bits of
-/// its SHA-256, in hex.
+/// The budget key a `bearer` budget stores for `secret` (as the filter maps it).
 pub fn bearer_key(secret: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let d = Sha256::digest(secret.as_bytes());
-    let hex: String = d[..8].iter().map(|b| format!("{b:02x}")).collect();
-    format!("key-{hex}")
+    tokenfuse::identity::credential_key(secret)
 }
