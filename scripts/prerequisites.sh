@@ -94,7 +94,17 @@ check() {
         fi
       fi
       ;;
-    node) need_tool NODE "$NODE" node nodejs ;;
+    # scripts/wasi-run.mjs needs node:wasi with WASI preview1 (Node 18.17 and later;
+    # Debian 12's nodejs 18.20 does).
+    node)
+      if ! have "$NODE"; then
+        need_tool NODE "$NODE" node nodejs
+      elif ! "$NODE" --no-warnings -e 'new (require("node:wasi").WASI)({ version: "preview1" })' \
+        >/dev/null 2>&1; then
+        unfixable+=("NODE=$NODE is Node $("$NODE" --version 2>/dev/null), without WASI preview1 \
+(scripts/wasi-run.mjs needs Node.js 18.17 or later)")
+      fi
+      ;;
     # Debian's prometheus package ships promtool (and the server, kept stopped).
     promtool) need_tool PROMTOOL "$PROMTOOL" promtool prometheus ;;
     redis-server) need_tool REDIS_SERVER "$REDIS_SERVER" redis-server redis-server ;;
