@@ -178,8 +178,8 @@ fuzz:
 BENCH_ARGS ?=
 bench:
 	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory build envoy wrk && \
-	$(PREREQUISITES) node && \
+	$(PREREQUISITES) wasm-target cc python-venv node wrk && \
+	$(MAKE) --no-print-directory build envoy && \
 	$(CARGO) build --release --example mock_upstream --example count_bench --example exchange_bench && \
 	$(CARGO) build --release --target $(WASM_TARGET) \
 	  --example count_bench --example exchange_bench --example floor_filter --example host_calls && \
