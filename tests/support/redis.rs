@@ -43,7 +43,7 @@ pub fn redis_server_binary() -> PathBuf {
         panic!(
             "redis-server not found ({}): install it with \
              `apt-get install -y --no-install-recommends redis-server` (Debian/Ubuntu; \
-             `.ci/run` does), or point TOKENFUSE_REDIS_SERVER at one",
+             `make prerequisites` does it as root), or point TOKENFUSE_REDIS_SERVER at one",
             binary.display()
         );
     }
