@@ -41,6 +41,10 @@ WASM := target/$(WASM_TARGET)/release/tokenfuse.wasm
 # tests/support/envoy.rs); exported so `make test ENVOY=/other/envoy` reaches them.
 export TOKENFUSE_ENVOY := $(abspath $(ENVOY))
 export TOKENFUSE_WASM := $(abspath $(WASM))
+# The fault-injection build (`x-tokenfuse-fault: panic` panics the VM) for the failure-policy
+# tests; never shipped.
+FAULT_TARGET_DIR := $(CURDIR)/target/fault
+export TOKENFUSE_FAULT_WASM := $(FAULT_TARGET_DIR)/$(WASM_TARGET)/release/tokenfuse.wasm
 
 # The global-budget tests: the test engine (its own Cargo package, built apart from the
 # filter: debug, because its tests build that profile anyway and reuse every artifact)
@@ -65,7 +69,7 @@ PRIMARY_PORT ?= 18001
 ECONOMY_PORT ?= 18002
 
 .PHONY: build envoy run test prerequisites cargo-test wasm-test lint validate alerts-test promtool clean \
-	soak fuzz bench wrk rls-engine redis-server
+	soak fuzz bench wrk rls-engine redis-server fault-wasm
 
 ## build: the Wasm filter (adds the rustup target when missing)
 build:
@@ -109,10 +113,16 @@ test: prerequisites
 	$(MAKE) --no-print-directory lint
 
 ## cargo-test: native unit tests + integration tests (real Envoy, built .wasm, promtool,
-## redis-server + the rls-engine), then the rls-engine's own tests
-cargo-test: promtool redis-server rls-engine
+## redis-server + the rls-engine, the fault-injection module), then the rls-engine's own tests
+cargo-test: promtool redis-server rls-engine fault-wasm
 	$(CARGO) test
 	$(CARGO) test $(RLS_ENGINE_CARGO_ARGS)
+
+## fault-wasm: the module tests/envoy_failure.rs panics on purpose ($(TOKENFUSE_FAULT_WASM));
+## its own target dir, so the shipped module is never built with the feature
+fault-wasm:
+	@$(PREREQUISITES) wasm-target cc
+	$(CARGO) build --release --target $(WASM_TARGET) --features fault-injection --target-dir $(FAULT_TARGET_DIR)
 
 ## rls-engine: the global-budget test engine (tools/rls-engine), $(TOKENFUSE_RLS_ENGINE)
 rls-engine:

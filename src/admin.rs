@@ -150,7 +150,12 @@ fn describe(host: &dyn Host, config: &Config, index: usize, key: &str, now_ms: i
         return Value::Null;
     };
     let now = now_ms.div_euclid(1000);
-    let found = ledger::find(host, &budget, key, now);
+    let found = if key == ledger::OVERFLOW_KEY {
+        ledger::record(host, &budget, Slot::Overflow)
+            .map(|r| (Slot::Overflow, budget.roll(r.account, now)))
+    } else {
+        ledger::find(host, &budget, key, now)
+    };
     let tracked = found.is_some();
     let account = found
         .map(|(_, a)| a)
@@ -220,7 +225,8 @@ pub fn on_request_headers(host: &mut dyn Host, config: &Config, end_of_stream: b
             if budgets.is_empty() {
                 error(host, 404, "no_such_budget", "no such budget");
             } else {
-                reply(host, 200, &json!({"budgets": budgets}));
+                // `key` as asked; each budget's entry names the stored key it maps to.
+                reply(host, 200, &json!({"key": name, "budgets": budgets}));
             }
             AdminStep::Replied
         }

@@ -13,7 +13,8 @@
 //! - any other value is stored as `_h-` and the first 128 bits of its SHA-256 (hex), and a
 //!   bearer credential as `_key-` and the same digest of the credential: a leading `_` is
 //!   never plain, and the two prefixes differ;
-//! - `_default` (no identity) and `_overflow` (a budget out of key slots) are reserved.
+//! - `_default` (no identity) and `_overflow` (the account identities share while a budget
+//!   has no key slot for them) are reserved.
 //!
 //! Digests are one-way (credentials are never stored or logged) and long enough that two
 //! distinct values colliding is out of reach (2^64 work for any pair).
@@ -25,6 +26,9 @@ use crate::host::Host;
 
 /// The stored key of requests without an identity.
 pub const DEFAULT_KEY: &str = "_default";
+
+/// The owner of a budget's overflow account (see [`crate::ledger`]).
+pub const OVERFLOW_KEY: &str = "_overflow";
 
 /// Prefix of a hashed header (or route) value.
 const HASHED_PREFIX: &str = "_h-";
@@ -62,7 +66,7 @@ pub fn credential_key(secret: &str) -> String {
 
 /// The stored key an operator means by `name` for a budget keyed by `source` (the admin
 /// API's `key`, a `base_overrides` entry): a stored key as stats and listings show it
-/// (`_h-…`, `_key-…`, `_default`) is taken as it is; anything else is the identity as a
+/// (`_h-…`, `_key-…`, `_default`, `_overflow`) is taken as it is; anything else is the identity as a
 /// request presents it — a header value, a route name, or, for `bearer` budgets, the
 /// credential — and is mapped exactly as traffic maps it.
 pub fn named(source: &KeySource, name: &str) -> String {
@@ -80,6 +84,7 @@ pub fn is_stored_form(key: &str) -> bool {
     let hex = |rest: &str| rest.len() == 32 && rest.bytes().all(|b| b.is_ascii_hexdigit());
     is_plain(key)
         || key == DEFAULT_KEY
+        || key == OVERFLOW_KEY
         || key.strip_prefix(HASHED_PREFIX).is_some_and(hex)
         || key.strip_prefix(CREDENTIAL_PREFIX).is_some_and(hex)
 }
@@ -180,8 +185,10 @@ mod tests {
         assert_eq!(named(&header, &traffic), traffic);
         assert_eq!(named(&header, "acme"), "acme");
         assert_eq!(named(&header, "_default"), "_default");
-        // `_overflow` is no identity a request can have: named, it is hashed like a header.
-        assert_ne!(named(&header, "_overflow"), "_overflow");
+        // The account identities without a key slot share; no request has it as its own.
+        assert_eq!(named(&header, "_overflow"), "_overflow");
+        let h = with_header("x-tenant", "_overflow");
+        assert_ne!(of_request(&h, &header), "_overflow");
         let bearer = KeySource::BearerHash;
         let h = with_header("authorization", "Bearer sk-1");
         let traffic = of_request(&h, &bearer);

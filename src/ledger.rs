@@ -49,7 +49,7 @@ pub const PROBES: u32 = 16;
 pub const STALE_HOLD_SECS: i64 = 3600;
 
 /// The owner of a budget's overflow account.
-pub const OVERFLOW_KEY: &str = "_overflow";
+pub use crate::identity::OVERFLOW_KEY;
 
 /// Where an account lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -35,6 +35,8 @@ pub mod usage;
 pub mod window;
 
 #[cfg(target_arch = "wasm32")]
+mod abi;
+#[cfg(target_arch = "wasm32")]
 mod wasm_host;
 
 /// Per-callback time inside the VM, logged every 5,000 requests per VM, when built with
@@ -45,8 +47,9 @@ mod timing {
     mod on {
         use std::cell::RefCell;
 
-        use proxy_wasm::hostcalls;
         use proxy_wasm::types::LogLevel;
+
+        use crate::abi;
 
         const NAMES: [&str; 5] = [
             "request_headers",
@@ -61,11 +64,7 @@ mod timing {
         }
 
         fn now_ns() -> u64 {
-            hostcalls::get_current_time()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0)
+            abi::now_ns().unwrap_or(0)
         }
 
         pub fn timed<T>(slot: usize, f: impl FnOnce() -> T) -> T {
@@ -88,7 +87,7 @@ mod timing {
                         })
                         .collect();
                     let per_request: u64 = t.0.iter().sum::<u64>() / t.1[4].max(1);
-                    let _ = hostcalls::log(
+                    abi::log(
                         LogLevel::Info,
                         &format!(
                             "timing: {} | per request {:.1} us",
@@ -113,13 +112,33 @@ mod timing {
     }
 }
 
+/// A panic on demand, in builds with `--features fault-injection` only (never in the
+/// shipped module): `x-tokenfuse-fault: panic` fails the VM, so the tests can measure what
+/// Envoy's failure policy does afterwards (tests/envoy_failure.rs).
+#[cfg(all(target_arch = "wasm32", feature = "fault-injection"))]
+mod fault {
+    use proxy_wasm::types::MapType;
+
+    pub fn on_request_headers() {
+        let asked = crate::abi::header(MapType::HttpRequestHeaders, "x-tokenfuse-fault");
+        if asked.as_deref() == Some(b"panic".as_slice()) {
+            // The point of this build: fail the VM the way a bug would.
+            #[allow(clippy::panic)]
+            {
+                panic!(
+                    "fault injected with x-tokenfuse-fault: panic (this text must not be logged)"
+                );
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "wasm32")]
 mod glue {
     use std::rc::Rc;
-    use std::time::Duration;
 
     use proxy_wasm::traits::{Context, HttpContext, RootContext};
-    use proxy_wasm::types::{Action, ContextType, LogLevel};
+    use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel};
 
     use super::timing;
     use crate::config::Config;
@@ -140,7 +159,7 @@ mod glue {
                 || "an unknown location".to_string(),
                 |l| format!("{}:{}:{}", l.file(), l.line(), l.column()),
             );
-            let _ = proxy_wasm::hostcalls::log(
+            crate::abi::log(
                 LogLevel::Critical,
                 &format!("tokenfuse panicked at {at}; the message is withheld (it may quote request data)"),
             );
@@ -177,8 +196,8 @@ mod glue {
 
     impl RootContext for TokenfuseRoot {
         fn on_configure(&mut self, size: usize) -> bool {
-            let document = self.get_plugin_configuration().unwrap_or_default();
-            let _ = size;
+            let document =
+                crate::abi::buffer(BufferType::PluginConfiguration, 0, size).unwrap_or_default();
             let config = match Config::parse(&document) {
                 Ok(c) => c,
                 Err(e) => {
@@ -205,7 +224,7 @@ mod glue {
                         .rate_limit_service
                         .as_ref()
                         .map_or(STATS_FLUSH_MS, |s| s.flush_interval_ms.min(STATS_FLUSH_MS));
-                    self.set_tick_period(Duration::from_millis(tick_ms));
+                    crate::abi::set_tick_period(u32::try_from(tick_ms).unwrap_or(u32::MAX));
                     self.filter = Some(Rc::new(filter));
                     true
                 }
@@ -267,6 +286,8 @@ mod glue {
     impl HttpContext for TokenfuseHttp {
         fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
             wasm_host::begin_callback();
+            #[cfg(feature = "fault-injection")]
+            crate::fault::on_request_headers();
             let exchange = &mut self.exchange;
             action(timing::timed(0, || {
                 exchange.on_request_headers(&mut WasmHost, end_of_stream)

@@ -1,7 +1,8 @@
 //! [`Host`] over proxy-wasm host calls: the only place that talks to Envoy.
 //!
-//! Header values are read as bytes and decoded lossily, because the SDK's string getter
-//! unwraps UTF-8 and a client can send any bytes in a header. Metric ids are defined once
+//! Every call goes through [`crate::abi`] (the raw ABI: no host status can panic the VM);
+//! header values are read as bytes and decoded lossily, since a client can send any bytes
+//! in a header. Metric ids are defined once
 //! per VM and cached (each `define_metric` call would allocate a new id in Envoy), and
 //! updates are batched per VM and handed to Envoy by [`flush_metrics`] on the root
 //! context's tick, off the request path.
@@ -10,10 +11,13 @@ use std::cell::RefCell;
 use std::collections::HashSet;
 
 use rustc_hash::FxHashMap;
+
 use std::time::Duration;
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType, Status};
+use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType};
+
+use crate::abi;
 
 use crate::host::{GrpcRefused, HeaderPairs, Host, Level, SharedError};
 
@@ -43,7 +47,7 @@ fn with_metric(kind: MetricType, name: &str, update: impl FnOnce(&mut Metric)) {
             update(m);
             return;
         }
-        let Ok(id) = hostcalls::define_metric(kind, name) else {
+        let Some(id) = abi::define_metric(kind, name) else {
             return;
         };
         let mut m = Metric {
@@ -66,12 +70,12 @@ pub fn flush_metrics() {
             if m.pending > 0 {
                 let n = i64::try_from(m.pending).unwrap_or(i64::MAX);
                 if m.kind == MetricType::Counter {
-                    let _ = hostcalls::increment_metric(m.id, n);
+                    abi::increment_metric(m.id, n);
                 }
                 m.pending = 0;
             }
             if let Some(v) = m.latest.take() {
-                let _ = hostcalls::record_metric(m.id, v);
+                abi::record_metric(m.id, v);
             }
         }
     })
@@ -89,75 +93,6 @@ fn proxy_level(level: Level) -> LogLevel {
 /// The host of the current HTTP context (proxy-wasm calls act on the active context).
 pub struct WasmHost;
 
-#[link(wasm_import_module = "env")]
-extern "C" {
-    // The ABI function behind the SDK's `get_map_value_bytes`, called directly: the SDK
-    // panics (killing the VM) on any status but Ok and NotFound, and Envoy answers
-    // BadArgument when a map is not available in the current phase — request headers in
-    // the body phase after they went on, for instance.
-    // Header writes, also called directly: the SDK panics on any status but Ok, and Envoy
-    // refuses writes to a map that has already gone on.
-    fn proxy_replace_header_map_value(
-        map_type: MapType,
-        key_data: *const u8,
-        key_size: usize,
-        value_data: *const u8,
-        value_size: usize,
-    ) -> u32;
-    fn proxy_remove_header_map_value(
-        map_type: MapType,
-        key_data: *const u8,
-        key_size: usize,
-    ) -> u32;
-    fn proxy_get_header_map_pairs(
-        map_type: MapType,
-        return_map_data: *mut *mut u8,
-        return_map_size: *mut usize,
-    ) -> u32;
-    fn proxy_get_header_map_value(
-        map_type: MapType,
-        key_data: *const u8,
-        key_size: usize,
-        return_value_data: *mut *mut u8,
-        return_value_size: *mut usize,
-    ) -> u32;
-}
-
-#[link(wasm_import_module = "env")]
-extern "C" {
-    // The ABI behind the SDK's `dispatch_grpc_call`, used only to probe a cluster: the SDK
-    // panics on any status but Ok, ParseFailure and InternalFailure.
-    fn proxy_grpc_call(
-        upstream_data: *const u8,
-        upstream_size: usize,
-        service_name_data: *const u8,
-        service_name_size: usize,
-        method_name_data: *const u8,
-        method_name_size: usize,
-        initial_metadata_data: *const u8,
-        initial_metadata_size: usize,
-        request_data: *const u8,
-        request_size: usize,
-        timeout_milliseconds: u32,
-        token_ptr: *mut u32,
-    ) -> u32;
-    fn proxy_grpc_cancel(token_id: u32) -> u32;
-    // Read as a plain integer: the SDK writes the host's answer into its `LogLevel` enum,
-    // and a level it does not know (Envoy's `off`) would be an invalid enum value.
-    fn proxy_get_log_level(return_level: *mut u32) -> u32;
-}
-
-/// The plugin's log level as the proxy numbers it (0 trace … 5 critical, higher = off);
-/// trace when the proxy does not say.
-fn log_level() -> u32 {
-    let mut level = 0u32;
-    // SAFETY: `level` is a valid u32 for the host to write.
-    match unsafe { proxy_get_log_level(&mut level) } {
-        ABI_OK => level,
-        _ => 0,
-    }
-}
-
 /// Whether Envoy takes gRPC calls for `cluster`, found once per VM with a call to a method
 /// no service has, cancelled at once (no effect on the service). The SDK's dispatch panics
 /// — killing the VM — on the status Envoy gives for a cluster it cannot reach a client
@@ -166,60 +101,16 @@ fn grpc_cluster_ready(cluster: &str) -> bool {
     if GRPC_CLUSTERS.with(|c| c.borrow().contains(cluster)) {
         return true;
     }
-    const SERVICE: &str = "tokenfuse.Probe";
-    const METHOD: &str = "Probe";
-    // An empty metadata map in the ABI's serialisation: a zero count.
-    let metadata = 0u32.to_le_bytes();
-    let mut token = 0u32;
-    // SAFETY: every pointer/length pair describes a live slice; `token` is a valid u32.
-    let status = unsafe {
-        proxy_grpc_call(
-            cluster.as_ptr(),
-            cluster.len(),
-            SERVICE.as_ptr(),
-            SERVICE.len(),
-            METHOD.as_ptr(),
-            METHOD.len(),
-            metadata.as_ptr(),
-            metadata.len(),
-            std::ptr::null(),
-            0,
-            1,
-            &mut token,
-        )
-    };
-    if status != ABI_OK {
+    let Ok(token) = abi::grpc_call(cluster, "tokenfuse.Probe", "Probe", &[], 1) else {
         return false;
-    }
-    // SAFETY: a plain ABI call with the token Envoy just returned.
-    unsafe {
-        proxy_grpc_cancel(token);
-    }
+    };
+    abi::grpc_cancel(token);
     GRPC_CLUSTERS.with(|c| c.borrow_mut().insert(cluster.to_string()));
     true
 }
 
-/// `Status::Ok` in the ABI (a plain integer here: an unknown status from a newer host must
-/// not become an invalid enum value).
-const ABI_OK: u32 = 0;
-
 fn header(map: MapType, name: &str) -> Option<String> {
-    let mut data: *mut u8 = std::ptr::null_mut();
-    let mut size: usize = 0;
-    // SAFETY: the key pointer and length describe a live &str; on Ok the host has written
-    // a buffer it allocated through this module's `proxy_on_memory_allocate` (the SDK's
-    // allocator export), which we take ownership of exactly once.
-    let status =
-        unsafe { proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut data, &mut size) };
-    match status {
-        ABI_OK if data.is_null() => Some(String::new()),
-        ABI_OK => {
-            // SAFETY: see above; `size` is the length the host wrote.
-            let bytes = unsafe { Vec::from_raw_parts(data, size, size) };
-            Some(String::from_utf8_lossy(&bytes).into_owned())
-        }
-        _ => None,
-    }
+    abi::header(map, name).map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
 }
 
 thread_local! {
@@ -243,22 +134,9 @@ pub fn begin_callback() {
     HEADER_MAPS.with(|m| *m.borrow_mut() = [None, None]);
 }
 
-/// A whole header map in one host call, through the raw ABI (no status can panic the VM).
+/// A whole header map in one host call.
 fn header_pairs(map: MapType) -> Option<HeaderPairs> {
-    let mut data: *mut u8 = std::ptr::null_mut();
-    let mut size: usize = 0;
-    // SAFETY: as in `header`: on Ok the host wrote a buffer it allocated through this
-    // module's allocator export, owned here exactly once.
-    let status = unsafe { proxy_get_header_map_pairs(map, &mut data, &mut size) };
-    if status != ABI_OK {
-        return None;
-    }
-    if data.is_null() {
-        return Some(HeaderPairs::default());
-    }
-    // SAFETY: see above; `size` is the length the host wrote.
-    let bytes = unsafe { Vec::from_raw_parts(data, size, size) };
-    HeaderPairs::parse(bytes)
+    HeaderPairs::parse(abi::header_map(map)?)
 }
 
 /// Apply `read` to the map cached for this callback (fetched on first use); `None` when
@@ -285,16 +163,7 @@ fn set_header(map: MapType, name: &str, value: Option<&str>) {
     if value.is_none() && with_cached_map(map, |m| m.contains(name)) == Some(false) {
         return;
     }
-    // SAFETY: pointer/length pairs of live &str values; the status is only compared.
-    let status = unsafe {
-        match value {
-            Some(v) => {
-                proxy_replace_header_map_value(map, name.as_ptr(), name.len(), v.as_ptr(), v.len())
-            }
-            None => proxy_remove_header_map_value(map, name.as_ptr(), name.len()),
-        }
-    };
-    if status != ABI_OK {
+    if !abi::set_header(map, name, value) {
         return;
     }
     // Keep the cached map in step (the proxy replaces every value of `name`).
@@ -306,7 +175,7 @@ fn set_header(map: MapType, name: &str, value: Option<&str>) {
 }
 
 fn buffer(kind: BufferType, size: usize) -> Option<Vec<u8>> {
-    hostcalls::get_buffer(kind, 0, size).ok().flatten()
+    abi::buffer(kind, 0, size)
 }
 
 impl Host for WasmHost {
@@ -323,7 +192,7 @@ impl Host for WasmHost {
     }
 
     fn replace_request_body(&mut self, size: usize, body: &[u8]) {
-        let _ = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, size, body);
+        abi::set_buffer(BufferType::HttpRequestBody, 0, size, body);
     }
 
     fn response_header(&self, name: &str) -> Option<String> {
@@ -339,7 +208,7 @@ impl Host for WasmHost {
     }
 
     fn send_reply(&mut self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
-        let _ = hostcalls::send_http_response(status, headers.to_vec(), Some(body));
+        abi::send_local_response(status, headers, body);
     }
 
     fn upstream_cluster(&self) -> Option<String> {
@@ -347,8 +216,8 @@ impl Host for WasmHost {
         // the top-level `cluster_name`.
         [vec!["xds", "cluster_name"], vec!["cluster_name"]]
             .into_iter()
-            .find_map(|path| match hostcalls::get_property(path) {
-                Ok(Some(bytes)) if !bytes.is_empty() => {
+            .find_map(|path| match abi::property(&path) {
+                Some(bytes) if !bytes.is_empty() => {
                     Some(String::from_utf8_lossy(&bytes).into_owned())
                 }
                 _ => None,
@@ -370,7 +239,7 @@ impl Host for WasmHost {
     }
 
     fn log(&self, level: Level, message: &str) {
-        let _ = hostcalls::log(proxy_level(level), message);
+        abi::log(proxy_level(level), message);
     }
 
     fn log_enabled(&self, level: Level) -> bool {
@@ -380,7 +249,7 @@ impl Host for WasmHost {
             // The level can change at run time (`/logging` on the admin port): ask again
             // every 1,000 checks instead of on every line.
             if left == 0 {
-                current = log_level();
+                current = abi::log_level();
                 cached.set((current, 1000));
             } else {
                 cached.set((current, left.saturating_sub(1)));
@@ -390,25 +259,19 @@ impl Host for WasmHost {
     }
 
     fn now_ms(&self) -> i64 {
-        hostcalls::get_current_time()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        abi::now_ns()
+            .map(|ns| i64::try_from(ns / 1_000_000).unwrap_or(i64::MAX))
             .unwrap_or(0)
     }
 
     fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-        match hostcalls::get_shared_data(key) {
-            Ok((Some(bytes), Some(cas))) => Some((bytes, cas)),
-            Ok((Some(bytes), None)) => Some((bytes, 0)),
-            _ => None,
-        }
+        abi::shared_get(key).ok().flatten()
     }
 
     fn shared_set(&mut self, key: &str, value: &[u8], cas: u32) -> Result<(), SharedError> {
-        match hostcalls::set_shared_data(key, Some(value), Some(cas)) {
+        match abi::shared_set(key, value, cas) {
             Ok(()) => Ok(()),
-            Err(Status::CasMismatch) => Err(SharedError::CasMismatch),
+            Err(abi::CAS_MISMATCH) => Err(SharedError::CasMismatch),
             Err(_) => Err(SharedError::Failed),
         }
     }
@@ -416,7 +279,7 @@ impl Host for WasmHost {
     fn clear_route_cache(&mut self) {
         // Newer ABIs no longer clear the route cache when a filter changes headers;
         // Envoy exposes it as a foreign function.
-        let _ = hostcalls::call_foreign_function("clear_route_cache", Some(&[]));
+        abi::foreign_function("clear_route_cache", &[]);
     }
 
     fn grpc_call(
@@ -430,6 +293,10 @@ impl Host for WasmHost {
         if !grpc_cluster_ready(cluster) {
             return Err(GrpcRefused);
         }
+        // The SDK's call, not the raw ABI: the SDK routes the answer to this context's
+        // `on_grpc_call_response` only for calls it dispatched itself. Its panicking
+        // statuses are ruled out by the probe just above (an unknown cluster is the one
+        // Envoy answers with a status the SDK does not expect).
         hostcalls::dispatch_grpc_call(
             cluster,
             service,
@@ -446,14 +313,14 @@ impl Host for WasmHost {
     }
 
     fn resume_request(&mut self) {
-        let _ = hostcalls::resume_http_request();
+        abi::continue_request();
     }
 
     fn route_name(&self) -> Option<String> {
         [vec!["xds", "route_name"], vec!["route_name"]]
             .into_iter()
-            .find_map(|path| match hostcalls::get_property(path) {
-                Ok(Some(bytes)) if !bytes.is_empty() => {
+            .find_map(|path| match abi::property(&path) {
+                Some(bytes) if !bytes.is_empty() => {
                     Some(String::from_utf8_lossy(&bytes).into_owned())
                 }
                 _ => None,

@@ -449,23 +449,35 @@ fn non_llm_requests_pass_untouched() {
 
 #[test]
 fn economy_route_is_tagged_with_its_cluster() {
-    let s = shared();
-    let model = "gpt-4o-economy-tag";
+    // A spent reroute budget sends the request to the economy cluster with the cheaper
+    // model; the stats carry that cluster and the model that served.
+    let s = Stack::start(
+        &json!({
+            "api": "v1",
+            "budgets": [{"name": "usd", "key": "header:x-tenant", "window": "day", "unit": "usd",
+                         "base": 0, "action": "reroute"}],
+            "prices": {"*": {"input": 1, "output": 1}},
+            "reroute": {"models": {"gpt-4o-economy-tag": "gpt-4o-economy-tag-mini"}},
+        })
+        .to_string(),
+    );
+    let (model, served) = ("gpt-4o-economy-tag", "gpt-4o-economy-tag-mini");
     let r = s
         .envoy
         .post_json(
             "/v1/chat/completions",
-            &[("x-tokenfuse-route", "economy")],
+            &[("x-tenant", "spent")],
             &chat_body(model, "hi", false),
         )
         .unwrap();
     assert_eq!(r.header("x-mock-upstream"), Some("economy"));
+    assert_eq!(r.header("x-tokenfuse-rerouted-to"), Some(served));
     assert_eq!(
         counter_sum(
             &s.envoy,
             &[
                 "tokenfuse_requests.",
-                &model_tag(model),
+                &model_tag(served),
                 "cluster=.=economy;"
             ],
             1
@@ -476,7 +488,7 @@ fn economy_route_is_tagged_with_its_cluster() {
         .economy
         .requests()
         .into_iter()
-        .find(|q| q.json().is_some_and(|v| v["model"] == model))
+        .find(|q| q.json().is_some_and(|v| v["model"] == served))
         .expect("the economy upstream got the request");
     assert_eq!(
         seen.header("x-tokenfuse-route"),

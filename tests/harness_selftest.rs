@@ -62,9 +62,22 @@ fn envoy_without_the_filter_routes_by_the_x_tokenfuse_route_header() {
 }
 
 #[test]
-fn envoy_with_the_built_filter_routes_by_the_x_tokenfuse_route_header() {
-    let (_primary, _economy, envoy) = start(EnvoySpec::default());
-    assert_routes_by_header(&envoy);
+fn envoy_with_the_built_filter_keeps_clients_off_the_economy_route() {
+    let (_primary, economy, envoy) = start(EnvoySpec::default());
+    // The routing header is the filter's to set: a client's copy is removed before the
+    // route is chosen, on any request.
+    for method in ["GET", "POST"] {
+        let resp = http::request(
+            envoy.listener_port,
+            method,
+            "/anything",
+            &[("x-tokenfuse-route", "economy")],
+            b"",
+        )
+        .expect("request through the filter");
+        assert_eq!(resp.header("x-mock-upstream"), Some("primary"), "{method}");
+    }
+    assert!(economy.requests().is_empty());
     // The filter really is in the chain: Envoy created its VM.
     assert!(
         envoy.stats_text().contains("wasm."),
