@@ -182,12 +182,12 @@ tokenfuse demo is up (Envoy pid $envoy_pid, config $CONFIG).
   admin     http://127.0.0.1:$ADMIN_PORT
   Envoy log $RUN_DIR/envoy.log
 
-Try (more in README.md, "Budgets"):
+Try (the demo's API keys are in envoy/envoy.yaml; more in README.md):
   curl -s http://127.0.0.1:$PORT/v1/chat/completions -H 'content-type: application/json' \\
-    -H 'x-tenant: acme' -d '{"model":"gpt-4o","max_tokens":800,"messages":[{"role":"user","content":"Hello!"}]}' -D -
+    -H 'authorization: Bearer demo-key-acme' -d '{"model":"gpt-4o","max_tokens":800,"messages":[{"role":"user","content":"Hello!"}]}' -D -
 
   curl -s http://127.0.0.1:$PORT/v1/chat/completions -H 'content-type: application/json' \\
-    -H 'x-tenant: thrifty' -d '{"model":"gpt-4o","max_tokens":100,"messages":[{"role":"user","content":"Hello!"}]}' -D -
+    -H 'authorization: Bearer demo-key-thrifty' -d '{"model":"gpt-4o","max_tokens":100,"messages":[{"role":"user","content":"Hello!"}]}' -D -
 
   curl -s http://127.0.0.1:$ADMIN_PORT/stats/prometheus | grep ^tokenfuse
 

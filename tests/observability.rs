@@ -1714,6 +1714,28 @@ fn every_shipped_envoy_yaml_passes_envoy_validate() {
 // =======================================================================================
 
 #[test]
+fn the_identity_manifest_sets_the_trusted_headers_from_verified_claims() {
+    let docs = yaml_docs("envoy/istio/tokenfuse-identity.yaml");
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    assert_eq!(kinds, ["RequestAuthentication", "AuthorizationPolicy"]);
+    let rule = &docs[0]["spec"]["jwtRules"][0];
+    assert!(rule["issuer"].is_string() && rule["jwksUri"].is_string());
+    let headers: Vec<&str> = rule["outputClaimToHeaders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|h| h["header"].as_str())
+        .collect();
+    assert_eq!(headers, ["x-tenant", "x-tokenfuse-priority"]);
+    let policy = &docs[1]["spec"];
+    assert_eq!(policy["action"].as_str(), Some("DENY"));
+    assert_eq!(
+        policy["rules"][0]["from"][0]["source"]["notRequestPrincipals"][0].as_str(),
+        Some("*")
+    );
+}
+
+#[test]
 fn the_envoyfilter_manifest_has_the_fields_istio_requires() {
     let (ef, patches) = envoyfilter();
     assert_eq!(ef["apiVersion"], "networking.istio.io/v1alpha3");
@@ -1766,7 +1788,7 @@ fn the_envoyfilter_manifest_has_the_fields_istio_requires() {
     assert_eq!(http["operation"], "INSERT_BEFORE");
     let config = &ext["value"]["typed_config"]["config"];
     assert_eq!(config["allow_on_headers_stop_iteration"], true);
-    assert_eq!(config["failure_policy"], "FAIL_CLOSED");
+    assert_eq!(config["failure_policy"], "FAIL_RELOAD");
     // Its workload selector is the label the example workload carries.
     let selector = ef["spec"]["workloadSelector"]["labels"]
         .as_object()

@@ -240,7 +240,7 @@ fn run_sh_serves_the_demo_on_the_given_ports_and_stops_everything() {
     let resp = http::post_json(
         ports.listener,
         "/v1/chat/completions",
-        &[("x-tenant", "acme")],
+        &[("authorization", "Bearer demo-key-acme")],
         CHAT,
     )
     .unwrap();
@@ -251,13 +251,22 @@ fn run_sh_serves_the_demo_on_the_given_ports_and_stops_everything() {
         "the filter counted: {:?}",
         resp.headers
     );
-    // The demo budget reroutes tenant thrifty to the economy mock once its $0.0005 is
-    // spent: at the latest on its second request.
+    // The demo budget reroutes tenant thrifty (the demo key's tenant, set by the
+    // identity edge) to the economy mock once its $0.0005 is spent: at the latest on its
+    // second request. A client naming the tenant itself is not believed.
+    let r = http::post_json(
+        ports.listener,
+        "/v1/chat/completions",
+        &[("x-tenant", "thrifty"), ("x-tokenfuse-priority", "p0")],
+        CHAT,
+    )
+    .unwrap();
+    assert_eq!(r.header("x-mock-upstream"), Some("primary"));
     let economy = (0..3).any(|_| {
         let r = http::post_json(
             ports.listener,
             "/v1/chat/completions",
-            &[("x-tenant", "thrifty")],
+            &[("authorization", "Bearer demo-key-thrifty")],
             CHAT,
         )
         .unwrap();

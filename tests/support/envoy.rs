@@ -105,7 +105,7 @@ pub struct EnvoySpec {
     pub http_filter_yaml: Option<String>,
     /// Use this module instead of [`wasm_path`].
     pub wasm: Option<PathBuf>,
-    /// `failure_policy` of the plugin. Default `FAIL_CLOSED`, as shipped.
+    /// `failure_policy` of the plugin. Default `FAIL_RELOAD`, as shipped.
     pub failure_policy: String,
     /// The listener's `per_connection_buffer_limit_bytes`. Default 4 MiB, as shipped.
     pub buffer_limit_bytes: u32,
@@ -129,7 +129,7 @@ impl Default for EnvoySpec {
             no_filter: false,
             http_filter_yaml: None,
             wasm: None,
-            failure_policy: "FAIL_CLOSED".to_string(),
+            failure_policy: "FAIL_RELOAD".to_string(),
             buffer_limit_bytes: 4 * 1024 * 1024,
             route_timeout_secs: 60,
             log_level: std::env::var("TOKENFUSE_ENVOY_LOG_LEVEL")
