@@ -367,16 +367,22 @@ impl<'a> Reader<'a> {
     /// end). Eight bytes at a time: this is where the reader spends its time.
     fn plain_run(&self, from: usize) -> usize {
         let run = self.bytes().get(from..).unwrap_or_default();
-        let words = run.chunks_exact(8).take_while(|w| !stop_in_word(w)).count();
-        // Whole words without a stop byte, all within `run`: the product is at most its
-        // length, as is each sum below (offsets within the text).
-        let skipped = words.saturating_mul(8);
-        let tail = run.get(skipped..).unwrap_or_default();
-        let plain = tail
-            .iter()
-            .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
-            .unwrap_or(tail.len());
-        from.saturating_add(skipped).saturating_add(plain)
+        let mut rest = run;
+        while let Some((word, more)) = rest.split_first_chunk() {
+            if stop_in_word(word) {
+                break;
+            }
+            rest = more;
+        }
+        while let [c, more @ ..] = rest {
+            if *c == b'"' || *c == b'\\' || *c < 0x20 {
+                break;
+            }
+            rest = more;
+        }
+        // `rest` is a suffix of `run`, the text from `from`: the difference is the number of
+        // plain bytes, and the sum an offset within the text (it cannot saturate).
+        from.saturating_add(run.len().saturating_sub(rest.len()))
     }
 
     /// The rest of a string from a backslash at `pos`, decoded into `out`.
@@ -751,16 +757,12 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Whether a word of eight bytes holds `"`, `\` or a control character (one that is not
-/// eight bytes long counts as holding one: the byte-wise scan then decides).
+/// Whether a word of eight bytes holds `"`, `\` or a control character.
 #[inline]
-fn stop_in_word(word: &[u8]) -> bool {
+fn stop_in_word(word: &[u8; 8]) -> bool {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
-    let Ok(word) = <[u8; 8]>::try_from(word) else {
-        return true;
-    };
-    let v = u64::from_le_bytes(word);
+    let v = u64::from_le_bytes(*word);
     // Zero bytes of v ^ '"', v ^ '\\', and bytes below 0x20 (v - 0x20 borrows).
     let quote = v ^ (ONES * u64::from(b'"'));
     let slash = v ^ (ONES * u64::from(b'\\'));
