@@ -91,14 +91,6 @@ impl Priority {
             Priority::P2 => "p2",
         }
     }
-
-    fn index(self) -> usize {
-        match self {
-            Priority::P0 => 0,
-            Priority::P1 => 1,
-            Priority::P2 => 2,
-        }
-    }
 }
 
 /// The burst tier: extra allowance per window, usable only inside peak hours.
@@ -257,10 +249,15 @@ impl Budget {
         priority: Priority,
         pick: f64,
     ) -> Verdict {
-        // u128: a saturated sum must not look like it fits.
-        let after = (u128::from(standing.used) + u128::from(estimate)) as f64;
+        // u128: a saturated sum must not look like it fits (and two u64 cannot saturate it).
+        let after = u128::from(standing.used).saturating_add(u128::from(estimate)) as f64;
         let limit = standing.limit as f64;
-        let ceiling = self.ceilings[priority.index()];
+        let [p0, p1, p2] = self.ceilings;
+        let ceiling = match priority {
+            Priority::P0 => p0,
+            Priority::P1 => p1,
+            Priority::P2 => p2,
+        };
         if standing.limit == 0 || after > ceiling * limit {
             return Verdict::Trip;
         }
@@ -283,16 +280,22 @@ impl Budget {
     /// whatever the tiers cannot give is charged to base beyond its allowance (rerouted
     /// requests are served and must be paid for); otherwise the draw stops at what is there.
     pub fn draw(&self, account: &mut Account, amount: u64, now: i64, overdraw: bool) -> Drawn {
+        // Each part is at most what is left (a `min`), so no subtraction saturates, and the
+        // overdrawn base is at most `amount`.
         let mut left = amount;
         let base = left.min(self.base.saturating_sub(account.base_used));
-        left -= base;
+        left = left.saturating_sub(base);
         let elastic = left.min(account.elastic_balance);
-        left -= elastic;
+        left = left.saturating_sub(elastic);
         let burst = left.min(self.burst_now(now).saturating_sub(account.burst_used));
-        left -= burst;
-        let base = if overdraw { base + left } else { base };
+        left = left.saturating_sub(burst);
+        let base = if overdraw {
+            base.saturating_add(left)
+        } else {
+            base
+        };
         account.base_used = account.base_used.saturating_add(base);
-        account.elastic_balance -= elastic;
+        account.elastic_balance = account.elastic_balance.saturating_sub(elastic);
         account.elastic_used = account.elastic_used.saturating_add(elastic);
         account.burst_used = account.burst_used.saturating_add(burst);
         Drawn {
@@ -317,26 +320,28 @@ impl Budget {
         actual: u64,
         now: i64,
     ) {
+        // Every part refunded is at most what is left to refund and what is used (a `min`),
+        // so no subtraction below saturates.
         let total = reserved.total();
         if actual > total {
-            self.draw(account, actual - total, now, true);
+            self.draw(account, actual.saturating_sub(total), now, true);
             return;
         }
-        let mut refund = total - actual;
+        let mut refund = total.saturating_sub(actual);
         if account.window_start == reserved_in {
             let burst = refund.min(reserved.burst).min(account.burst_used);
-            account.burst_used -= burst;
-            refund -= burst;
+            account.burst_used = account.burst_used.saturating_sub(burst);
+            refund = refund.saturating_sub(burst);
         }
         let elastic = refund.min(reserved.elastic);
         account.elastic_balance = account.elastic_balance.saturating_add(elastic);
         if account.window_start == reserved_in {
             account.elastic_used = account.elastic_used.saturating_sub(elastic);
         }
-        refund -= elastic;
+        refund = refund.saturating_sub(elastic);
         if account.window_start == reserved_in {
             let base = refund.min(account.base_used);
-            account.base_used -= base;
+            account.base_used = account.base_used.saturating_sub(base);
         }
     }
 }
@@ -364,17 +369,21 @@ impl Account {
 
     /// Read a shared-data value; `None` if it is not an account of this version.
     pub fn decode(bytes: &[u8]) -> Option<Account> {
-        if bytes.len() != ACCOUNT_BYTES || bytes[0] != 1 {
+        if bytes.len() != ACCOUNT_BYTES {
             return None;
         }
-        let field =
-            |i: usize| -> Option<[u8; 8]> { bytes.get(1 + i * 8..9 + i * 8)?.try_into().ok() };
+        let (&1, fields) = bytes.split_first()? else {
+            return None;
+        };
+        // The five fields in order (fields are evaluated in the order written).
+        let mut words = fields.chunks_exact(8).map(<[u8; 8]>::try_from);
+        let mut field = || words.next()?.ok();
         Some(Account {
-            window_start: i64::from_le_bytes(field(0)?),
-            base_used: u64::from_le_bytes(field(1)?),
-            burst_used: u64::from_le_bytes(field(2)?),
-            elastic_used: u64::from_le_bytes(field(3)?),
-            elastic_balance: u64::from_le_bytes(field(4)?),
+            window_start: i64::from_le_bytes(field()?),
+            base_used: u64::from_le_bytes(field()?),
+            burst_used: u64::from_le_bytes(field()?),
+            elastic_used: u64::from_le_bytes(field()?),
+            elastic_balance: u64::from_le_bytes(field()?),
         })
     }
 }

@@ -564,8 +564,11 @@ impl Config {
                     ))
                 }
             };
-            let uses = budgets.iter().filter(|b| b.name == name).count()
-                + global_budgets.iter().filter(|b| b.name == name).count();
+            let uses = budgets
+                .iter()
+                .filter(|b| b.name == name)
+                .count()
+                .saturating_add(global_budgets.iter().filter(|b| b.name == name).count());
             if uses > 1 {
                 return Err(ConfigError::new(
                     format!("budgets[{i}].name"),
@@ -798,10 +801,12 @@ fn parse_offset(field: &str, text: &str) -> Result<i32, ConfigError> {
     if text == "Z" || text == "z" {
         return Ok(0);
     }
-    let (sign, rest) = match text.as_bytes().first() {
-        Some(b'+') => (1, &text[1..]),
-        Some(b'-') => (-1, &text[1..]),
-        _ => return Err(bad()),
+    let (sign, rest) = if let Some(rest) = text.strip_prefix('+') {
+        (1, rest)
+    } else if let Some(rest) = text.strip_prefix('-') {
+        (-1, rest)
+    } else {
+        return Err(bad());
     };
     let (h, m) = rest.split_once(':').ok_or_else(bad)?;
     let h: i32 = h.parse().map_err(|_| bad())?;
@@ -809,7 +814,13 @@ fn parse_offset(field: &str, text: &str) -> Result<i32, ConfigError> {
     if h > 14 || m > 59 || rest.len() != 5 {
         return Err(bad());
     }
-    Ok(sign * (h * 3600 + m * 60))
+    // Four digits at most (`rest` is five bytes with a `:`): no product overflows, but a
+    // value that did would be no offset either.
+    h.checked_mul(3600)
+        .zip(m.checked_mul(60))
+        .and_then(|(h, m)| h.checked_add(m))
+        .and_then(|secs| secs.checked_mul(sign))
+        .ok_or_else(bad)
 }
 
 fn parse_key(field: &str, text: &str) -> Result<KeySource, ConfigError> {
@@ -1153,11 +1164,11 @@ fn describe_serde_error(e: &serde_json::Error) -> String {
             let text = text.split(" at line ").next().unwrap_or(&text).to_string();
             if text.starts_with("unknown field") || text.starts_with("missing field") {
                 format!("{text} ({at})")
-            } else if let Some(pos) = text.find("expected") {
-                format!("wrong type or value, {} ({at})", &text[pos..])
+            } else if let Some(expected) = text.find("expected").and_then(|pos| text.get(pos..)) {
+                format!("wrong type or value, {expected} ({at})")
             } else if text.starts_with("unknown variant") {
-                match text.find("expected") {
-                    Some(pos) => format!("unknown value, {} ({at})", &text[pos..]),
+                match text.find("expected").and_then(|pos| text.get(pos..)) {
+                    Some(expected) => format!("unknown value, {expected} ({at})"),
                     None => format!("unknown value ({at})"),
                 }
             } else {

@@ -82,8 +82,11 @@ fn same_text(a: &str, b: &str) -> bool {
     let mut wa = a.chunks_exact(8);
     let mut wb = b.chunks_exact(8);
     for (x, y) in (&mut wa).zip(&mut wb) {
-        let word = |c: &[u8]| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-        if word(x) != word(y) {
+        // Chunks of exactly eight bytes: both conversions succeed.
+        let (Ok(wx), Ok(wy)) = (<[u8; 8]>::try_from(x), <[u8; 8]>::try_from(y)) else {
+            return x == y;
+        };
+        if u64::from_le_bytes(wx) != u64::from_le_bytes(wy) {
             return false;
         }
     }
@@ -124,7 +127,7 @@ impl CountCache {
         text: &str,
         count: impl FnOnce(&str) -> u64,
     ) -> u64 {
-        let size = text.len() + ENTRY_OVERHEAD;
+        let size = text.len().saturating_add(ENTRY_OVERHEAD);
         if text.len() < MIN_TEXT_BYTES || size > self.capacity / 8 {
             return count(text);
         }
@@ -133,16 +136,20 @@ impl CountCache {
             if let Some(e) = self.slots.get_mut(i as usize).and_then(Option::as_mut) {
                 if e.encoding == encoding && same_text(&e.text, text) {
                     e.referenced = true;
-                    self.activity.hits += 1;
-                    self.activity.hit_bytes += text.len() as u64;
+                    self.activity.hits = self.activity.hits.saturating_add(1);
+                    self.activity.hit_bytes =
+                        self.activity.hit_bytes.saturating_add(text.len() as u64);
                     return e.tokens;
                 }
             }
         }
         let tokens = count(text);
-        self.activity.misses += 1;
-        self.activity.miss_bytes += text.len() as u64;
-        let door = &mut self.doorkeeper[(h as usize) % DOORKEEPER_SLOTS];
+        self.activity.misses = self.activity.misses.saturating_add(1);
+        self.activity.miss_bytes = self.activity.miss_bytes.saturating_add(text.len() as u64);
+        // The doorkeeper has its slots whenever the capacity admits a text (above).
+        let Some(door) = self.doorkeeper.get_mut((h as usize) % DOORKEEPER_SLOTS) else {
+            return tokens;
+        };
         if *door != h {
             // First sighting: remember the hash only.
             *door = h;
@@ -158,8 +165,8 @@ impl CountCache {
         if let Some(i) = self.index.remove(&h) {
             self.evict(i as usize);
         }
-        let size = text.len() + ENTRY_OVERHEAD;
-        while self.used + size > self.capacity && self.evict_one() {}
+        let size = text.len().saturating_add(ENTRY_OVERHEAD);
+        while self.used.saturating_add(size) > self.capacity && self.evict_one() {}
         let entry = Entry {
             hash: h,
             encoding,
@@ -167,24 +174,30 @@ impl CountCache {
             tokens,
             referenced: false,
         };
-        let i = match self.free.pop() {
-            Some(i) => {
-                self.slots[i as usize] = Some(entry);
+        // A free slot is one `evict` emptied, so it is within `slots`.
+        let free = self.free.pop();
+        let i = match free.and_then(|i| Some((i, self.slots.get_mut(i as usize)?))) {
+            Some((i, slot)) => {
+                *slot = Some(entry);
                 i
             }
             None => {
                 self.slots.push(Some(entry));
-                (self.slots.len() - 1) as u32
+                self.slots.len().saturating_sub(1) as u32
             }
         };
         self.index.insert(h, i);
-        self.used += size;
+        // At most the capacity: entries were evicted to make room.
+        self.used = self.used.saturating_add(size);
     }
 
     /// Free slot `i` (its index entry is the caller's to remove).
     fn evict(&mut self, i: usize) {
         if let Some(e) = self.slots.get_mut(i).and_then(Option::take) {
-            self.used -= e.text.len() + ENTRY_OVERHEAD;
+            // The entry's size was added to `used` when it was inserted.
+            self.used = self
+                .used
+                .saturating_sub(e.text.len().saturating_add(ENTRY_OVERHEAD));
             self.free.push(i as u32);
         }
     }
@@ -194,13 +207,16 @@ impl CountCache {
         if self.index.is_empty() {
             return false;
         }
-        loop {
+        // Two turns of the hand: the first clears every mark, so the second finds an entry
+        // (the index holds one, in a slot).
+        for _ in 0..=self.slots.len().saturating_mul(2) {
             if self.hand >= self.slots.len() {
                 self.hand = 0;
             }
             let i = self.hand;
-            self.hand += 1;
-            let Some(e) = self.slots[i].as_mut() else {
+            // Below `slots.len()` (just checked), so far from `usize::MAX`.
+            self.hand = self.hand.saturating_add(1);
+            let Some(e) = self.slots.get_mut(i).and_then(Option::as_mut) else {
                 continue;
             };
             if e.referenced {
@@ -212,6 +228,7 @@ impl CountCache {
             self.evict(i);
             return true;
         }
+        false
     }
 
     /// What happened since the last call.

@@ -171,7 +171,7 @@ impl SettleQueue {
 
     /// Settlements queued or on their way.
     pub fn len(&self) -> usize {
-        self.queued.len() + self.in_flight.len()
+        self.queued.len().saturating_add(self.in_flight.len())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -193,7 +193,7 @@ impl SettleQueue {
             let now = q.hits.min(u64::from(u32::MAX));
             match dispatch_check(host, service, &b.name, &key, now) {
                 Ok(token) => {
-                    let rest = q.hits - now;
+                    let rest = q.hits.saturating_sub(now);
                     q.hits = now;
                     if rest > 0 {
                         self.queued.insert(
@@ -271,7 +271,7 @@ impl SettleQueue {
         let retry_ms = config
             .rate_limit_service
             .as_ref()
-            .map_or(0, |s| s.settle_retry_secs as i64 * 1000);
+            .map_or(0, |s| (s.settle_retry_secs as i64).saturating_mul(1000));
         if host.now_ms().saturating_sub(q.since_ms) >= retry_ms {
             drop_hits(host, config, id.0, q.hits, reason);
             return;

@@ -104,7 +104,7 @@ impl HeaderPairs {
         }
         let word = |at: usize| -> Option<usize> {
             let b = raw.get(at..at.checked_add(4)?)?;
-            Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            Some(u32::from_le_bytes(b.try_into().ok()?) as usize)
         };
         let count = word(0)?;
         let mut data = count.checked_mul(8)?.checked_add(4)?;
@@ -113,10 +113,11 @@ impl HeaderPairs {
         }
         let mut spans = Vec::with_capacity(count);
         for i in 0..count {
-            let key_len = word(4 + i * 8)?;
-            let value_len = word(8 + i * 8)?;
+            let sizes = i.checked_mul(8)?;
+            let key_len = word(sizes.checked_add(4)?)?;
+            let value_len = word(sizes.checked_add(8)?)?;
             let key_end = data.checked_add(key_len)?;
-            let value_start = key_end + 1;
+            let value_start = key_end.checked_add(1)?;
             let value_end = value_start.checked_add(value_len)?;
             if raw.get(key_end) != Some(&0) || raw.get(value_end) != Some(&0) {
                 return None;
@@ -124,7 +125,7 @@ impl HeaderPairs {
             // Every offset is below raw.len(), which the host's u32 sizes bound.
             let at = |n: usize| u32::try_from(n).ok();
             spans.push([at(data)?, at(key_end)?, at(value_start)?, at(value_end)?]);
-            data = value_end + 1;
+            data = value_end.checked_add(1)?;
         }
         Some(HeaderPairs {
             raw,

@@ -85,6 +85,28 @@ impl<'a> Reader<'a> {
         self.text.as_bytes()
     }
 
+    /// The bytes from the current position on (none past the end).
+    fn rest(&self) -> &'a [u8] {
+        self.bytes().get(self.pos..).unwrap_or_default()
+    }
+
+    /// Moves past `n` bytes just found. Positions never exceed the text's length, so the
+    /// sum cannot saturate; saturating keeps a bug here from becoming a panic.
+    #[inline]
+    fn advance(&mut self, n: usize) {
+        self.pos = self.pos.saturating_add(n);
+    }
+
+    /// `text[start..end]`, for offsets found at ASCII bytes or the end (so at character
+    /// boundaries): a range that is not (a bug here, never input) is a syntax error rather
+    /// than a panic.
+    fn text_at(&self, start: usize, end: usize) -> Result<&'a str> {
+        match self.text.get(start..end) {
+            Some(text) => Ok(text),
+            None => self.syntax("invalid text"),
+        }
+    }
+
     fn syntax<T>(&self, what: &'static str) -> Result<T> {
         Err(Error {
             at: self.pos,
@@ -107,7 +129,7 @@ impl<'a> Reader<'a> {
 
     fn skip_space(&mut self) {
         while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.bytes().get(self.pos) {
-            self.pos += 1;
+            self.advance(1);
         }
     }
 
@@ -119,7 +141,7 @@ impl<'a> Reader<'a> {
                 return self.syntax("expected `:`");
             }
             self.colon = false;
-            self.pos += 1;
+            self.advance(1);
             self.skip_space();
         }
         match self.bytes().get(self.pos) {
@@ -173,8 +195,8 @@ impl<'a> Reader<'a> {
     }
 
     fn literal(&mut self, word: &'static str) -> Result<()> {
-        if self.bytes()[self.pos..].starts_with(word.as_bytes()) {
-            self.pos += word.len();
+        if self.rest().starts_with(word.as_bytes()) {
+            self.advance(word.len());
             Ok(())
         } else {
             self.syntax("invalid literal")
@@ -192,7 +214,9 @@ impl<'a> Reader<'a> {
 
     pub fn bool(&mut self) -> Result<bool> {
         match self.peek()? {
-            Kind::Bool if self.bytes()[self.pos] == b't' => self.literal("true").map(|_| true),
+            Kind::Bool if self.bytes().get(self.pos) == Some(&b't') => {
+                self.literal("true").map(|_| true)
+            }
             Kind::Bool => self.literal("false").map(|_| false),
             _ => self.wrong_type("a boolean"),
         }
@@ -202,54 +226,52 @@ impl<'a> Reader<'a> {
     fn number_text(&mut self) -> Result<&'a str> {
         let b = self.bytes();
         let start = self.pos;
+        // Each step moves past bytes just found in `b`, so no index exceeds its length and
+        // no sum saturates.
+        let digits = |i: usize| {
+            let run = b.get(i..).unwrap_or_default();
+            i.saturating_add(run.iter().take_while(|c| c.is_ascii_digit()).count())
+        };
         let mut i = start;
         if b.get(i) == Some(&b'-') {
-            i += 1;
+            i = i.saturating_add(1);
         }
         match b.get(i) {
             Some(b'0') => {
-                i += 1;
+                i = i.saturating_add(1);
                 // No leading zeros: `01` is not a number (nor `0` followed by `1`).
                 if let Some(b'0'..=b'9') = b.get(i) {
                     self.pos = i;
                     return self.syntax("invalid number");
                 }
             }
-            Some(b'1'..=b'9') => {
-                while let Some(b'0'..=b'9') = b.get(i) {
-                    i += 1;
-                }
-            }
+            Some(b'1'..=b'9') => i = digits(i),
             _ => {
                 self.pos = i;
                 return self.syntax("invalid number");
             }
         }
         if b.get(i) == Some(&b'.') {
-            i += 1;
+            i = i.saturating_add(1);
             if !matches!(b.get(i), Some(b'0'..=b'9')) {
                 self.pos = i;
                 return self.syntax("invalid number");
             }
-            while let Some(b'0'..=b'9') = b.get(i) {
-                i += 1;
-            }
+            i = digits(i);
         }
         if let Some(b'e' | b'E') = b.get(i) {
-            i += 1;
+            i = i.saturating_add(1);
             if let Some(b'+' | b'-') = b.get(i) {
-                i += 1;
+                i = i.saturating_add(1);
             }
             if !matches!(b.get(i), Some(b'0'..=b'9')) {
                 self.pos = i;
                 return self.syntax("invalid number");
             }
-            while let Some(b'0'..=b'9') = b.get(i) {
-                i += 1;
-            }
+            i = digits(i);
         }
         self.pos = i;
-        Ok(&self.text[start..i])
+        self.text_at(start, i)
     }
 
     /// An integer in `i64`. As serde_json reads an `i64` field: a fraction, an exponent or a
@@ -319,18 +341,20 @@ impl<'a> Reader<'a> {
 
     /// The string whose opening quote is at `pos`.
     fn string_body(&mut self) -> Result<Cow<'a, str>> {
-        self.pos += 1;
+        self.advance(1);
         let start = self.pos;
         let end = self.plain_run(start);
         self.pos = end;
         match self.bytes().get(end) {
             Some(b'"') => {
-                self.pos += 1;
-                Ok(Cow::Borrowed(&self.text[start..end]))
+                let text = self.text_at(start, end)?;
+                self.advance(1);
+                Ok(Cow::Borrowed(text))
             }
             Some(b'\\') => {
-                let mut out = String::with_capacity(end - start + 16);
-                out.push_str(&self.text[start..end]);
+                let text = self.text_at(start, end)?;
+                let mut out = String::with_capacity(text.len().saturating_add(16));
+                out.push_str(text);
                 self.escaped_rest(&mut out)?;
                 Ok(Cow::Owned(out))
             }
@@ -342,32 +366,23 @@ impl<'a> Reader<'a> {
     /// The first index at or after `from` holding `"`, `\` or a control character (or the
     /// end). Eight bytes at a time: this is where the reader spends its time.
     fn plain_run(&self, from: usize) -> usize {
-        const ONES: u64 = 0x0101_0101_0101_0101;
-        const HIGHS: u64 = 0x8080_8080_8080_8080;
-        let b = self.bytes();
-        let mut i = from;
-        while let Some(chunk) = b.get(i..i + 8) {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(chunk);
-            let v = u64::from_le_bytes(word);
-            // Zero bytes of v ^ '"', v ^ '\\', and bytes below 0x20 (v - 0x20 borrows).
-            let quote = v ^ (ONES * u64::from(b'"'));
-            let slash = v ^ (ONES * u64::from(b'\\'));
-            let hit = (quote.wrapping_sub(ONES) & !quote)
-                | (slash.wrapping_sub(ONES) & !slash)
-                | (v.wrapping_sub(ONES * 0x20) & !v);
-            if hit & HIGHS != 0 {
+        let run = self.bytes().get(from..).unwrap_or_default();
+        let mut rest = run;
+        while let Some((word, more)) = rest.split_first_chunk() {
+            if stop_in_word(word) {
                 break;
             }
-            i += 8;
+            rest = more;
         }
-        while let Some(&c) = b.get(i) {
-            if c == b'"' || c == b'\\' || c < 0x20 {
-                return i;
+        while let [c, more @ ..] = rest {
+            if *c == b'"' || *c == b'\\' || *c < 0x20 {
+                break;
             }
-            i += 1;
+            rest = more;
         }
-        i
+        // `rest` is a suffix of `run`, the text from `from`: the difference is the number of
+        // plain bytes, and the sum an offset within the text (it cannot saturate).
+        from.saturating_add(run.len().saturating_sub(rest.len()))
     }
 
     /// The rest of a string from a backslash at `pos`, decoded into `out`.
@@ -375,11 +390,11 @@ impl<'a> Reader<'a> {
         loop {
             match self.bytes().get(self.pos) {
                 Some(b'"') => {
-                    self.pos += 1;
+                    self.advance(1);
                     return Ok(());
                 }
                 Some(b'\\') => {
-                    self.pos += 1;
+                    self.advance(1);
                     let c = match self.bytes().get(self.pos) {
                         Some(b'"') => '"',
                         Some(b'\\') => '\\',
@@ -390,7 +405,7 @@ impl<'a> Reader<'a> {
                         Some(b'r') => '\r',
                         Some(b't') => '\t',
                         Some(b'u') => {
-                            self.pos += 1;
+                            self.advance(1);
                             let c = self.unicode_escape()?;
                             out.push(c);
                             continue;
@@ -399,7 +414,7 @@ impl<'a> Reader<'a> {
                         None => return self.syntax("unterminated string"),
                     };
                     out.push(c);
-                    self.pos += 1;
+                    self.advance(1);
                 }
                 Some(_) => {
                     let start = self.pos;
@@ -407,7 +422,7 @@ impl<'a> Reader<'a> {
                     if end == start {
                         return self.syntax("control character in a string");
                     }
-                    out.push_str(&self.text[start..end]);
+                    out.push_str(self.text_at(start, end)?);
                     self.pos = end;
                 }
                 None => return self.syntax("unterminated string"),
@@ -416,21 +431,19 @@ impl<'a> Reader<'a> {
     }
 
     fn hex4(&mut self) -> Result<u32> {
-        let digits = match self.bytes().get(self.pos..self.pos + 4) {
+        let digits = match self.rest().get(..4) {
             Some(d) => d,
             None => return self.syntax("invalid \\u escape"),
         };
         let mut v = 0u32;
         for &d in digits {
-            let n = match d {
-                b'0'..=b'9' => d - b'0',
-                b'a'..=b'f' => d - b'a' + 10,
-                b'A'..=b'F' => d - b'A' + 10,
-                _ => return self.syntax("invalid \\u escape"),
+            // Exactly JSON's hex digits: 0-9, a-f, A-F.
+            let Some(n) = char::from(d).to_digit(16) else {
+                return self.syntax("invalid \\u escape");
             };
-            v = v << 4 | u32::from(n);
+            v = v << 4 | n;
         }
-        self.pos += 4;
+        self.advance(4);
         Ok(v)
     }
 
@@ -439,15 +452,17 @@ impl<'a> Reader<'a> {
         let first = self.hex4()?;
         let code = match first {
             0xD800..=0xDBFF => {
-                if !self.bytes()[self.pos..].starts_with(b"\\u") {
+                if !self.rest().starts_with(b"\\u") {
                     return self.syntax("lone surrogate in a \\u escape");
                 }
-                self.pos += 2;
+                self.advance(2);
                 let second = self.hex4()?;
                 if !(0xDC00..=0xDFFF).contains(&second) {
                     return self.syntax("lone surrogate in a \\u escape");
                 }
-                0x10000 + ((first - 0xD800) << 10) + (second - 0xDC00)
+                // The low ten bits of each half (the ranges just matched), above U+FFFF: at
+                // most 0xF_FFFF + 0x1_0000 = U+10FFFF, so the sum never saturates.
+                (((first & 0x3FF) << 10) | (second & 0x3FF)).saturating_add(0x1_0000)
             }
             0xDC00..=0xDFFF => return self.syntax("lone surrogate in a \\u escape"),
             c => c,
@@ -459,12 +474,19 @@ impl<'a> Reader<'a> {
     }
 
     fn enter(&mut self) -> Result<()> {
-        self.depth += 1;
+        // At most MAX_DEPTH + 1: the reader refuses to go deeper.
+        self.depth = self.depth.saturating_add(1);
         if self.depth > MAX_DEPTH {
             return self.syntax("nested too deeply");
         }
-        self.pos += 1;
+        self.advance(1);
         Ok(())
+    }
+
+    /// Closes the container [`Reader::enter`] opened (so `depth` is at least 1).
+    fn leave(&mut self) {
+        self.depth = self.depth.saturating_sub(1);
+        self.advance(1);
     }
 
     /// An object: `member` is called with each key (escapes decoded) and must read or skip
@@ -481,8 +503,7 @@ impl<'a> Reader<'a> {
         self.enter()?;
         self.skip_space();
         if self.bytes().get(self.pos) == Some(&b'}') {
-            self.pos += 1;
-            self.depth -= 1;
+            self.leave();
             return Ok(());
         }
         loop {
@@ -499,10 +520,9 @@ impl<'a> Reader<'a> {
             }
             self.skip_space();
             match self.bytes().get(self.pos) {
-                Some(b',') => self.pos += 1,
+                Some(b',') => self.advance(1),
                 Some(b'}') => {
-                    self.pos += 1;
-                    self.depth -= 1;
+                    self.leave();
                     return Ok(());
                 }
                 Some(_) => return self.syntax("expected `,` or `}`"),
@@ -526,7 +546,8 @@ impl<'a> Reader<'a> {
             match names.iter().position(|n| *n == key) {
                 Some(i) => {
                     if seen & (1 << i) != 0 {
-                        return r.shape(format!("duplicate field `{}`", names[i]));
+                        let name = names.get(i).copied().unwrap_or_default();
+                        return r.shape(format!("duplicate field `{name}`"));
                     }
                     seen |= 1 << i;
                     read(r, i)
@@ -540,7 +561,8 @@ impl<'a> Reader<'a> {
     /// Refuse the object just read by [`Reader::fields`] if it lacks `names[i]`.
     pub fn require(&self, seen: u64, names: &[&str], i: usize) -> Result<()> {
         if seen & (1 << i) == 0 {
-            return self.shape(format!("missing field `{}`", names[i]));
+            let name = names.get(i).copied().unwrap_or_default();
+            return self.shape(format!("missing field `{name}`"));
         }
         Ok(())
     }
@@ -557,18 +579,16 @@ impl<'a> Reader<'a> {
         self.enter()?;
         self.skip_space();
         if self.bytes().get(self.pos) == Some(&b']') {
-            self.pos += 1;
-            self.depth -= 1;
+            self.leave();
             return Ok(());
         }
         loop {
             element(self)?;
             self.skip_space();
             match self.bytes().get(self.pos) {
-                Some(b',') => self.pos += 1,
+                Some(b',') => self.advance(1),
                 Some(b']') => {
-                    self.pos += 1;
-                    self.depth -= 1;
+                    self.leave();
                     return Ok(());
                 }
                 Some(_) => return self.syntax("expected `,` or `]`"),
@@ -581,32 +601,39 @@ impl<'a> Reader<'a> {
     /// checked, escapes only for their form (four hex digits after `\u`), and its nesting
     /// has no limit (a loop, not recursion, so no depth can exhaust the stack).
     pub fn skip(&mut self) -> Result<()> {
-        // One bit per open container: set for an object.
+        // One bit per open container: set for an object. `depth` is the number open; it
+        // grows by one per byte of the body at most, so it cannot reach `usize::MAX`, and
+        // it shrinks only where it is above zero.
         let mut open: Vec<u64> = Vec::new();
         let mut depth = 0usize;
         let in_object = |open: &[u64], depth: usize| {
-            depth > 0 && open[(depth - 1) / 64] & (1 << ((depth - 1) % 64)) != 0
+            depth.checked_sub(1).is_some_and(|top| {
+                open.get(top / 64)
+                    .is_some_and(|bits| bits & (1 << (top % 64)) != 0)
+            })
         };
         loop {
             // A value.
             match self.peek()? {
                 kind @ (Kind::Object | Kind::Array) => {
-                    self.pos += 1;
+                    self.advance(1);
                     if depth % 64 == 0 && open.len() == depth / 64 {
                         open.push(0);
                     }
                     let bit = 1u64 << (depth % 64);
-                    if kind == Kind::Object {
-                        open[depth / 64] |= bit;
-                    } else {
-                        open[depth / 64] &= !bit;
+                    if let Some(bits) = open.get_mut(depth / 64) {
+                        if kind == Kind::Object {
+                            *bits |= bit;
+                        } else {
+                            *bits &= !bit;
+                        }
                     }
-                    depth += 1;
+                    depth = depth.saturating_add(1);
                     self.skip_space();
                     match (kind, self.bytes().get(self.pos)) {
                         (Kind::Object, Some(b'}')) | (Kind::Array, Some(b']')) => {
-                            self.pos += 1;
-                            depth -= 1;
+                            self.advance(1);
+                            depth = depth.saturating_sub(1);
                         }
                         (Kind::Object, _) => {
                             self.skip_key()?;
@@ -633,19 +660,19 @@ impl<'a> Reader<'a> {
                 self.skip_space();
                 match self.bytes().get(self.pos) {
                     Some(b',') => {
-                        self.pos += 1;
+                        self.advance(1);
                         if object {
                             self.skip_key()?;
                         }
                         break;
                     }
                     Some(b'}') if object => {
-                        self.pos += 1;
-                        depth -= 1;
+                        self.advance(1);
+                        depth = depth.saturating_sub(1);
                     }
                     Some(b']') if !object => {
-                        self.pos += 1;
-                        depth -= 1;
+                        self.advance(1);
+                        depth = depth.saturating_sub(1);
                     }
                     Some(_) if object => return self.syntax("expected `,` or `}`"),
                     Some(_) => return self.syntax("expected `,` or `]`"),
@@ -666,29 +693,29 @@ impl<'a> Reader<'a> {
         if self.bytes().get(self.pos) != Some(&b':') {
             return self.syntax("expected `:`");
         }
-        self.pos += 1;
+        self.advance(1);
         Ok(())
     }
 
     /// A string whose opening quote is at `pos`, passed over.
     fn skip_string(&mut self) -> Result<()> {
-        self.pos += 1;
+        self.advance(1);
         loop {
             let end = self.plain_run(self.pos);
             self.pos = end;
             match self.bytes().get(end) {
                 Some(b'"') => {
-                    self.pos += 1;
+                    self.advance(1);
                     return Ok(());
                 }
                 Some(b'\\') => {
-                    self.pos += 1;
+                    self.advance(1);
                     match self.bytes().get(self.pos) {
                         Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {
-                            self.pos += 1
+                            self.advance(1)
                         }
                         Some(b'u') => {
-                            self.pos += 1;
+                            self.advance(1);
                             self.hex4()?;
                         }
                         Some(_) => return self.syntax("invalid escape"),
@@ -717,7 +744,7 @@ impl<'a> Reader<'a> {
         self.peek()?;
         let start = self.pos;
         self.check_decoded()?;
-        Ok(&self.text[start..self.pos])
+        self.text_at(start, self.pos)
     }
 
     fn check_decoded(&mut self) -> Result<()> {
@@ -728,6 +755,21 @@ impl<'a> Reader<'a> {
             _ => self.skip(),
         }
     }
+}
+
+/// Whether a word of eight bytes holds `"`, `\` or a control character.
+#[inline]
+fn stop_in_word(word: &[u8; 8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let v = u64::from_le_bytes(*word);
+    // Zero bytes of v ^ '"', v ^ '\\', and bytes below 0x20 (v - 0x20 borrows).
+    let quote = v ^ (ONES * u64::from(b'"'));
+    let slash = v ^ (ONES * u64::from(b'\\'));
+    let hit = (quote.wrapping_sub(ONES) & !quote)
+        | (slash.wrapping_sub(ONES) & !slash)
+        | (v.wrapping_sub(ONES * 0x20) & !v);
+    hit & HIGHS != 0
 }
 
 /// The members of the object that `text` is: each key (escapes decoded) and where its
@@ -774,14 +816,20 @@ pub fn lossy_text(bytes: &[u8]) -> Cow<'_, str> {
 
 /// The 1-based line and column (in bytes) of offset `at` in `text`.
 pub fn line_column(text: &[u8], at: usize) -> (usize, usize) {
-    let before = &text[..at.min(text.len())];
+    let before = text.get(..at).unwrap_or(text);
+    // Counts and offsets within `before`: below `usize::MAX`, so no sum saturates, and the
+    // line starts at or before its end.
     let line_start = before
         .iter()
         .rposition(|b| *b == b'\n')
-        .map_or(0, |i| i + 1);
+        .map_or(0, |i| i.saturating_add(1));
     (
-        1 + before.iter().filter(|b| **b == b'\n').count(),
-        1 + before.len() - line_start,
+        before
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+            .saturating_add(1),
+        before.len().saturating_sub(line_start).saturating_add(1),
     )
 }
 

@@ -26,7 +26,8 @@ pub fn usd_to_micro(usd: f64) -> Option<u64> {
 
 /// `tokens × price_per_million / 1e6`, rounded up, saturating.
 fn cost(tokens: u64, micro_per_million: u64) -> u64 {
-    let product = u128::from(tokens) * u128::from(micro_per_million);
+    // Two u64 multiply within u128: the product never saturates.
+    let product = u128::from(tokens).saturating_mul(u128::from(micro_per_million));
     u64::try_from(product.div_ceil(1_000_000)).unwrap_or(u64::MAX)
 }
 
@@ -40,7 +41,7 @@ impl Price {
     /// Cost of what the provider reported (cache reads at the cached-input price).
     pub fn actual(&self, usage: &UsageReport) -> u64 {
         let cached = usage.cached_input.min(usage.input);
-        cost(usage.input - cached, self.input)
+        cost(usage.input.saturating_sub(cached), self.input)
             .saturating_add(cost(cached, self.cached_input))
             .saturating_add(cost(usage.output, self.output))
     }

@@ -34,7 +34,8 @@ impl RateLimitRequest<'_> {
             let mut d = Vec::with_capacity(48);
             for (key, value) in descriptor {
                 // Entry { string key = 1; string value = 2; }
-                let mut e = Vec::with_capacity(key.len() + value.len() + 4);
+                let mut e =
+                    Vec::with_capacity(key.len().saturating_add(value.len()).saturating_add(4));
                 put_bytes(&mut e, 1, key.as_bytes());
                 put_bytes(&mut e, 2, value.as_bytes());
                 put_bytes(&mut d, 1, &e);
@@ -191,7 +192,8 @@ impl<'a> Reader<'a> {
             let Some(&b) = self.bytes.get(self.at) else {
                 return Err(DecodeError("truncated varint"));
             };
-            self.at += 1;
+            // `at` indexes a byte just read: below the length, so the sum cannot saturate.
+            self.at = self.at.saturating_add(1);
             v |= u64::from(b & 0x7f) << shift;
             if b & 0x80 == 0 {
                 return Ok(v);
@@ -201,12 +203,9 @@ impl<'a> Reader<'a> {
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|&e| e <= self.bytes.len())
-            .ok_or(DecodeError("field runs past the end"))?;
-        let slice = &self.bytes[self.at..end];
+        let past_end = DecodeError("field runs past the end");
+        let end = self.at.checked_add(n).ok_or(past_end)?;
+        let slice = self.bytes.get(self.at..end).ok_or(past_end)?;
         self.at = end;
         Ok(slice)
     }

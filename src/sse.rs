@@ -57,8 +57,8 @@ impl SseDecoder {
         let mut rest = chunk;
         if self.after_cr {
             self.after_cr = false;
-            if let Some(b'\n') = rest.first() {
-                rest = &rest[1..];
+            if let [b'\n', more @ ..] = rest {
+                rest = more;
             }
         }
         while let Some(end) = memchr::memchr2(b'\n', b'\r', rest) {
@@ -87,11 +87,11 @@ impl SseDecoder {
     }
 
     fn push_pending(&mut self, bytes: &[u8]) {
-        if self.pending.len() + bytes.len() > self.max_line {
+        if self.pending.len().saturating_add(bytes.len()) > self.max_line {
             // A line this long is not an LLM event; drop it rather than grow without bound.
             // The marker keeps later bytes of the same line from being read as a new line.
             if self.pending.first() != Some(&0) {
-                self.oversized_lines += 1;
+                self.oversized_lines = self.oversized_lines.saturating_add(1);
             }
             self.pending.clear();
             self.pending.push(0);
@@ -114,13 +114,10 @@ impl SseDecoder {
             return;
         }
         let text = json::lossy_text(line);
-        let (field, value) = match text.find(':') {
-            Some(0) => return, // comment
-            Some(i) => {
-                let v = &text[i + 1..];
-                (&text[..i], v.strip_prefix(' ').unwrap_or(v))
-            }
-            None => (&text[..], ""),
+        let (field, value) = match text.split_once(':') {
+            Some(("", _)) => return, // comment
+            Some((field, v)) => (field, v.strip_prefix(' ').unwrap_or(v)),
+            None => (&*text, ""),
         };
         match field {
             "event" => {
@@ -131,10 +128,10 @@ impl SseDecoder {
                 if self.has_data {
                     self.data.push('\n');
                 }
-                if self.data.len() + value.len() <= self.max_line {
+                if self.data.len().saturating_add(value.len()) <= self.max_line {
                     self.data.push_str(value);
                 } else {
-                    self.oversized_lines += 1;
+                    self.oversized_lines = self.oversized_lines.saturating_add(1);
                 }
                 self.has_data = true;
             }
@@ -199,7 +196,7 @@ impl StreamMeter {
             ApiKind::Embeddings => false,
         };
         if !ok {
-            self.bad_events += 1;
+            self.bad_events = self.bad_events.saturating_add(1);
         }
         if self.text_bytes > self.max_text_bytes {
             // Count what is held and let it go: streams are never held whole. A token that

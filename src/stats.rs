@@ -25,7 +25,8 @@ impl Stat {
     /// A metric `tokenfuse_<name>`.
     pub fn new(name: &str) -> Stat {
         // Room for a few tags, so building a name takes one allocation.
-        let mut full = String::with_capacity(PREFIX.len() + name.len() + 96);
+        let mut full =
+            String::with_capacity(PREFIX.len().saturating_add(name.len()).saturating_add(96));
         full.push_str(PREFIX);
         full.push_str(name);
         Stat { name: full }

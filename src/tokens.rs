@@ -61,9 +61,9 @@ impl Pattern {
         if pattern.is_empty() {
             return Err("must not be empty".into());
         }
-        match pattern.find('*') {
+        match pattern.split_once('*') {
             None => Ok(Pattern::Exact(pattern.to_string())),
-            Some(i) if i + 1 == pattern.len() => Ok(Pattern::Prefix(pattern[..i].to_string())),
+            Some((prefix, "")) => Ok(Pattern::Prefix(prefix.to_string())),
             Some(_) => Err("only a single trailing `*` (prefix match) is supported".into()),
         }
     }

@@ -107,7 +107,7 @@ impl Window {
                 let (ny, nm) = if m == 12 {
                     (y.saturating_add(1), 1)
                 } else {
-                    (y, m + 1)
+                    (y, m.saturating_add(1))
                 };
                 days_from_civil(ny, nm, 1).saturating_mul(SECS_PER_DAY)
             }
@@ -138,7 +138,7 @@ impl Window {
             WindowKind::Day => floor_to(local, SECS_PER_DAY),
             WindowKind::Week => {
                 let days = local.div_euclid(SECS_PER_DAY);
-                let monday = days - i64::from(iso_weekday(days) - 1);
+                let monday = days.saturating_sub(i64::from(iso_weekday(days).saturating_sub(1)));
                 monday.saturating_mul(SECS_PER_DAY)
             }
             WindowKind::Month => {
@@ -194,7 +194,9 @@ impl PeakHours {
                         WEEKDAY_NAMES.join(", ")
                     )
                 })?;
-            days[index] = true;
+            if let Some(day) = days.get_mut(index) {
+                *day = true;
+            }
         }
         check_offset(offset_secs).map_err(|e| format!("peak hours {e}"))?;
         Ok(PeakHours {
@@ -212,7 +214,7 @@ impl PeakHours {
         let minute = local.rem_euclid(SECS_PER_DAY) / SECS_PER_MINUTE;
         let (from, to) = (i64::from(self.from_min), i64::from(self.to_min));
         let selected = |days: i64| {
-            let index = usize::try_from(iso_weekday(days) - 1).unwrap_or(0);
+            let index = usize::try_from(iso_weekday(days).saturating_sub(1)).unwrap_or(0);
             self.weekdays.get(index).copied().unwrap_or(false)
         };
         if from == to {
@@ -223,7 +225,7 @@ impl PeakHours {
             selected(days)
         } else if minute < to {
             // The early-morning part of a range that started yesterday evening.
-            selected(days - 1)
+            selected(days.saturating_sub(1))
         } else {
             false
         }
@@ -236,12 +238,17 @@ const WEEKDAY_NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun
 /// ISO weekday (1 = Monday … 7 = Sunday) of a day counted from 1970-01-01 (a Thursday).
 pub fn iso_weekday(days: i64) -> u32 {
     // 1970-01-01 is a Thursday: (0 + 3) mod 7 = 3 → Thursday with Monday = 0.
-    (days.saturating_add(3).rem_euclid(DAYS_PER_WEEK) + 1) as u32
+    let from_monday = days.saturating_add(3).rem_euclid(DAYS_PER_WEEK); // 0..=6
+    from_monday.saturating_add(1) as u32
 }
 
 /// Days since 1970-01-01 of the proleptic Gregorian date `y`-`m`-`d` (Hinnant's
 /// `days_from_civil`). `m` is 1..=12 and `d` 1..=31; other values give unspecified results
 /// (but never panic).
+// Every intermediate but `era` lies in the range noted on its line (from `rem_euclid(400)`
+// and from `m` and `d`, which even at `u32::MAX` keep each product far inside `i64`), so
+// plain arithmetic cannot overflow there; `era`, unbounded, is combined saturating.
+#[allow(clippy::arithmetic_side_effects)]
 pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     let (m, d) = (i64::from(m), i64::from(d));
     // Years run March to February, so the leap day is the last day of the year.
@@ -258,6 +265,10 @@ pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 
 /// The proleptic Gregorian date `(year, month 1..=12, day 1..=31)` of day `z` counted from
 /// 1970-01-01 (Hinnant's `civil_from_days`).
+// Every intermediate lies in the range noted on its line (from `rem_euclid(146_097)`),
+// except `era`, which is at most `i64::MAX / 146_097`: `era * 400` stays inside `i64`, and
+// so does the year (at most about `i64::MAX / 365`).
+#[allow(clippy::arithmetic_side_effects)]
 pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z.saturating_add(719_468); // days since 0000-03-01
     let era = z.div_euclid(146_097);
@@ -348,7 +359,8 @@ fn parse_hh_mm(s: &str, allow_24: bool) -> Result<u16, String> {
     if m > 59 {
         return Err("the minute is not within 00..=59".to_string());
     }
-    let minutes = h * 60 + m;
+    // At most 23 * 60 + 59 (both checked just above).
+    let minutes = h.saturating_mul(60).saturating_add(m);
     debug_assert!(minutes < MINUTES_PER_DAY);
     Ok(minutes)
 }

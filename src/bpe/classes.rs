@@ -26,14 +26,16 @@ pub(super) fn is_other(flags: u8) -> bool {
 /// [`NON_ASCII`] for a byte of a longer character.
 #[inline(always)]
 pub(super) fn byte_class(b: u8) -> u8 {
-    BYTE_CLASS[usize::from(b)]
+    // A table of 256 read at a byte: always there (the fallback, which sends the ASCII
+    // fast paths to the general one, is compiled away).
+    BYTE_CLASS.get(usize::from(b)).copied().unwrap_or(NON_ASCII)
 }
 
 /// The class bits of code point `cp`.
 #[inline]
 pub(super) fn class_of(cp: u32) -> u8 {
     if cp < 128 {
-        return BYTE_CLASS[cp as usize];
+        return BYTE_CLASS.get(cp as usize).copied().unwrap_or(0);
     }
     let block = BLOCK_INDEX
         .get((cp >> BLOCK_SHIFT) as usize)
@@ -46,34 +48,41 @@ pub(super) fn class_of(cp: u32) -> u8 {
 }
 
 /// The code point starting at byte `i` of `b` (valid UTF-8, `i` on a character boundary,
-/// `i < b.len()`) and its length in bytes.
+/// `i < b.len()`) and its length in bytes; `(0, 1)` past the end.
 #[inline(always)]
 pub(super) fn decode(b: &[u8], i: usize) -> (u32, usize) {
-    let b0 = b[i];
+    let Some((&b0, after)) = b.get(i..).and_then(<[u8]>::split_first) else {
+        return (0, 1);
+    };
     if b0 < 0x80 {
         return (u32::from(b0), 1);
     }
-    let cont = |k: usize| u32::from(b.get(i + k).copied().unwrap_or(0x80) & 0x3f);
+    // The k-th continuation byte (from 0) is `after[k]`.
+    let cont = |k: usize| u32::from(after.get(k).copied().unwrap_or(0x80) & 0x3f);
     if b0 < 0xe0 {
-        ((u32::from(b0 & 0x1f) << 6) | cont(1), 2)
+        ((u32::from(b0 & 0x1f) << 6) | cont(0), 2)
     } else if b0 < 0xf0 {
-        ((u32::from(b0 & 0x0f) << 12) | (cont(1) << 6) | cont(2), 3)
+        ((u32::from(b0 & 0x0f) << 12) | (cont(0) << 6) | cont(1), 3)
     } else {
         (
-            (u32::from(b0 & 0x07) << 18) | (cont(1) << 12) | (cont(2) << 6) | cont(3),
+            (u32::from(b0 & 0x07) << 18) | (cont(0) << 12) | (cont(1) << 6) | cont(2),
             4,
         )
     }
 }
 
-/// Class bits and byte length of the character at byte `i` (see [`decode`]).
+/// Class bits and byte length of the character at byte `i` (see [`decode`]); past the end,
+/// a class-less character of one byte (callers never ask there).
 #[inline(always)]
 pub(super) fn class_at(b: &[u8], i: usize) -> (u8, usize) {
-    let b0 = b[i];
+    let Some(&b0) = b.get(i) else {
+        return (0, 1);
+    };
     if b0 < 0x80 {
-        return (BYTE_CLASS[usize::from(b0)], 1);
+        return (byte_class(b0), 1);
     }
-    let lead = LEAD_CLASS[usize::from(b0)];
+    // A table of 256 read at a byte (0, not uniform, is never used).
+    let lead = LEAD_CLASS.get(usize::from(b0)).copied().unwrap_or(0);
     if lead & UNIFORM != 0 {
         // Only lead bytes (C2-F4) are marked UNIFORM, so the length is 2 to 4.
         return (lead & !UNIFORM, super::hash::utf8_len(b0));

@@ -100,7 +100,7 @@ pub fn lead_group(b: u8) -> u32 {
     } else if b < 0xe0 {
         1
     } else if b < 0xf0 {
-        ((THREE_BYTE >> ((b & 0xf) * 4)) & 0xf) as u32
+        ((THREE_BYTE >> ((b & 0xf) << 2)) & 0xf) as u32
     } else {
         7
     }
@@ -110,7 +110,9 @@ pub fn lead_group(b: u8) -> u32 {
 /// after its home.
 #[allow(dead_code)]
 pub fn meta(info: u32, len: usize, distance: usize) -> u32 {
-    (info & INFO_MASK) | (((len & 7) as u32) << LEN_SHIFT) | (((distance + 1) as u32) << DIST_SHIFT)
+    (info & INFO_MASK)
+        | (((len & 7) as u32) << LEN_SHIFT)
+        | ((distance.saturating_add(1) as u32) << DIST_SHIFT)
 }
 
 /// The token info in a meta word.
@@ -154,30 +156,35 @@ pub fn load_short(b: &[u8]) -> u64 {
     let n = b.len();
     if n >= 4 {
         // Two overlapping 4-byte reads: the overlap holds the same bytes at the same place.
+        let last = n.saturating_sub(4); // exact: n >= 4
         let lo = load4(b, 0);
-        let hi = load4(b, n - 4);
-        lo | (hi << ((n - 4) * 8))
+        let hi = load4(b, last);
+        lo | (hi << (last << 3))
     } else {
         let mut v = 0;
         for (i, &byte) in b.iter().enumerate() {
-            v |= u64::from(byte) << (8 * i);
+            v |= u64::from(byte) << (i << 3);
         }
         v
     }
 }
 
+// The end wraps only for an `at` within 4 of `usize::MAX`, which no offset in a slice is;
+// a wrapped end would lie before `at`, and `get` refuses such a range (the read is 0, as
+// past the end), so wrapping is as safe as a checked sum and costs nothing.
 #[inline(always)]
 fn load4(b: &[u8], at: usize) -> u64 {
-    match b.get(at..at + 4) {
+    match b.get(at..at.wrapping_add(4)) {
         Some(&[a, b, c, d]) => u64::from(u32::from_le_bytes([a, b, c, d])),
         _ => 0,
     }
 }
 
 /// Eight bytes of `b` from `at` as a little-endian integer (0 if there are fewer).
+// The end wraps as in `load4`: a wrapped range is refused by `get`.
 #[inline(always)]
 pub fn load8(b: &[u8], at: usize) -> u64 {
-    match b.get(at..at + 8) {
+    match b.get(at..at.wrapping_add(8)) {
         Some(&[a, b, c, d, e, f, g, h]) => u64::from_le_bytes([a, b, c, d, e, f, g, h]),
         _ => 0,
     }
@@ -185,6 +192,11 @@ pub fn load8(b: &[u8], at: usize) -> u64 {
 
 /// The `len` (1..=8) bytes of `text` from `at` as a little-endian integer, zero-padded:
 /// one 8-byte load where `text` has 8 bytes from `at`, or from its end.
+// Plain arithmetic on every lookup of a piece or a merge: callers pass a key within the
+// text (`at + len <= n`, `len <= 8`, and a slice is at most `isize::MAX` bytes), so
+// `at + 8` cannot overflow, `n - 8` is taken when `n >= 8`, and `at + 8 - n` is 1 to 7 in
+// its branch (`at + 8 > n`, `at + len <= n`).
+#[allow(clippy::arithmetic_side_effects)]
 #[inline(always)]
 pub fn key_at(text: &[u8], at: usize, len: usize) -> u64 {
     let n = text.len();
@@ -201,11 +213,14 @@ pub fn key_at(text: &[u8], at: usize, len: usize) -> u64 {
 /// The low `len` bytes (1..=8) of `v`.
 #[inline(always)]
 pub fn low_bytes(v: u64, len: usize) -> u64 {
-    v & (u64::MAX >> (64 - 8 * len.clamp(1, 8)))
+    v & (u64::MAX >> (8usize.saturating_sub(len.clamp(1, 8)) << 3))
 }
 
 /// Whether `a` and `b` (of equal length) hold the same bytes: word compares instead of a
 /// `memcmp` call, which costs more than the compare for keys this short.
+// Plain arithmetic in the word loop: `at + 8 < n` is the loop's condition (so `at + 8`
+// cannot overflow: `at < n`, a slice's length), and `n - 8` is taken when `n > 8`.
+#[allow(clippy::arithmetic_side_effects)]
 #[inline(always)]
 pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     let n = a.len();
@@ -226,6 +241,9 @@ pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The hash of a long key (more than 8 bytes).
+// Plain arithmetic in the word loop, as in `same_bytes`: `at` stays below `n`, a slice's
+// length, so `at + 8` cannot overflow.
+#[allow(clippy::arithmetic_side_effects)]
 #[inline]
 pub fn long_hash(b: &[u8]) -> u64 {
     let n = b.len();
@@ -245,6 +263,10 @@ pub fn long_hash(b: &[u8]) -> u64 {
 }
 
 /// The home slot of `hash` in a table of `homes` home slots (`homes` < 2^32).
+// Two factors below 2^32 (`hash >> 32`, and `homes`: a table's count, at most a few
+// hundred thousand in the tables build.rs writes), so the product fits in 64 bits. A
+// saturating multiply would cost every lookup a compare for a case that cannot occur.
+#[allow(clippy::arithmetic_side_effects)]
 #[inline(always)]
 pub fn home(hash: u64, homes: usize) -> usize {
     (((hash >> 32) * homes as u64) >> 32) as usize

@@ -120,6 +120,9 @@ struct Part {
 
 /// The info of the token that adjacent parts with infos `left` and `right`, together
 /// spelled `text[start..end]`, merge into; `NONE` if they do not.
+// `start < end`: the callers pass the start of a part and the end of the next one (so
+// `end - start`, asked for every candidate merge, cannot underflow).
+#[allow(clippy::arithmetic_side_effects)]
 #[inline(always)]
 fn pair_info(
     vocab: &Vocab,
@@ -178,6 +181,10 @@ pub(super) fn merge(
 /// holds the piece's bytes at the same offsets (padded, or the piece itself). With
 /// [`Start::Chars`], a character of the `chars` table is one part when the lead-byte groups
 /// of the characters before and after it (if any) have their bits in its masks.
+// Plain indexing and arithmetic on the hot path of every merge: `i` and `j` are offsets
+// below `n = piece.len()` (the loop conditions), `i + len` at most `n + 3` (`len` is 1 to 4)
+// and clamped to `n` before use, `8 + lead_group` at most 15 (a group is below 8).
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 #[inline(always)]
 fn initial_parts(
     vocab: &Vocab,
@@ -226,6 +233,13 @@ fn initial_parts(
 
 /// The scan path: each merge scans the keys of the offsets that hold a candidate (a
 /// 64-bit mask), updates the two neighbouring candidates, and moves nothing.
+// Plain indexing and arithmetic in the scan, the tokenizer's innermost loop: every index
+// is an offset below `n <= SMALL` (the arrays' length; `text` has SMALL + 8) — a part's
+// start, as `initial_parts` and each merge record it in `end` and `prev` (ends are at most
+// `n`, and an end is used as an index only once it is checked to be below `n`), or the
+// lowest set bit of a nonzero 64-bit mask. `count` is the number of parts, one fewer per
+// merge, and `rest - 1` is taken while `rest` is nonzero.
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 pub(super) fn merge_small(
     vocab: &Vocab,
     joins: &Joins,
@@ -332,6 +346,11 @@ pub(super) fn merge_small(
 
 /// The heap path: candidate merges (rank, start) in a min-heap, stale ones skipped when
 /// popped.
+// Plain indexing and arithmetic, as in `merge_small`: `parts` has `n` entries, and every
+// index is a part's start below `n` (an end reaches `n` only for the last part, and is
+// checked against `n` before it is used as an index); `count` is the number of parts,
+// one fewer per merge.
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 pub(super) fn merge_large(
     vocab: &Vocab,
     joins: &Joins,

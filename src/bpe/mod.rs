@@ -122,6 +122,11 @@ impl Bpe {
     }
 }
 
+// Plain arithmetic in the loop over every piece of every counted text: `p < b.len()` (the
+// loop's condition), so `p + 1` cannot overflow, and `count` is the number of tokens so
+// far, at most the number of bytes walked (a token has at least one byte), so it cannot
+// either.
+#[allow(clippy::arithmetic_side_effects)]
 #[inline(always)]
 fn walk(
     vocab: &Vocab,

@@ -46,6 +46,17 @@
 //! character, which could extend the piece, it gives up and the general path above decides
 //! from scratch. The tests check the two against each other at every character boundary of
 //! the corpus, and the whole against fancy-regex.
+//!
+//! Bytes are read with `get` (a position past the end reads as the end of a run), but the
+//! position arithmetic is plain, allowed for this module: it runs once or more per byte of
+//! every counted text (the tokenizer's speed is a published target), and every sum is a
+//! position in the text plus a character's length (1 to 4), a couple of bytes, or the
+//! length of a run just scanned in the text, so it never exceeds the text's length by more
+//! than 4; a `str` is at most `isize::MAX` bytes, so no sum comes near `usize::MAX`. There
+//! are no subtractions. The eight-byte letter test adds at most 0x1f to bytes of at most
+//! 0x7f, so no carry leaves its byte. The tests compare every piece with fancy-regex's on
+//! megabytes of text, and `fuzz/` drives the tokenizer with arbitrary input.
+#![allow(clippy::arithmetic_side_effects)]
 
 use super::classes::{
     byte_class, class_at, decode, folded_letter, is_other, is_prefix, LETTER, LOWER, NEWLINE,
@@ -107,7 +118,7 @@ fn cl100k_ascii(b: &[u8], p: usize) -> Option<usize> {
     if c0 & NUMBER != 0 {
         return ascii_digits(b, p); // B3
     }
-    if c0 & (NON_ASCII | NEWLINE) != 0 || b[p] == b'\'' {
+    if c0 & (NON_ASCII | NEWLINE) != 0 || b.get(p) == Some(&b'\'') {
         return None;
     }
     let c1 = byte_class(*b.get(p + 1)?);
@@ -122,7 +133,7 @@ fn cl100k_ascii(b: &[u8], p: usize) -> Option<usize> {
 #[inline(always)]
 fn ascii_word(b: &[u8], q: usize) -> Option<usize> {
     let mut i = q;
-    while i < b.len() && byte_class(b[i]) & UPPER != 0 {
+    while b.get(i).is_some_and(|&c| byte_class(c) & UPPER != 0) {
         i += 1;
     }
     i = lower_run(b, i);
@@ -167,7 +178,7 @@ fn letter_run_with(b: &[u8], mut i: usize, fold: u8, class: u8) -> usize {
         }
         i += 8;
     }
-    while i < b.len() && byte_class(b[i]) & class != 0 {
+    while b.get(i).is_some_and(|&c| byte_class(c) & class != 0) {
         i += 1;
     }
     i
@@ -187,8 +198,11 @@ fn ascii_letters(b: &[u8], q: usize) -> Option<usize> {
 #[inline(always)]
 fn ascii_digits(b: &[u8], p: usize) -> Option<usize> {
     let mut i = p + 1;
-    while i < b.len() && i < p + 3 {
-        let c = byte_class(b[i]);
+    while i < p + 3 {
+        let Some(&byte) = b.get(i) else {
+            break;
+        };
+        let c = byte_class(byte);
         if c & NON_ASCII != 0 {
             return None; // could be a number character
         }
@@ -208,13 +222,13 @@ fn ascii_punctuation(b: &[u8], p: usize, c0: u8, c1: u8, slash: bool) -> Option<
     let other = |c: u8| c & (SPACE | LETTER | NUMBER | NON_ASCII) == 0;
     let mut i = if other(c0) {
         p + 1
-    } else if b[p] == b' ' && other(c1) {
+    } else if b.get(p) == Some(&b' ') && other(c1) {
         p + 2
     } else {
         return None; // white space: the general path's runs
     };
-    while i < b.len() {
-        let c = byte_class(b[i]);
+    while let Some(&byte) = b.get(i) {
+        let c = byte_class(byte);
         if c & NON_ASCII != 0 {
             return None; // could be punctuation too
         }
@@ -223,7 +237,10 @@ fn ascii_punctuation(b: &[u8], p: usize, c0: u8, c1: u8, slash: bool) -> Option<
         }
         i += 1;
     }
-    while i < b.len() && (b[i] == b'\r' || b[i] == b'\n' || (slash && b[i] == b'/')) {
+    while b
+        .get(i)
+        .is_some_and(|&c| c == b'\r' || c == b'\n' || (slash && c == b'/'))
+    {
         i += 1;
     }
     Some(i)
@@ -267,7 +284,7 @@ fn o200k_general(b: &[u8], p: usize) -> usize {
 /// The cl100k piece at `p`, any characters.
 #[inline(never)]
 fn cl100k_general(b: &[u8], p: usize) -> usize {
-    if b[p] == b'\'' {
+    if b.get(p) == Some(&b'\'') {
         let end = contraction(b, p);
         if end > p {
             return end; // B1
@@ -404,7 +421,7 @@ fn up_to_three_numbers(b: &[u8], mut i: usize) -> usize {
 #[inline]
 fn punctuation(b: &[u8], p: usize, slash: bool) -> Option<usize> {
     // A space is not in the class, so ` ?` can only be taken.
-    let q = if b[p] == b' ' { p + 1 } else { p };
+    let q = if b.get(p) == Some(&b' ') { p + 1 } else { p };
     if q >= b.len() {
         return None;
     }
@@ -420,7 +437,10 @@ fn punctuation(b: &[u8], p: usize, slash: bool) -> Option<usize> {
         }
         i += l;
     }
-    while i < b.len() && (b[i] == b'\r' || b[i] == b'\n' || (slash && b[i] == b'/')) {
+    while b
+        .get(i)
+        .is_some_and(|&c| c == b'\r' || c == b'\n' || (slash && c == b'/'))
+    {
         i += 1;
     }
     Some(i)
