@@ -144,7 +144,7 @@ wasm-test:
 lint:
 	@$(PREREQUISITES) wasm-target rustfmt clippy cc openssl
 	$(CARGO) fmt --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets --features testkit -- -D warnings
 	$(CARGO) clippy --target $(WASM_TARGET) --lib -- -D warnings
 	$(CARGO) fmt --manifest-path $(RLS_ENGINE_MANIFEST) --check
 	$(CARGO) clippy $(RLS_ENGINE_CARGO_ARGS) --all-targets -- -D warnings

@@ -6,6 +6,20 @@
 //! [`wasm_host::WasmHost`] adapter. Every decision lives in the host-independent modules
 //! below, which are tested natively against a fake host.
 
+// Every byte the filter reads — headers, paths, bodies, upstream answers, shared data — may
+// be hostile, and a panic in a VM is an outage for every request on its worker: outside
+// tests, no indexing or slicing that can panic, no slicing of a str at a byte offset, no
+// unchecked arithmetic. Each exception is a narrow `allow` with the invariant that makes it
+// safe written beside it.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::indexing_slicing,
+        clippy::string_slice,
+        clippy::arithmetic_side_effects
+    )
+)]
+
 pub mod admin;
 pub mod api;
 mod api_read;
