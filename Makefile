@@ -191,6 +191,7 @@ bench:
 	$(PREREQUISITES) wasm-target cc python-venv node wrk && \
 	$(MAKE) --no-print-directory build envoy && \
 	$(CARGO) build --release --example mock_upstream --example count_bench --example exchange_bench && \
+	$(CARGO) build --release --features testkit --example worst_shapes && \
 	$(CARGO) build --release --target $(WASM_TARGET) \
 	  --example count_bench --example exchange_bench --example floor_filter --example host_calls && \
 	BENCH_STARTED=$$start ENVOY='$(ENVOY)' NODE='$(NODE)' $(PYTHON) bench/run.py $(BENCH_ARGS)

@@ -56,6 +56,7 @@ COUNT_NATIVE = ROOT / "target/release/examples/count_bench"
 COUNT_WASM = ROOT / "target/wasm32-wasip1/release/examples/count_bench.wasm"
 EXCHANGE_NATIVE = ROOT / "target/release/examples/exchange_bench"
 EXCHANGE_WASM = ROOT / "target/wasm32-wasip1/release/examples/exchange_bench.wasm"
+WORST_SHAPES = ROOT / "target/release/examples/worst_shapes"
 FLOOR_WASM = ROOT / "target/wasm32-wasip1/release/examples/floor_filter.wasm"
 HOST_CALLS_WASM = ROOT / "target/wasm32-wasip1/release/examples/host_calls.wasm"
 WASI_RUN = ROOT / "scripts/wasi-run.mjs"
@@ -582,6 +583,17 @@ def exchange_bench(files: list[str]) -> list[dict]:
     return rows
 
 
+def worst_shapes(max_kb: int) -> list[dict]:
+    """The work of the worst request shapes against prose of the same size
+    (examples/worst_shapes.rs, natively): µs per KB of body at sizes from 16 KiB up."""
+    log(f"worst request shapes, up to {max_kb} KiB")
+    out = subprocess.run([str(WORST_SHAPES), "--max-kb", str(max_kb)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=900)
+    if out.returncode != 0:
+        sys.exit(f"worst_shapes failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
 def host_calls(envoy: str, workdir: Path, upstream: int, script: Path, args: argparse.Namespace) -> dict:
     """What each kind of host call costs inside Envoy (examples/host_calls.rs), under the 1 KB
     load: the medians of the averages the filter logs (µs per call, per 2,000 requests of a VM)."""
@@ -764,6 +776,30 @@ def render_md(data: dict) -> str:
         lines += ["", "Heap allocations per request count the host's copies as well, as the Wasm host makes "
                   "them: each header value and body chunk read is a fresh buffer"
                   + (f" ({events} of the streamed case's are its chunks)." if events else ".")]
+
+    shapes = data.get("worst_shapes", [])
+    if shapes:
+        sizes = sorted({r["kb"] for r in shapes})
+        prose = {r["kb"]: r["us_per_kb"] for r in shapes if r["shape"] == "prose"}
+        lines += ["", "Work per request for the worst body shapes (`examples/worst_shapes.rs`, natively, "
+                  "counting uncached, budgets on; the whole exchange: parse, count, truncation where a "
+                  "cap asks for it, response metering, settlement): µs per KiB of request and response, "
+                  "and in brackets the multiple of prose of the same size. Linear work keeps a row flat; "
+                  "single pieces (one run of letters, spaces or one character, with no split point) go "
+                  "through the byte-pair merge's heap, O(n log n), and slow down further as the merge "
+                  "outgrows the CPU caches.", "",
+                  "| shape | " + " | ".join(f"{k} KiB" for k in sizes) + " |",
+                  "|---|" + "---:|" * len(sizes)]
+        for name in dict.fromkeys(r["shape"] for r in shapes):
+            cells = []
+            for k in sizes:
+                row = next((r for r in shapes if r["shape"] == name and r["kb"] == k), None)
+                if row is None:
+                    cells.append("")
+                    continue
+                times = row["us_per_kb"] / prose[k] if prose.get(k) else float("nan")
+                cells.append(f"{row['us_per_kb']:.1f} ({times:.0f}×)")
+            lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(cells) + " |")
 
     # Tokenizer figures.
     tok = data["tokenizer"]
@@ -1074,6 +1110,7 @@ def main() -> None:
 
     data["tokenizer"] = count_bench([f for f in prompt_files if "1kb" not in f], rounds=3)
     data["exchange"] = exchange_bench(list(body_files))
+    data["worst_shapes"] = worst_shapes(1024 if args.quick else 4096)
     for row in data["exchange"]:
         row["case"] = body_files.get(row["file"], row["file"])
     data["summary"] = summarise(data)
