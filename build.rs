@@ -1,9 +1,9 @@
 //! Build script: compiles what the filter's tokenizer reads at run time, so a Wasm VM does
-//! no per-VM hashing or allocation to start counting (see `src/bpe/mod.rs`).
+//! no per-VM hashing or allocation to start counting (see `src/tokenizer/bpe/mod.rs`).
 //!
 //! * For `o200k_base` and `cl100k_base`: the vocabulary as three open-addressing hash
 //!   tables by token length whose slots hold the token's bytes and info (rank, prefix and
-//!   suffix bits), plus a pool of long tokens' tails (`src/bpe/hash.rs` fixes the layouts
+//!   suffix bits), plus a pool of long tokens' tails (`src/tokenizer/bpe/hash.rs` fixes the layouts
 //!   and hashes), written to `OUT_DIR` and embedded with `include_bytes!`. The
 //!   vocabulary comes from tiktoken-rs (a build-dependency, the same version the tests use
 //!   as the reference), read back token by token through its public `decode_bytes`.
@@ -23,12 +23,12 @@ use regex_syntax::hir::{Class, HirKind};
 use tiktoken_rs::CoreBPE;
 
 #[allow(dead_code)]
-#[path = "src/bpe/hash.rs"]
+#[path = "src/tokenizer/bpe/hash.rs"]
 mod hash;
 
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
-/// Character class bits; `src/bpe/classes.rs` reads them under the same names.
+/// Character class bits; `src/tokenizer/bpe/classes.rs` reads them under the same names.
 const CLASSES: &[(&str, &str, u8)] = &[
     ("LETTER", r"\p{L}", 1),
     ("NUMBER", r"\p{N}", 2),
@@ -53,7 +53,7 @@ const HOMES_PER_TOKEN: [(usize, usize); 3] = [(10, 7), (10, 7), (10, 7)];
 
 fn main() -> Result<()> {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=src/bpe/hash.rs");
+    println!("cargo:rerun-if-changed=src/tokenizer/bpe/hash.rs");
     let out_dir = std::env::var("OUT_DIR")?;
     let out = Path::new(&out_dir);
 
@@ -203,7 +203,7 @@ fn merge_alone(ranks: &HashMap<&[u8], u32>, bytes: &[u8]) -> (Vec<Vec<u8>>, Vec<
     }
 }
 
-/// The characters a merge may start from whole (`src/bpe/merge.rs` has the argument):
+/// The characters a merge may start from whole (`src/tokenizer/bpe/merge.rs` has the argument):
 /// (key, length, info, neighbour masks) for every character of 2..=4 bytes that is a token
 /// `t` whose bytes merge alone into `t`, whose merges all have ranks below every token that
 /// contains `t` and more, and, per group of the left (right) neighbour's lead byte

@@ -1,7 +1,7 @@
 //! Tokenizer micro-benchmark for `make bench` (bench/run.py): how long building each
 //! encoding takes (part of a Wasm VM's start) and how fast it counts text, natively and
 //! compiled to `wasm32-wasip1` under V8, for two counters on the same text: the filter's
-//! (`tokenfuse::tokens`, tables compiled in) and tiktoken-rs (`CoreBPE::encode_ordinary`,
+//! (`tokenfuse::tokenizer`, tables compiled in) and tiktoken-rs (`CoreBPE::encode_ordinary`,
 //! the reference it replaced):
 //!
 //! ```text
@@ -25,7 +25,7 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use tokenfuse::tokens::{Encoding, Tokenizers};
+use tokenfuse::tokenizer::{Encoding, Tokenizers};
 
 #[path = "support/bench.rs"]
 mod bench;

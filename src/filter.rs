@@ -10,12 +10,12 @@ use std::rc::Rc;
 
 use rustc_hash::FxHashMap;
 
+use crate::budget::plan::BudgetKey;
 use crate::config::Config;
-use crate::enforce::BudgetKey;
 use crate::global::SettleQueue;
 use crate::host::Host;
 use crate::stats::{Stat, TagLimiter};
-use crate::tokens::{TokenizerError, Tokenizers};
+use crate::tokenizer::{TokenizerError, Tokenizers};
 
 /// Configuration and tokenizers of one VM.
 #[derive(Debug)]

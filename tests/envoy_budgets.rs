@@ -27,8 +27,8 @@ use support::envoy::Envoy;
 use support::http;
 use support::mock_upstream::DEFAULT_COMPLETION;
 use support::stack::{bearer_key, counter_sum, native_count, text_tokens, Stack};
-use tokenfuse::api::ApiKind;
-use tokenfuse::tokens::Encoding;
+use tokenfuse::llm::api::ApiKind;
+use tokenfuse::tokenizer::Encoding;
 
 const ADMIN_TOKEN: &str = "budget-tests-admin-token-0123456789";
 const ADMIN_PATH: &str = "/tokenfuse/admin";

@@ -22,8 +22,8 @@ use serde_json::{json, Value};
 use support::envoy::{Envoy, EnvoySpec};
 use support::http;
 use support::stack::{counter_sum, native_count, text_tokens, Stack};
-use tokenfuse::api::ApiKind;
-use tokenfuse::tokens::Encoding;
+use tokenfuse::llm::api::ApiKind;
+use tokenfuse::tokenizer::Encoding;
 
 const DEMO_CONFIG: &str = r#"{"api":"v1","inject_stream_usage":true}"#;
 

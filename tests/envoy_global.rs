@@ -15,7 +15,7 @@ use support::http::Response;
 use support::redis::Redis;
 use support::rls_engine::{budget_limit_yaml, grpc_cluster_yaml, RlsEngine};
 use support::stack::{counter_sum, native_count, Stack};
-use tokenfuse::api::ApiKind;
+use tokenfuse::llm::api::ApiKind;
 
 fn global_config(cluster: &str, on_failure: &str) -> String {
     json!({

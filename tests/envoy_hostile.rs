@@ -19,7 +19,7 @@ use support::envoy::{Envoy, EnvoySpec};
 use support::http;
 use support::mock_upstream::MockUpstream;
 use support::stack::{bearer_key, text_tokens, Stack};
-use tokenfuse::tokens::Encoding;
+use tokenfuse::tokenizer::Encoding;
 
 const ADMIN_TOKEN: &str = "hostile-admin-token-0123456789";
 

@@ -1,5 +1,5 @@
 //! The tokenizer against its reference: arbitrary bytes (as UTF-8, invalid sequences
-//! replaced) encoded by `tokenfuse::bpe` and by tiktoken-rs's `encode_ordinary`, both
+//! replaced) encoded by `tokenfuse::tokenizer::bpe` and by tiktoken-rs's `encode_ordinary`, both
 //! encodings.
 //!
 //! Invariants: the token ids are identical, and the count is their number.
@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use tiktoken_rs::CoreBPE;
-use tokenfuse::bpe::Bpe;
+use tokenfuse::tokenizer::bpe::Bpe;
 
 struct Pair {
     ours: Bpe,

@@ -3,8 +3,8 @@
 
 use std::sync::OnceLock;
 
-use tokenfuse::api::ApiKind;
-use tokenfuse::tokens::{Encoding, ModelMap, TextCounter, Tokenizers};
+use tokenfuse::llm::api::ApiKind;
+use tokenfuse::tokenizer::{Encoding, ModelMap, TextCounter, Tokenizers};
 
 /// Every API the filter reads.
 #[allow(dead_code)]

@@ -15,10 +15,10 @@ mod common;
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use tokenfuse::api::{parse_request, reference, ApiKind, RequestBody};
-use tokenfuse::prompt::{count_prompt, message_costs, ImageCosts};
-use tokenfuse::rewrite::{set_model, with_stream_usage};
-use tokenfuse::truncate::truncate;
+use tokenfuse::llm::api::{parse_request, reference, ApiKind, RequestBody};
+use tokenfuse::llm::prompt::{count_prompt, message_costs, ImageCosts};
+use tokenfuse::llm::rewrite::{set_model, with_stream_usage};
+use tokenfuse::llm::truncate::truncate;
 
 const IMAGES: ImageCosts = ImageCosts { low: 85, high: 765 };
 

@@ -14,8 +14,8 @@
 mod common;
 
 use libfuzzer_sys::fuzz_target;
-use tokenfuse::sse::{SseDecoder, StreamMeter, StreamOutcome};
-use tokenfuse::tokens::Encoding;
+use tokenfuse::llm::sse::{SseDecoder, StreamMeter, StreamOutcome};
+use tokenfuse::tokenizer::Encoding;
 
 #[derive(Debug, PartialEq)]
 struct Run {

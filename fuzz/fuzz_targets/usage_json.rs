@@ -7,7 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tokenfuse::usage::usage_from_json;
+use tokenfuse::llm::usage::usage_from_json;
 
 fuzz_target!(|data: &[u8]| {
     let openai = usage_from_json(data, false);

@@ -5,9 +5,9 @@
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use tokenfuse::api::{parse_request, ApiKind};
-use tokenfuse::prompt::{count_prompt, ImageCosts};
-use tokenfuse::tokens::{Encoding, ModelMap, Tokenizers};
+use tokenfuse::llm::api::{parse_request, ApiKind};
+use tokenfuse::llm::prompt::{count_prompt, ImageCosts};
+use tokenfuse::tokenizer::{Encoding, ModelMap, Tokenizers};
 
 use super::envoy::{repo_root, Envoy, EnvoySpec};
 use super::mock_upstream::MockUpstream;
@@ -111,5 +111,5 @@ pub fn text_tokens(encoding: Encoding, text: &str) -> u64 {
 
 /// The budget key a `bearer` budget stores for `secret` (as the filter maps it).
 pub fn bearer_key(secret: &str) -> String {
-    tokenfuse::identity::credential_key(secret)
+    tokenfuse::budget::identity::credential_key(secret)
 }

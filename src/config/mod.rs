@@ -16,10 +16,10 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Deserialize;
 
+use crate::budget::price::{usd_to_micro, Price, PriceList};
+use crate::budget::window::{PeakHours, Window, WindowKind};
 use crate::budget::{Budget, Burst, KeySource, OversizeAction, Priority, TripAction, Unit};
-use crate::price::{usd_to_micro, Price, PriceList};
-use crate::tokens::{Encoding, ModelMap, ModelRule, Pattern};
-use crate::window::{PeakHours, Window, WindowKind};
+use crate::tokenizer::{Encoding, ModelMap, ModelRule, Pattern};
 
 /// The only configuration schema version this build understands.
 pub const API_VERSION: &str = "v1";
@@ -599,7 +599,7 @@ impl Config {
             Some(a) => {
                 // Requests are matched by their normalized path (admin.rs): the configured
                 // path must be one already, so that the two compare.
-                let normalized = crate::admin::normalize_path(&a.path);
+                let normalized = crate::exchange::admin::normalize_path(&a.path);
                 if !a.path.starts_with('/')
                     || normalized == "/"
                     || normalized != a.path.trim_end_matches('/')
@@ -935,7 +935,7 @@ fn compile_budget(i: usize, rb: &RawBudget) -> Result<(Budget, HashMap<String, u
         check_name(&f(&format!("base_overrides.{k}")), k)?;
         // Keyed by the stored key, as the ledger names accounts.
         overrides.insert(
-            crate::identity::named(&key, k),
+            crate::budget::identity::named(&key, k),
             amount(&f(&format!("base_overrides.{k}")), *v, unit)?,
         );
     }

@@ -4,8 +4,8 @@
 //! held as integer micro-USD per million tokens, and costs are rounded up to the next
 //! micro-USD, so a budget is never under-charged by rounding.
 
-use crate::tokens::{best_match, Pattern};
-use crate::usage::UsageReport;
+use crate::llm::usage::UsageReport;
+use crate::tokenizer::{best_match, Pattern};
 
 /// Prices of one model (pattern), in micro-USD per million tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

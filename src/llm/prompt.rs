@@ -14,11 +14,11 @@
 
 use serde_json::Value;
 
-use crate::api::{
+use crate::llm::api::{
     AnthropicContent, AnthropicMessage, AnthropicRequest, ChatMessage, ChatRequest, Content,
     ContentPart, ImageUrl, RequestBody, ResponsesInput, ResponsesRequest, TextOrTokens,
 };
-use crate::tokens::{Encoding, ModelCounting, TextCounter};
+use crate::tokenizer::{Encoding, ModelCounting, TextCounter};
 
 /// A prompt's token count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -519,8 +519,8 @@ fn count_anthropic_rest(tally: &mut Tally<'_>, r: &AnthropicRequest) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{parse_request, ApiKind};
-    use crate::tokens::{tests_support::shared, ModelMap};
+    use crate::llm::api::{parse_request, ApiKind};
+    use crate::tokenizer::{tests_support::shared, ModelMap};
 
     const IMAGES: ImageCosts = ImageCosts { low: 85, high: 765 };
 

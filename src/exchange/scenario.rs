@@ -34,14 +34,14 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
+use crate::budget::identity;
+use crate::budget::ledger::{self, Record, Slot};
+use crate::budget::plan;
 use crate::budget::{Priority, TripAction};
 use crate::config::Config;
-use crate::enforce;
 use crate::exchange::{Action, Exchange};
 use crate::filter::Filter;
 use crate::host::fake::{FakeHost, FakeShared};
-use crate::identity;
-use crate::ledger::{self, Record, Slot};
 
 /// Put into every header value and body string the player sends: no log line may hold it.
 pub const MARKER: &str = "Qz7marker";
@@ -658,7 +658,7 @@ fn check_admission(host: &FakeHost, config: &Config, before: &Snapshot) {
     let now = host.now_ms.get().div_euclid(1000);
     let rerouted =
         host.req_header(&config.reroute.header).as_deref() == Some(config.reroute.value.as_str());
-    let priority = enforce::priority(host, config);
+    let priority = plan::priority(host, config);
     for (i, budget) in config.budgets.iter().enumerate() {
         if rerouted && budget.action != TripAction::Reject {
             continue;

@@ -14,10 +14,10 @@ use std::collections::BTreeMap;
 #[cfg(test)]
 use serde::Deserialize;
 
-use crate::api::ApiKind;
-use crate::json::{self, Reader};
-use crate::tokens::TextCounter;
-use crate::usage::{RawUsage, UsageReport};
+use crate::llm::api::ApiKind;
+use crate::llm::json::{self, Reader};
+use crate::llm::usage::{RawUsage, UsageReport};
+use crate::tokenizer::TextCounter;
 
 /// Incremental SSE parser (the WHATWG event-stream format: `field: value` lines, events
 /// ended by a blank line, `\n`, `\r\n` or `\r` line ends, `:` comments).
@@ -621,7 +621,7 @@ fn anthropic_event<'a>(r: &mut Reader<'a>) -> json::Result<AnthropicEvent<'a>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tokens::{tests_support::shared, Encoding};
+    use crate::tokenizer::{tests_support::shared, Encoding};
 
     // --- The serde reading of events, the reference for the reader's ---------------------
 
@@ -784,7 +784,7 @@ mod tests {
             "true",
             "\"type\":\"message_stop\",",
         ];
-        let mut m = crate::json::Mutator::new(0x6a09_e667_f3bc_c909);
+        let mut m = crate::llm::json::Mutator::new(0x6a09_e667_f3bc_c909);
         for (kind, data) in samples {
             let (ours, theirs) = both(kind, data);
             assert!(ours.starts_with("Some"), "{ours} for {data}");

@@ -49,7 +49,7 @@ pub const PROBES: u32 = 16;
 pub const STALE_HOLD_SECS: i64 = 3600;
 
 /// The owner of a budget's overflow account.
-pub use crate::identity::OVERFLOW_KEY;
+pub use crate::budget::identity::OVERFLOW_KEY;
 
 /// Where an account lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -427,9 +427,9 @@ pub fn record(host: &dyn Host, budget: &Budget, slot: Slot) -> Option<Record> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::budget::window::{Window, WindowKind};
     use crate::budget::{KeySource, OversizeAction, TripAction, Unit};
     use crate::host::fake::FakeHost;
-    use crate::window::{Window, WindowKind};
 
     fn budget(max_keys: u64) -> Budget {
         Budget {

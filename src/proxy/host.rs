@@ -1,6 +1,6 @@
 //! [`Host`] over proxy-wasm host calls: the only place that talks to Envoy.
 //!
-//! Every call goes through [`crate::abi`] (the raw ABI: no host status can panic the VM);
+//! Every call goes through [`crate::proxy::abi`] (the raw ABI: no host status can panic the VM);
 //! header values are read as bytes and decoded lossily, since a client can send any bytes
 //! in a header. Metric ids are defined once
 //! per VM and cached (each `define_metric` call would allocate a new id in Envoy), and
@@ -17,9 +17,10 @@ use std::time::Duration;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType};
 
-use crate::abi;
+use crate::proxy::abi;
 
-use crate::host::{GrpcRefused, HeaderPairs, Host, Level, SharedError};
+use crate::host::{GrpcRefused, Host, Level, SharedError};
+use crate::proxy::headers::HeaderPairs;
 
 /// A metric as this VM holds it: Envoy's id, and what has not been handed to Envoy yet.
 struct Metric {
@@ -90,9 +91,6 @@ fn proxy_level(level: Level) -> LogLevel {
     }
 }
 
-/// The host of the current HTTP context (proxy-wasm calls act on the active context).
-pub struct WasmHost;
-
 /// Whether Envoy takes gRPC calls for `cluster`, found once per VM with a call to a method
 /// no service has, cancelled at once (no effect on the service). The SDK's dispatch panics
 /// — killing the VM — on the status Envoy gives for a cluster it cannot reach a client
@@ -113,11 +111,52 @@ fn header(map: MapType, name: &str) -> Option<String> {
     abi::header(map, name).map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
 }
 
-thread_local! {
-    /// The request and response header maps read during the current callback: one host
-    /// call fetches a whole map, and the lookups that follow are local. Cleared by
-    /// [`begin_callback`]; header writes are applied to it.
-    static HEADER_MAPS: RefCell<[Option<HeaderPairs>; 2]> = const { RefCell::new([None, None]) };
+/// The host as one callback sees it: the proxy, plus the request and response header maps
+/// read during this callback (one host call fetches a whole map; the lookups that follow
+/// are local, and writes are applied to it). A value per callback ([`WasmHost::new`]), so
+/// no map outlives the callback it was read in.
+#[derive(Default)]
+pub struct WasmHost {
+    maps: RefCell<[Option<HeaderPairs>; 2]>,
+}
+
+impl WasmHost {
+    /// The host for a callback that is starting.
+    pub fn new() -> WasmHost {
+        WasmHost::default()
+    }
+
+    /// Apply `read` to the map cached for this callback (fetched on first use); `None`
+    /// when the proxy has no such map in this phase.
+    fn with_map<T>(&self, map: MapType, read: impl FnOnce(&HeaderPairs) -> T) -> Option<T> {
+        let mut maps = self.maps.borrow_mut();
+        let entry = slot(&mut maps, map);
+        if entry.is_none() {
+            *entry = Some(HeaderPairs::parse(abi::header_map(map)?)?);
+        }
+        entry.as_ref().map(read)
+    }
+
+    /// Header `name` of `map`, from the map cached for this callback.
+    fn header(&self, map: MapType, name: &str) -> Option<String> {
+        // Not available as a whole in this phase: answer as the single-value call does.
+        self.with_map(map, |m| m.get(name))
+            .unwrap_or_else(|| header(map, name))
+    }
+
+    fn set_header(&mut self, map: MapType, name: &str, value: Option<&str>) {
+        // Removing a header that is not there is a host call for nothing.
+        if value.is_none() && self.with_map(map, |m| m.contains(name)) == Some(false) {
+            return;
+        }
+        if !abi::set_header(map, name, value) {
+            return;
+        }
+        // Keep the cached map in step (the proxy replaces every value of `name`).
+        if let Some(pairs) = slot(&mut self.maps.borrow_mut(), map) {
+            pairs.set(name, value);
+        }
+    }
 }
 
 /// The cache entry of `map`: request headers, or the response's.
@@ -129,62 +168,17 @@ fn slot(maps: &mut [Option<HeaderPairs>; 2], map: MapType) -> &mut Option<Header
     }
 }
 
-/// Forget the header maps read so far: a new callback (possibly of another stream) starts.
-pub fn begin_callback() {
-    HEADER_MAPS.with(|m| *m.borrow_mut() = [None, None]);
-}
-
-/// A whole header map in one host call.
-fn header_pairs(map: MapType) -> Option<HeaderPairs> {
-    HeaderPairs::parse(abi::header_map(map)?)
-}
-
-/// Apply `read` to the map cached for this callback (fetched on first use); `None` when
-/// the proxy has no such map in this phase.
-fn with_cached_map<T>(map: MapType, read: impl FnOnce(&HeaderPairs) -> T) -> Option<T> {
-    HEADER_MAPS.with(|maps| {
-        let mut maps = maps.borrow_mut();
-        let entry = slot(&mut maps, map);
-        if entry.is_none() {
-            *entry = Some(header_pairs(map)?);
-        }
-        entry.as_ref().map(read)
-    })
-}
-
-/// Header `name` of `map`, from the map cached for this callback.
-fn cached_header(map: MapType, name: &str) -> Option<String> {
-    // Not available as a whole in this phase: answer as the single-value call does.
-    with_cached_map(map, |m| m.get(name)).unwrap_or_else(|| header(map, name))
-}
-
-fn set_header(map: MapType, name: &str, value: Option<&str>) {
-    // Removing a header that is not there is a host call for nothing.
-    if value.is_none() && with_cached_map(map, |m| m.contains(name)) == Some(false) {
-        return;
-    }
-    if !abi::set_header(map, name, value) {
-        return;
-    }
-    // Keep the cached map in step (the proxy replaces every value of `name`).
-    HEADER_MAPS.with(|m| {
-        if let Some(pairs) = slot(&mut m.borrow_mut(), map) {
-            pairs.set(name, value);
-        }
-    });
-}
-
 fn buffer(kind: BufferType, size: usize) -> Option<Vec<u8>> {
     abi::buffer(kind, 0, size)
 }
 
 impl Host for WasmHost {
     fn request_header(&self, name: &str) -> Option<String> {
-        cached_header(MapType::HttpRequestHeaders, name)
+        self.header(MapType::HttpRequestHeaders, name)
     }
 
     fn set_request_header(&mut self, name: &str, value: Option<&str>) {
-        set_header(MapType::HttpRequestHeaders, name, value)
+        self.set_header(MapType::HttpRequestHeaders, name, value)
     }
 
     fn request_body(&self, size: usize) -> Option<Vec<u8>> {
@@ -196,11 +190,11 @@ impl Host for WasmHost {
     }
 
     fn response_header(&self, name: &str) -> Option<String> {
-        cached_header(MapType::HttpResponseHeaders, name)
+        self.header(MapType::HttpResponseHeaders, name)
     }
 
     fn set_response_header(&mut self, name: &str, value: Option<&str>) {
-        set_header(MapType::HttpResponseHeaders, name, value)
+        self.set_header(MapType::HttpResponseHeaders, name, value)
     }
 
     fn response_body(&self, size: usize) -> Option<Vec<u8>> {

@@ -13,26 +13,30 @@
 //! [`MalformedPolicy`]; anything the filter cannot read in a response is counted as a parse
 //! failure and settled with the filter's own counts.
 
+pub mod admin;
+#[cfg(any(test, feature = "testkit"))]
+pub mod scenario;
+
 use std::rc::Rc;
 
-use crate::admin::{self, AdminStep};
-use crate::api::{self, ApiKind, RequestBody, RequestError};
+use self::admin::AdminStep;
+use crate::budget::ledger;
+use crate::budget::plan::{self, BudgetKey, Facts, Plan, RateHeaders, Rejection, Reservation};
+use crate::budget::window::go_duration;
 use crate::budget::{self, OversizeAction, Priority, Standing, Unit};
 use crate::config::{AbandonedPolicy, FailureMode, MalformedPolicy};
-use crate::enforce::{self, BudgetKey, Facts, Plan, RateHeaders, Rejection, Reservation};
 use crate::filter::Filter;
 use crate::global;
+use crate::global::rls;
 use crate::host::{Host, Level};
-use crate::ledger;
-use crate::prompt::{count_prompt, scale, ImageCosts, PromptCount};
-use crate::rewrite;
-use crate::rls;
-use crate::sse::{SseDecoder, StreamMeter};
+use crate::llm::api::{self, ApiKind, RequestBody, RequestError};
+use crate::llm::prompt::{count_prompt, scale, ImageCosts, PromptCount};
+use crate::llm::rewrite;
+use crate::llm::sse::{SseDecoder, StreamMeter};
+use crate::llm::truncate;
+use crate::llm::usage::{usage_from_json, UsageError, UsageReport};
 use crate::stats::Stat;
-use crate::tokens::{ModelCounting, TextCounter};
-use crate::truncate;
-use crate::usage::{usage_from_json, UsageError, UsageReport};
-use crate::window::go_duration;
+use crate::tokenizer::{ModelCounting, TextCounter};
 
 /// Response header carrying the filter's prompt count.
 pub const PROMPT_TOKENS_HEADER: &str = "x-tokenfuse-prompt-tokens";
@@ -214,18 +218,18 @@ impl Exchange {
             budget_ids: config
                 .budgets
                 .iter()
-                .map(|b| enforce::identity(host, b))
+                .map(|b| plan::identity(host, b))
                 .collect(),
             global_ids: config
                 .global_budgets
                 .iter()
-                .map(|b| crate::identity::of_request(host, &b.key))
+                .map(|b| crate::budget::identity::of_request(host, &b.key))
                 .collect(),
-            priority: enforce::priority(host, config),
+            priority: plan::priority(host, config),
             request_id: host.request_header("x-request-id"),
             tenant_tag: config.tenant_tag.as_ref().map(|source| {
                 self.filter
-                    .tenant_tag(&crate::identity::of_request(host, source))
+                    .tenant_tag(&crate::budget::identity::of_request(host, source))
             }),
         };
         self.phase = Phase::AwaitingBody {
@@ -335,7 +339,7 @@ impl Exchange {
                 Ok(None) => {}
                 Err(_) => {
                     let now_ms = host.now_ms();
-                    enforce::settle(host, config, &call.reservations, |_, _| 0, now_ms);
+                    plan::settle(host, config, &call.reservations, |_, _| 0, now_ms);
                     return self.unrewritable(host, &call);
                 }
             }
@@ -397,7 +401,7 @@ impl Exchange {
             .global_budgets
             .iter()
             .map(|budget| {
-                enforce::reservation_in(
+                plan::reservation_in(
                     &config.prices,
                     budget.unit,
                     &call.served_model,
@@ -564,7 +568,7 @@ impl Exchange {
         }
         // Refused: local reservations go back; what the service already took cannot.
         let now_ms = host.now_ms();
-        enforce::settle(host, config, &call.reservations, |_, _| 0, now_ms);
+        plan::settle(host, config, &call.reservations, |_, _| 0, now_ms);
         for hold in &call.holds {
             if let Some(budget) = config.global_budgets.get(hold.budget) {
                 add(
@@ -655,7 +659,7 @@ impl Exchange {
                 // No read-only pass will look at the account: go straight to the
                 // reservation, which checks the owner (and places the key again if the
                 // slot was taken over).
-                placed.push(enforce::Placed {
+                placed.push(plan::Placed {
                     budget: i,
                     key,
                     slot,
@@ -671,7 +675,7 @@ impl Exchange {
                             .name(),
                         1,
                     );
-                    placed.push(enforce::Placed {
+                    placed.push(plan::Placed {
                         budget: i,
                         key: filter.budget_key(i, ledger::OVERFLOW_KEY),
                         slot: found.slot,
@@ -680,7 +684,7 @@ impl Exchange {
                 }
                 Ok(found) => {
                     key.slot.set(Some(found.slot));
-                    placed.push(enforce::Placed {
+                    placed.push(plan::Placed {
                         budget: i,
                         key,
                         slot: found.slot,
@@ -759,7 +763,7 @@ impl Exchange {
             pick: budget::pick(&seed),
             now_ms,
         };
-        match enforce::plan(host, config, &placed, &facts) {
+        match plan::plan(host, config, &placed, &facts) {
             Plan::Reject(r) => {
                 self.decision(host, call, "rejected", Some(&r.budget));
                 self.reject(host, &r, config.should_retry_max_secs);
@@ -834,7 +838,7 @@ impl Exchange {
                         }
                         Err(_) => {
                             // Never forward the dearer model billed as the cheaper one.
-                            enforce::settle(host, config, &reservations, |_, _| 0, now_ms);
+                            plan::settle(host, config, &reservations, |_, _| 0, now_ms);
                             return Err(self.unrewritable(host, call));
                         }
                     }
@@ -891,14 +895,14 @@ impl Exchange {
         parsed: &RequestBody,
         model: &str,
         counting: ModelCounting,
-    ) -> Option<crate::prompt::MessageCosts> {
+    ) -> Option<crate::llm::prompt::MessageCosts> {
         let config = &self.filter.config;
         let images = ImageCosts {
             low: config.image_tokens_low,
             high: config.image_tokens_high,
         };
         let counter = self.filter.tokenizers.counter(counting.encoding)?;
-        crate::prompt::message_costs(parsed, model, counting, counter, images)
+        crate::llm::prompt::message_costs(parsed, model, counting, counter, images)
     }
 
     fn oversize(
@@ -1242,14 +1246,14 @@ impl Exchange {
         }
         let config = &self.filter.config;
         let now_ms = host.now_ms();
-        let report = enforce::settle(
+        let report = plan::settle(
             host,
             config,
             &call.reservations,
             |budget, reservation| match billed {
                 Billed::Nothing => 0,
                 Billed::Usage { usage, .. } => {
-                    enforce::actual_amount(config, budget, &call.served_model, usage)
+                    plan::actual_amount(config, budget, &call.served_model, usage)
                 }
                 // Keep what was reserved: the output is unknown, the provider billed it.
                 Billed::Unknown => reservation.drawn.total(),
@@ -1292,7 +1296,7 @@ impl Exchange {
             let cost = match billed {
                 Billed::Nothing => 0,
                 Billed::Usage { usage, .. } => {
-                    enforce::cost_in(&config.prices, budget.unit, &call.served_model, usage)
+                    plan::cost_in(&config.prices, budget.unit, &call.served_model, usage)
                 }
                 Billed::Unknown => hold.hits,
             };
@@ -2004,7 +2008,7 @@ mod tests {
 
     fn minute_used(shared: &FakeHost, f: &Filter, key: &str) -> u64 {
         let b = &f.config.budgets[0];
-        let a = crate::ledger::find(shared, b, key, 1_800_000_030)
+        let a = crate::budget::ledger::find(shared, b, key, 1_800_000_030)
             .unwrap()
             .1;
         b.standing(&a, 1_800_000_030).used

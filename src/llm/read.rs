@@ -1,5 +1,5 @@
-//! Request bodies read with [`crate::json::Reader`]: one pass over the body, taking the
-//! fields [`crate::api`]'s shapes list and skipping (but checking) the rest.
+//! Request bodies read with [`crate::llm::json::Reader`]: one pass over the body, taking the
+//! fields [`crate::llm::api`]'s shapes list and skipping (but checking) the rest.
 //!
 //! The rules are serde's for the same derived types, which this module replaced on the
 //! request path (serde_json walked the body twice and copied every field it deserialised
@@ -13,12 +13,12 @@
 
 use serde_json::Value;
 
-use crate::api::{
+use crate::llm::api::{
     AnthropicContent, AnthropicMessage, AnthropicRequest, ChatMessage, ChatRequest,
     CompletionsRequest, Content, ContentPart, EmbeddingsRequest, FunctionCall, ImageUrl,
     ResponsesInput, ResponsesItem, ResponsesRequest, Str, StreamOptions, TextOrTokens, ToolCall,
 };
-use crate::json::{Kind, Reader, Result};
+use crate::llm::json::{Kind, Reader, Result};
 
 fn list<'a, T>(
     r: &mut Reader<'a>,
@@ -477,8 +477,8 @@ pub(crate) fn anthropic<'a>(r: &mut Reader<'a>) -> Result<AnthropicRequest<'a>> 
 
 #[cfg(test)]
 mod tests {
-    use crate::api::{parse_request, reference, ApiKind};
-    use crate::json::Mutator;
+    use crate::llm::api::{parse_request, reference, ApiKind};
+    use crate::llm::json::Mutator;
 
     fn compare(kind: ApiKind, body: &[u8]) -> bool {
         reference::compare(kind, body).unwrap_or_else(|e| panic!("{e}"))

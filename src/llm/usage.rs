@@ -7,7 +7,7 @@
 
 use serde::Deserialize;
 
-use crate::json::{self, Reader};
+use crate::llm::json::{self, Reader};
 
 /// Token usage of one exchange, as reported by the provider.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -300,7 +300,7 @@ mod tests {
             "\"\\ud800\"",
             "true",
         ];
-        let mut m = crate::json::Mutator::new(0x2545_f491_4f6c_dd1d);
+        let mut m = crate::llm::json::Mutator::new(0x2545_f491_4f6c_dd1d);
         for round in 0..20_000 {
             let body = m.mutate(bases[round % bases.len()], FRAGMENTS, 3);
             for anthropic in [false, true] {

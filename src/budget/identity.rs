@@ -27,7 +27,7 @@ use crate::host::Host;
 /// The stored key of requests without an identity.
 pub const DEFAULT_KEY: &str = "_default";
 
-/// The owner of a budget's overflow account (see [`crate::ledger`]).
+/// The owner of a budget's overflow account (see [`crate::budget::ledger`]).
 pub const OVERFLOW_KEY: &str = "_overflow";
 
 /// Prefix of a hashed header (or route) value.

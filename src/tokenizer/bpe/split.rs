@@ -510,7 +510,7 @@ pub(super) mod tests {
 
     /// Where an ASCII fast path answers, at every character boundary of `text`, it gives
     /// the general path's answer.
-    pub(in crate::bpe) fn assert_fast_paths_agree(text: &str) {
+    pub(in crate::tokenizer::bpe) fn assert_fast_paths_agree(text: &str) {
         let b = text.as_bytes();
         for (p, _) in text.char_indices() {
             if let Some(end) = o200k_ascii(b, p) {

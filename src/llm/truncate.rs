@@ -14,9 +14,9 @@
 //! and re-serialising per dropped turn, as this once did, took a minute for 16,000 short
 //! messages.)
 
-use crate::api::RequestBody;
-use crate::prompt::MessageCosts;
-use crate::rewrite;
+use crate::llm::api::RequestBody;
+use crate::llm::prompt::MessageCosts;
+use crate::llm::rewrite;
 
 /// A shortened request.
 #[derive(Debug, PartialEq, Eq)]
@@ -108,9 +108,9 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::api::{parse_request, ApiKind};
-    use crate::prompt::{count_prompt, message_costs, ImageCosts};
-    use crate::tokens::{tests_support::shared, Encoding, ModelMap};
+    use crate::llm::api::{parse_request, ApiKind};
+    use crate::llm::prompt::{count_prompt, message_costs, ImageCosts};
+    use crate::tokenizer::{tests_support::shared, Encoding, ModelMap};
 
     const IMAGES: ImageCosts = ImageCosts { low: 85, high: 765 };
 

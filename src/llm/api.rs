@@ -3,7 +3,7 @@
 //!
 //! The API is chosen from the path (the suffix, so `/v1/chat/completions`, Azure's
 //! `/openai/deployments/{name}/chat/completions` and gateway prefixes all work), then the body
-//! must have that API's shape. The body is read once (`api_read`, with [`crate::json`]): the
+//! must have that API's shape. The body is read once (`api_read`, with [`crate::llm::json`]): the
 //! fields counting needs are taken, their strings borrowed from the body unless they held
 //! escapes ([`Str`]), and the rest is skipped after its syntax is checked. A body that is not
 //! JSON, is not UTF-8, repeats a field, or lacks the API's required field is a
@@ -18,7 +18,7 @@ use serde::de::{self, Error as _, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
-use crate::{api_read, json};
+use crate::llm::{json, read as api_read};
 
 /// The request shapes tokenfuse understands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -291,7 +291,7 @@ pub struct StreamOptions {
 }
 
 /// `stream_options` when the key is present, `null` included (as empty options): a body with
-/// `"stream_options": null` must have that key rewritten by [`crate::rewrite::with_stream_usage`], not a
+/// `"stream_options": null` must have that key rewritten by [`crate::llm::rewrite::with_stream_usage`], not a
 /// second `stream_options` key added in front of it.
 fn present_stream_options<'de, D: serde::Deserializer<'de>>(
     d: D,

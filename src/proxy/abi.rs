@@ -199,7 +199,7 @@ pub fn set_buffer(kind: BufferType, start: usize, size: usize, bytes: &[u8]) -> 
     unsafe { proxy_set_buffer_bytes(kind as u32, start, size, bytes.as_ptr(), bytes.len()) == OK }
 }
 
-/// A whole header map, serialised as the ABI does (see [`crate::host::HeaderPairs`]).
+/// A whole header map, serialised as the ABI does (see [`crate::proxy::headers::HeaderPairs`]).
 pub fn header_map(map: MapType) -> Option<Vec<u8>> {
     // SAFETY: out-pointers to live locals (see `returned`).
     match returned(|data, size| unsafe { proxy_get_header_map_pairs(map as u32, data, size) }) {
@@ -417,7 +417,7 @@ pub fn grpc_cancel(token: u32) {
 #[cfg(test)]
 mod tests {
     use super::serialize_map;
-    use crate::host::HeaderPairs;
+    use crate::proxy::headers::HeaderPairs;
 
     #[test]
     fn serialised_maps_read_back() {

@@ -19,14 +19,14 @@
 use std::cell::Cell;
 use std::rc::Rc;
 
+use crate::budget::ledger::{self, Hold, LedgerError, Slot};
+use crate::budget::price::PriceList;
 use crate::budget::{Account, Budget, Drawn, Priority, Standing, TripAction, Unit, Verdict};
 use crate::config::{Config, FailureMode};
 use crate::host::Host;
-use crate::ledger::{self, Hold, LedgerError, Slot};
-use crate::price::PriceList;
+use crate::llm::usage::UsageReport;
 use crate::stats::Stat;
-use crate::tokens::best_match;
-use crate::usage::UsageReport;
+use crate::tokenizer::best_match;
 
 /// What is known about a request when it is planned.
 #[derive(Clone, Debug)]
@@ -161,9 +161,9 @@ pub enum Plan {
     Unavailable { budget: String },
 }
 
-/// The stored key of this request for `budget` (see [`crate::identity`]).
+/// The stored key of this request for `budget` (see [`crate::budget::identity`]).
 pub fn identity(host: &dyn Host, budget: &Budget) -> String {
-    crate::identity::of_request(host, &budget.key)
+    crate::budget::identity::of_request(host, &budget.key)
 }
 
 /// The request's priority: the trusted header, else the route, else the default.

@@ -2,7 +2,7 @@
 //! a rerouted request, `stream_options.include_usage`, the messages a truncation keeps.
 //!
 //! Every edit is made on the body's text: the spans of the members it touches are found by
-//! the same strict reader that parsed the request ([`crate::json`]), and only those bytes
+//! the same strict reader that parsed the request ([`crate::llm::json`]), and only those bytes
 //! change; everything else goes upstream byte for byte as the client sent it. So any body
 //! the filter admitted can be edited: an edit cannot fail on something the reader accepts
 //! (a number beyond `f64`, nesting past 128 levels in a skipped field) the way a rebuild
@@ -14,8 +14,8 @@
 
 use std::ops::Range;
 
-use crate::api::RequestBody;
-use crate::json::{self, Error};
+use crate::llm::api::RequestBody;
+use crate::llm::json::{self, Error};
 
 /// `text` as a JSON string literal.
 fn quoted(text: &str) -> String {
@@ -164,7 +164,7 @@ pub fn retain_elements(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{parse_request, ApiKind};
+    use crate::llm::api::{parse_request, ApiKind};
     use serde_json::Value;
 
     fn json(bytes: &[u8]) -> Value {

@@ -2,7 +2,7 @@
 //!
 //! A local budget lives in one Envoy's shared data; with N replicas a tenant gets N times
 //! its budget. A global budget is kept by a rate limit service instead (envoyproxy/ratelimit
-//! or Limitador over Redis), spoken to in Envoy's own protocol ([`crate::rls`]):
+//! or Limitador over Redis), spoken to in Envoy's own protocol ([`crate::global::rls`]):
 //!
 //! 1. **Reserve.** Once the prompt is counted (and local budgets have admitted it), the
 //!    exchange asks `ShouldRateLimit` with `hits_addend` = what the request may cost (prompt
@@ -21,11 +21,13 @@
 //! That keeps the budget safe (never more admitted than the limit), and is why requests
 //! under a global budget should carry a realistic `max_tokens`.
 
+pub mod rls;
+
 use std::collections::{BTreeMap, HashMap};
 
+use self::rls::{Code, DescriptorStatus, RateLimitRequest, RateLimitResponse};
 use crate::config::{Config, RateLimitService};
 use crate::host::{Host, Level};
-use crate::rls::{self, Code, DescriptorStatus, RateLimitRequest, RateLimitResponse};
 use crate::stats::Stat;
 
 /// gRPC status code `OK`; Envoy passes the call's status to the response callback.
@@ -462,8 +464,8 @@ mod tests {
 
     #[test]
     fn reservation_and_actual_follow_the_unit() {
-        use crate::enforce::{cost_in, reservation_in};
-        use crate::usage::UsageReport;
+        use crate::budget::plan::{cost_in, reservation_in};
+        use crate::llm::usage::UsageReport;
         let config = Config::parse(
             br#"{"api":"v1","rate_limit_service":{"cluster":"rls"},
                  "prices":{"*":{"input":2.5,"output":10}},

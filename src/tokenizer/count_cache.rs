@@ -13,13 +13,13 @@
 //! churn the cache. Eviction: CLOCK (each hit marks its entry; the hand passes over marked
 //! entries once before evicting them), an approximation of least recently used.
 //!
-//! One cache per VM (it lives in [`crate::tokens::Tokenizers`]); a VM is single-threaded.
+//! One cache per VM (it lives in [`crate::tokenizer::Tokenizers`]); a VM is single-threaded.
 
 use std::hash::Hasher;
 
 use rustc_hash::{FxHashMap, FxHasher};
 
-use crate::tokens::Encoding;
+use crate::tokenizer::Encoding;
 
 /// Shorter texts are counted every time: a lookup would cost about as much as counting.
 pub const MIN_TEXT_BYTES: usize = 256;

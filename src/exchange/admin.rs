@@ -14,18 +14,18 @@
 //!
 //! A key is named as a request presents it (a header value, a route name, the credential
 //! of a `bearer` budget) or by its stored key (`_h-…`, `_key-…`, as stats show it), and
-//! mapped exactly as traffic is ([`crate::identity::named`]): a top-up always lands on the
+//! mapped exactly as traffic is ([`crate::budget::identity::named`]): a top-up always lands on the
 //! account requests of that identity use.
 
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::budget::identity;
+use crate::budget::ledger::{self, Hold, Slot};
+use crate::budget::price::usd_to_micro;
 use crate::budget::Unit;
 use crate::config::{Admin, Config};
 use crate::host::Host;
-use crate::identity;
-use crate::ledger::{self, Hold, Slot};
-use crate::price::usd_to_micro;
 
 /// What the admin handler wants next.
 #[derive(Debug, PartialEq, Eq)]

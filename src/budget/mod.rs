@@ -9,7 +9,13 @@
 //! [`Verdict`], draws or settles, and writes it back under CAS (`ledger.rs`). Amounts are
 //! integers in the budget's unit: tokens, or micro-USD.
 
-use crate::window::{PeakHours, Window};
+pub mod identity;
+pub mod ledger;
+pub mod plan;
+pub mod price;
+pub mod window;
+
+use crate::budget::window::{PeakHours, Window};
 
 /// What a budget counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -407,7 +413,7 @@ pub fn pick(seed: &str) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::window::{days_from_civil, WindowKind};
+    use crate::budget::window::{days_from_civil, WindowKind};
 
     fn at(y: i64, m: u32, d: u32, hh: i64, mm: i64) -> i64 {
         days_from_civil(y, m, d) * 86_400 + hh * 3600 + mm * 60

@@ -6,18 +6,21 @@
 //! self-hosted ones) borrow an encoding and multiply the count by a configured safety
 //! factor; such counts are estimates and are marked as such.
 //!
-//! Counting is [`crate::bpe`]: tiktoken's `encode_ordinary`, token for token, over rank
+//! Counting is [`crate::tokenizer::bpe`]: tiktoken's `encode_ordinary`, token for token, over rank
 //! tables compiled into the module, so [`Tokenizers::build`] (called once per VM from
 //! `on_configure`, only for the encodings the configuration can reach) checks the embedded
 //! tables and builds nothing.
+
+pub mod bpe;
+pub mod count_cache;
 
 use std::fmt;
 use std::sync::Mutex;
 
 use serde::Deserialize;
 
-use crate::bpe::Bpe;
-use crate::count_cache::{CacheActivity, CountCache, MIN_TEXT_BYTES};
+use crate::tokenizer::bpe::Bpe;
+use crate::tokenizer::count_cache::{CacheActivity, CountCache, MIN_TEXT_BYTES};
 
 /// A byte-pair encoding the filter can count with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
@@ -287,7 +290,7 @@ impl Tokenizers {
     }
 
     /// Remember the counts of long texts, up to `capacity` bytes of them (see
-    /// [`crate::count_cache`]).
+    /// [`crate::tokenizer::count_cache`]).
     pub fn with_cache(self, capacity: usize) -> Tokenizers {
         Tokenizers {
             cache: Mutex::new(CountCache::new(capacity)),

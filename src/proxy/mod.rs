@@ -1,0 +1,307 @@
+//! The proxy-wasm side: the only code that imports `proxy_wasm`.
+//!
+//! A root context per VM turns the plugin configuration into a [`crate::filter::Filter`]
+//! (or refuses it); an HTTP context per stream forwards each callback to an
+//! [`crate::exchange::Exchange`] through [`host::WasmHost`], the [`crate::host::Host`] over
+//! Envoy's host calls ([`abi`]: the raw ABI, so no host status can panic the VM).
+//! [`headers`] is the ABI's header-map wire format, host-independent and tested natively.
+//! Everything that decides lives outside this module and is tested against a fake host.
+
+pub mod headers;
+
+#[cfg(target_arch = "wasm32")]
+mod abi;
+#[cfg(target_arch = "wasm32")]
+mod host;
+
+/// Per-callback time inside the VM, logged every 5,000 requests per VM, when built with
+/// `--features timing` (profiling the per-request cost; off in normal builds).
+#[cfg(target_arch = "wasm32")]
+mod timing {
+    #[cfg(feature = "timing")]
+    // A profiling build only: `slot` is one of the callbacks' literal 0..=4, and the
+    // totals are nanoseconds and call counts of one VM's run.
+    #[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+    mod on {
+        use std::cell::RefCell;
+
+        use proxy_wasm::types::LogLevel;
+
+        use crate::proxy::abi;
+
+        const NAMES: [&str; 5] = [
+            "request_headers",
+            "request_body",
+            "response_headers",
+            "response_body",
+            "done",
+        ];
+
+        thread_local! {
+            static TOTALS: RefCell<([u64; 5], [u64; 5])> = const { RefCell::new(([0; 5], [0; 5])) };
+        }
+
+        fn now_ns() -> u64 {
+            abi::now_ns().unwrap_or(0)
+        }
+
+        pub fn timed<T>(slot: usize, f: impl FnOnce() -> T) -> T {
+            let start = now_ns();
+            let out = f();
+            let took = now_ns().saturating_sub(start);
+            TOTALS.with(|t| {
+                let mut t = t.borrow_mut();
+                t.0[slot] += took;
+                t.1[slot] += 1;
+                if slot == 4 && t.1[4] % 5000 == 0 {
+                    let line: Vec<String> = (0..5)
+                        .map(|i| {
+                            format!(
+                                "{} {} calls {:.1} us",
+                                NAMES[i],
+                                t.1[i],
+                                t.0[i] as f64 / t.1[i].max(1) as f64 / 1000.0
+                            )
+                        })
+                        .collect();
+                    let per_request: u64 = t.0.iter().sum::<u64>() / t.1[4].max(1);
+                    abi::log(
+                        LogLevel::Info,
+                        &format!(
+                            "timing: {} | per request {:.1} us",
+                            line.join(", "),
+                            per_request as f64 / 1000.0
+                        ),
+                    );
+                    *t = ([0; 5], [0; 5]);
+                }
+            });
+            out
+        }
+    }
+
+    #[cfg(feature = "timing")]
+    pub use on::timed;
+
+    #[cfg(not(feature = "timing"))]
+    #[inline(always)]
+    pub fn timed<T>(_slot: usize, f: impl FnOnce() -> T) -> T {
+        f()
+    }
+}
+
+/// A panic on demand, in builds with `--features fault-injection` only (never in the
+/// shipped module): `x-tokenfuse-fault: panic` fails the VM, so the tests can measure what
+/// Envoy's failure policy does afterwards (tests/envoy_failure.rs).
+#[cfg(all(target_arch = "wasm32", feature = "fault-injection"))]
+mod fault {
+    use proxy_wasm::types::MapType;
+
+    pub fn on_request_headers() {
+        let asked = crate::proxy::abi::header(MapType::HttpRequestHeaders, "x-tokenfuse-fault");
+        if asked.as_deref() == Some(b"panic".as_slice()) {
+            // The point of this build: fail the VM the way a bug would.
+            #[allow(clippy::panic)]
+            {
+                panic!(
+                    "fault injected with x-tokenfuse-fault: panic (this text must not be logged)"
+                );
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "wasm32")]
+mod contexts {
+    use std::rc::Rc;
+
+    use proxy_wasm::traits::{Context, HttpContext, RootContext};
+    use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel};
+
+    use super::timing;
+    use crate::config::Config;
+    use crate::exchange::{self, Exchange};
+    use crate::filter::Filter;
+    use crate::host::{Host, Level};
+    use crate::proxy::host::{flush_metrics, WasmHost};
+
+    /// How often batched stats reach Envoy (the most a stat lags behind its request).
+    const STATS_FLUSH_MS: u64 = 500;
+
+    proxy_wasm::main! {{
+        proxy_wasm::set_log_level(LogLevel::Trace);
+        // Replaces the SDK's hook (set just above), which logs the panic message: messages
+        // can quote what they panicked on — a header, a credential — and logs must not.
+        std::panic::set_hook(Box::new(|info| {
+            let at = info.location().map_or_else(
+                || "an unknown location".to_string(),
+                |l| format!("{}:{}:{}", l.file(), l.line(), l.column()),
+            );
+            crate::proxy::abi::log(
+                LogLevel::Critical,
+                &format!("tokenfuse panicked at {at}; the message is withheld (it may quote request data)"),
+            );
+        }));
+        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+            Box::new(TokenfuseRoot { filter: None })
+        });
+    }}
+
+    /// Per-VM root: owns the configured filter.
+    struct TokenfuseRoot {
+        filter: Option<Rc<Filter>>,
+    }
+
+    impl Context for TokenfuseRoot {
+        fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+            let Some(filter) = &self.filter else {
+                return;
+            };
+            let body = if status_code == 0 {
+                WasmHost::new().grpc_response_body(response_size)
+            } else {
+                None
+            };
+            filter.settlements.borrow_mut().on_response(
+                &mut WasmHost::new(),
+                &filter.config,
+                token_id,
+                status_code,
+                body.as_deref(),
+            );
+        }
+    }
+
+    impl RootContext for TokenfuseRoot {
+        fn on_configure(&mut self, size: usize) -> bool {
+            let document = crate::proxy::abi::buffer(BufferType::PluginConfiguration, 0, size)
+                .unwrap_or_default();
+            let config = match Config::parse(&document) {
+                Ok(c) => c,
+                Err(e) => {
+                    WasmHost::new().log(Level::Error, &format!("{e}; the plugin is not started"));
+                    return false;
+                }
+            };
+            let started = WasmHost::new().now_ms();
+            let encodings: Vec<String> = config.encodings().iter().map(|e| e.to_string()).collect();
+            match Filter::new(config) {
+                Ok(filter) => {
+                    WasmHost::new().log(
+                        Level::Info,
+                        &format!(
+                            "configured; tokenizers [{}] built in {} ms",
+                            encodings.join(", "),
+                            WasmHost::new().now_ms().saturating_sub(started)
+                        ),
+                    );
+                    // The tick hands batched stats to Envoy, and sends global-budget
+                    // settlements (calls that must outlive the requests that owe them).
+                    let tick_ms = filter
+                        .config
+                        .rate_limit_service
+                        .as_ref()
+                        .map_or(STATS_FLUSH_MS, |s| s.flush_interval_ms.min(STATS_FLUSH_MS));
+                    crate::proxy::abi::set_tick_period(u32::try_from(tick_ms).unwrap_or(u32::MAX));
+                    self.filter = Some(Rc::new(filter));
+                    true
+                }
+                Err(e) => {
+                    WasmHost::new().log(Level::Error, &format!("{e}; the plugin is not started"));
+                    false
+                }
+            }
+        }
+
+        fn on_tick(&mut self) {
+            if let Some(filter) = &self.filter {
+                let mut queue = filter.settlements.borrow_mut();
+                if !queue.is_empty() {
+                    queue.flush(&mut WasmHost::new(), &filter.config);
+                }
+                filter.report_count_cache(&mut WasmHost::new());
+            }
+            flush_metrics();
+        }
+
+        fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+            let filter = self.filter.clone()?;
+            Some(Box::new(TokenfuseHttp {
+                exchange: Exchange::new(filter, context_id),
+            }))
+        }
+
+        fn get_type(&self) -> Option<ContextType> {
+            Some(ContextType::HttpContext)
+        }
+    }
+
+    /// Per-stream context: forwards every callback to the exchange.
+    struct TokenfuseHttp {
+        exchange: Exchange,
+    }
+
+    fn action(a: exchange::Action) -> Action {
+        match a {
+            exchange::Action::Continue => Action::Continue,
+            exchange::Action::Pause => Action::Pause,
+        }
+    }
+
+    impl Context for TokenfuseHttp {
+        fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+            self.exchange.on_grpc_response(
+                &mut WasmHost::new(),
+                token_id,
+                status_code,
+                response_size,
+            );
+        }
+
+        fn on_done(&mut self) -> bool {
+            self.exchange.on_done(&mut WasmHost::new());
+            true
+        }
+    }
+
+    impl HttpContext for TokenfuseHttp {
+        fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
+            #[cfg(feature = "fault-injection")]
+            super::fault::on_request_headers();
+            let exchange = &mut self.exchange;
+            action(timing::timed(0, || {
+                exchange.on_request_headers(&mut WasmHost::new(), end_of_stream)
+            }))
+        }
+
+        fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+            let exchange = &mut self.exchange;
+            action(timing::timed(1, || {
+                exchange.on_request_body(&mut WasmHost::new(), body_size, end_of_stream)
+            }))
+        }
+
+        fn on_http_request_trailers(&mut self, _: usize) -> Action {
+            action(self.exchange.on_request_trailers(&mut WasmHost::new()))
+        }
+
+        fn on_http_response_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
+            let exchange = &mut self.exchange;
+            action(timing::timed(2, || {
+                exchange.on_response_headers(&mut WasmHost::new(), end_of_stream)
+            }))
+        }
+
+        fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+            let exchange = &mut self.exchange;
+            action(timing::timed(3, || {
+                exchange.on_response_body(&mut WasmHost::new(), body_size, end_of_stream)
+            }))
+        }
+
+        fn on_log(&mut self) {
+            let exchange = &mut self.exchange;
+            timing::timed(4, || exchange.on_done(&mut WasmHost::new()));
+        }
+    }
+}
