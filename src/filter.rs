@@ -14,7 +14,7 @@ use crate::budget::plan::BudgetKey;
 use crate::config::Config;
 use crate::global::SettleQueue;
 use crate::host::Host;
-use crate::stats::{Stat, TagLimiter};
+use crate::stats::{catalog, Stat, TagLimiter};
 use crate::tokenizer::{TokenizerError, Tokenizers};
 
 /// Configuration and tokenizers of one VM.
@@ -71,13 +71,13 @@ impl Filter {
         ] {
             if texts > 0 {
                 let name = |n: &str| Stat::new(n).tag("source", source);
-                host.counter_add(name("count_cache_texts").name(), texts);
-                host.counter_add(name("count_cache_text_bytes").name(), bytes);
+                host.counter_add(name(catalog::COUNT_CACHE_TEXTS).name(), texts);
+                host.counter_add(name(catalog::COUNT_CACHE_TEXT_BYTES).name(), bytes);
             }
         }
         if self.config.count_cache_bytes > 0 {
             host.gauge_set(
-                Stat::new("count_cache_bytes").name(),
+                Stat::new(catalog::COUNT_CACHE_BYTES).name(),
                 self.tokenizers.cache_used_bytes() as u64,
             );
         }

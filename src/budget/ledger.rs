@@ -78,25 +78,30 @@ pub struct Record {
     pub holds: u32,
     /// When a reservation was last drawn (Unix seconds).
     pub touched: i64,
+    /// Which incarnation of the slot this is: one more each time the slot is claimed. A
+    /// reservation settles only into the incarnation it was drawn from, even if the same
+    /// identity has claimed the slot again since (after its stale holds were given up).
+    pub generation: u32,
 }
 
 /// Longest owner a record stores (stored keys are at most 64 bytes).
 const MAX_OWNER: usize = 255;
 const RECORD_VERSION: u8 = 2;
-const FIXED_BYTES: usize = 1 + 5 * 8 + 4 + 8 + 1;
+const FIXED_BYTES: usize = 1 + 5 * 8 + 4 + 8 + 4 + 1;
 
 impl Record {
-    fn fresh(budget: &Budget, owner: &str, now: i64) -> Record {
+    fn fresh(budget: &Budget, owner: &str, now: i64, generation: u32) -> Record {
         Record {
             owner: owner.to_string(),
             account: budget.open_account(now),
             holds: 0,
             touched: now,
+            generation,
         }
     }
 
-    /// The shared-data value: a version byte, the account's five fields, holds, touched
-    /// (little-endian), then the owner's length and bytes.
+    /// The shared-data value: a version byte, the account's five fields, holds, touched,
+    /// generation (little-endian), then the owner's length and bytes.
     pub fn encode(&self) -> Vec<u8> {
         let owner = self.owner.as_bytes();
         let owner = owner.get(..MAX_OWNER).unwrap_or(owner);
@@ -109,6 +114,7 @@ impl Record {
         }
         out.extend_from_slice(&self.holds.to_le_bytes());
         out.extend_from_slice(&self.touched.to_le_bytes());
+        out.extend_from_slice(&self.generation.to_le_bytes());
         // `owner` was cut to MAX_OWNER bytes just above.
         out.push(u8::try_from(owner.len()).unwrap_or(u8::MAX));
         out.extend_from_slice(owner);
@@ -133,6 +139,7 @@ impl Record {
         };
         let holds = u32::from_le_bytes(r.take()?);
         let touched = i64::from_le_bytes(r.take()?);
+        let generation = u32::from_le_bytes(r.take()?);
         let [len] = r.take::<1>()?;
         let owner = bytes.get(r.at..)?;
         if owner.len() != usize::from(len) {
@@ -143,6 +150,7 @@ impl Record {
             account,
             holds,
             touched,
+            generation,
         })
     }
 
@@ -203,6 +211,8 @@ pub struct Updated<R> {
     pub value: R,
     pub account: Account,
     pub retries: u32,
+    /// The incarnation of the slot that was read (and written).
+    pub generation: u32,
 }
 
 /// An identity's place in a budget, as [`locate`] found it.
@@ -232,15 +242,27 @@ fn home(budget: &Budget, key: &str) -> u64 {
 pub struct At<'a> {
     pub slot: Slot,
     pub owner: &'a str,
+    /// The incarnation it must be (a settlement's), or any (`None`: a reservation, drawn
+    /// into whatever incarnation the owner has now).
+    pub generation: Option<u32>,
 }
 
 /// What one pass over an identity's probe window found.
 enum Probe {
     /// The identity's slot and its record.
     Found(Slot, Record),
-    /// Not there; the first slot it may take, with its CAS token (`None`: never written),
-    /// if any.
-    Absent(Option<(u32, Option<u32>)>),
+    /// Not there; the first slot it may take, if any.
+    Absent(Option<Free>),
+}
+
+/// A slot an identity may take.
+#[derive(Clone, Copy)]
+struct Free {
+    slot: u32,
+    /// Its CAS token (`None`: never written).
+    cas: Option<u32>,
+    /// The generation the slot's next incarnation gets.
+    generation: u32,
 }
 
 /// Look for `key` in its probe window (reads only).
@@ -248,14 +270,18 @@ fn probe(host: &dyn Host, budget: &Budget, key: &str, now: i64) -> Probe {
     let slots = NonZeroU64::new(budget.max_keys).unwrap_or(NonZeroU64::MIN);
     let start = home(budget, key) % slots;
     let probes = slots.get().min(u64::from(PROBES));
-    let mut free: Option<(u32, Option<u32>)> = None;
+    let mut free: Option<Free> = None;
     for j in 0..probes {
         let Ok(n) = u32::try_from(start.saturating_add(j) % slots) else {
             continue;
         };
         match host.shared_get(&slot_key(budget, Slot::Index(n))) {
             None => {
-                free.get_or_insert((n, None));
+                free.get_or_insert(Free {
+                    slot: n,
+                    cas: None,
+                    generation: 0,
+                });
                 break;
             }
             Some((bytes, cas)) => match Record::decode(&bytes) {
@@ -264,8 +290,12 @@ fn probe(host: &dyn Host, budget: &Budget, key: &str, now: i64) -> Probe {
                 }
                 Some(record) if !record.reclaimable(budget, now) => {}
                 // Reclaimable, or not a record at all.
-                _ => {
-                    free.get_or_insert((n, Some(cas)));
+                other => {
+                    free.get_or_insert(Free {
+                        slot: n,
+                        cas: Some(cas),
+                        generation: other.map_or(0, |r| r.generation.wrapping_add(1)),
+                    });
                 }
             },
         }
@@ -307,7 +337,7 @@ pub fn locate(
     }
     let mut lost = 0;
     loop {
-        let (n, cas) = match probe(host, budget, key, now) {
+        let free = match probe(host, budget, key, now) {
             Probe::Found(slot, record) => return Ok(found(slot, record)),
             Probe::Absent(Some(free)) => free,
             Probe::Absent(None) => {
@@ -319,12 +349,12 @@ pub fn locate(
                 })
             }
         };
-        let record = Record::fresh(budget, key, now);
-        let slot = Slot::Index(n);
+        let record = Record::fresh(budget, key, now, free.generation);
+        let slot = Slot::Index(free.slot);
         match host.shared_set(
             &slot_key(budget, slot),
             &record.encode(),
-            cas.unwrap_or(CREATE_CAS),
+            free.cas.unwrap_or(CREATE_CAS),
         ) {
             Ok(()) => {
                 return Ok(Located {
@@ -365,17 +395,23 @@ pub fn update<R>(
     hold: Hold,
     mut change: impl FnMut(&mut Account) -> (bool, R),
 ) -> Result<Updated<R>, LedgerError> {
-    let At { slot, owner } = at;
+    let At {
+        slot,
+        owner,
+        generation,
+    } = at;
     let key = slot_key(budget, slot);
     let mut lost = 0;
     loop {
         let (mut record, cas) = match host.shared_get(&key) {
             Some((bytes, cas)) => match Record::decode(&bytes) {
-                Some(r) if r.owner == owner => (r, cas),
-                _ if slot == Slot::Overflow => (Record::fresh(budget, owner, now), cas),
+                Some(r) if r.owner == owner && generation.is_none_or(|g| g == r.generation) => {
+                    (r, cas)
+                }
+                _ if slot == Slot::Overflow => (Record::fresh(budget, owner, now, 0), cas),
                 _ => return Err(LedgerError::Moved),
             },
-            None if slot == Slot::Overflow => (Record::fresh(budget, owner, now), CREATE_CAS),
+            None if slot == Slot::Overflow => (Record::fresh(budget, owner, now, 0), CREATE_CAS),
             None => return Err(LedgerError::Moved),
         };
         record.account = budget.roll(record.account, now);
@@ -385,6 +421,7 @@ pub fn update<R>(
                 value,
                 account: record.account,
                 retries: lost,
+                generation: record.generation,
             });
         }
         match hold {
@@ -406,6 +443,7 @@ pub fn update<R>(
                     value,
                     account: record.account,
                     retries: lost,
+                    generation: record.generation,
                 })
             }
             Err(SharedError::CasMismatch) if lost < retries => lost = lost.saturating_add(1),
@@ -470,10 +508,22 @@ mod tests {
         } else {
             key
         };
-        update(host, b, At { slot, owner }, now, 3, hold, |a| {
-            a.base_used += n;
-            (true, ())
-        })
+        update(
+            host,
+            b,
+            At {
+                slot,
+                owner,
+                generation: None,
+            },
+            now,
+            3,
+            hold,
+            |a| {
+                a.base_used += n;
+                (true, ())
+            },
+        )
     }
 
     fn add(host: &mut FakeHost, b: &Budget, n: u64) -> Result<Updated<()>, LedgerError> {
@@ -497,6 +547,7 @@ mod tests {
             },
             holds: 7,
             touched: NOW,
+            generation: 3,
         };
         let bytes = r.encode();
         assert_eq!(Record::decode(&bytes), Some(r));
@@ -551,7 +602,11 @@ mod tests {
         update(
             &mut b_host,
             &b,
-            At { slot, owner: "k" },
+            At {
+                slot,
+                owner: "k",
+                generation: None,
+            },
             NOW,
             3,
             Hold::Keep,
@@ -581,7 +636,7 @@ mod tests {
         };
         let a = place(&mut a_host, &b, "k", NOW);
         // B saw the slot missing: its claim is a create, which must not replace A's record.
-        let fresh = Record::fresh(&b, "other", NOW).encode();
+        let fresh = Record::fresh(&b, "other", NOW, 0).encode();
         let Slot::Index(n) = a.slot else { panic!() };
         let key = slot_key(&b, Slot::Index(n));
         assert_eq!(
@@ -657,6 +712,7 @@ mod tests {
                 At {
                     slot: c.slot,
                     owner: old,
+                    generation: None,
                 },
                 later,
                 3,
@@ -689,7 +745,11 @@ mod tests {
         update(
             &mut h,
             &b,
-            At { slot, owner: "a" },
+            At {
+                slot,
+                owner: "a",
+                generation: None,
+            },
             NOW,
             3,
             Hold::Keep,
@@ -704,7 +764,11 @@ mod tests {
         update(
             &mut h,
             &b,
-            At { slot, owner: "a" },
+            At {
+                slot,
+                owner: "a",
+                generation: None,
+            },
             NOW,
             3,
             Hold::Keep,
@@ -770,5 +834,41 @@ mod tests {
         // Open addressing with 16 probes fills the table to about 92% before the first
         // identity finds its whole window taken (922 of 1000 in this run).
         assert!(placed >= 900, "{placed}");
+    }
+
+    #[test]
+    fn a_settlement_lands_only_in_the_incarnation_it_was_drawn_from() {
+        // Found by the exchange fuzz target: a reservation made an hour ago (stale, its
+        // slot since reclaimed) settled into the slot its identity had claimed again,
+        // releasing a hold of the new incarnation.
+        let b = budget(1);
+        let mut h = FakeHost::default();
+        let first = place(&mut h, &b, "a", NOW);
+        let taken = update(
+            &mut h,
+            &b,
+            At {
+                slot: first.slot,
+                owner: "a",
+                generation: None,
+            },
+            NOW,
+            3,
+            Hold::Take,
+            |_| (true, ()),
+        )
+        .unwrap();
+        let later = NOW + STALE_HOLD_SECS + 1;
+        // Another identity takes the stale slot, leaves it idle; "a" claims it again.
+        place(&mut h, &b, "x", later);
+        let again = place(&mut h, &b, "a", later);
+        assert!(again.claimed);
+        let old = At {
+            slot: first.slot,
+            owner: "a",
+            generation: Some(taken.generation),
+        };
+        let r = update(&mut h, &b, old, later, 3, Hold::Release, |_| (true, ()));
+        assert_eq!(r.unwrap_err(), LedgerError::Moved);
     }
 }

@@ -25,7 +25,7 @@ use crate::budget::{Account, Budget, Drawn, Priority, Standing, TripAction, Unit
 use crate::config::{Config, FailureMode};
 use crate::host::Host;
 use crate::llm::usage::UsageReport;
-use crate::stats::Stat;
+use crate::stats::{catalog, Stat};
 use crate::tokenizer::best_match;
 
 /// What is known about a request when it is planned.
@@ -71,9 +71,9 @@ impl BudgetKey {
             slot: Cell::new((key == ledger::OVERFLOW_KEY).then_some(Slot::Overflow)),
             gauges: (tenant != "other").then(|| {
                 [
-                    gauge("budget_used"),
-                    gauge("budget_limit"),
-                    gauge("budget_remaining"),
+                    gauge(catalog::BUDGET_USED),
+                    gauge(catalog::BUDGET_LIMIT),
+                    gauge(catalog::BUDGET_REMAINING),
                 ]
             }),
         }
@@ -97,8 +97,10 @@ pub struct Reservation {
     pub budget: usize,
     /// The budget key the reservation was made for.
     pub key: Rc<BudgetKey>,
-    /// The slot it was drawn in (settled there, if the slot still belongs to the key).
+    /// The slot it was drawn in, and the slot's incarnation: it settles there, if that
+    /// incarnation still holds the slot.
     pub slot: Slot,
+    pub generation: u32,
     pub drawn: Drawn,
     pub window_start: i64,
 }
@@ -155,15 +157,18 @@ pub enum Plan {
         /// Each reserved budget's position after the reservation.
         standings: Vec<(usize, Rc<BudgetKey>, Standing)>,
     },
-    /// 429.
-    Reject(Rejection),
-    /// Shared data could not be updated and the failure mode is closed (503).
-    Unavailable { budget: String },
-}
-
-/// The stored key of this request for `budget` (see [`crate::budget::identity`]).
-pub fn identity(host: &dyn Host, budget: &Budget) -> String {
-    crate::budget::identity::of_request(host, &budget.key)
+    /// Refused (429). The `refund` holds what earlier budgets had reserved before a later
+    /// one refused: the caller gives it back on its one refund path.
+    Reject {
+        rejection: Rejection,
+        refund: Vec<Reservation>,
+    },
+    /// Shared data could not be updated and the failure mode is closed (503); `refund` as
+    /// for a rejection.
+    Unavailable {
+        budget: String,
+        refund: Vec<Reservation>,
+    },
 }
 
 /// The request's priority: the trusted header, else the route, else the default.
@@ -279,7 +284,10 @@ pub fn plan(host: &mut dyn Host, config: &Config, placed: &[Placed], facts: &Fac
         let est = estimate(config, &budget, facts.model, facts);
         match budget.judge(&standing, est, facts.priority, facts.pick) {
             Verdict::Trip if budget.action == TripAction::Reject => {
-                return Plan::Reject(rejection(&budget, standing, facts, est, false));
+                return Plan::Reject {
+                    rejection: rejection(&budget, standing, facts, est, false),
+                    refund: Vec::new(),
+                };
             }
             Verdict::Trip => {
                 if tripped_reroute.is_none() {
@@ -294,7 +302,12 @@ pub fn plan(host: &mut dyn Host, config: &Config, placed: &[Placed], facts: &Fac
     let reroute_to = if wants_reroute || degraded {
         let target = cheaper_model(config, facts.model);
         match (target, tripped_reroute) {
-            (None, Some(rejection)) => return Plan::Reject(rejection),
+            (None, Some(rejection)) => {
+                return Plan::Reject {
+                    rejection,
+                    refund: Vec::new(),
+                }
+            }
             (target, _) => target,
         }
     } else {
@@ -333,6 +346,7 @@ pub fn plan(host: &mut dyn Host, config: &Config, placed: &[Placed], facts: &Fac
             ledger::At {
                 slot,
                 owner: &p.key.key,
+                generation: None,
             },
             now,
             config.cas_retries,
@@ -355,6 +369,7 @@ pub fn plan(host: &mut dyn Host, config: &Config, placed: &[Placed], facts: &Fac
                         ledger::At {
                             slot,
                             owner: &p.key.key,
+                            generation: None,
                         },
                         now,
                         config.cas_retries,
@@ -387,23 +402,26 @@ pub fn plan(host: &mut dyn Host, config: &Config, placed: &[Placed], facts: &Fac
                             budget: p.budget,
                             key: Rc::clone(&p.key),
                             slot,
+                            generation: updated.generation,
                             drawn,
                             window_start: updated.account.window_start,
                         });
                     }
                     Err(standing) => {
                         // Another request took what was left between the passes.
-                        settle(host, config, &reservations, |_, _| 0, facts.now_ms);
-                        return Plan::Reject(rejection(&budget, standing, facts, est, false));
+                        return Plan::Reject {
+                            rejection: rejection(&budget, standing, facts, est, false),
+                            refund: reservations,
+                        };
                     }
                 }
             }
             Err(_) => match config.on_store_failure {
                 FailureMode::Open => failed_open.push(budget.name.clone()),
                 FailureMode::Closed => {
-                    settle(host, config, &reservations, |_, _| 0, facts.now_ms);
                     return Plan::Unavailable {
                         budget: budget.name.clone(),
+                        refund: reservations,
                     };
                 }
             },
@@ -471,6 +489,7 @@ pub fn settle(
             ledger::At {
                 slot: r.slot,
                 owner: &r.key.key,
+                generation: Some(r.generation),
             },
             now,
             config.cas_retries.saturating_mul(4),
@@ -546,7 +565,7 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, b)| {
-                let id = identity(h, b);
+                let id = crate::budget::identity::of_request(h, &b.key);
                 let found = ledger::locate(h, b, &id, NOW_MS / 1000, None, 8).unwrap();
                 let owner = if found.slot == Slot::Overflow {
                     ledger::OVERFLOW_KEY
@@ -609,7 +628,9 @@ mod tests {
             plan_now(&mut h, &c, &facts("gpt-4o", 500, 400, Priority::P0)),
             Plan::Admit { .. }
         ));
-        let Plan::Reject(r) = plan_now(&mut h, &c, &facts("gpt-4o", 50, 60, Priority::P0)) else {
+        let Plan::Reject { rejection: r, .. } =
+            plan_now(&mut h, &c, &facts("gpt-4o", 50, 60, Priority::P0))
+        else {
             panic!()
         };
         assert_eq!(
@@ -661,7 +682,9 @@ mod tests {
             "rerouted requests are charged beyond the limit"
         );
         // No cheaper model: rejected.
-        let Plan::Reject(r) = plan_now(&mut h, &c, &facts("claude-x", 1, 1, Priority::P0)) else {
+        let Plan::Reject { rejection: r, .. } =
+            plan_now(&mut h, &c, &facts("claude-x", 1, 1, Priority::P0))
+        else {
             panic!()
         };
         assert!(r.no_cheaper_model);
@@ -675,7 +698,9 @@ mod tests {
                 {"name":"spent","key":"constant:all","window":"day","base":10,"action":"reroute"}]"#,
         );
         let mut h = host();
-        let Plan::Reject(r) = plan_now(&mut h, &c, &facts("claude-x", 50, 0, Priority::P0)) else {
+        let Plan::Reject { rejection: r, .. } =
+            plan_now(&mut h, &c, &facts("claude-x", 50, 0, Priority::P0))
+        else {
             panic!()
         };
         assert_eq!((r.budget.as_str(), r.no_cheaper_model), ("spent", true));
@@ -688,10 +713,20 @@ mod tests {
                           {"name":"small","key":"constant:all","window":"minute","base":100}]"#,
         );
         let mut h = host();
-        let Plan::Reject(r) = plan_now(&mut h, &c, &facts("gpt-4o", 150, 0, Priority::P0)) else {
+        let Plan::Reject {
+            rejection: r,
+            refund,
+        } = plan_now(&mut h, &c, &facts("gpt-4o", 150, 0, Priority::P0))
+        else {
             panic!()
         };
         assert_eq!(r.budget, "small");
+        // The first budget reserved before the second refused: the plan hands it back to
+        // the caller's refund path, and nothing stays reserved once it is refunded.
+        assert_eq!(refund.len(), 1);
+        assert!(used(&h, &c, 0, "all") > 0);
+        let report = settle(&mut h, &c, &refund, |_, _| 0, NOW_MS);
+        assert!(report.failed.is_empty());
         assert_eq!(used(&h, &c, 0, "all"), 0);
     }
 
@@ -705,10 +740,20 @@ mod tests {
                           {"name":"b","key":"constant:all","window":"day","base":1000,"priority_ceilings":{"p1":0.5,"p2":0.5}}]"#,
         );
         let mut h = host();
-        let Plan::Reject(r) = plan_now(&mut h, &c, &facts("gpt-4o", 600, 0, Priority::P1)) else {
+        let Plan::Reject {
+            rejection: r,
+            refund,
+        } = plan_now(&mut h, &c, &facts("gpt-4o", 600, 0, Priority::P1))
+        else {
             panic!()
         };
         assert_eq!(r.budget, "b");
+        // The first budget reserved before the second refused: the plan hands it back to
+        // the caller's refund path, and nothing stays reserved once it is refunded.
+        assert_eq!(refund.len(), 1);
+        assert!(used(&h, &c, 0, "all") > 0);
+        let report = settle(&mut h, &c, &refund, |_, _| 0, NOW_MS);
+        assert!(report.failed.is_empty());
         assert_eq!(used(&h, &c, 0, "all"), 0);
     }
 
@@ -782,7 +827,7 @@ mod tests {
             .push(("x-tenant".into(), "unknown-co".into()));
         assert!(matches!(
             plan_now(&mut other, &c, &facts("gpt-4o", 1000, 0, Priority::P0)),
-            Plan::Reject(_)
+            Plan::Reject { .. }
         ));
     }
 
@@ -828,7 +873,8 @@ mod tests {
         assert_eq!(
             plan(&mut h, &c, &k, &facts("gpt-4o", 1, 1, Priority::P0)),
             Plan::Unavailable {
-                budget: "daily".into()
+                budget: "daily".into(),
+                refund: Vec::new()
             }
         );
     }

@@ -308,6 +308,16 @@ pub fn go_duration(ms: u64) -> String {
     }
 }
 
+/// `unix_secs` as an RFC 3339 UTC time, `2027-01-15T08:00:00Z` (Anthropic's
+/// `anthropic-ratelimit-*-reset` headers).
+pub fn rfc3339(unix_secs: i64) -> String {
+    let days = unix_secs.div_euclid(86_400);
+    let secs = unix_secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    let (hh, mm, ss) = (secs / 3_600, secs / 60 % 60, secs % 60);
+    format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}Z")
+}
+
 /// Formats an offset as `+HH:MM` / `-HH:MM` (with `:SS` if it is not whole minutes).
 pub fn format_offset(offset_secs: i32) -> String {
     let sign = if offset_secs < 0 { '-' } else { '+' };

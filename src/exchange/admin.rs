@@ -335,7 +335,11 @@ pub fn on_topup_body(host: &mut dyn Host, config: &Config, body: &[u8]) {
     let result = ledger::update(
         host,
         budget,
-        ledger::At { slot, owner: &key },
+        ledger::At {
+            slot,
+            owner: &key,
+            generation: None,
+        },
         now,
         config.cas_retries.saturating_mul(4),
         Hold::Keep,

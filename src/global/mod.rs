@@ -22,13 +22,14 @@
 //! under a global budget should carry a realistic `max_tokens`.
 
 pub mod rls;
+pub mod verdict;
 
 use std::collections::{BTreeMap, HashMap};
 
 use self::rls::{Code, DescriptorStatus, RateLimitRequest, RateLimitResponse};
 use crate::config::{Config, RateLimitService};
 use crate::host::{Host, Level};
-use crate::stats::Stat;
+use crate::stats::{add, catalog, Stat};
 
 /// gRPC status code `OK`; Envoy passes the call's status to the response callback.
 const GRPC_OK: u32 = 0;
@@ -234,7 +235,7 @@ impl SettleQueue {
         match outcome(grpc_status, body) {
             Outcome::Ok(_) => add(
                 host,
-                &Stat::new("global_settled").tag("budget", name),
+                &Stat::new(catalog::GLOBAL_SETTLED).tag("budget", name),
                 q.hits,
             ),
             Outcome::OverLimit(_) => {
@@ -243,13 +244,13 @@ impl SettleQueue {
                 // way, resending would not help.
                 add(
                     host,
-                    &Stat::new("global_settle_refused").tag("budget", name),
+                    &Stat::new(catalog::GLOBAL_SETTLE_REFUSED).tag("budget", name),
                     q.hits,
                 );
             }
             Outcome::Failed(reason) => {
                 host.counter_add(
-                    Stat::new("global_settle_errors")
+                    Stat::new(catalog::GLOBAL_SETTLE_ERRORS)
                         .tag("budget", name)
                         .tag("reason", reason)
                         .name(),
@@ -298,19 +299,13 @@ fn drop_hits(host: &mut dyn Host, config: &Config, budget: usize, hits: u64, rea
         .unwrap_or("unknown");
     add(
         host,
-        &Stat::new("global_settle_dropped").tag("budget", name),
+        &Stat::new(catalog::GLOBAL_SETTLE_DROPPED).tag("budget", name),
         hits,
     );
     host.log(
         Level::Error,
         &format!("global budget {name}: gave up settling {hits} hits ({reason})"),
     );
-}
-
-fn add(host: &mut dyn Host, stat: &Stat, n: u64) {
-    if n > 0 {
-        host.counter_add(stat.name(), n);
-    }
 }
 
 #[cfg(test)]

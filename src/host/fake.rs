@@ -23,6 +23,8 @@ pub struct FakeShared {
     /// The next this-many writes with a non-zero CAS fail with a mismatch, as if
     /// another worker had written in between.
     pub forced_conflicts: u32,
+    /// How many writes with a non-zero CAS succeed before the forced conflicts begin.
+    pub conflict_after: u32,
     /// Every write fails (the proxy refuses).
     pub broken: bool,
 }
@@ -204,8 +206,12 @@ impl Host for FakeHost {
             return Err(SharedError::Failed);
         }
         if cas != 0 && shared.forced_conflicts > 0 {
-            shared.forced_conflicts -= 1;
-            return Err(SharedError::CasMismatch);
+            if shared.conflict_after > 0 {
+                shared.conflict_after -= 1;
+            } else {
+                shared.forced_conflicts -= 1;
+                return Err(SharedError::CasMismatch);
+            }
         }
         shared.next_cas = shared.next_cas.wrapping_add(1).max(1);
         let next = shared.next_cas;

@@ -1,63 +1,35 @@
-//! Request body edits: the few changes the filter makes to what goes upstream — the model of
-//! a rerouted request, `stream_options.include_usage`, the messages a truncation keeps.
+//! Request body edits: the few changes the filter makes to what goes upstream — the
+//! messages a truncation keeps, the model of a rerouted request,
+//! `stream_options.include_usage` — collected as [`Edits`] and applied once, by one writer
+//! ([`apply`]).
 //!
 //! Every edit is made on the body's text: the spans of the members it touches are found by
-//! the same strict reader that parsed the request ([`crate::llm::json`]), and only those bytes
-//! change; everything else goes upstream byte for byte as the client sent it. So any body
-//! the filter admitted can be edited: an edit cannot fail on something the reader accepts
-//! (a number beyond `f64`, nesting past 128 levels in a skipped field) the way a rebuild
-//! through a JSON value would — and if an edit fails anyway, the caller refuses the request
-//! rather than forward a body that says something else than what was billed.
+//! the same strict reader that parsed the request ([`crate::llm::json`]), and only those
+//! bytes change; everything else goes upstream byte for byte as the client sent it. So any
+//! body the filter admitted can be edited: an edit cannot fail on something the reader
+//! accepts (a number beyond `f64`, nesting past 128 levels in a skipped field) the way a
+//! rebuild through a JSON value would — and if an edit fails anyway, the caller refuses
+//! the request rather than forward a body that says something else than what was billed.
 //!
-//! Work is linear in the body: one scan of the top-level members per edit, and a second of
-//! one array's elements for a truncation.
+//! Work is linear in the body: one scan of the top-level members, one of the `messages`
+//! array's elements when messages are dropped, one of `stream_options` when it is set.
 
 use std::ops::Range;
 
 use crate::llm::api::RequestBody;
 use crate::llm::json::{self, Error};
 
-/// `text` as a JSON string literal.
-fn quoted(text: &str) -> String {
-    serde_json::Value::from(text).to_string()
-}
-
-/// Where the top-level member `name` is, as the span of its value; `Ok(None)` when absent.
-fn member(text: &str, name: &str) -> Result<Option<Range<usize>>, Error> {
-    Ok(json::members(text)?
-        .into_iter()
-        .find(|(key, _)| key == name)
-        .map(|(_, span)| span))
-}
-
-/// `text` with `span` replaced by `with`.
-fn splice(text: &str, span: Range<usize>, with: &str) -> Option<Vec<u8>> {
-    let before = text.get(..span.start)?;
-    let after = text.get(span.end..)?;
-    let mut out = Vec::with_capacity(
-        before
-            .len()
-            .saturating_add(with.len())
-            .saturating_add(after.len()),
-    );
-    out.extend_from_slice(before.as_bytes());
-    out.extend_from_slice(with.as_bytes());
-    out.extend_from_slice(after.as_bytes());
-    Some(out)
-}
-
-/// `text` (an object, from its first non-space byte) with `member` (`"key":value`) added as
-/// its first member.
-fn prepend_member(text: &str, object_start: usize, member: &str) -> Option<Vec<u8>> {
-    let open = object_start.checked_add(1)?;
-    let rest = text.get(open..)?;
-    let empty = rest.trim_start().starts_with('}');
-    let with = if empty {
-        member.to_string()
-    } else {
-        format!("{member},")
-    };
-    splice(text, open..open, &with)
+/// What to change in a request body.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Edits {
+    /// Ranges of `messages` indices to drop, ascending and disjoint (a truncation).
+    pub drop_messages: Vec<Range<usize>>,
+    /// The top-level `model` to set (added when the body has none).
+    pub model: Option<String>,
+    /// Ask for `stream_options.include_usage: true`, where the API takes it and the request
+    /// streams without it. An explicit `include_usage: false` is overridden: the client then
+    /// receives one more chunk, with empty `choices`, before `[DONE]`.
+    pub stream_usage: bool,
 }
 
 /// Why an edit could not be made.
@@ -73,10 +45,12 @@ impl From<Error> for EditError {
     }
 }
 
-fn text(body: &[u8]) -> Result<&str, EditError> {
-    std::str::from_utf8(body).map_err(|_| EditError::Unreadable)
+/// `text` as a JSON string literal.
+fn quoted(text: &str) -> String {
+    serde_json::Value::from(text).to_string()
 }
 
+/// The first non-space byte of `text`, which must open an object.
 fn object_start(text: &str) -> Result<usize, EditError> {
     let start = text.len().saturating_sub(text.trim_start().len());
     match text.as_bytes().get(start) {
@@ -85,70 +59,123 @@ fn object_start(text: &str) -> Result<usize, EditError> {
     }
 }
 
-/// `body` with its top-level `model` set to `model` (added when the body has none).
-pub fn set_model(body: &[u8], model: &str) -> Result<Vec<u8>, EditError> {
-    let text = text(body)?;
-    let start = object_start(text)?;
-    let value = quoted(model);
-    let edited = match member(text, "model")? {
-        Some(span) => splice(text, span, &value),
-        None => prepend_member(text, start, &format!("\"model\":{value}")),
-    };
-    edited.ok_or(EditError::Unreadable)
+/// Whether the object opening at `open` (its `{`) has no members.
+fn is_empty_object(text: &str, open: usize) -> bool {
+    text.get(open.saturating_add(1)..)
+        .is_some_and(|rest| rest.trim_start().starts_with('}'))
 }
 
-/// `body` with `stream_options.include_usage: true`, so the provider reports usage in a
-/// final chunk; `Ok(None)` when nothing needs to change (not a streaming chat/completions
-/// request, or usage asked for already). An explicit `include_usage: false` is overridden:
-/// the client then receives one more chunk, with empty `choices`, before `[DONE]`.
-pub fn with_stream_usage(
+/// A change to the text: replace `span` (empty for an insertion) by `with`.
+struct Splice {
+    span: Range<usize>,
+    with: String,
+}
+
+/// Members to add as the first ones of the object opening at `open`: one splice.
+fn prepend(text: &str, open: usize, members: &[String]) -> Option<Splice> {
+    if members.is_empty() {
+        return None;
+    }
+    let mut with = members.join(",");
+    if !is_empty_object(text, open) {
+        with.push(',');
+    }
+    let at = open.checked_add(1)?;
+    Some(Splice { span: at..at, with })
+}
+
+/// `body` with `edits` applied; `Ok(None)` when nothing changes.
+pub fn apply(
     body: &[u8],
     parsed: &RequestBody<'_>,
+    edits: &Edits,
 ) -> Result<Option<Vec<u8>>, EditError> {
-    if !parsed.accepts_stream_options() || !parsed.stream() || parsed.stream_usage_requested() {
+    let stream_usage = edits.stream_usage
+        && parsed.accepts_stream_options()
+        && parsed.stream()
+        && !parsed.stream_usage_requested();
+    edit(body, edits, stream_usage)
+}
+
+/// [`apply`], with whether usage must be asked for already decided.
+fn edit(body: &[u8], edits: &Edits, stream_usage: bool) -> Result<Option<Vec<u8>>, EditError> {
+    if edits.drop_messages.is_empty() && edits.model.is_none() && !stream_usage {
         return Ok(None);
     }
-    let text = text(body)?;
-    let start = object_start(text)?;
-    const MEMBER: &str = r#""include_usage":true"#;
-    let edited = match member(text, "stream_options")? {
-        None => prepend_member(text, start, &format!(r#""stream_options":{{{MEMBER}}}"#)),
-        Some(span) => {
-            let value = text.get(span.clone()).ok_or(EditError::Unreadable)?;
-            if value == "null" {
-                splice(text, span, &format!("{{{MEMBER}}}"))
-            } else {
-                // An object (the reader refused any other type): set its member.
-                match member(value, "include_usage")? {
-                    Some(inner) => {
+    let text = std::str::from_utf8(body).map_err(|_| EditError::Unreadable)?;
+    let open = object_start(text)?;
+    let members = json::members(text)?;
+    let span_of = |name: &str| {
+        members
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, span)| span.clone())
+    };
+    let mut splices: Vec<Splice> = Vec::new();
+    let mut added: Vec<String> = Vec::new();
+    if !edits.drop_messages.is_empty() {
+        let span = span_of("messages").ok_or(EditError::Unreadable)?;
+        let kept = kept_elements(text, span.clone(), &edits.drop_messages)?;
+        splices.push(Splice { span, with: kept });
+    }
+    if let Some(model) = &edits.model {
+        let value = quoted(model);
+        match span_of("model") {
+            Some(span) => splices.push(Splice { span, with: value }),
+            None => added.push(format!("\"model\":{value}")),
+        }
+    }
+    if stream_usage {
+        const MEMBER: &str = r#""include_usage":true"#;
+        match span_of("stream_options") {
+            None => added.push(format!(r#""stream_options":{{{MEMBER}}}"#)),
+            Some(span) => {
+                let value = text.get(span.clone()).ok_or(EditError::Unreadable)?;
+                if value == "null" {
+                    splices.push(Splice {
+                        span,
+                        with: format!("{{{MEMBER}}}"),
+                    });
+                } else {
+                    // An object (the reader refused any other type): set its member.
+                    let inner = json::members(value)?
+                        .into_iter()
+                        .find(|(key, _)| key == "include_usage")
+                        .map(|(_, inner)| inner);
+                    match inner {
                         // `inner` is within `value`, which starts at `span.start`.
-                        let at = span.start;
-                        let start = at.saturating_add(inner.start);
-                        splice(text, start..at.saturating_add(inner.end), "true")
+                        Some(inner) => splices.push(Splice {
+                            span: span.start.saturating_add(inner.start)
+                                ..span.start.saturating_add(inner.end),
+                            with: "true".into(),
+                        }),
+                        None => splices.extend(prepend(text, span.start, &[MEMBER.into()])),
                     }
-                    None => prepend_member(text, span.start, MEMBER),
                 }
             }
         }
-    };
-    edited.map(Some).ok_or(EditError::Unreadable)
+    }
+    splices.extend(prepend(text, open, &added));
+    write(text, splices).map(Some)
 }
 
-/// `body` with the elements of its top-level array `field` for which `keep` is false
-/// removed, each kept element byte for byte.
-pub fn retain_elements(
-    body: &[u8],
-    field: &str,
-    mut keep: impl FnMut(usize) -> bool,
-) -> Result<Vec<u8>, EditError> {
-    let text = text(body)?;
-    let span = member(text, field)?.ok_or(EditError::Unreadable)?;
+/// The array at `span` of `text` without the elements in `drop` (index ranges), each kept
+/// element byte for byte.
+fn kept_elements(
+    text: &str,
+    span: Range<usize>,
+    drop: &[Range<usize>],
+) -> Result<String, EditError> {
     let elements = json::elements(text, span.clone())?;
+    let mut drops = drop.iter().peekable();
     let mut array = String::with_capacity(span.len());
     array.push('[');
     let mut first = true;
     for (i, element) in elements.into_iter().enumerate() {
-        if !keep(i) {
+        while drops.peek().is_some_and(|r| r.end <= i) {
+            drops.next();
+        }
+        if drops.peek().is_some_and(|r| r.contains(&i)) {
             continue;
         }
         if !first {
@@ -158,7 +185,45 @@ pub fn retain_elements(
         array.push_str(text.get(element).ok_or(EditError::Unreadable)?);
     }
     array.push(']');
-    splice(text, span, &array).ok_or(EditError::Unreadable)
+    Ok(array)
+}
+
+/// `text` with every splice made (they must not overlap).
+fn write(text: &str, mut splices: Vec<Splice>) -> Result<Vec<u8>, EditError> {
+    splices.sort_by_key(|s| (s.span.start, s.span.end));
+    let grown = splices.iter().map(|s| s.with.len()).sum::<usize>();
+    let mut out = Vec::with_capacity(text.len().saturating_add(grown));
+    let mut at = 0;
+    for s in &splices {
+        let kept = text.get(at..s.span.start).ok_or(EditError::Unreadable)?;
+        out.extend_from_slice(kept.as_bytes());
+        out.extend_from_slice(s.with.as_bytes());
+        at = s.span.end;
+    }
+    out.extend_from_slice(text.get(at..).ok_or(EditError::Unreadable)?.as_bytes());
+    Ok(out)
+}
+
+/// `body` with its top-level `model` set to `model` (added when the body has none).
+pub fn set_model(body: &[u8], model: &str) -> Result<Vec<u8>, EditError> {
+    let edits = Edits {
+        model: Some(model.to_string()),
+        ..Edits::default()
+    };
+    edit(body, &edits, false)?.ok_or(EditError::Unreadable)
+}
+
+/// `body` with `stream_options.include_usage: true` ([`Edits::stream_usage`]); `Ok(None)`
+/// when nothing needs to change.
+pub fn with_stream_usage(
+    body: &[u8],
+    parsed: &RequestBody<'_>,
+) -> Result<Option<Vec<u8>>, EditError> {
+    let edits = Edits {
+        stream_usage: true,
+        ..Edits::default()
+    };
+    apply(body, parsed, &edits)
 }
 
 #[cfg(test)]
@@ -255,12 +320,38 @@ mod tests {
 
     #[test]
     fn elements_are_removed_and_the_kept_ones_kept_as_sent() {
+        let drop = |ranges: Vec<Range<usize>>, body: &[u8]| {
+            let edits = Edits {
+                drop_messages: ranges,
+                ..Edits::default()
+            };
+            edit(body, &edits, false)
+        };
         let body = br#"{"messages":[ {"a":1} , {"b":[2]},{"c":"3"} ],"z":true}"#;
-        let out = retain_elements(body, "messages", |i| i != 1).unwrap();
+        let out = drop(std::iter::once(1..2).collect(), body)
+            .unwrap()
+            .unwrap();
         assert_eq!(out, br#"{"messages":[{"a":1},{"c":"3"}],"z":true}"#);
-        let out = retain_elements(body, "messages", |_| false).unwrap();
+        let out = drop(vec![0..1, 1..3], body).unwrap().unwrap();
         assert_eq!(out, br#"{"messages":[],"z":true}"#);
-        assert!(retain_elements(body, "nope", |_| true).is_err());
+        assert!(drop(std::iter::once(0..1).collect(), br#"{"nope":[1]}"#).is_err());
+    }
+
+    #[test]
+    fn every_edit_at_once_is_one_pass_over_the_original() {
+        let body = br#"{"messages":[{"role":"user","content":"old"},{"role":"user","content":"hi"}],"stream":true}"#;
+        let parsed = parse_request(ApiKind::ChatCompletions, body).unwrap();
+        let edits = Edits {
+            drop_messages: std::iter::once(0..1).collect(),
+            model: Some("gpt-4o-mini".into()),
+            stream_usage: true,
+        };
+        let out = apply(body, &parsed, &edits).unwrap().unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"model":"gpt-4o-mini","stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}],"stream":true}"#
+        );
+        assert_eq!(apply(body, &parsed, &Edits::default()).unwrap(), None);
     }
 
     #[test]

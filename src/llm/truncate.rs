@@ -10,34 +10,30 @@
 //! The work is linear in the conversation, whatever its shape: each message's cost is
 //! counted once ([`MessageCosts`]); a cut is judged by subtracting the costs it drops from
 //! the total (counting is additive over messages, so this is exactly the count of the
-//! shortened body); the body is edited once, keeping every other byte as sent. (Recounting
+//! shortened body); the body is then edited once ([`crate::llm::rewrite`]), keeping every
+//! other byte as sent. (Recounting
 //! and re-serialising per dropped turn, as this once did, took a minute for 16,000 short
 //! messages.)
 
+use std::ops::Range;
+
 use crate::llm::api::RequestBody;
 use crate::llm::prompt::MessageCosts;
-use crate::llm::rewrite;
 
-/// A shortened request.
+/// How to shorten a request: which messages go, and what it then counts.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Truncated {
-    /// The new body.
-    pub body: Vec<u8>,
-    /// Its prompt count.
+pub struct Cut {
+    /// Ranges of message indices to drop, ascending (for [`crate::llm::rewrite::Edits`]).
+    pub drop: Vec<Range<usize>>,
+    /// The prompt count once they are gone.
     pub prompt: u64,
     /// Messages removed.
     pub dropped: usize,
 }
 
-/// Shorten `body` (parsed as `parsed`, its messages costing `costs`) until its prompt is at
-/// most `max_prompt`. `None` when the API cannot be shortened or even the shortest valid
-/// conversation does not fit.
-pub fn truncate(
-    body: &[u8],
-    parsed: &RequestBody,
-    costs: &MessageCosts,
-    max_prompt: u64,
-) -> Option<Truncated> {
+/// The cut that makes `parsed` (its messages costing `costs`) fit `max_prompt`. `None`
+/// when the API cannot be shortened or even the shortest valid conversation does not fit.
+pub fn truncate(parsed: &RequestBody, costs: &MessageCosts, max_prompt: u64) -> Option<Cut> {
     let (roles, anthropic): (Vec<&str>, bool) = match parsed {
         RequestBody::Chat(r) => (r.messages.iter().map(|m| m.role.as_ref()).collect(), false),
         RequestBody::Anthropic(r) => (r.messages.iter().map(|m| m.role.as_ref()).collect(), true),
@@ -55,7 +51,7 @@ pub fn truncate(
     // Each step drops the oldest removable message and what must leave with it; the
     // messages after a step's end are untouched, so the next step starts there. Dropped
     // messages are the ranges in `cut`, in order.
-    let mut cut: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut cut: Vec<Range<usize>> = Vec::new();
     let mut raw = costs.total();
     let mut next = 0;
     loop {
@@ -86,16 +82,8 @@ pub fn truncate(
         let prompt = costs.prompt(raw);
         if prompt <= max_prompt {
             let dropped = cut.iter().map(|r| r.len()).sum();
-            let mut ranges = cut.iter().peekable();
-            let body = rewrite::retain_elements(body, "messages", |i| {
-                while ranges.peek().is_some_and(|r| r.end <= i) {
-                    ranges.next();
-                }
-                !ranges.peek().is_some_and(|r| r.contains(&i))
-            })
-            .ok()?;
-            return Some(Truncated {
-                body,
+            return Some(Cut {
+                drop: cut,
                 prompt,
                 dropped,
             });
@@ -110,6 +98,7 @@ mod tests {
     use super::*;
     use crate::llm::api::{parse_request, ApiKind};
     use crate::llm::prompt::{count_prompt, message_costs, ImageCosts};
+    use crate::llm::rewrite::{apply, Edits};
     use crate::tokenizer::{tests_support::shared, Encoding, ModelMap};
 
     const IMAGES: ImageCosts = ImageCosts { low: 85, high: 765 };
@@ -127,6 +116,14 @@ mod tests {
         .tokens
     }
 
+    /// A shortened body, its prompt count and how many messages went.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Truncated {
+        body: Vec<u8>,
+        prompt: u64,
+        dropped: usize,
+    }
+
     fn cut(kind: ApiKind, body: &str, max_prompt: u64) -> Option<Truncated> {
         let parsed = parse_request(kind, body.as_bytes()).unwrap();
         let model = parsed.model().unwrap_or("gpt-4o").to_string();
@@ -139,7 +136,17 @@ mod tests {
             IMAGES,
         )?;
         assert_eq!(costs.prompt(costs.total()), counter(&parsed), "additive");
-        truncate(body.as_bytes(), &parsed, &costs, max_prompt)
+        let c = truncate(&parsed, &costs, max_prompt)?;
+        let edits = Edits {
+            drop_messages: c.drop,
+            ..Edits::default()
+        };
+        let body = apply(body.as_bytes(), &parsed, &edits).unwrap().unwrap();
+        Some(Truncated {
+            body,
+            prompt: c.prompt,
+            dropped: c.dropped,
+        })
     }
 
     fn role(m: &Value) -> &str {

@@ -7,6 +7,8 @@
 //! the number of distinct `model` values per VM is capped (further ones are tagged
 //! `other`), because model names come from clients and every distinct value is a series.
 
+pub mod catalog;
+
 use rustc_hash::FxHashSet;
 
 /// Every metric name starts with this.
@@ -48,6 +50,13 @@ impl Stat {
     /// The full metric name to define in Envoy.
     pub fn name(&self) -> &str {
         &self.name
+    }
+}
+
+/// Add `n` to counter `stat`: nothing for 0 (Envoy rejects increments of zero).
+pub fn add(host: &mut dyn crate::host::Host, stat: &Stat, n: u64) {
+    if n > 0 {
+        host.counter_add(stat.name(), n);
     }
 }
 

@@ -1,0 +1,186 @@
+//! The verdict on a request's global budgets, folded from the service's answers: the one
+//! decision beside the local [`crate::budget::plan::Plan`], pure so it is tested alone.
+//!
+//! Every answered reservation the service counted becomes a [`Hold`] (to settle or, on a
+//! refusal, to report as unreturned: the protocol cannot give hits back). The first
+//! over-limit answer refuses the request. A call without an answer is an error to count;
+//! under `on_failure: closed` the first one makes the request unavailable, under `open` it
+//! is let through (and counted as failing open).
+
+use crate::budget::plan::RateHeaders;
+use crate::budget::Unit;
+use crate::config::{FailureMode, GlobalBudget};
+
+use super::rls::DescriptorStatus;
+use super::{Check, Hold, Outcome};
+
+/// What the service's answers amount to.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    /// Every budget admitted the request (or failed open).
+    Admit,
+    /// Global budget `budget` (an index) is spent; the request needed `hits`.
+    Refuse {
+        budget: usize,
+        hits: u64,
+        status: Option<DescriptorStatus>,
+    },
+    /// Global budget `budget` gave no verdict and fails closed.
+    Unavailable { budget: usize },
+}
+
+/// The verdict, with what the caller reports either way.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Folded {
+    pub verdict: Verdict,
+    /// What the service took for this request.
+    pub holds: Vec<Hold>,
+    /// The tightest token budget's position, for the `x-ratelimit-*` headers.
+    pub rate: Option<RateHeaders>,
+    /// Calls without an answer: (budget index, reason).
+    pub errors: Vec<(usize, &'static str)>,
+}
+
+/// Fold the answered `checks` of one request.
+pub fn fold(checks: &[Check], budgets: &[GlobalBudget], mode: FailureMode) -> Folded {
+    let mut holds = Vec::new();
+    let mut rate: Option<RateHeaders> = None;
+    let mut errors = Vec::new();
+    let mut refusal = None;
+    let mut failure = None;
+    for check in checks {
+        let Some(budget) = budgets.get(check.budget) else {
+            continue;
+        };
+        match &check.outcome {
+            Some(Outcome::Ok(status)) => {
+                holds.push(Hold {
+                    budget: check.budget,
+                    key: check.key.clone(),
+                    hits: check.hits,
+                });
+                if let (Unit::Tokens, Some(s)) = (budget.unit, status) {
+                    if let Some(limit) = s.limit {
+                        let h = RateHeaders {
+                            limit: u64::from(limit),
+                            remaining: u64::from(s.remaining),
+                            reset_ms: s.reset_secs.unwrap_or(0).saturating_mul(1000),
+                        };
+                        if rate.is_none_or(|old| h.remaining < old.remaining) {
+                            rate = Some(h);
+                        }
+                    }
+                }
+            }
+            Some(Outcome::OverLimit(status)) => {
+                refusal.get_or_insert(Verdict::Refuse {
+                    budget: check.budget,
+                    hits: check.hits,
+                    status: *status,
+                });
+            }
+            Some(Outcome::Failed(reason)) => {
+                errors.push((check.budget, *reason));
+                if mode == FailureMode::Closed {
+                    failure.get_or_insert(Verdict::Unavailable {
+                        budget: check.budget,
+                    });
+                }
+            }
+            None => {}
+        }
+    }
+    Folded {
+        verdict: refusal.or(failure).unwrap_or(Verdict::Admit),
+        holds,
+        rate,
+        errors,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::KeySource;
+
+    fn budgets() -> Vec<GlobalBudget> {
+        ["tokens", "usd"]
+            .iter()
+            .map(|name| GlobalBudget {
+                name: name.to_string(),
+                key: KeySource::Constant("all".into()),
+                unit: if *name == "usd" {
+                    Unit::Usd
+                } else {
+                    Unit::Tokens
+                },
+                max_request_tokens: None,
+                oversize: crate::budget::OversizeAction::Reject,
+            })
+            .collect()
+    }
+
+    fn check(budget: usize, outcome: Outcome) -> Check {
+        Check {
+            token: 1,
+            budget,
+            key: "k".into(),
+            hits: 10,
+            outcome: Some(outcome),
+        }
+    }
+
+    fn status(remaining: u32) -> Option<DescriptorStatus> {
+        Some(DescriptorStatus {
+            code: Some(super::super::rls::Code::Ok),
+            limit: Some(100),
+            remaining,
+            reset_secs: Some(30),
+        })
+    }
+
+    #[test]
+    fn every_budget_admitting_admits_with_the_tightest_rate() {
+        let f = fold(
+            &[
+                check(0, Outcome::Ok(status(40))),
+                check(1, Outcome::Ok(status(5))),
+            ],
+            &budgets(),
+            FailureMode::Closed,
+        );
+        assert_eq!(f.verdict, Verdict::Admit);
+        assert_eq!(f.holds.len(), 2);
+        // The USD budget's figures are not tokens: the token budget's rate stands.
+        assert_eq!(f.rate.unwrap().remaining, 40);
+        assert_eq!(f.rate.unwrap().reset_ms, 30_000);
+    }
+
+    #[test]
+    fn a_refusal_wins_over_a_failure_and_keeps_the_holds_taken() {
+        let f = fold(
+            &[
+                check(0, Outcome::Failed("timeout")),
+                check(1, Outcome::OverLimit(None)),
+                check(0, Outcome::Ok(None)),
+            ],
+            &budgets(),
+            FailureMode::Closed,
+        );
+        assert!(matches!(f.verdict, Verdict::Refuse { budget: 1, .. }));
+        assert_eq!(f.holds.len(), 1);
+        assert_eq!(f.errors, vec![(0, "timeout")]);
+    }
+
+    #[test]
+    fn failures_follow_the_failure_mode() {
+        let checks = [check(0, Outcome::Failed("unavailable"))];
+        assert_eq!(
+            fold(&checks, &budgets(), FailureMode::Closed).verdict,
+            Verdict::Unavailable { budget: 0 }
+        );
+        let open = fold(&checks, &budgets(), FailureMode::Open);
+        assert_eq!(open.verdict, Verdict::Admit);
+        assert_eq!(open.errors.len(), 1);
+    }
+}
