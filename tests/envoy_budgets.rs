@@ -289,8 +289,7 @@ fn a_spent_day_budget_answers_429_with_rate_limit_headers_and_an_openai_error_bo
     assert_eq!(header_u64(&r, "x-ratelimit-remaining-tokens"), 200);
     let message = r.json()["error"]["message"].as_str().unwrap().to_string();
     assert!(
-        message.contains("is spent for this key")
-            && message.contains("needs 209 tokens and 200 of 1000 are left"),
+        message.contains("needs 209 tokens, more than the 200 of 1000 left in budget 'tenant-day'"),
         "{message}"
     );
 
@@ -933,7 +932,7 @@ fn a_usd_budget_charges_by_price_and_refuses_with_a_usd_error() {
         let r = chat(s, &[("x-tenant", tenant)], &hello(100));
         assert_eq!(r.status, 429, "{}", r.text());
         let message = r.json()["error"]["message"].as_str().unwrap().to_string();
-        if message.contains("needs 1023 micro-USD and 274 of 2000 are left") {
+        if message.contains("needs 1023 micro-USD, more than the 274 of 2000 left") {
             break;
         }
         assert!(

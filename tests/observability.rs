@@ -474,33 +474,48 @@ fn template_labels(text: &str) -> BTreeSet<String> {
 /// filter's source (`Stat::new("…").tag("…", …)`) instead of the scrape.
 const NOT_PRODUCIBLE: &[(&str, &str)] = &[("tokenfuse_fail_open", "fail_open")];
 
-/// The tags the filter writes on stat `stat` (`Stat::new("stat").tag("x", …)…`), read
-/// from `src/`; `None` when no such stat is defined.
+/// The tags the filter writes on stat `stat`, read from `src/`: the catalog names it
+/// (`src/stats/catalog.rs`: `pub const NAME: &str = "stat";`), and every
+/// `Stat::new(catalog::NAME).tag("x", …)…` chain adds tags. `None` when no such stat is
+/// defined.
 fn labels_defined_in_source(stat: &str) -> Option<BTreeSet<String>> {
-    let needle = format!("Stat::new(\"{stat}\")");
+    let catalog = read("src/stats/catalog.rs");
+    let constant = catalog.lines().find_map(|l| {
+        let rest = l.trim().strip_prefix("pub const ")?;
+        let (name, value) = rest.split_once(": &str = ")?;
+        (value.trim_end_matches(';').trim_matches('"') == stat).then(|| name.to_string())
+    })?;
+    let needle = format!("Stat::new(catalog::{constant})");
     let mut found = None;
-    for entry in std::fs::read_dir(repo_root().join("src")).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().and_then(|e| e.to_str()) != Some("rs") {
-            continue;
-        }
-        let text = std::fs::read_to_string(&path).unwrap();
-        let mut from = 0;
-        while let Some(at) = text[from..].find(&needle) {
-            let start = from + at + needle.len();
-            let end = text[start..]
-                .find(".name()")
-                .map_or(text.len(), |e| start + e);
-            let chain = &text[start..end];
-            let labels = found.get_or_insert_with(BTreeSet::new);
-            let mut rest = chain;
-            while let Some(t) = rest.find(".tag(\"") {
-                let after = &rest[t + 6..];
-                let close = after.find('"').unwrap();
-                labels.insert(after[..close].to_string());
-                rest = &after[close..];
+    let mut dirs = vec![repo_root().join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
             }
-            from = end;
+            if path.extension().and_then(|e| e.to_str()) != Some("rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let mut from = 0;
+            while let Some(at) = text[from..].find(&needle) {
+                let start = from + at + needle.len();
+                let end = text[start..]
+                    .find(".name()")
+                    .map_or(text.len(), |e| start + e);
+                let chain = &text[start..end];
+                let labels = found.get_or_insert_with(BTreeSet::new);
+                let mut rest = chain;
+                while let Some(t) = rest.find(".tag(\"") {
+                    let after = &rest[t + 6..];
+                    let close = after.find('"').unwrap();
+                    labels.insert(after[..close].to_string());
+                    rest = &after[close..];
+                }
+                from = end;
+            }
         }
     }
     found

@@ -324,12 +324,7 @@ fn budget_error(asked: &Asked, r: &Rejection) -> Error {
     // are now): a request above it cannot pass by waiting.
     let hopeless = r.hopeless(r.limit);
     let share = (r.ceiling * 100.0).round();
-    let message = if hopeless {
-        format!(
-            "tokenfuse: this request needs {} {unit}, more than priority {} may use of budget '{}' ({share}% of {}); lower max_tokens or shorten the prompt",
-            r.needed, r.priority.tag(), r.budget, r.limit
-        )
-    } else if r.no_cheaper_model && r.remaining == 0 {
+    let message = if r.no_cheaper_model && r.remaining == 0 {
         format!(
             "tokenfuse: budget '{}' is spent and this model has no cheaper alternative; it resets in {reset}",
             r.budget
@@ -338,6 +333,11 @@ fn budget_error(asked: &Asked, r: &Rejection) -> Error {
         format!(
             "tokenfuse: this request needs {} {unit}, more than the {} of {} left in budget '{}', and this model has no cheaper alternative; lower max_tokens or wait: it resets in {reset}",
             r.needed, r.remaining, r.limit, r.budget
+        )
+    } else if hopeless {
+        format!(
+            "tokenfuse: this request needs {} {unit}, more than priority {} may use of budget '{}' ({share}% of {}); lower max_tokens or shorten the prompt",
+            r.needed, r.priority.tag(), r.budget, r.limit
         )
     } else if r.needed <= r.remaining {
         format!(
