@@ -69,7 +69,7 @@ PRIMARY_PORT ?= 18001
 ECONOMY_PORT ?= 18002
 
 .PHONY: build envoy run test prerequisites cargo-test wasm-test lint validate alerts-test promtool clean \
-	soak fuzz bench wrk rls-engine redis-server fault-wasm
+	soak fuzz bench wrk rls-engine redis-server fault-wasm sdk-clients
 
 ## build: the Wasm filter (adds the rustup target when missing)
 build:
@@ -113,10 +113,18 @@ test: prerequisites
 	$(MAKE) --no-print-directory lint
 
 ## cargo-test: native unit tests + integration tests (real Envoy, built .wasm, promtool,
-## redis-server + the rls-engine, the fault-injection module), then the rls-engine's own tests
-cargo-test: promtool redis-server rls-engine fault-wasm
+## redis-server + the rls-engine, the fault-injection module, the SDKs), then the
+## rls-engine's own tests
+cargo-test: promtool redis-server rls-engine fault-wasm sdk-clients
 	$(CARGO) test
 	$(CARGO) test $(RLS_ENGINE_CARGO_ARGS)
+
+## sdk-clients: the official OpenAI and Anthropic Python SDKs in .venv, for
+## tests/sdk_clients.rs (pinned: the versions the test was written against)
+SDK_PACKAGES := openai==3.63.0 anthropic==2.17.0
+sdk-clients: envoy
+	@.venv/bin/python -c 'import anthropic, openai' 2>/dev/null || \
+	  .venv/bin/pip install --quiet --disable-pip-version-check $(SDK_PACKAGES)
 
 ## fault-wasm: the module tests/envoy_failure.rs panics on purpose ($(TOKENFUSE_FAULT_WASM));
 ## its own target dir, so the shipped module is never built with the feature
