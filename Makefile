@@ -154,6 +154,7 @@ lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets --features testkit -- -D warnings
 	$(CARGO) clippy --target $(WASM_TARGET) --lib -- -D warnings
+	$(CARGO) check --manifest-path fuzz/Cargo.toml --bins
 	$(CARGO) fmt --manifest-path $(RLS_ENGINE_MANIFEST) --check
 	$(CARGO) clippy $(RLS_ENGINE_CARGO_ARGS) --all-targets -- -D warnings
 

@@ -17,7 +17,7 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use tokenfuse::llm::api::{parse_request, reference, ApiKind, RequestBody};
 use tokenfuse::llm::prompt::{count_prompt, message_costs, ImageCosts};
-use tokenfuse::llm::rewrite::{set_model, with_stream_usage};
+use tokenfuse::llm::rewrite::{apply, set_model, with_stream_usage, Edits};
 use tokenfuse::llm::truncate::truncate;
 
 const IMAGES: ImageCosts = ImageCosts { low: 85, high: 765 };
@@ -90,10 +90,18 @@ fn check(kind: ApiKind, data: &[u8]) {
     if let Some(costs) = &costs {
         assert_eq!(costs.prompt(costs.total()), prompt, "message costs add up to the count");
     }
-    if let Some(t) = costs.and_then(|c| truncate(data, &parsed, &c, cap)) {
+    if let Some(t) = costs.and_then(|c| truncate(&parsed, &c, cap)) {
         assert!(t.prompt <= cap, "truncated to {} > cap {cap}", t.prompt);
         assert!(t.dropped > 0);
-        let reparsed = parse_request(kind, &t.body).expect("a truncated body parses");
+        let edits = Edits {
+            drop_messages: t.drop,
+            model: None,
+            stream_usage: true,
+        };
+        let body = apply(data, &parsed, &edits)
+            .expect("an admitted body can be edited")
+            .expect("dropping messages changes it");
+        let reparsed = parse_request(kind, &body).expect("a truncated body parses");
         assert_eq!(count(&reparsed), t.prompt);
     }
 }
