@@ -2,7 +2,7 @@
 //! configuration fields the filter accepts, and every relative link in `README.md` and
 //! `docs/*.md` reaches an existing file (and heading).
 //!
-//! The accepted fields are read from `src/config/mod.rs` itself: the fields of its `Raw*` serde
+//! The accepted fields are read from `src/config/raw.rs` itself: the fields of its `Raw*` serde
 //! structs (each `#[serde(deny_unknown_fields)]`, so they are exactly what a configuration
 //! may contain), followed from `RawConfig` through the field types, honouring
 //! `#[serde(rename = "…")]`. A field of a list of structs continues as `name[].…`, a map of
@@ -95,6 +95,7 @@ fn raw_structs(source: &str) -> BTreeMap<String, RawStruct> {
             let decl = decl.trim().trim_end_matches(',');
             let decl = decl
                 .strip_prefix("pub(crate) ")
+                .or_else(|| decl.strip_prefix("pub(super) "))
                 .or_else(|| decl.strip_prefix("pub "))
                 .unwrap_or(decl);
             let (ident, ty) = decl
@@ -120,6 +121,7 @@ fn struct_name(line: &str) -> Option<String> {
     let t = line.trim_start();
     let t = t
         .strip_prefix("pub(crate) ")
+        .or_else(|| t.strip_prefix("pub(super) "))
         .or_else(|| t.strip_prefix("pub "))
         .unwrap_or(t);
     let rest = t.strip_prefix("struct ")?;
@@ -155,10 +157,10 @@ fn serde_field_attr(owner: &str, attr: &str) -> Option<String> {
 
 /// Every field path the configuration accepts, struct-valued fields included.
 fn accepted_fields() -> BTreeSet<String> {
-    let structs = raw_structs(&read(&repo().join("src/config/mod.rs")));
+    let structs = raw_structs(&read(&repo().join("src/config/raw.rs")));
     assert!(
         structs.contains_key("RawConfig"),
-        "no RawConfig in src/config/mod.rs"
+        "no RawConfig in src/config/raw.rs"
     );
     for (name, raw) in &structs {
         // Only unknown fields refused make "the fields" a closed set; a struct-level
@@ -196,7 +198,7 @@ fn walk(
     reached.insert(name.to_string());
     let raw = structs
         .get(name)
-        .unwrap_or_else(|| panic!("struct {name} not found in src/config/mod.rs"));
+        .unwrap_or_else(|| panic!("struct {name} not found in src/config/raw.rs"));
     for field in &raw.fields {
         let path = format!("{prefix}{}", field.name);
         assert!(paths.insert(path.clone()), "field {path} twice");
@@ -299,7 +301,7 @@ fn every_configuration_field_is_documented_and_every_documented_field_exists() {
     let unknown: Vec<_> = documented.difference(&accepted).collect();
     assert!(
         undocumented.is_empty() && unknown.is_empty(),
-        "docs/configuration.md and src/config/mod.rs disagree.\n  accepted by the code, not \
+        "docs/configuration.md and src/config/raw.rs disagree.\n  accepted by the code, not \
          documented: {undocumented:?}\n  documented, not accepted by the code: {unknown:?}"
     );
 }
