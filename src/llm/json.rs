@@ -12,6 +12,11 @@
 //! a malformed one a syntax error, both with the byte offset where they were found. Values
 //! the caller does not want are skipped with [`Reader::skip`], which still checks their
 //! syntax.
+//!
+//! One file of some 850 lines on purpose: the reader is one cursor whose methods share its
+//! position, depth and pending-colon state; split apart, the invariants that keep a hostile
+//! body from mis-stepping it (one advance per byte read, a depth check per container)
+//! would no longer be read in one place.
 
 use std::borrow::Cow;
 use std::ops::Range;
