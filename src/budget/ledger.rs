@@ -12,8 +12,8 @@
 //! `max_keys` slots, `tokenfuse/v2/<budget>/s/<n>`, plus one overflow account,
 //! `tokenfuse/v2/<budget>/overflow`. A slot holds a [`Record`]: the owning identity (its
 //! stored key), the [`Account`], and the reservations still open on it. An identity's slots
-//! are found by open addressing: a home slot from a hash of budget and identity, then up to
-//! [`PROBES`] slots after it. A slot whose record has nothing left to remember — its window
+//! are found by open addressing: [`PROBES`] slots in all, starting at a home slot from a
+//! hash of budget and identity. A slot whose record has nothing left to remember — its window
 //! holds no use, its elastic balance is the budget's initial one, no reservation is open
 //! (or none was touched for [`STALE_HOLD_SECS`]) — can be taken over by another identity:
 //! forgetting it changes nothing. An identity whose probe window holds only live slots of

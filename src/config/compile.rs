@@ -218,7 +218,15 @@ pub(super) fn compile_budget(
     }
     let mut overrides = HashMap::new();
     for (k, v) in &rb.base_overrides {
-        check_name(&f(&format!("base_overrides.{k}")), k)?;
+        // Identities as stored: a plain value, or a stored key as the admin API and the
+        // stats show it (`_h-…`, `_key-…`). Nothing else is accepted — and a refused key is
+        // never quoted, since it could be a credential.
+        if !crate::budget::identity::is_stored_form(k) {
+            return Err(ConfigError::new(
+                f("base_overrides"),
+                "keys must be identities as stored: 1-64 characters of [A-Za-z0-9.@:-] not starting with `_`, or a stored key (`_h-…`, `_key-…`) as the admin API shows it",
+            ));
+        }
         // Keyed by the stored key, as the ledger names accounts.
         overrides.insert(
             crate::budget::identity::named(&key, k),

@@ -585,6 +585,22 @@ impl Config {
 mod tests {
     use super::*;
 
+    #[test]
+    fn overrides_name_identities_as_stored_and_never_quote_a_refused_one() {
+        let doc = |key: &str| {
+            format!(
+                r#"{{"api":"v1","budgets":[{{"name":"d","key":"header:x-tenant","window":"day","base":1,"base_overrides":{{"{key}":5}}}}]}}"#
+            )
+        };
+        for ok in ["acme@corp:eu", "_h-0123456789abcdef0123456789abcdef"] {
+            let c = Config::parse(doc(ok).as_bytes()).unwrap();
+            assert_eq!(c.budget_for(0, ok).unwrap().base, 5, "{ok}");
+        }
+        let e = err(&doc("sk live SECRET"));
+        assert_eq!(e.field, "budgets[0].base_overrides");
+        assert!(!e.to_string().contains("SECRET"), "{e}");
+    }
+
     fn err(doc: &str) -> ConfigError {
         match Config::parse(doc.as_bytes()) {
             Err(e) => e,

@@ -315,9 +315,16 @@ pub fn on_topup_body(host: &mut dyn Host, config: &Config, body: &[u8]) {
     let key = identity::named(&budget.key, &topup.key);
     let now_ms = host.now_ms();
     let now = now_ms.div_euclid(1000);
-    // A top-up takes a key slot, like a request; the balance it adds keeps the slot.
-    let slot = match ledger::locate(host, budget, &key, now, None, config.cas_retries) {
-        Ok(found) if found.slot != Slot::Overflow => found.slot,
+    // A top-up takes a key slot, like a request; the balance it adds keeps the slot. The
+    // overflow account (`_overflow`) has its own place, shared by every identity without a
+    // slot: topping it up tops up what they share.
+    let located = if key == ledger::OVERFLOW_KEY {
+        Ok(Slot::Overflow)
+    } else {
+        ledger::locate(host, budget, &key, now, None, config.cas_retries).map(|found| found.slot)
+    };
+    let slot = match located {
+        Ok(slot) if slot != Slot::Overflow || key == ledger::OVERFLOW_KEY => slot,
         Ok(_) => {
             error(
                 host,
@@ -421,6 +428,26 @@ mod tests {
         assert_eq!(v["budgets"][0]["tracked"], false);
         assert_eq!(v["budgets"][1]["unit"], "micro_usd");
         assert_eq!(v["budgets"][1]["limit"], 5_000_000);
+    }
+
+    #[test]
+    fn a_topup_of_the_overflow_account_reaches_the_account_overflowing_keys_share() {
+        let c = config();
+        let mut h = admin_request(
+            "POST",
+            "/tokenfuse/admin/topup",
+            Some("0123456789abcdef-token"),
+        );
+        on_topup_body(
+            &mut h,
+            &c,
+            br#"{"budget":"daily","key":"_overflow","amount":700}"#,
+        );
+        assert_eq!(h.reply.as_ref().unwrap().status, 200);
+        let overflow = ledger::record(&h, &c.budgets[0], Slot::Overflow).unwrap();
+        assert_eq!(overflow.account.elastic_balance, 700);
+        // No key slot was taken for it.
+        assert!(!h.shared.borrow().values.keys().any(|k| k.contains("/s/")));
     }
 
     #[test]
