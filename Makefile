@@ -18,7 +18,7 @@
 #   make alerts-test  promtool: check and unit-test envoy/prometheus/ alert rules
 #   make fuzz       each cargo-fuzz target for FUZZ_SECONDS s (default 60); not in test
 #   make bench      Envoy without/with the filter under wrk load, tokenizer and memory
-#                   figures: results/bench.{md,svg,json} + README "Performance" (~8 min)
+#                   figures: results/bench.{md,svg,json} + docs/performance.md (~8 min)
 #   make clean
 
 SHELL := bash
@@ -192,7 +192,7 @@ fuzz:
 ## under wrk, with Envoy's CPU per request; the filter's per-request work outside Envoy
 ## (native and V8), the cost of each kind of host call inside Envoy, tokenizer speed (native
 ## vs. V8), VM start and memory per worker VM.
-## Writes results/bench.{md,svg,json} and README.md's "Performance".
+## Writes results/bench.{md,svg,json} and the "Performance" section of docs/performance.md.
 ## BENCH_ARGS passes options through, e.g. BENCH_ARGS='--rounds 5' or '--quick --no-readme'.
 BENCH_ARGS ?=
 bench:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# scripts/fuzz.sh — the fuzzing run behind `make fuzz` (README "Fuzzing").
+# scripts/fuzz.sh — the fuzzing run behind `make fuzz` (docs/development.md, "Fuzzing").
 #
 # Builds the cargo-fuzz targets in fuzz/ once (nightly, debug assertions and overflow
 # checks on), then runs each for FUZZ_SECONDS seconds, one after the other, single process:

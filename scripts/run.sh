@@ -182,7 +182,7 @@ tokenfuse demo is up (Envoy pid $envoy_pid, config $CONFIG).
   admin     http://127.0.0.1:$ADMIN_PORT
   Envoy log $RUN_DIR/envoy.log
 
-Try (the demo's API keys are in envoy/envoy.yaml; more in README.md):
+Try (the demo's API keys are in envoy/envoy.yaml; more in README.md and docs/):
   curl -s http://127.0.0.1:$PORT/v1/chat/completions -H 'content-type: application/json' \\
     -H 'authorization: Bearer demo-key-acme' -d '{"model":"gpt-4o","max_tokens":800,"messages":[{"role":"user","content":"Hello!"}]}' -D -
 

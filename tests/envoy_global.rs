@@ -353,7 +353,7 @@ fn an_unknown_service_cluster_fails_the_request_not_the_vm() {
 /// --nocapture`): 16 concurrent clients over two proxies against one global budget that
 /// fits 20 requests. Limitador's Redis storage checks, then charges, in two round trips,
 /// so racing requests can each pass the check: the admitted count can exceed the budget by
-/// up to one reservation per concurrent racer (README, "Global budgets").
+/// up to one reservation per concurrent racer (docs/global-budgets.md).
 #[test]
 #[ignore]
 fn concurrent_requests_against_limitador_over_redis() {

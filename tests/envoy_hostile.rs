@@ -1,6 +1,6 @@
 //! Hostile input, faults and secrecy, through the built `tokenfuse.wasm` in a real Envoy.
 //!
-//! Every case has a documented outcome (README "Bad input"): a clear error, or pass-through
+//! Every case has a documented outcome (docs/security.md, "Bad input"): a clear error, or pass-through
 //! under the configured policy — and afterwards the VMs still serve and count. Budgets are
 //! on, so each fault also checks that the reservation was settled correctly, read back
 //! through the admin endpoint.

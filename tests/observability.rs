@@ -1818,7 +1818,7 @@ fn the_envoyfilter_manifest_has_the_fields_istio_requires() {
             "{k}"
         );
     }
-    // The VirtualService routes the filter's reroute header (README defaults).
+    // The VirtualService routes the filter's reroute header (the defaults in docs/configuration.md).
     let (header, value) = virtual_service_reroute_match();
     let plugin: Value =
         serde_json::from_str(config["configuration"]["value"].as_str().unwrap()).unwrap();
