@@ -706,6 +706,17 @@ mod tests {
         assert_eq!((r.budget.as_str(), r.no_cheaper_model), ("spent", true));
     }
 
+    /// The first budget reserved before the second refused: the plan hands that
+    /// reservation back to the caller's refund path, and nothing stays reserved once it is
+    /// refunded.
+    fn assert_refunded_by_the_caller(h: &mut FakeHost, c: &Config, refund: &[Reservation]) {
+        assert_eq!(refund.len(), 1);
+        assert!(used(h, c, 0, "all") > 0);
+        let report = settle(h, c, refund, |_, _| 0, NOW_MS);
+        assert!(report.failed.is_empty());
+        assert_eq!(used(h, c, 0, "all"), 0);
+    }
+
     #[test]
     fn several_budgets_must_all_pass_and_a_refusal_refunds_the_others() {
         let c = config(
@@ -721,13 +732,7 @@ mod tests {
             panic!()
         };
         assert_eq!(r.budget, "small");
-        // The first budget reserved before the second refused: the plan hands it back to
-        // the caller's refund path, and nothing stays reserved once it is refunded.
-        assert_eq!(refund.len(), 1);
-        assert!(used(&h, &c, 0, "all") > 0);
-        let report = settle(&mut h, &c, &refund, |_, _| 0, NOW_MS);
-        assert!(report.failed.is_empty());
-        assert_eq!(used(&h, &c, 0, "all"), 0);
+        assert_refunded_by_the_caller(&mut h, &c, &refund);
     }
 
     #[test]
@@ -748,13 +753,7 @@ mod tests {
             panic!()
         };
         assert_eq!(r.budget, "b");
-        // The first budget reserved before the second refused: the plan hands it back to
-        // the caller's refund path, and nothing stays reserved once it is refunded.
-        assert_eq!(refund.len(), 1);
-        assert!(used(&h, &c, 0, "all") > 0);
-        let report = settle(&mut h, &c, &refund, |_, _| 0, NOW_MS);
-        assert!(report.failed.is_empty());
-        assert_eq!(used(&h, &c, 0, "all"), 0);
+        assert_refunded_by_the_caller(&mut h, &c, &refund);
     }
 
     #[test]
