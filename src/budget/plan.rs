@@ -52,7 +52,7 @@ pub struct BudgetKey {
     pub slot: Cell<Option<Slot>>,
     /// `budget_used`, `budget_limit` and `budget_remaining` of this key; `None` when the
     /// tenant tag cap is reached (an `other` gauge would mean nothing).
-    pub gauges: Option<[String; 3]>,
+    pub gauges: Option<[String; 4]>,
 }
 
 impl BudgetKey {
@@ -74,6 +74,7 @@ impl BudgetKey {
                     gauge(catalog::BUDGET_USED),
                     gauge(catalog::BUDGET_LIMIT),
                     gauge(catalog::BUDGET_REMAINING),
+                    gauge(catalog::BUDGET_RESET_SECONDS),
                 ]
             }),
         }

@@ -259,7 +259,7 @@ pub(super) fn local(
             cas_retries,
             standings,
         } => {
-            settle::gauges(host, &standings);
+            settle::gauges(filter, host, &standings);
             if cas_retries > 0 {
                 host.counter_add(
                     Stat::new(catalog::CAS_RETRIES).name(),

@@ -199,6 +199,7 @@ impl Exchange {
         // Ask the provider for an uncompressed response: its usage must be readable.
         host.set_request_header("accept-encoding", None);
         let who = Identity::read(host, &self.filter);
+        count_retry(host, kind, who.tenant_tag.as_deref());
         self.phase = Phase::Body(Box::new(Pending { kind, path, who }));
         if self.filter.config.hold_request_headers {
             Action::Pause
@@ -621,6 +622,22 @@ impl Exchange {
                 ),
             );
         }
+    }
+}
+
+/// A request the official SDKs mark as a retry (`x-stainless-retry-count`, sent by the
+/// OpenAI and Anthropic SDKs): paid for again, so worth a counter of its own.
+fn count_retry(host: &mut dyn Host, kind: ApiKind, tenant: Option<&str>) {
+    let retried = host
+        .request_header("x-stainless-retry-count")
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .is_some_and(|n| n > 0);
+    if retried {
+        let mut stat = Stat::new(catalog::RETRIES);
+        if let Some(t) = tenant {
+            stat = stat.tag("tenant", t);
+        }
+        host.counter_add(stat.tag("api", kind.tag()).name(), 1);
     }
 }
 

@@ -111,6 +111,10 @@ fn record_usage(
                 .tag("model", model)
                 .tag("cluster", cluster);
             add(host, &stat, n);
+            let per_request = with_tenant(catalog::TOKENS_PER_REQUEST)
+                .tag("kind", kind)
+                .tag("model", model);
+            host.histogram_record(per_request.name(), n);
         }
     }
     // Spend, when the operator priced the serving model.
@@ -155,7 +159,7 @@ fn settle_budgets(
             u64::from(report.cas_retries),
         );
     }
-    gauges(host, &report.standings);
+    gauges(filter, host, &report.standings);
     add(host, &Stat::new(catalog::REFUNDED), report.refunded);
     add(
         host,
@@ -216,14 +220,14 @@ pub(super) fn unreturned(filter: &Filter, host: &mut dyn Host, hold: &Hold, hits
     }
 }
 
-/// Gauges of each touched budget key: used, limit and remaining, in the budget's unit.
-/// Keys beyond the tenant tag cap get no gauges (an `other` gauge would be meaningless).
-pub(super) fn gauges(host: &mut dyn Host, standings: &[(usize, Rc<BudgetKey>, Standing)]) {
-    for (_, key, standing) in standings {
-        if let Some([used, limit, remaining]) = &key.gauges {
-            host.gauge_set(used, standing.used);
-            host.gauge_set(limit, standing.limit);
-            host.gauge_set(remaining, standing.remaining);
-        }
+/// Gauges of each touched budget key (see [`Filter::set_gauges`]).
+pub(super) fn gauges(
+    filter: &Filter,
+    host: &mut dyn Host,
+    standings: &[(usize, Rc<BudgetKey>, Standing)],
+) {
+    let now_ms = host.now_ms();
+    for (budget, key, standing) in standings {
+        filter.set_gauges(host, *budget, key, standing, now_ms);
     }
 }

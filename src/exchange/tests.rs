@@ -837,6 +837,134 @@ fn stats_carry_the_tenant_and_budget_gauges_follow_each_key() {
 }
 
 #[test]
+fn a_quiet_keys_gauges_drop_when_its_window_rolls() {
+    const USED: &str = "tokenfuse_budget_used.budget=.=minute;.;tenant=.=acme;.;unit=.=tokens;.;";
+    const RESET: &str =
+        "tokenfuse_budget_reset_seconds.budget=.=minute;.;tenant=.=acme;.;unit=.=tokens;.;";
+    let f = filter(BUDGETS);
+    let shared = FakeHost::default();
+    let mut h = budget_host("acme", &chat_with(100), &shared);
+    let mut ex = Exchange::new(f.clone(), 1);
+    send_request(&mut ex, &mut h, 64);
+    respond(
+        &mut ex,
+        &mut h,
+        "200",
+        "application/json",
+        br#"{"usage":{"prompt_tokens":8,"completion_tokens":5}}"#,
+        10,
+    );
+    assert_eq!(h.gauges.get(USED), Some(&13));
+    assert_eq!(h.gauges.get(RESET), Some(&30), "30 s left in the minute");
+
+    // The tick, still inside the window: the same standing, a second closer to the reset.
+    let mut tick = FakeHost {
+        shared: shared.shared.clone(),
+        ..FakeHost::default()
+    };
+    tick.now_ms.set(1_800_000_031_000);
+    f.refresh_gauges(&mut tick, 64);
+    assert_eq!(tick.gauges.get(USED), Some(&13));
+    assert_eq!(tick.gauges.get(RESET), Some(&29));
+
+    // Refreshes are at most a second apart, whatever the tick period.
+    tick.gauges.clear();
+    tick.now_ms.set(1_800_000_031_500);
+    f.refresh_gauges(&mut tick, 64);
+    assert!(tick.gauges.is_empty());
+
+    // The window rolls with no request from acme: the tick drops its gauges.
+    tick.now_ms.set(1_800_000_061_000);
+    f.refresh_gauges(&mut tick, 64);
+    assert_eq!(tick.gauges.get(USED), Some(&0));
+    assert_eq!(
+        tick.gauges
+            .get("tokenfuse_budget_remaining.budget=.=minute;.;tenant=.=acme;.;unit=.=tokens;.;"),
+        Some(&1000)
+    );
+    assert_eq!(tick.gauges.get(RESET), Some(&59));
+}
+
+#[test]
+fn the_tick_refreshes_a_bounded_number_of_keys_round_robin() {
+    let f = filter(BUDGETS);
+    let shared = FakeHost::default();
+    for tenant in ["t0", "t1", "t2", "t3", "t4"] {
+        let mut h = budget_host(tenant, &chat_with(10), &shared);
+        let mut ex = Exchange::new(f.clone(), 1);
+        send_request(&mut ex, &mut h, 64);
+        respond(
+            &mut ex,
+            &mut h,
+            "200",
+            "application/json",
+            br#"{"usage":{"prompt_tokens":8,"completion_tokens":5}}"#,
+            10,
+        );
+    }
+    // Two budgets (minute and usd) of five keys each: ten keys, three per tick.
+    let mut seen = std::collections::BTreeSet::new();
+    let mut tick = FakeHost {
+        shared: shared.shared.clone(),
+        ..FakeHost::default()
+    };
+    for second in 0..4 {
+        tick.gauges.clear();
+        tick.now_ms.set(1_800_000_031_000 + second * 1000);
+        f.refresh_gauges(&mut tick, 3);
+        let used: Vec<&String> = tick
+            .gauges
+            .keys()
+            .filter(|k| k.starts_with("tokenfuse_budget_used."))
+            .collect();
+        assert_eq!(used.len(), 3, "{used:?}");
+        seen.extend(used.into_iter().cloned());
+    }
+    assert_eq!(seen.len(), 10, "every key within four ticks: {seen:?}");
+}
+
+#[test]
+fn tokens_per_request_are_histograms_and_sdk_retries_are_counted() {
+    let f = filter(BUDGETS);
+    let shared = FakeHost::default();
+    let mut h = budget_host("acme", &chat_with(100), &shared);
+    h.request_headers
+        .push(("x-stainless-retry-count".into(), "2".into()));
+    let mut ex = Exchange::new(f.clone(), 1);
+    send_request(&mut ex, &mut h, 64);
+    respond(
+        &mut ex,
+        &mut h,
+        "200",
+        "application/json",
+        br#"{"usage":{"prompt_tokens":8,"completion_tokens":5}}"#,
+        10,
+    );
+    assert_eq!(
+        h.histograms
+            .get("tokenfuse_tokens_per_request.tenant=.=acme;.;kind=.=prompt;.;model=.=gpt-4o;.;"),
+        Some(&vec![8])
+    );
+    assert_eq!(
+        h.histograms.get(
+            "tokenfuse_tokens_per_request.tenant=.=acme;.;kind=.=completion;.;model=.=gpt-4o;.;"
+        ),
+        Some(&vec![5])
+    );
+    assert_eq!(h.counter_sum("tokenfuse_retries.tenant=.=acme;", &[]), 1);
+
+    // A first attempt (count 0) or a header that is not a count is no retry.
+    for value in ["0", "many", ""] {
+        let mut h = budget_host("acme", &chat_with(100), &shared);
+        h.request_headers
+            .push(("x-stainless-retry-count".into(), value.into()));
+        let mut ex = Exchange::new(f.clone(), 1);
+        send_request(&mut ex, &mut h, 64);
+        assert_eq!(h.counter_sum("tokenfuse_retries", &[]), 0, "{value:?}");
+    }
+}
+
+#[test]
 fn the_tenant_tag_can_be_switched_off() {
     let f = filter(&BUDGETS.replacen(
         r#""api":"v1","#,

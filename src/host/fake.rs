@@ -68,6 +68,7 @@ pub struct FakeHost {
     pub reply: Option<Reply>,
     pub counters: BTreeMap<String, u64>,
     pub gauges: BTreeMap<String, u64>,
+    pub histograms: BTreeMap<String, Vec<u64>>,
     pub logs: RefCell<Vec<(Level, String)>>,
     pub shared: Rc<RefCell<FakeShared>>,
     pub now_ms: Cell<i64>,
@@ -189,6 +190,12 @@ impl Host for FakeHost {
     }
     fn gauge_set(&mut self, name: &str, value: u64) {
         self.gauges.insert(name.to_string(), value);
+    }
+    fn histogram_record(&mut self, name: &str, value: u64) {
+        self.histograms
+            .entry(name.to_string())
+            .or_default()
+            .push(value);
     }
     fn log_enabled(&self, _level: Level) -> bool {
         true

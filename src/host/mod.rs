@@ -50,6 +50,8 @@ pub trait Host {
     fn counter_add(&mut self, name: &str, n: u64);
     /// Set the gauge `name` to `value`, defining it on first use.
     fn gauge_set(&mut self, name: &str, value: u64);
+    /// Record one sample of the histogram `name`, defining it on first use.
+    fn histogram_record(&mut self, name: &str, value: u64);
     /// Write a log line. Callers never pass prompts, completions or credentials.
     fn log(&self, level: Level, message: &str);
     /// Whether a line at `level` would be written (so callers can skip formatting it).

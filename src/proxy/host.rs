@@ -30,7 +30,13 @@ struct Metric {
     pending: u64,
     /// The gauge's latest value, if set since the last flush.
     latest: Option<u64>,
+    /// Histogram samples since the last flush (at most [`MAX_SAMPLES`]).
+    samples: Vec<u64>,
 }
+
+/// Most samples a histogram keeps between two flushes (about a second): beyond, samples are
+/// dropped rather than held without bound.
+const MAX_SAMPLES: usize = 4096;
 
 thread_local! {
     static METRICS: RefCell<FxHashMap<String, Metric>> = RefCell::new(FxHashMap::default());
@@ -56,6 +62,7 @@ fn with_metric(kind: MetricType, name: &str, update: impl FnOnce(&mut Metric)) {
             kind,
             pending: 0,
             latest: None,
+            samples: Vec::new(),
         };
         update(&mut m);
         cache.insert(name.to_string(), m);
@@ -76,6 +83,9 @@ pub fn flush_metrics() {
                 m.pending = 0;
             }
             if let Some(v) = m.latest.take() {
+                abi::record_metric(m.id, v);
+            }
+            for v in m.samples.drain(..) {
                 abi::record_metric(m.id, v);
             }
         }
@@ -230,6 +240,14 @@ impl Host for WasmHost {
 
     fn gauge_set(&mut self, name: &str, value: u64) {
         with_metric(MetricType::Gauge, name, |m| m.latest = Some(value));
+    }
+
+    fn histogram_record(&mut self, name: &str, value: u64) {
+        with_metric(MetricType::Histogram, name, |m| {
+            if m.samples.len() < MAX_SAMPLES {
+                m.samples.push(value);
+            }
+        });
     }
 
     fn log(&self, level: Level, message: &str) {

@@ -127,6 +127,9 @@ mod contexts {
 
     /// How often batched stats reach Envoy (the most a stat lags behind its request).
     const STATS_FLUSH_MS: u64 = 500;
+    /// Most known budget keys whose gauges one tick refreshes (one shared-data read each);
+    /// ticks refresh at most once a second, so a worker reads at most this many a second.
+    const GAUGE_REFRESH_PER_TICK: usize = 64;
 
     proxy_wasm::main! {{
         proxy_wasm::set_log_level(LogLevel::Trace);
@@ -220,6 +223,7 @@ mod contexts {
                     queue.flush(&mut WasmHost::new(), &filter.config);
                 }
                 filter.report_count_cache(&mut WasmHost::new());
+                filter.refresh_gauges(&mut WasmHost::new(), GAUGE_REFRESH_PER_TICK);
             }
             flush_metrics();
         }

@@ -26,6 +26,12 @@ pub const PROMPT_ESTIMATES: &str = "prompt_estimates";
 pub const USAGE_COUNTED: &str = "usage_counted";
 /// Spend in micro-USD, for priced models. Tags: `[tenant]`, model, cluster.
 pub const COST_MICRO_USD: &str = "cost_micro_usd";
+/// Tokens billed per request, a histogram (p50/p95/p99 per request are one query away).
+/// Tags: `[tenant]`, kind (prompt/completion), model.
+pub const TOKENS_PER_REQUEST: &str = "tokens_per_request";
+/// Requests an SDK marked as a retry (`x-stainless-retry-count` above 0): each is paid for
+/// again. Tags: `[tenant]`, api.
+pub const RETRIES: &str = "retries";
 
 // Responses.
 /// Requests whose client left before the response headers. Tags: model, cluster.
@@ -56,6 +62,9 @@ pub const BUDGET_USED: &str = "budget_used";
 pub const BUDGET_LIMIT: &str = "budget_limit";
 /// See [`BUDGET_USED`].
 pub const BUDGET_REMAINING: &str = "budget_remaining";
+/// Seconds until the key's window resets (the forecast alert's horizon). See
+/// [`BUDGET_USED`].
+pub const BUDGET_RESET_SECONDS: &str = "budget_reset_seconds";
 
 // Global budgets.
 /// Reservation calls without a verdict. Tags: budget, reason.
