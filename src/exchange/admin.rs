@@ -8,6 +8,9 @@
 //! `authorization: Bearer <token>` (compared in constant time), else 401.
 //!
 //! - `GET <path>?key=<key>[&budget=<name>]`: the key's account in every (or one) budget.
+//! - `GET <path>/keys?budget=<name>[&limit=<n>][&offset=<n>][&from=<slot>]`: the keys a
+//!   local budget tracks with their standing, most used share first, a page at a time (see
+//!   [`list_keys`]).
 //! - `POST <path>/topup` with `{"budget": "<name>", "key": "<key>", "amount": <n>}`: add
 //!   `n` (tokens, or USD for USD budgets) to the key's elastic balance.
 //! - anything else under the path: 404 (405 for a known resource with another method).
@@ -230,17 +233,21 @@ pub fn on_request_headers(host: &mut dyn Host, config: &Config, end_of_stream: b
             }
             AdminStep::Replied
         }
+        ("/keys", "GET") => {
+            list_keys(host, config, &path);
+            AdminStep::Replied
+        }
         ("/topup", "POST") if end_of_stream => {
             error(host, 400, "missing_body", "a top-up needs a JSON body");
             AdminStep::Replied
         }
         ("/topup", "POST") => AdminStep::AwaitBody,
-        ("" | "/topup", _) => {
+        ("" | "/topup" | "/keys", _) => {
             error(
                 host,
                 405,
                 "method_not_allowed",
-                "use GET <path>?key=… or POST <path>/topup",
+                "use GET <path>?key=…, GET <path>/keys?budget=… or POST <path>/topup",
             );
             AdminStep::Replied
         }
@@ -249,6 +256,136 @@ pub fn on_request_headers(host: &mut dyn Host, config: &Config, end_of_stream: b
             AdminStep::Replied
         }
     }
+}
+
+/// Most slots one listing request reads (one shared-data read each): a budget with more
+/// slots is listed a range at a time (`from`, `next_from`), so no request holds a worker
+/// for long whatever `max_keys` is.
+pub const LIST_SCAN_SLOTS: u64 = 16_384;
+/// Default and largest page of the listing.
+const LIST_PAGE: usize = 50;
+const LIST_PAGE_MAX: usize = 1_000;
+
+/// A numeric query parameter: `default` when absent, `None` (a 400) when not a number.
+fn number_param(path: &str, name: &str, default: u64) -> Option<u64> {
+    match query_param(path, name) {
+        None => Some(default),
+        Some(v) => v.trim().parse().ok(),
+    }
+}
+
+/// `GET <path>/keys?budget=<name>`: the keys holding a slot of a local budget, each with
+/// its standing in the current window, sorted by used share of its limit (then by use,
+/// then by key), `limit` (default 50, at most 1,000) from `offset`, plus the overflow
+/// account. The listing reads slots `from` (default 0) on, at most [`LIST_SCAN_SLOTS`] of
+/// them: the default 10,000 slots fit in one range; for larger budgets the order holds
+/// within the range read, and `next_from` names the next range (`null` after the last).
+fn list_keys(host: &mut dyn Host, config: &Config, path: &str) {
+    let Some(name) = query_param(path, "budget") else {
+        error(
+            host,
+            400,
+            "missing_budget",
+            "query parameter `budget` is required",
+        );
+        return;
+    };
+    let Some(index) = config.budgets.iter().position(|b| b.name == name) else {
+        if config.global_budgets.iter().any(|g| g.name == name) {
+            error(
+                host,
+                400,
+                "global_budget",
+                "a global budget's counters live in the rate limit service",
+            );
+        } else {
+            error(host, 404, "no_such_budget", "no such budget");
+        }
+        return;
+    };
+    let (Some(limit), Some(offset), Some(from)) = (
+        number_param(path, "limit", LIST_PAGE as u64),
+        number_param(path, "offset", 0),
+        number_param(path, "from", 0),
+    ) else {
+        error(
+            host,
+            400,
+            "bad_parameter",
+            "`limit`, `offset` and `from` are whole numbers",
+        );
+        return;
+    };
+    let Some(budget) = config.budgets.get(index) else {
+        return;
+    };
+    let limit = usize::try_from(limit)
+        .unwrap_or(usize::MAX)
+        .clamp(1, LIST_PAGE_MAX);
+    let offset = usize::try_from(offset).unwrap_or(usize::MAX);
+    let from = from.min(budget.max_keys);
+    let to = from.saturating_add(LIST_SCAN_SLOTS).min(budget.max_keys);
+    let now_ms = host.now_ms();
+    let now = now_ms.div_euclid(1000);
+
+    let mut found = Vec::new();
+    for n in from..to {
+        let Ok(n) = u32::try_from(n) else { break };
+        let Some(record) = ledger::record(host, budget, Slot::Index(n)) else {
+            continue;
+        };
+        let Some(b) = config.budget_for(index, &record.owner) else {
+            continue;
+        };
+        let standing = b.standing(&b.roll(record.account, now), now);
+        found.push((n, record.owner, record.holds, standing));
+    }
+    let keys_found = found.len();
+    found.sort_by(|a, b| {
+        b.3.ratio()
+            .total_cmp(&a.3.ratio())
+            .then(b.3.used.cmp(&a.3.used))
+            .then_with(|| a.1.cmp(&b.1))
+    });
+    let keys: Vec<Value> = found
+        .into_iter()
+        .skip(offset)
+        .take(limit)
+        .map(|(slot, key, holds, s)| {
+            json!({
+                "key": key,
+                "slot": slot,
+                "used": s.used,
+                "remaining": s.remaining,
+                "limit": s.limit,
+                "used_ratio": s.ratio(),
+                "open_reservations": holds,
+            })
+        })
+        .collect();
+    let overflow = ledger::record(host, budget, Slot::Overflow).map(|r| {
+        let s = budget.standing(&budget.roll(r.account, now), now);
+        json!({"key": ledger::OVERFLOW_KEY, "used": s.used, "remaining": s.remaining,
+               "limit": s.limit, "used_ratio": s.ratio()})
+    });
+    reply(
+        host,
+        200,
+        &json!({
+            "budget": budget.name,
+            "unit": if budget.unit == Unit::Usd { "micro_usd" } else { "tokens" },
+            "window": budget.window.kind.as_str(),
+            "resets_in_secs": budget.window.retry_after_secs(now_ms),
+            "slots": budget.max_keys,
+            "scanned": {"from": from, "to": to},
+            "next_from": if to < budget.max_keys { Some(to) } else { None },
+            "keys_found": keys_found,
+            "offset": offset,
+            "limit": limit,
+            "keys": keys,
+            "overflow": overflow,
+        }),
+    );
 }
 
 #[derive(Deserialize)]
@@ -428,6 +565,148 @@ mod tests {
         assert_eq!(v["budgets"][0]["tracked"], false);
         assert_eq!(v["budgets"][1]["unit"], "micro_usd");
         assert_eq!(v["budgets"][1]["limit"], 5_000_000);
+    }
+
+    /// Spend `amount` of budget `index` for `key` through the ledger, as a request would.
+    fn spend(h: &mut FakeHost, c: &Config, index: usize, key: &str, amount: u64) {
+        let budget = c.budget_for(index, key).unwrap();
+        let now = h.now_ms().div_euclid(1000);
+        let slot = ledger::locate(h, &budget, key, now, None, 8).unwrap().slot;
+        let at = ledger::At {
+            slot,
+            owner: key,
+            generation: None,
+        };
+        ledger::update(h, &budget, at, now, 8, Hold::Keep, |a| {
+            budget.draw(a, amount, now, true);
+            (true, ())
+        })
+        .unwrap();
+    }
+
+    fn listing(h: &FakeHost, c: &Config, query: &str) -> (u32, Value) {
+        let (status, v, _) = listing_reads(h, c, query);
+        (status, v)
+    }
+
+    /// A listing's status, body and the shared-data reads it took.
+    fn listing_reads(h: &FakeHost, c: &Config, query: &str) -> (u32, Value, u32) {
+        let mut h2 = admin_request(
+            "GET",
+            &format!("/tokenfuse/admin/keys?{query}"),
+            Some("0123456789abcdef-token"),
+        );
+        h2.shared = h.shared.clone();
+        h2.now_ms.set(h.now_ms());
+        assert_eq!(on_request_headers(&mut h2, c, true), AdminStep::Replied);
+        (
+            h2.reply.as_ref().unwrap().status,
+            body_json(&h2),
+            h2.shared_reads.get(),
+        )
+    }
+
+    #[test]
+    fn keys_are_listed_by_used_share_a_page_at_a_time() {
+        let c = Config::parse(br#"{"api":"v1","admin":{"path":"/tokenfuse/admin","token":"0123456789abcdef-token"},
+            "budgets":[{"name":"daily","key":"header:x-tenant","window":"day","base":1000,"max_keys":64,
+                        "base_overrides":{"big":10000}}]}"#).unwrap();
+        let mut h = admin_request("GET", "/", None);
+        for (key, amount) in [("a", 100), ("b", 900), ("c", 500), ("big", 2000), ("d", 0)] {
+            spend(&mut h, &c, 0, key, amount);
+        }
+        let (status, v) = listing(&h, &c, "budget=daily");
+        assert_eq!(status, 200, "{v}");
+        let order: Vec<&str> = v["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["key"].as_str().unwrap())
+            .collect();
+        assert_eq!(order, ["b", "c", "big", "a", "d"]);
+        assert_eq!(v["keys"][0]["used"], 900);
+        assert_eq!(v["keys"][0]["remaining"], 100);
+        assert_eq!(
+            v["keys"][2]["limit"], 10000,
+            "the override is the key's limit"
+        );
+        assert_eq!(v["keys_found"], 5);
+        assert_eq!(v["next_from"], Value::Null);
+
+        let (_, page) = listing(&h, &c, "budget=daily&limit=2&offset=1");
+        let order: Vec<&str> = page["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["key"].as_str().unwrap())
+            .collect();
+        assert_eq!(order, ["c", "big"]);
+
+        // The next day every key is back to nothing used.
+        h.now_ms.set(h.now_ms() + 86_400_000);
+        let (_, v) = listing(&h, &c, "budget=daily");
+        assert!(
+            v["keys"].as_array().unwrap().iter().all(|k| k["used"] == 0),
+            "{v}"
+        );
+    }
+
+    #[test]
+    fn a_listing_reads_a_bounded_range_of_slots() {
+        let c = Config::parse(br#"{"api":"v1","admin":{"path":"/tokenfuse/admin","token":"0123456789abcdef-token"},
+            "budgets":[{"name":"daily","key":"header:x-tenant","window":"day","base":1000,"max_keys":40000}]}"#).unwrap();
+        let mut h = admin_request("GET", "/", None);
+        spend(&mut h, &c, 0, "a", 10);
+        let (_, v, reads) = listing_reads(&h, &c, "budget=daily");
+        assert_eq!(v["scanned"], json!({"from": 0, "to": LIST_SCAN_SLOTS}));
+        assert_eq!(v["next_from"], LIST_SCAN_SLOTS);
+        assert_eq!(
+            u64::from(reads),
+            LIST_SCAN_SLOTS + 1,
+            "the range and the overflow"
+        );
+        let (_, last) = listing(&h, &c, "budget=daily&from=32768");
+        assert_eq!(last["scanned"], json!({"from": 32768, "to": 40000}));
+        assert_eq!(last["next_from"], Value::Null);
+        let total = v["keys_found"].as_u64().unwrap()
+            + listing(&h, &c, "budget=daily&from=16384").1["keys_found"]
+                .as_u64()
+                .unwrap()
+            + last["keys_found"].as_u64().unwrap();
+        assert_eq!(total, 1, "the key is in exactly one range");
+    }
+
+    #[test]
+    fn bad_listing_requests_get_clear_errors() {
+        let c = config();
+        let h = admin_request("GET", "/", None);
+        for (query, status, code) in [
+            ("", 400, "missing_budget"),
+            ("budget=nope", 404, "no_such_budget"),
+            ("budget=daily&limit=ten", 400, "bad_parameter"),
+            ("budget=daily&offset=-1", 400, "bad_parameter"),
+            (
+                "budget=daily&from=99999999999999999999999",
+                400,
+                "bad_parameter",
+            ),
+        ] {
+            let (s, v) = listing(&h, &c, query);
+            assert_eq!(
+                (s, v["error"]["code"].as_str().unwrap()),
+                (status, code),
+                "{query}"
+            );
+        }
+        // Out-of-range numbers are clamped, not refused.
+        let (s, v) = listing(
+            &h,
+            &c,
+            "budget=daily&limit=0&offset=18446744073709551615&from=18446744073709551615",
+        );
+        assert_eq!(s, 200);
+        assert_eq!(v["limit"], 1);
+        assert_eq!(v["keys"], json!([]));
     }
 
     #[test]
