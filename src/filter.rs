@@ -117,13 +117,13 @@ impl Filter {
             None => BudgetKey {
                 key: key.to_string(),
                 slot: Default::default(),
-                gauges: None,
+                stats: None,
             },
         });
         if let Some(keys) = self.known_keys.borrow_mut().get_mut(index) {
             if keys.len() < KNOWN_KEYS_CAP {
                 keys.insert(key.to_string(), Rc::clone(&made));
-                if made.gauges.is_some() {
+                if made.stats.is_some() {
                     if let Some(gauged) = self.gauged.borrow_mut().get_mut(index) {
                         gauged.push(Rc::clone(&made));
                     }
@@ -134,7 +134,8 @@ impl Filter {
     }
 
     /// Set `key`'s gauges in budget `index` to `standing` at `now_ms`: used, limit and
-    /// remaining in the budget's unit, and the seconds until its window resets. Keys beyond
+    /// remaining in the budget's unit, the seconds until its window resets, and the key's
+    /// base allowance. Keys beyond
     /// the tenant tag cap have none (an `other` gauge would be meaningless).
     pub fn set_gauges(
         &self,
@@ -144,15 +145,21 @@ impl Filter {
         standing: &Standing,
         now_ms: i64,
     ) {
-        let (Some([used, limit, remaining, reset]), Some(budget)) =
-            (&key.gauges, self.config.budgets.get(index))
+        let (Some(stats), Some(budget)) = (&key.stats, self.config.budget_for(index, &key.key))
         else {
             return;
         };
-        host.gauge_set(used, standing.used);
-        host.gauge_set(limit, standing.limit);
-        host.gauge_set(remaining, standing.remaining);
-        host.gauge_set(reset, budget.window.ms_until_end(now_ms).div_ceil(1000));
+        host.gauge_set(&stats.used, standing.used);
+        host.gauge_set(&stats.limit, standing.limit);
+        host.gauge_set(&stats.remaining, standing.remaining);
+        host.gauge_set(
+            &stats.reset_seconds,
+            budget.window.ms_until_end(now_ms).div_ceil(1000),
+        );
+        host.gauge_set(&stats.base, budget.base);
+        if let Some(cap) = budget.max_request_tokens {
+            host.gauge_set(&stats.request_cap, cap);
+        }
     }
 
     /// Refresh the gauges of up to `max` known keys, round robin over every budget, at most

@@ -432,7 +432,10 @@ fn promql_refs(expr: &str) -> Refs {
                     matchers,
                 });
                 i = k + 1;
-            } else if ident.starts_with("tokenfuse_") || ident.starts_with("envoy_") {
+            } else if ident.starts_with("tokenfuse_")
+                || ident.starts_with("tokenfuse:")
+                || ident.starts_with("envoy_")
+            {
                 refs.selectors.push(Selector {
                     metric: ident,
                     matchers: Vec::new(),
@@ -528,6 +531,8 @@ struct Check<'a> {
     problems: Vec<String>,
     /// (metric, labels) pairs seen, for the report.
     used: BTreeMap<String, BTreeSet<String>>,
+    /// Metrics recording rules make, with their labels.
+    recorded: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl<'a> Check<'a> {
@@ -537,6 +542,7 @@ impl<'a> Check<'a> {
             target_labels,
             problems: Vec::new(),
             used: BTreeMap::new(),
+            recorded: BTreeMap::new(),
         }
     }
 
@@ -544,6 +550,9 @@ impl<'a> Check<'a> {
     fn labels_of(&mut self, what: &str, metric: &str) -> Option<(BTreeSet<String>, bool)> {
         if self.scrape.has_metric(metric) {
             return Some((self.scrape.label_names(metric), true));
+        }
+        if let Some(labels) = self.recorded.get(metric) {
+            return Some((labels.clone(), false));
         }
         if let Some((_, stat)) = NOT_PRODUCIBLE.iter().find(|(m, _)| *m == metric) {
             return match labels_defined_in_source(stat) {
@@ -651,13 +660,53 @@ impl<'a> Check<'a> {
     }
 }
 
+/// The recording rules of the rules file: (recorded metric, expression), in order.
+fn recording_rules() -> Vec<(String, String)> {
+    let doc = &yaml_docs(ALERTS)[0];
+    let mut out = Vec::new();
+    for group in doc["groups"].as_array().expect("groups") {
+        for rule in group["rules"].as_array().expect("rules") {
+            if let Some(name) = rule["record"].as_str() {
+                let expr = rule["expr"].as_str().expect("expr").to_string();
+                out.push((name.to_string(), expr));
+            }
+        }
+    }
+    out
+}
+
+/// A check that knows the recorded metrics of the rules file: each is checked like any
+/// expression, and then has the labels of its expression (its `by` labels, else those of
+/// its first metric).
+fn check_with_recordings(scrape: &Catalogue) -> Check<'_> {
+    let mut check = Check::new(scrape, &[]);
+    for (name, expr) in recording_rules() {
+        check.expr(&format!("record {name}"), &expr, &BTreeSet::new());
+        let refs = promql_refs(&expr);
+        let labels = if refs.grouping.is_empty() {
+            refs.selectors
+                .first()
+                .and_then(|sel| check.labels_of(&name, &sel.metric))
+                .map(|(labels, _)| labels)
+                .unwrap_or_default()
+        } else {
+            refs.grouping.clone()
+        };
+        check.recorded.insert(name, labels);
+    }
+    check
+}
+
 /// Every expression of the alert rules, with the labels their annotations read.
 fn alert_exprs() -> Vec<(String, String, BTreeSet<String>)> {
     let doc = &yaml_docs(ALERTS)[0];
     let mut out = Vec::new();
     for group in doc["groups"].as_array().expect("groups") {
         for rule in group["rules"].as_array().expect("rules") {
-            let name = rule["alert"].as_str().expect("every rule is an alert");
+            let Some(name) = rule["alert"].as_str() else {
+                assert!(rule["record"].is_string(), "a rule is an alert or a record");
+                continue;
+            };
             let expr = rule["expr"].as_str().expect("expr").to_string();
             let mut refs = BTreeSet::new();
             for text in rule["annotations"]
@@ -730,7 +779,8 @@ const FLAGGER_TARGET_LABELS: &[&str] = &["namespace", "pod"];
 /// Budgets that produce every decision the assets read: `tenant-tokens` warns `warm`
 /// (839 of 1000) and rejects `greedy` (959 tokens: more than priority p1 may ever use);
 /// `tenant-daily-usd` reroutes `thrifty` ($0.0005) from gpt-4o to gpt-4o-mini;
-/// `request-cap` refuses requests over 5000 tokens as oversize. Responses over 1 KiB are
+/// `request-cap` refuses requests over 5000 tokens as oversize; `tenant-hourly` never
+/// refuses (its hour window gives the sizing rules' hourly series). Responses over 1 KiB are
 /// not read (a response-stage parse failure). Day windows and per-tenant keys keep every
 /// outcome the same whatever the clock.
 const SCRAPE_CONFIG: &str = r#"{
@@ -742,7 +792,8 @@ const SCRAPE_CONFIG: &str = r#"{
     {"name": "tenant-daily-usd", "key": "header:x-tenant", "window": "day", "unit": "usd",
      "base": 1.0, "action": "reroute", "base_overrides": {"thrifty": 0.0005}},
     {"name": "request-cap", "key": "constant:all", "window": "day", "base": 1000000000,
-     "max_request_tokens": 5000}
+     "max_request_tokens": 5000},
+    {"name": "tenant-hourly", "key": "header:x-tenant", "window": "hour", "base": 1000000}
   ],
   "priority": {"header": "x-tokenfuse-priority"},
   "prices": {
@@ -757,7 +808,7 @@ const SCRAPE_CONFIG: &str = r#"{
 struct Stack {
     _primary: MockUpstream,
     economy: MockUpstream,
-    _envoy: Envoy,
+    envoy: Envoy,
     scrape: Catalogue,
 }
 
@@ -821,6 +872,13 @@ fn drive_traffic(envoy: &Envoy) {
         &chat("gpt-4o", 10),
         200,
     );
+    // an SDK's retry (and its tokens per request in the histograms, as every request's)
+    post(
+        "acme",
+        &[("x-stainless-retry-count", "1")],
+        &chat("gpt-4o", 10),
+        200,
+    );
     // not an LLM call
     let r = envoy.get("/healthz", &[]).unwrap();
     assert_eq!(r.status, 200);
@@ -846,16 +904,46 @@ const EXPECTED: &[(&str, &str, &str)] = &[
     ("tokenfuse_budget_used", "budget", "tenant-daily-usd"),
     ("tokenfuse_budget_limit", "budget", "tenant-tokens"),
     ("tokenfuse_budget_remaining", "budget", "request-cap"),
+    ("tokenfuse_budget_reset_seconds", "window", "day"),
+    ("tokenfuse_budget_base", "budget", "tenant-daily-usd"),
+    ("tokenfuse_budget_request_cap", "budget", "request-cap"),
+    ("tokenfuse_budget_consumed", "budget", "tenant-tokens"),
+    ("tokenfuse_budget_settled", "tenant", "thrifty"),
+    ("tokenfuse_retries", "tenant", "acme"),
+    ("tokenfuse_tokens_per_request_count", "kind", "completion"),
+    ("tokenfuse_budget_consumed", "window", "hour"),
+];
+
+/// Series that must also have counted something: values reach Envoy on the filter's tick
+/// (every 0.5 s), histograms on Envoy's stats flush (every 5 s).
+const NONZERO: &[&str] = &[
+    "tokenfuse_budget_consumed",
+    "tokenfuse_budget_base",
+    "tokenfuse_budget_request_cap",
+    "tokenfuse_tokens_per_request_count",
+    "tokenfuse_retries",
 ];
 
 fn scrape_when_complete(envoy: &Envoy) -> Catalogue {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let scrape = Catalogue::from_text(&envoy.prometheus());
-        let missing: Vec<_> = EXPECTED
+        let mut missing: Vec<String> = EXPECTED
             .iter()
             .filter(|(m, l, v)| !scrape.has(m, l, v))
+            .map(|(m, l, v)| format!("{m}{{{l}={v:?}}}"))
             .collect();
+        missing.extend(
+            NONZERO
+                .iter()
+                .filter(|m| {
+                    !scrape
+                        .tokenfuse()
+                        .iter()
+                        .any(|(x, v)| x.name == **m && v.parse::<f64>().is_ok_and(|v| v > 0.0))
+                })
+                .map(|m| format!("{m} > 0")),
+        );
         if missing.is_empty() {
             return scrape;
         }
@@ -888,7 +976,7 @@ fn start_stack(stats_config: String, concurrency: u32) -> Stack {
     Stack {
         _primary: primary,
         economy,
-        _envoy: envoy,
+        envoy,
         scrape,
     }
 }
@@ -950,6 +1038,35 @@ fn istio_proxy_settings() -> (Vec<String>, Vec<String>) {
         "the annotation and meshConfig include the same prefixes"
     );
     (tags, prefixes)
+}
+
+/// The `histogram_bucket_settings` Istio's bootstrap makes of the Deployment's
+/// `sidecar.istio.io/statsHistogramBuckets` annotation (prefix → buckets), checked equal to
+/// those of the shipped `envoy/envoy.yaml`.
+fn istio_histogram_buckets() -> Value {
+    let docs = yaml_docs(PROXY_CONFIG);
+    let deploy = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .expect("a Deployment document");
+    let annotation = str_at(
+        deploy,
+        "/spec/template/metadata/annotations/sidecar.istio.io~1statsHistogramBuckets",
+        PROXY_CONFIG,
+    );
+    let by_prefix: Map<String, Value> =
+        serde_json::from_str(annotation).expect("the annotation is a JSON object");
+    let settings: Vec<Value> = by_prefix
+        .into_iter()
+        .map(|(prefix, buckets)| json!({"match": {"prefix": prefix}, "buckets": buckets}))
+        .collect();
+    let shipped = &yaml_docs("envoy/envoy.yaml")[0]["stats_config"]["histogram_bucket_settings"];
+    assert_eq!(
+        &Value::Array(settings.clone()),
+        shipped,
+        "the annotation's buckets are envoy/envoy.yaml's"
+    );
+    Value::Array(settings)
 }
 
 /// The `stats_config` an Istio sidecar's bootstrap gets (istio/istio
@@ -1026,6 +1143,7 @@ fn istio_stats_config(extra_tags: &[String], inclusion_prefixes: &[String]) -> S
         "use_all_default_tags": false,
         "stats_tags": tags,
         "stats_matcher": {"inclusion_list": {"patterns": patterns}},
+        "histogram_bucket_settings": istio_histogram_buckets(),
     });
     // JSON is YAML: one top-level key for the harness's extra bootstrap YAML.
     format!("stats_config: {config}\n")
@@ -1339,10 +1457,115 @@ fn a_rerouted_request_is_labelled_with_the_cheaper_model_and_the_economy_cluster
     assert_eq!(served, vec![("gpt-4o-mini".into(), "economy".into())]);
 }
 
+/// The value of the one series of `metric` whose labels include `labels`.
+fn value_of(scrape: &Catalogue, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    let found: Vec<f64> = scrape
+        .tokenfuse()
+        .into_iter()
+        .filter(|(x, _)| x.name == metric)
+        .filter(|(x, _)| {
+            labels
+                .iter()
+                .all(|(k, v)| x.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|(_, v)| v.parse().unwrap())
+        .collect();
+    assert_eq!(found.len(), 1, "{metric} {labels:?}: {found:?}");
+    found[0]
+}
+
+#[test]
+fn tokens_per_request_are_histograms_with_the_shipped_token_buckets() {
+    let s = shipped();
+    let buckets: BTreeSet<String> = s
+        .scrape
+        .tokenfuse()
+        .into_iter()
+        .filter(|(x, _)| x.name == "tokenfuse_tokens_per_request_bucket")
+        .filter_map(|(x, _)| x.labels.get("le").cloned())
+        .collect();
+    for le in ["32", "1024", "1048576", "+Inf"] {
+        assert!(buckets.contains(le), "no bucket le={le}: {buckets:?}");
+    }
+    assert!(
+        !buckets.contains("0.5"),
+        "Envoy's default (millisecond) buckets: {buckets:?}"
+    );
+    // `warm`'s one request: 9 prompt tokens, and the mock's short completion.
+    let warm = |kind: &str, suffix: &str, le: Option<&str>| {
+        let mut labels = vec![("tenant", "warm"), ("kind", kind), ("model", "gpt-4o")];
+        labels.extend(le.map(|le| ("le", le)));
+        value_of(
+            &s.scrape,
+            &format!("tokenfuse_tokens_per_request_{suffix}"),
+            &labels,
+        )
+    };
+    for kind in ["prompt", "completion"] {
+        assert_eq!(warm(kind, "count", None), 1.0, "{kind}");
+        assert_eq!(warm(kind, "bucket", Some("32")), 1.0, "{kind}");
+    }
+    // `acme`'s requests that were read: 4 in all (one with dots in its model name).
+    let acme_4o = value_of(
+        &s.scrape,
+        "tokenfuse_tokens_per_request_count",
+        &[("tenant", "acme"), ("kind", "prompt"), ("model", "gpt-4o")],
+    );
+    assert!(acme_4o >= 3.0, "{acme_4o}");
+}
+
+#[test]
+fn budget_gauges_are_refreshed_without_traffic_and_budget_counters_add_up() {
+    let s = shipped();
+    let key = [
+        ("budget", "tenant-tokens"),
+        ("tenant", "acme"),
+        ("window", "day"),
+    ];
+    // The tick keeps every known key's gauges current: with no request at all, the
+    // seconds until the window resets go down.
+    let first = Catalogue::from_text(&s.envoy.prometheus());
+    let before = value_of(&first, "tokenfuse_budget_reset_seconds", &key);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = Catalogue::from_text(&s.envoy.prometheus());
+        let after = value_of(&now, "tokenfuse_budget_reset_seconds", &key);
+        if after <= before - 2.0 || after > before {
+            // Down by the time passed (or up: the day rolled over during the test).
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tokenfuse_budget_reset_seconds stayed at {after} (from {before}) for 20 s"
+        );
+    }
+    assert_eq!(
+        value_of(&first, "tokenfuse_budget_base", &key),
+        1000.0,
+        "tenant-tokens' base"
+    );
+    assert_eq!(
+        value_of(
+            &first,
+            "tokenfuse_budget_request_cap",
+            &[("budget", "request-cap")]
+        ),
+        5000.0
+    );
+    // What `warm` was charged for its one request is its use this window (its 830
+    // reserved completion tokens settled to what the mock answered).
+    let warm = [("budget", "tenant-tokens"), ("tenant", "warm")];
+    let consumed = value_of(&first, "tokenfuse_budget_consumed", &warm);
+    assert!(consumed > 9.0 && consumed < 839.0, "{consumed}");
+    assert_eq!(value_of(&first, "tokenfuse_budget_used", &warm), consumed);
+    assert_eq!(value_of(&first, "tokenfuse_budget_settled", &warm), 1.0);
+}
+
 #[test]
 fn every_metric_and_label_the_alert_rules_use_is_in_a_real_envoy_scrape() {
     let s = shipped();
-    let mut check = Check::new(&s.scrape, &[]);
+    let mut check = check_with_recordings(&s.scrape);
     for (alert, expr, refs) in alert_exprs() {
         check.expr(&format!("alert {alert}"), &expr, &refs);
     }
@@ -1356,8 +1579,13 @@ fn every_metric_and_label_the_alert_rules_use_is_in_a_real_envoy_scrape() {
         "tokenfuse_cost_micro_usd",
         "tokenfuse_fail_open",
         "tokenfuse_parse_failures",
+        "tokenfuse_budget_reset_seconds",
+        "tokenfuse_retries",
+        "tokenfuse_budget_consumed",
+        "tokenfuse_budget_settled",
+        "tokenfuse_budget_base",
     ] {
-        assert!(used.contains_key(metric), "no alert reads {metric}");
+        assert!(used.contains_key(metric), "no rule reads {metric}");
     }
 }
 
@@ -1375,7 +1603,7 @@ fn the_fail_open_metric_the_alerts_read_is_one_the_filter_defines_with_a_budget_
 #[test]
 fn every_metric_and_label_the_grafana_dashboard_uses_is_in_a_real_envoy_scrape() {
     let s = shipped();
-    let mut check = Check::new(&s.scrape, &[]);
+    let mut check = check_with_recordings(&s.scrape);
     for (what, expr, refs) in dashboard_exprs() {
         check.expr(&what, &expr, &refs);
     }

@@ -41,7 +41,7 @@ pub struct Facts<'a> {
 }
 
 /// One key of one budget as a VM knows it: the identity (its stored key, or
-/// [`ledger::OVERFLOW_KEY`]), the slot it was last found in, and the names of its gauges.
+/// [`ledger::OVERFLOW_KEY`]), the slot it was last found in, and the names of its stats.
 /// Built once per VM (see [`crate::filter::Filter`]) and shared by every request of that
 /// key, so a request formats none of them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,32 +50,53 @@ pub struct BudgetKey {
     pub key: String,
     /// Where this VM last found the account: a hint, checked against the owner on use.
     pub slot: Cell<Option<Slot>>,
-    /// `budget_used`, `budget_limit` and `budget_remaining` of this key; `None` when the
-    /// tenant tag cap is reached (an `other` gauge would mean nothing).
-    pub gauges: Option<[String; 4]>,
+    /// The key's stats; `None` when the tenant tag cap is reached (an `other` gauge would
+    /// mean nothing).
+    pub stats: Option<KeyStats>,
+}
+
+/// The stat names of one budget key, tagged budget, tenant, unit and window.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyStats {
+    /// Gauges: the key's standing this window, and the seconds until the window resets.
+    pub used: String,
+    pub limit: String,
+    pub remaining: String,
+    pub reset_seconds: String,
+    /// Gauge: the key's base allowance per window (its override, if any).
+    pub base: String,
+    /// Gauge: the budget's `max_request_tokens`, when it has one.
+    pub request_cap: String,
+    /// Counters: what settled requests were charged, and how many there were (the sizing
+    /// rules' input).
+    pub consumed: String,
+    pub settled: String,
 }
 
 impl BudgetKey {
-    /// `key` of `budget`, whose gauges carry `tenant` (the tag value the cap admitted).
+    /// `key` of `budget`, whose stats carry `tenant` (the tag value the cap admitted).
     pub fn new(budget: &Budget, key: &str, tenant: &str) -> BudgetKey {
-        let gauge = |name: &str| {
+        let name = |name: &str| {
             Stat::new(name)
                 .tag("budget", &budget.name)
                 .tag("tenant", tenant)
                 .tag("unit", budget.unit.tag())
+                .tag("window", budget.window.kind.as_str())
                 .name()
                 .to_string()
         };
         BudgetKey {
             key: key.to_string(),
             slot: Cell::new((key == ledger::OVERFLOW_KEY).then_some(Slot::Overflow)),
-            gauges: (tenant != "other").then(|| {
-                [
-                    gauge(catalog::BUDGET_USED),
-                    gauge(catalog::BUDGET_LIMIT),
-                    gauge(catalog::BUDGET_REMAINING),
-                    gauge(catalog::BUDGET_RESET_SECONDS),
-                ]
+            stats: (tenant != "other").then(|| KeyStats {
+                used: name(catalog::BUDGET_USED),
+                limit: name(catalog::BUDGET_LIMIT),
+                remaining: name(catalog::BUDGET_REMAINING),
+                reset_seconds: name(catalog::BUDGET_RESET_SECONDS),
+                base: name(catalog::BUDGET_BASE),
+                request_cap: name(catalog::BUDGET_REQUEST_CAP),
+                consumed: name(catalog::BUDGET_CONSUMED),
+                settled: name(catalog::BUDGET_SETTLED),
             }),
         }
     }
@@ -464,6 +485,8 @@ pub struct SettleReport {
     pub failed: Vec<String>,
     /// Each settled budget's position afterwards.
     pub standings: Vec<(usize, Rc<BudgetKey>, Standing)>,
+    /// What each settled key was charged in the end.
+    pub consumed: Vec<(Rc<BudgetKey>, u64)>,
 }
 
 /// Replace each reservation by `actual(budget, reservation)`. Settlement retries four times as
@@ -508,6 +531,7 @@ pub fn settle(
                     Rc::clone(&r.key),
                     budget.standing(&u.account, now),
                 ));
+                report.consumed.push((Rc::clone(&r.key), amount));
                 let reserved = r.drawn.total();
                 if amount < reserved {
                     report.refunded = report

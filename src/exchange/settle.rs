@@ -160,6 +160,14 @@ fn settle_budgets(
         );
     }
     gauges(filter, host, &report.standings);
+    for (key, amount) in &report.consumed {
+        if let Some(stats) = &key.stats {
+            host.counter_add(&stats.settled, 1);
+            if *amount > 0 {
+                host.counter_add(&stats.consumed, *amount);
+            }
+        }
+    }
     add(host, &Stat::new(catalog::REFUNDED), report.refunded);
     add(
         host,

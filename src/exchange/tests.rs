@@ -796,7 +796,7 @@ fn stats_carry_the_tenant_and_budget_gauges_follow_each_key() {
     send_request(&mut ex, &mut h, 64);
     assert_eq!(
         h.gauges
-            .get("tokenfuse_budget_used.budget=.=minute;.;tenant=.=acme;.;unit=.=tokens;.;"),
+            .get("tokenfuse_budget_used.budget=.=minute;.;tenant=.=acme;.;unit=.=tokens;.;window=.=minute;.;"),
         Some(&108)
     );
     respond(
@@ -809,17 +809,17 @@ fn stats_carry_the_tenant_and_budget_gauges_follow_each_key() {
     );
     assert_eq!(
         h.gauges
-            .get("tokenfuse_budget_used.budget=.=minute;.;tenant=.=acme;.;unit=.=tokens;.;"),
+            .get("tokenfuse_budget_used.budget=.=minute;.;tenant=.=acme;.;unit=.=tokens;.;window=.=minute;.;"),
         Some(&13)
     );
     assert_eq!(
         h.gauges
-            .get("tokenfuse_budget_limit.budget=.=minute;.;tenant=.=acme;.;unit=.=tokens;.;"),
+            .get("tokenfuse_budget_limit.budget=.=minute;.;tenant=.=acme;.;unit=.=tokens;.;window=.=minute;.;"),
         Some(&1000)
     );
     assert_eq!(
         h.gauges
-            .get("tokenfuse_budget_remaining.budget=.=minute;.;tenant=.=acme;.;unit=.=tokens;.;"),
+            .get("tokenfuse_budget_remaining.budget=.=minute;.;tenant=.=acme;.;unit=.=tokens;.;window=.=minute;.;"),
         Some(&987)
     );
     assert_eq!(
@@ -838,9 +838,9 @@ fn stats_carry_the_tenant_and_budget_gauges_follow_each_key() {
 
 #[test]
 fn a_quiet_keys_gauges_drop_when_its_window_rolls() {
-    const USED: &str = "tokenfuse_budget_used.budget=.=minute;.;tenant=.=acme;.;unit=.=tokens;.;";
+    const USED: &str = "tokenfuse_budget_used.budget=.=minute;.;tenant=.=acme;.;unit=.=tokens;.;window=.=minute;.;";
     const RESET: &str =
-        "tokenfuse_budget_reset_seconds.budget=.=minute;.;tenant=.=acme;.;unit=.=tokens;.;";
+        "tokenfuse_budget_reset_seconds.budget=.=minute;.;tenant=.=acme;.;unit=.=tokens;.;window=.=minute;.;";
     let f = filter(BUDGETS);
     let shared = FakeHost::default();
     let mut h = budget_host("acme", &chat_with(100), &shared);
@@ -856,6 +856,12 @@ fn a_quiet_keys_gauges_drop_when_its_window_rolls() {
     );
     assert_eq!(h.gauges.get(USED), Some(&13));
     assert_eq!(h.gauges.get(RESET), Some(&30), "30 s left in the minute");
+    assert_eq!(
+        h.gauges.get(
+            "tokenfuse_budget_base.budget=.=minute;.;tenant=.=acme;.;unit=.=tokens;.;window=.=minute;.;"
+        ),
+        Some(&1000)
+    );
 
     // The tick, still inside the window: the same standing, a second closer to the reset.
     let mut tick = FakeHost {
@@ -879,7 +885,7 @@ fn a_quiet_keys_gauges_drop_when_its_window_rolls() {
     assert_eq!(tick.gauges.get(USED), Some(&0));
     assert_eq!(
         tick.gauges
-            .get("tokenfuse_budget_remaining.budget=.=minute;.;tenant=.=acme;.;unit=.=tokens;.;"),
+            .get("tokenfuse_budget_remaining.budget=.=minute;.;tenant=.=acme;.;unit=.=tokens;.;window=.=minute;.;"),
         Some(&1000)
     );
     assert_eq!(tick.gauges.get(RESET), Some(&59));
@@ -983,10 +989,21 @@ fn the_tenant_tag_can_be_switched_off() {
         br#"{"usage":{"prompt_tokens":8,"completion_tokens":5}}"#,
         10,
     );
+    // Budget keys' own stats name the key they follow; no other stat carries a tenant.
     assert!(
-        h.counters.keys().all(|k| !k.contains("tenant=")),
+        h.counters
+            .keys()
+            .filter(|k| !k.starts_with("tokenfuse_budget_"))
+            .all(|k| !k.contains("tenant=")),
         "{:?}",
         h.counters.keys()
+    );
+    assert_eq!(
+        h.counters.get(
+            "tokenfuse_budget_consumed.budget=.=minute;.;tenant=.=acme;.;unit=.=tokens;.;window=.=minute;.;"
+        ),
+        Some(&13),
+        "what the settled request was charged: 8 + 5"
     );
 }
 

@@ -65,6 +65,17 @@ pub const BUDGET_REMAINING: &str = "budget_remaining";
 /// Seconds until the key's window resets (the forecast alert's horizon). See
 /// [`BUDGET_USED`].
 pub const BUDGET_RESET_SECONDS: &str = "budget_reset_seconds";
+/// The key's base allowance per window (its `base_overrides` entry, if any). See
+/// [`BUDGET_USED`].
+pub const BUDGET_BASE: &str = "budget_base";
+/// The budget's `max_request_tokens`, when it has one. See [`BUDGET_USED`].
+pub const BUDGET_REQUEST_CAP: &str = "budget_request_cap";
+/// What settled requests were charged to the key, a counter (its increase over a window
+/// is the window's use: the sizing rules read it). Tags as [`BUDGET_USED`].
+pub const BUDGET_CONSUMED: &str = "budget_consumed";
+/// Requests settled for the key, a counter (the sizing rules want enough of them). Tags as
+/// [`BUDGET_USED`].
+pub const BUDGET_SETTLED: &str = "budget_settled";
 
 // Global budgets.
 /// Reservation calls without a verdict. Tags: budget, reason.
