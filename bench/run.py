@@ -12,7 +12,7 @@ Side by side, on this machine, in one run:
   prompt, "stream": true). Configurations run one at a time, in an order rotated every
   round; figures are medians over the rounds, ratios are per-round ratios to the no-filter
   run of the same round (then the median).
-* The filter's own figures (examples/count_bench.rs): the throughput of its counter
+* The filter's own figures (bench/src/count_bench.rs): the throughput of its counter
   (`tokenfuse::tokens`, rank tables compiled in) and of tiktoken-rs (the counter it
   replaced, kept as the reference), natively and compiled to wasm32-wasip1 in V8 (Node), on
   the same text; tokenizer build time per encoding (both counters natively and in Node's
@@ -560,7 +560,7 @@ def count_bench(files: list[str], rounds: int) -> list[dict]:
 
 
 def exchange_bench(files: list[str]) -> list[dict]:
-    """The filter's whole per-request work outside Envoy (examples/exchange_bench.rs): natively,
+    """The filter's whole per-request work outside Envoy (bench/src/exchange_bench.rs): natively,
     in Node's V8 with warm caches, and in V8 with 4 MB of memory written between requests
     (Envoy's own work between two requests of a worker evicts the caches likewise)."""
     rows = []
@@ -585,7 +585,7 @@ def exchange_bench(files: list[str]) -> list[dict]:
 
 def worst_shapes(max_kb: int) -> list[dict]:
     """The work of the worst request shapes against prose of the same size
-    (examples/worst_shapes.rs, natively): µs per KB of body at sizes from 16 KiB up."""
+    (bench/src/worst_shapes.rs, natively): µs per KB of body at sizes from 16 KiB up."""
     log(f"worst request shapes, up to {max_kb} KiB")
     out = subprocess.run([str(WORST_SHAPES), "--max-kb", str(max_kb)], capture_output=True,
                          text=True, cwd=ROOT, timeout=900)
@@ -595,7 +595,7 @@ def worst_shapes(max_kb: int) -> list[dict]:
 
 
 def host_calls(envoy: str, workdir: Path, upstream: int, script: Path, args: argparse.Namespace) -> dict:
-    """What each kind of host call costs inside Envoy (examples/host_calls.rs), under the 1 KB
+    """What each kind of host call costs inside Envoy (bench/src/host_calls.rs), under the 1 KB
     load: the medians of the averages the filter logs (µs per call, per 2,000 requests of a VM)."""
     e = Envoy(envoy, workdir, "calls", upstream, None)
     try:
@@ -727,7 +727,7 @@ def render_md(data: dict) -> str:
               "point, over the requests served (under load, so it includes the cost of contention). "
               "The Wasm floor is a filter that holds each request until its body is complete, reads the "
               "body, adds a response header and reads the response body — what any body-reading Wasm "
-              "filter costs (`examples/floor_filter.rs`); tokenfuse's own work is what it adds beyond it."]
+              "filter costs (`bench/src/floor_filter.rs`); tokenfuse's own work is what it adds beyond it."]
     mock = data.get("mock_direct")
     if mock:
         lines += ["", f"Mock upstream alone (wrk straight at it, 1 KB case): {mock['rps']:.0f} requests/s, "
@@ -738,7 +738,7 @@ def render_md(data: dict) -> str:
 
     hc = data.get("host_calls")
     if hc:
-        lines += ["", "Host calls inside Envoy (`examples/host_calls.rs`, loaded in place of tokenfuse under the "
+        lines += ["", "Host calls inside Envoy (`bench/src/host_calls.rs`, loaded in place of tokenfuse under the "
                   "1 KB load): each kind of call tokenfuse makes, ten in a row per request, timed from inside "
                   "the VM with the host clock; µs per call, median over "
                   f"{hc['reports']} reports of {hc['requests_per_report']} requests. A call's time includes "
@@ -754,7 +754,7 @@ def render_md(data: dict) -> str:
 
     ex = data.get("exchange", [])
     if ex:
-        lines += ["", "The filter's whole work per request outside Envoy (`examples/exchange_bench.rs`: request "
+        lines += ["", "The filter's whole work per request outside Envoy (`bench/src/exchange_bench.rs`: request "
                   "headers, body parse, count, reservation, response headers, usage (a streamed answer: one "
                   "SSE event per body chunk), settlement, against an "
                   "in-memory host, in Node's V8 with `--no-liftoff`; every request's prompt is new to the count cache; "
@@ -781,7 +781,7 @@ def render_md(data: dict) -> str:
     if shapes:
         sizes = sorted({r["kb"] for r in shapes})
         prose = {r["kb"]: r["us_per_kb"] for r in shapes if r["shape"] == "prose"}
-        lines += ["", "Work per request for the worst body shapes (`examples/worst_shapes.rs`, natively, "
+        lines += ["", "Work per request for the worst body shapes (`bench/src/worst_shapes.rs`, natively, "
                   "counting uncached, budgets on; the whole exchange: parse, count, truncation where a "
                   "cap asks for it, response metering, settlement): µs per KiB of request and response, "
                   "and in brackets the multiple of prose of the same size. Linear work keeps a row flat; "
@@ -803,7 +803,7 @@ def render_md(data: dict) -> str:
 
     # Tokenizer figures.
     tok = data["tokenizer"]
-    lines += ["", "Tokenizer (`examples/count_bench.rs`, medians): the filter's counter (`tokenfuse::tokens`, "
+    lines += ["", "Tokenizer (`bench/src/count_bench.rs`, medians): the filter's counter (`tokenfuse::tokens`, "
               "tables compiled in) and tiktoken-rs 0.12.1 (the counter it replaced, kept as its reference) "
               "on the same prompt text, natively and as wasm32-wasip1 in Node's V8 (`--no-liftoff`, as Envoy runs it):", "",
               "| encoding | text | tokens | tiktoken-rs native MB/s | tiktoken-rs V8 MB/s | tokenfuse native MB/s "
@@ -1099,7 +1099,7 @@ def main() -> None:
                 finally:
                     e.stop()
 
-        log("host call costs inside Envoy (examples/host_calls.rs, 1 KB load)")
+        log("host call costs inside Envoy (bench/src/host_calls.rs, 1 KB load)")
         data["host_calls"] = host_calls(envoy, workdir, upstream_port, scripts["1 KB"], args)
         log("host calls, us per call: " + ", ".join(f"{k} {v:.2f}" for k, v in data["host_calls"]["us"].items()))
         concurrencies = [1, 2, 4]
