@@ -73,7 +73,7 @@ def main() -> None:
     if not shutil.which("perf"):
         sys.exit("perf not found: apt-get install -y linux-perf")
     envoy = bench.envoy_binary()
-    for need in (bench.WASM, bench.FLOOR_WASM, bench.MOCK, Path(envoy)):
+    for need in (bench.WASM, bench.FLOOR_WASM, bench.MOCK, bench.RENDER_ENVOY, Path(envoy)):
         if not need.exists():
             sys.exit(f"missing {need}: run `make bench` first (it builds everything)")
     work = Path(tempfile.mkdtemp(prefix="tokenfuse-profile-"))

@@ -3,10 +3,12 @@
 
 Side by side, on this machine, in one run:
 
-* Envoy with no filter (the limit), Envoy + tokenfuse counting only, Envoy + tokenfuse
-  enforcing a budget (every request reserves and settles; the budget never trips), and
-  Envoy's Lua filter estimating tokens as body bytes / 4 (a cheap peer); all in front of
-  the same mock upstream (examples/mock_upstream.rs), `--concurrency 2`.
+* Envoy with no filter (the limit), a Wasm floor (holds and reads bodies, counts nothing),
+  Envoy + tokenfuse counting only, Envoy + tokenfuse enforcing a budget (every request
+  reserves and settles; the budget never trips), and Envoy's Lua filter estimating tokens as
+  body bytes / 4 (a cheap peer); all on the shipped envoy/envoy.yaml (rendered with their
+  ports, filter and plugin configuration by bench/src/render_envoy.rs, the tests' renderer),
+  in front of the same mock upstream (examples/mock_upstream.rs), `--concurrency 2`.
 * Load from wrk at fixed concurrency: chat completions with 1 KB, 16 KB and 128 KB prompts
   of mixed English, code and CJK text (max_tokens 16), and a streamed response (1 KB
   prompt, "stream": true). Configurations run one at a time, in an order rotated every
@@ -25,9 +27,10 @@ Writes results/bench.{json,md,svg} and rewrites README.md between
     python3 bench/run.py [--rounds 3] [--duration 5] [--no-lua] [--quick] [--no-readme]
 
 Expects (the Makefile's `bench` target builds them): the filter
-target/wasm32-wasip1/release/tokenfuse.wasm, the release examples mock_upstream and
-count_bench (native), count_bench.wasm (wasm32-wasip1), Envoy (.venv/bin/envoy or $ENVOY),
-wrk and node on PATH.
+target/wasm32-wasip1/release/tokenfuse.wasm, the release examples mock_upstream,
+render_envoy, count_bench and exchange_bench (native; worst_shapes with --features
+testkit), count_bench, exchange_bench, floor_filter and host_calls (wasm32-wasip1), Envoy
+(.venv/bin/envoy or $ENVOY), wrk and node on PATH.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ EXCHANGE_WASM = ROOT / "target/wasm32-wasip1/release/examples/exchange_bench.was
 WORST_SHAPES = ROOT / "target/release/examples/worst_shapes"
 FLOOR_WASM = ROOT / "target/wasm32-wasip1/release/examples/floor_filter.wasm"
 HOST_CALLS_WASM = ROOT / "target/wasm32-wasip1/release/examples/host_calls.wasm"
+RENDER_ENVOY = ROOT / "target/release/examples/render_envoy"
 WASI_RUN = ROOT / "scripts/wasi-run.mjs"
 PATH_CHAT = "/v1/chat/completions"
 # Node runs Wasm as Envoy's V8 does: Envoy's host (proxy-wasm-cpp-host) turns Liftoff, V8's
@@ -241,119 +245,41 @@ def start_mock(port: int) -> subprocess.Popen:
     return proc
 
 
-def envoy_bootstrap(kind: str, listener: int, admin: int, upstream: int, plugin: dict | None) -> dict:
-    filters = []
-    if kind == "lua":
-        filters.append(
-            {
-                "name": "envoy.filters.http.lua",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-                    "default_source_code": {"inline_string": LUA_SOURCE},
-                },
-            }
-        )
-    elif kind != "none":
-        module = {"floor": FLOOR_WASM, "calls": HOST_CALLS_WASM}.get(kind, WASM)
-        filters.append(
-            {
-                "name": "envoy.filters.http.wasm",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                    "config": {
-                        "name": "tokenfuse",
-                        "root_id": "tokenfuse",
-                        "vm_config": {
-                            "vm_id": "tokenfuse",
-                            "runtime": "envoy.wasm.runtime.v8",
-                            "code": {"local": {"filename": str(module)}},
-                        },
-                        "allow_on_headers_stop_iteration": True,
-                        "failure_policy": "FAIL_CLOSED",
-                        "configuration": {
-                            "@type": "type.googleapis.com/google.protobuf.StringValue",
-                            "value": json.dumps(plugin) if plugin is not None else "",
-                        },
-                    },
-                },
-            }
-        )
-    filters.append(
-        {
-            "name": "envoy.filters.http.router",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-            },
-        }
-    )
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "bench",
-                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": listener}},
-                    "per_connection_buffer_limit_bytes": 4194304,
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": {
-                                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                                        "stat_prefix": "bench",
-                                        "codec_type": "AUTO",
-                                        "route_config": {
-                                            "name": "bench",
-                                            "virtual_hosts": [
-                                                {
-                                                    "name": "llm",
-                                                    "domains": ["*"],
-                                                    "routes": [
-                                                        {
-                                                            "match": {"prefix": "/"},
-                                                            "route": {"cluster": "primary", "timeout": "60s"},
-                                                        }
-                                                    ],
-                                                }
-                                            ],
-                                        },
-                                        "http_filters": filters,
-                                    },
-                                }
-                            ]
-                        }
-                    ],
-                }
-            ],
-            "clusters": [
-                {
-                    "name": "primary",
-                    "type": "STATIC",
-                    "connect_timeout": "2s",
-                    "load_assignment": {
-                        "cluster_name": "primary",
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": {
-                                                "socket_address": {
-                                                    "address": "127.0.0.1",
-                                                    "port_value": upstream,
-                                                }
-                                            }
-                                        }
-                                    }
-                                ]
-                            }
-                        ],
-                    },
-                }
-            ],
-        },
-    }
+# The Lua peer, in the Wasm filter's place.
+LUA_FILTER = {
+    "name": "envoy.filters.http.lua",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+        "default_source_code": {"inline_string": LUA_SOURCE},
+    },
+}
+
+
+def envoy_spec(kind: str, listener: int, admin: int, upstream: int, plugin: dict | None) -> dict:
+    """What a configuration changes in the shipped envoy/envoy.yaml (its fields are those of
+    the tests' EnvoySpec, tests/support/envoy_config.rs): the ports, and no filter, the Lua
+    peer in the Wasm filter's place, or the Wasm filter with a module (tokenfuse, the floor,
+    the host-call timer) and its plugin configuration. The rest is as shipped and as tested,
+    less the identity edge (the requests carry x-tenant themselves)."""
+    # One mock serves both clusters: nothing here is sent to the economy route.
+    spec: dict = {"listener_port": listener, "admin_port": admin, "primary_port": upstream,
+                  "economy_port": upstream}
+    if kind == "none":
+        spec["no_filter"] = True
+    elif kind == "lua":
+        spec["http_filter_yaml"] = "- " + json.dumps(LUA_FILTER)  # JSON is YAML
+    else:
+        spec["wasm"] = str({"floor": FLOOR_WASM, "calls": HOST_CALLS_WASM}.get(kind, WASM))
+        spec["plugin_config"] = json.dumps(plugin) if plugin is not None else ""
+    return spec
+
+
+def render_bootstrap(spec: dict) -> str:
+    """The bootstrap (JSON) for `spec`, rendered by bench/src/render_envoy.rs."""
+    out = subprocess.run([str(RENDER_ENVOY), json.dumps(spec)], capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"render_envoy refused {spec}:\n{out.stderr.strip()}")
+    return out.stdout
 
 
 class Envoy:
@@ -363,7 +289,7 @@ class Envoy:
         self.listener = free_port()
         self.admin = free_port()
         cfg = workdir / f"envoy-{kind}-{concurrency}.json"
-        cfg.write_text(json.dumps(envoy_bootstrap(kind, self.listener, self.admin, upstream, plugin)))
+        cfg.write_text(render_bootstrap(envoy_spec(kind, self.listener, self.admin, upstream, plugin)))
         self.log_path = workdir / f"envoy-{kind}-{concurrency}.log"
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
@@ -1015,8 +941,8 @@ def main() -> None:
     # `make bench` passes its own start (epoch seconds), so the builds count too.
     make_started = float(os.environ.get("BENCH_STARTED", "0")) or None
     envoy = envoy_binary()
-    for need in (WASM, FLOOR_WASM, HOST_CALLS_WASM, MOCK, COUNT_NATIVE, COUNT_WASM, EXCHANGE_NATIVE, EXCHANGE_WASM,
-                 Path(envoy)):
+    for need in (WASM, FLOOR_WASM, HOST_CALLS_WASM, MOCK, RENDER_ENVOY, COUNT_NATIVE, COUNT_WASM, EXCHANGE_NATIVE,
+                 EXCHANGE_WASM, WORST_SHAPES, Path(envoy)):
         if not need.exists():
             sys.exit(f"missing {need}: run `make bench` (it builds everything first)")
     if not shutil.which("wrk"):

@@ -23,7 +23,8 @@
 //! or a moved field fails the rendering with a message naming it, never a test run on a
 //! config nobody meant. The result is JSON (which Envoy reads as it reads YAML).
 //!
-//! Errors are returned, not panicked: the callers fail with them.
+//! The same code renders `make bench`'s bootstraps (`bench/src/render_envoy.rs` compiles it
+//! in), hence no panics here: errors are returned, and the callers fail with them.
 
 use std::path::{Path, PathBuf};
 
