@@ -195,7 +195,7 @@ fuzz:
 ## kind of host call inside Envoy, tokenizer speed (native vs. V8), VM start and memory per
 ## worker VM.
 ## Writes results/bench.{md,svg,json} and the "Performance" section of docs/performance.md.
-## BENCH_ARGS passes options through, e.g. BENCH_ARGS='--rounds 5' or '--quick --no-readme'.
+## BENCH_ARGS passes options through, e.g. BENCH_ARGS='--rounds 5' or '--quick --no-docs'.
 BENCH_ARGS ?=
 bench:
 	@start=$$(date +%s); \

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run as bench  # noqa: E402  (bench/run.py: the same Envoy, mock, bodies and wrk script)
+import measure as bench  # noqa: E402  (bench/measure.py: the same Envoy, mock, bodies and wrk script)
 
 CONFIGS = ("none", "floor", "count", "budget")
 
