@@ -187,19 +187,22 @@ fuzz:
 	@$(CARGO) fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz
 	FUZZ_SECONDS='$(FUZZ_SECONDS)' CARGO='$(CARGO)' scripts/fuzz.sh
 
-## bench: the benchmark (bench/run.py): no filter vs. a Wasm floor (holds and reads bodies,
-## counts nothing) vs. tokenfuse counting vs. tokenfuse with a budget vs. a Lua bytes/4 peer
-## under wrk, with Envoy's CPU per request; the filter's per-request work outside Envoy
-## (native and V8), the cost of each kind of host call inside Envoy, tokenizer speed (native
-## vs. V8), VM start and memory per worker VM.
+## bench: the benchmark (bench/run.py; its programs and bench-only filters in bench/src/), on
+## the shipped envoy/envoy.yaml rendered for each configuration (bench/src/render_envoy.rs):
+## no filter vs. a Wasm floor (holds and reads bodies, counts nothing) vs. tokenfuse counting
+## vs. tokenfuse with a budget vs. a Lua bytes/4 peer under wrk, with Envoy's CPU per
+## request; the filter's per-request work outside Envoy (native and V8), the cost of each
+## kind of host call inside Envoy, tokenizer speed (native vs. V8), VM start and memory per
+## worker VM.
 ## Writes results/bench.{md,svg,json} and the "Performance" section of docs/performance.md.
-## BENCH_ARGS passes options through, e.g. BENCH_ARGS='--rounds 5' or '--quick --no-readme'.
+## BENCH_ARGS passes options through, e.g. BENCH_ARGS='--rounds 5' or '--quick --no-docs'.
 BENCH_ARGS ?=
 bench:
 	@start=$$(date +%s); \
 	$(PREREQUISITES) wasm-target cc python-venv node wrk && \
 	$(MAKE) --no-print-directory build envoy && \
-	$(CARGO) build --release --example mock_upstream --example count_bench --example exchange_bench && \
+	$(CARGO) build --release --example mock_upstream --example render_envoy \
+	  --example count_bench --example exchange_bench && \
 	$(CARGO) build --release --features testkit --example worst_shapes && \
 	$(CARGO) build --release --target $(WASM_TARGET) \
 	  --example count_bench --example exchange_bench --example floor_filter --example host_calls && \

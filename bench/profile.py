@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run as bench  # noqa: E402  (bench/run.py: the same Envoy, mock, bodies and wrk script)
+import measure as bench  # noqa: E402  (bench/measure.py: the same Envoy, mock, bodies and wrk script)
 
 CONFIGS = ("none", "floor", "count", "budget")
 
@@ -73,7 +73,7 @@ def main() -> None:
     if not shutil.which("perf"):
         sys.exit("perf not found: apt-get install -y linux-perf")
     envoy = bench.envoy_binary()
-    for need in (bench.WASM, bench.FLOOR_WASM, bench.MOCK, Path(envoy)):
+    for need in (bench.WASM, bench.FLOOR_WASM, bench.MOCK, bench.RENDER_ENVOY, Path(envoy)):
         if not need.exists():
             sys.exit(f"missing {need}: run `make bench` first (it builds everything)")
     work = Path(tempfile.mkdtemp(prefix="tokenfuse-profile-"))

@@ -1,5 +1,6 @@
-//! Tests of the test harness itself (`tests/support/`): that a generated Envoy
-//! bootstrap starts, routes to the right mock upstream, exposes its admin API,
+//! Tests of the test harness itself (`tests/support/`): that the Envoy bootstrap
+//! rendered from the shipped `envoy/envoy.yaml` differs from it only where a test must,
+//! validates, starts, routes to the right mock upstream, exposes its admin API,
 //! is killed when dropped, and that the HTTP client decodes every body framing
 //! the other tests rely on. When one of these fails, fix the harness before
 //! reading anything into the filter's own tests.
@@ -7,12 +8,16 @@
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
+use std::process::Command;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use support::envoy::{Envoy, EnvoySpec};
+use serde_json::Value;
+use support::envoy::{self, wasm_path, Envoy, EnvoySpec};
+use support::envoy_config;
 use support::http;
 use support::mock_upstream::MockUpstream;
 
@@ -143,6 +148,234 @@ fn two_envoys_run_side_by_side() {
     assert_ne!(a.listener_port, b.listener_port);
     assert_ne!(a.admin_port, b.admin_port);
     assert!(a.alive() && b.alive());
+}
+
+// ---------------------------------------------------------------------------
+// The bootstrap: the shipped envoy/envoy.yaml, rendered.
+// ---------------------------------------------------------------------------
+
+/// The JSON pointers at which `a` and `b` differ (a list of another length differs whole).
+fn differences(a: &Value, b: &Value, at: &str, out: &mut Vec<String>) {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let (v, w) = (
+                    x.get(k).unwrap_or(&Value::Null),
+                    y.get(k).unwrap_or(&Value::Null),
+                );
+                differences(v, w, &format!("{at}/{k}"), out);
+            }
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (v, w)) in x.iter().zip(y).enumerate() {
+                differences(v, w, &format!("{at}/{i}"), out);
+            }
+        }
+        _ if a != b => out.push(at.to_string()),
+        _ => {}
+    }
+}
+
+fn shipped_json() -> Value {
+    let shipped = envoy_config::shipped().unwrap();
+    envoy_config::yaml_documents(&shipped).unwrap().remove(0)
+}
+
+fn rendered(spec: &EnvoySpec) -> Value {
+    serde_json::from_str(&envoy::bootstrap(spec)).unwrap()
+}
+
+#[test]
+fn the_rendered_bootstrap_differs_from_the_shipped_one_only_in_ports_module_and_plugin_config() {
+    let spec = EnvoySpec {
+        identity_edge: true,
+        wasm: Some(wasm_path()),
+        ..EnvoySpec::new(r#"{"api":"v1"}"#, 1001, 1002)
+    };
+    let mut diff = Vec::new();
+    differences(&shipped_json(), &rendered(&spec), "", &mut diff);
+    // The defaults (failure_policy, buffer limit, route timeouts) are the shipped values.
+    let expected = [
+        "/port_value",
+        "/port_value",
+        "/port_value",
+        "/port_value",
+        "/code/local/filename",
+        "/configuration/value",
+    ];
+    let mut suffixes: Vec<&str> = diff
+        .iter()
+        .map(|d| {
+            expected
+                .iter()
+                .find(|s| d.ends_with(*s))
+                .unwrap_or_else(|| panic!("unexpected difference at {d}; all: {diff:?}"))
+        })
+        .copied()
+        .collect();
+    suffixes.sort_unstable();
+    let mut want = expected.to_vec();
+    want.sort_unstable();
+    assert_eq!(suffixes, want, "{diff:?}");
+}
+
+#[test]
+fn the_identity_edge_is_left_out_unless_asked_for_and_the_wasm_filter_comes_first() {
+    let filters = |spec: &EnvoySpec| -> Vec<String> {
+        let b = rendered(spec);
+        b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+            ["http_filters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let base = EnvoySpec {
+        wasm: Some(wasm_path()),
+        ..EnvoySpec::default()
+    };
+    assert_eq!(
+        filters(&base),
+        ["envoy.filters.http.wasm", "envoy.filters.http.router"]
+    );
+    assert_eq!(
+        filters(&EnvoySpec {
+            identity_edge: true,
+            ..base.clone()
+        }),
+        [
+            "envoy.filters.http.lua",
+            "envoy.filters.http.wasm",
+            "envoy.filters.http.router"
+        ]
+    );
+    assert_eq!(
+        filters(&EnvoySpec {
+            no_filter: true,
+            ..base.clone()
+        }),
+        ["envoy.filters.http.router"]
+    );
+}
+
+#[test]
+fn a_shipped_file_without_what_the_renderer_changes_is_refused_with_its_name() {
+    let shipped = envoy_config::shipped().unwrap();
+    let spec = EnvoySpec {
+        wasm: Some(wasm_path()),
+        ..EnvoySpec::default()
+    };
+    let renamed = shipped.replace("- name: economy", "- name: cheap");
+    let err = envoy_config::render(&renamed, &spec).unwrap_err();
+    assert!(err.contains("economy"), "{err}");
+    let no_policy = shipped.replace("failure_policy: FAIL_RELOAD", "");
+    let err = envoy_config::render(&no_policy, &spec).unwrap_err();
+    assert!(err.contains("failure_policy"), "{err}");
+}
+
+#[test]
+fn every_kind_of_rendered_bootstrap_passes_envoy_validate() {
+    let base = EnvoySpec {
+        wasm: Some(wasm_path()),
+        ..EnvoySpec::default()
+    };
+    let lua = r#"- name: envoy.filters.http.lua
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
+    default_source_code: { inline_string: "function envoy_on_request(h) end" }
+"#;
+    let specs = [
+        ("default", base.clone()),
+        (
+            "no-filter",
+            EnvoySpec {
+                no_filter: true,
+                ..base.clone()
+            },
+        ),
+        (
+            "identity-edge",
+            EnvoySpec {
+                identity_edge: true,
+                ..base.clone()
+            },
+        ),
+        (
+            "other-filter",
+            EnvoySpec {
+                http_filter_yaml: Some(lua.to_string()),
+                extra_clusters_yaml: Some(
+                    "- name: extra\n  type: STATIC\n  connect_timeout: 1s\n".to_string(),
+                ),
+                extra_bootstrap_yaml: Some(
+                    "stats_config: { use_all_default_tags: false }\n".into(),
+                ),
+                ..base.clone()
+            },
+        ),
+    ];
+    let dir = std::env::temp_dir().join(format!("tokenfuse-validate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, spec) in specs {
+        let path = dir.join(format!("{name}.json"));
+        std::fs::write(&path, envoy::bootstrap(&spec)).unwrap();
+        let out = Command::new(envoy::envoy_binary())
+            .args(["--mode", "validate", "-l", "warning", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{name}: {}\n{text}", path.display());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn with_the_identity_edge_a_client_sent_tenant_is_replaced_by_the_one_its_api_key_names() {
+    // The demo's plugin configuration, with its admin endpoint and token.
+    let demo = envoy_config::shipped_plugin_config(&envoy_config::shipped().unwrap()).unwrap();
+    let (primary, _economy, envoy) = start(EnvoySpec {
+        identity_edge: true,
+        ..EnvoySpec::new(demo, 0, 0)
+    });
+    let r = envoy
+        .post_json(
+            "/v1/chat/completions",
+            &[
+                ("authorization", "Bearer demo-key-thrifty"),
+                ("x-tenant", "acme"),
+            ],
+            r#"{"model":"gpt-4o-mini","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = primary.requests();
+    assert_eq!(seen[0].header("x-tenant"), Some("thrifty"));
+    assert_eq!(
+        seen[0].header("authorization"),
+        None,
+        "the gateway's key stays in Envoy"
+    );
+    // Charged to thrifty (settled when Envoy ends the stream), not to acme.
+    let used = |key: &str| {
+        let r = envoy
+            .get(
+                &format!("/tokenfuse/admin?budget=tenant-minute&key={key}"),
+                &[("authorization", "Bearer demo-admin-token-change-me")],
+            )
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["budgets"][0]["used"].as_u64().unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while used("thrifty") == 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(used("thrifty") > 0);
+    assert_eq!(used("acme"), 0);
 }
 
 // ---------------------------------------------------------------------------

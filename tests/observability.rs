@@ -37,8 +37,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 use support::envoy::{envoy_binary, repo_root, wasm_path, Envoy, EnvoySpec};
+use support::envoy_config::yaml_documents;
 use support::mock_upstream::MockUpstream;
-use yaml_rust2::{Yaml, YamlLoader};
 
 // ---------------------------------------------------------------------------------------
 // Files
@@ -63,42 +63,11 @@ fn read(rel: &str) -> String {
 
 /// Every document of a YAML file, as JSON values.
 fn yaml_docs(rel: &str) -> Vec<Value> {
-    let docs = YamlLoader::load_from_str(&read(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
-    docs.iter().map(yaml_to_json).collect()
+    yaml_documents(&read(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
 }
 
 fn yaml_str_docs(text: &str) -> Vec<Value> {
-    let docs = YamlLoader::load_from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
-    docs.iter().map(yaml_to_json).collect()
-}
-
-fn yaml_to_json(y: &Yaml) -> Value {
-    match y {
-        Yaml::Real(s) => s
-            .parse::<f64>()
-            .ok()
-            .and_then(serde_json::Number::from_f64)
-            .map_or_else(|| Value::String(s.clone()), Value::Number),
-        Yaml::Integer(i) => json!(i),
-        Yaml::String(s) => Value::String(s.clone()),
-        Yaml::Boolean(b) => Value::Bool(*b),
-        Yaml::Array(a) => Value::Array(a.iter().map(yaml_to_json).collect()),
-        Yaml::Hash(h) => Value::Object(
-            h.iter()
-                .map(|(k, v)| {
-                    let key = match k {
-                        Yaml::String(s) | Yaml::Real(s) => s.clone(),
-                        Yaml::Integer(i) => i.to_string(),
-                        Yaml::Boolean(b) => b.to_string(),
-                        other => panic!("unsupported YAML key {other:?}"),
-                    };
-                    (key, yaml_to_json(v))
-                })
-                .collect(),
-        ),
-        Yaml::Null => Value::Null,
-        Yaml::Alias(_) | Yaml::BadValue => panic!("unsupported YAML node {y:?}"),
-    }
+    yaml_documents(text).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
 
 fn str_at<'a>(v: &'a Value, pointer: &str, what: &str) -> &'a str {
@@ -124,20 +93,6 @@ fn shipped_tag_names() -> Vec<String> {
             );
             name
         })
-        .collect()
-}
-
-/// The `stats_config` block of the shipped `envoy/envoy.yaml`, as top-level YAML.
-fn shipped_stats_config() -> String {
-    let shipped = read("envoy/envoy.yaml");
-    let mut lines = shipped
-        .lines()
-        .skip_while(|l| !l.starts_with("stats_config:"));
-    let first = lines.next().expect("envoy/envoy.yaml has stats_config");
-    let body = lines.take_while(|l| !l.starts_with(|c: char| c.is_ascii_alphabetic()));
-    std::iter::once(first)
-        .chain(body)
-        .map(|l| format!("{l}\n"))
         .collect()
 }
 
@@ -962,11 +917,12 @@ fn scrape_when_complete(envoy: &Envoy) -> Catalogue {
     }
 }
 
-fn start_stack(stats_config: String, concurrency: u32) -> Stack {
+/// A stack after the test traffic; `stats_config` (top-level YAML) replaces the shipped one.
+fn start_stack(stats_config: Option<String>, concurrency: u32) -> Stack {
     let primary = MockUpstream::start("primary").expect("start primary mock");
     let economy = MockUpstream::start("economy").expect("start economy mock");
     let spec = EnvoySpec {
-        extra_bootstrap_yaml: Some(stats_config),
+        extra_bootstrap_yaml: stats_config,
         concurrency,
         ..EnvoySpec::new(SCRAPE_CONFIG, primary.port(), economy.port())
     };
@@ -984,7 +940,7 @@ fn start_stack(stats_config: String, concurrency: u32) -> Stack {
 /// One Envoy (2 workers, as shipped) with the shipped `stats_tags`, after the test traffic.
 fn shipped() -> &'static Stack {
     static STACK: OnceLock<Stack> = OnceLock::new();
-    STACK.get_or_init(|| start_stack(shipped_stats_config(), 2))
+    STACK.get_or_init(|| start_stack(None, 2))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1719,7 +1675,7 @@ fn the_istio_proxy_config_names_every_tag_the_shipped_stats_tags_name() {
 #[test]
 fn the_stats_config_istio_generates_from_the_proxy_config_gives_the_same_labelled_series() {
     let (tags, prefixes) = istio_proxy_settings();
-    let istio = start_stack(istio_stats_config(&tags, &prefixes), 1);
+    let istio = start_stack(Some(istio_stats_config(&tags, &prefixes)), 1);
     let shipped = shipped();
     let a = shipped.scrape.identities();
     let b = istio.scrape.identities();
@@ -1816,7 +1772,6 @@ fn the_envoyfilter_extension_config_serves_real_traffic() {
     let filter = extension_config_filter("__replaced__");
     let spec = EnvoySpec {
         http_filter_yaml: Some(as_harness_filter(&filter)),
-        extra_bootstrap_yaml: Some(shipped_stats_config()),
         concurrency: 1,
         ..EnvoySpec::new("{}", primary.port(), economy.port())
     };

@@ -1,9 +1,10 @@
 //! Runs a real Envoy (1.40, from `.venv`) with the tokenfuse Wasm filter for the
 //! integration tests.
 //!
-//! [`Envoy::start`] writes a bootstrap with the same shape as `envoy/envoy.yaml`
-//! (listener → Wasm filter → router → clusters `primary` / `economy`) into a
-//! fresh temp directory, starts Envoy on it and waits until it serves traffic.
+//! [`Envoy::start`] renders the shipped `envoy/envoy.yaml` for an [`EnvoySpec`]
+//! (its ports, module and plugin configuration; see [`super::envoy_config`] for what
+//! a rendering may change) into a fresh temp directory, starts Envoy on it and waits
+//! until it serves traffic.
 //! Listener and admin ports are chosen by Envoy itself (port 0) and read back
 //! (admin via `--admin-address-path`, listener via the admin `/listeners`
 //! endpoint), and `--use-dynamic-base-id` keeps hot-restart shared memory apart,
@@ -31,6 +32,8 @@ use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use super::envoy_config;
+pub use super::envoy_config::EnvoySpec;
 use super::http;
 
 /// How long [`Envoy::start`] waits for Envoy to become ready (or
@@ -74,211 +77,6 @@ pub fn wasm_path() -> PathBuf {
     path
 }
 
-/// What to start. Build one with [`EnvoySpec::new`] (or `Default`) and adjust
-/// fields with struct update syntax.
-#[derive(Debug, Clone)]
-pub struct EnvoySpec {
-    /// The filter's JSON configuration (the plugin `configuration` string).
-    pub plugin_config: String,
-    /// Port of cluster `primary` on 127.0.0.1.
-    pub primary_port: u16,
-    /// Port of cluster `economy` on 127.0.0.1 (requests with
-    /// `x-tokenfuse-route: economy`).
-    pub economy_port: u16,
-    /// Envoy worker threads (`--concurrency`). Default 2 (one Wasm VM each).
-    pub concurrency: u32,
-    /// More clusters, as YAML list items written at column 0, e.g.
-    /// `"- name: redis\n  type: STATIC\n  ..."`; they are indented under
-    /// `static_resources.clusters`.
-    pub extra_clusters_yaml: Option<String>,
-    /// Extra top-level bootstrap YAML written at column 0, e.g. a
-    /// `stats_config:` block with `stats_tags`.
-    pub extra_bootstrap_yaml: Option<String>,
-    /// Leave the Wasm filter out entirely (plain proxy; harness checks and
-    /// baseline benchmarks).
-    pub no_filter: bool,
-    /// Use this HTTP filter entry instead of the generated Wasm filter: one YAML list
-    /// item written at column 0 (`- name: …`), placed before the router; `{wasm}` in it
-    /// becomes the module's path (a YAML double-quoted string). For filter
-    /// configurations shaped elsewhere, e.g. as Istio renders an EnvoyFilter's or a
-    /// WasmPlugin's. `plugin_config` and `failure_policy` are then unused.
-    pub http_filter_yaml: Option<String>,
-    /// Use this module instead of [`wasm_path`].
-    pub wasm: Option<PathBuf>,
-    /// `failure_policy` of the plugin. Default `FAIL_RELOAD`, as shipped.
-    pub failure_policy: String,
-    /// The listener's `per_connection_buffer_limit_bytes`. Default 4 MiB, as shipped.
-    pub buffer_limit_bytes: u32,
-    /// Route timeout in seconds. Default 60, as shipped.
-    pub route_timeout_secs: u32,
-    /// `-l` level. Default `$TOKENFUSE_ENVOY_LOG_LEVEL` or `info`.
-    pub log_level: String,
-    /// More command-line arguments, e.g. `["--component-log-level", "wasm:debug"]`.
-    pub extra_args: Vec<String>,
-}
-
-impl Default for EnvoySpec {
-    fn default() -> Self {
-        EnvoySpec {
-            plugin_config: r#"{"api":"v1"}"#.to_string(),
-            primary_port: 18001,
-            economy_port: 18002,
-            concurrency: 2,
-            extra_clusters_yaml: None,
-            extra_bootstrap_yaml: None,
-            no_filter: false,
-            http_filter_yaml: None,
-            wasm: None,
-            failure_policy: "FAIL_RELOAD".to_string(),
-            buffer_limit_bytes: 4 * 1024 * 1024,
-            route_timeout_secs: 60,
-            log_level: std::env::var("TOKENFUSE_ENVOY_LOG_LEVEL")
-                .unwrap_or_else(|_| "info".to_string()),
-            extra_args: Vec::new(),
-        }
-    }
-}
-
-impl EnvoySpec {
-    /// A spec with the given filter configuration and upstream ports; everything
-    /// else as in `envoy/envoy.yaml`.
-    pub fn new(plugin_config: impl Into<String>, primary_port: u16, economy_port: u16) -> Self {
-        EnvoySpec {
-            plugin_config: plugin_config.into(),
-            primary_port,
-            economy_port,
-            ..EnvoySpec::default()
-        }
-    }
-}
-
-/// Indents every line of `text` by `n` spaces.
-fn indent(text: &str, n: usize) -> String {
-    let pad = " ".repeat(n);
-    text.lines()
-        .map(|l| {
-            if l.trim().is_empty() {
-                String::new()
-            } else {
-                format!("{pad}{l}")
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// A YAML double-quoted scalar for any string (a JSON string literal is one).
-fn yaml_str(s: &str) -> String {
-    serde_json::Value::String(s.to_string()).to_string()
-}
-
-/// The bootstrap for `spec`: `envoy/envoy.yaml` with ports 0 (chosen by Envoy),
-/// an absolute Wasm path and the spec's knobs.
-pub fn bootstrap_yaml(spec: &EnvoySpec, wasm: Option<&Path>) -> String {
-    let wasm_filter = match (wasm, &spec.http_filter_yaml) {
-        (None, _) => String::new(),
-        (Some(wasm), Some(filter)) => {
-            indent(
-                &filter.replace("{wasm}", &yaml_str(&wasm.to_string_lossy())),
-                10,
-            ) + "\n"
-        }
-        (Some(wasm), None) => format!(
-            r#"          - name: envoy.filters.http.wasm
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: tokenfuse
-                root_id: tokenfuse
-                vm_config:
-                  vm_id: tokenfuse
-                  runtime: envoy.wasm.runtime.v8
-                  code:
-                    local:
-                      filename: {wasm}
-                allow_on_headers_stop_iteration: true
-                failure_policy: {policy}
-                configuration:
-                  "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: {config}
-"#,
-            wasm = yaml_str(&wasm.to_string_lossy()),
-            policy = spec.failure_policy,
-            config = yaml_str(&spec.plugin_config),
-        ),
-    };
-    let extra_clusters = spec
-        .extra_clusters_yaml
-        .as_deref()
-        .map(|y| indent(y, 2) + "\n")
-        .unwrap_or_default();
-    let extra_bootstrap = spec
-        .extra_bootstrap_yaml
-        .as_deref()
-        .map(|y| y.to_string() + "\n")
-        .unwrap_or_default();
-    let cluster = |name: &str, port: u16| {
-        format!(
-            r#"  - name: {name}
-    type: STATIC
-    connect_timeout: 2s
-    load_assignment:
-      cluster_name: {name}
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address:
-              socket_address: {{ address: 127.0.0.1, port_value: {port} }}
-"#
-        )
-    };
-    format!(
-        r#"# Generated by tests/support/envoy.rs (shape of envoy/envoy.yaml).
-admin:
-  address:
-    socket_address: {{ address: 127.0.0.1, port_value: 0 }}
-static_resources:
-  listeners:
-  - name: tokenfuse_listener
-    address:
-      socket_address: {{ address: 127.0.0.1, port_value: 0 }}
-    per_connection_buffer_limit_bytes: {buffer_limit}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: tokenfuse
-          codec_type: AUTO
-          stream_idle_timeout: 300s
-          route_config:
-            name: tokenfuse_routes
-            virtual_hosts:
-            - name: llm
-              domains: ["*"]
-              routes:
-              - match:
-                  prefix: "/"
-                  headers:
-                  - name: x-tokenfuse-route
-                    string_match: {{ exact: economy }}
-                request_headers_to_remove: ["x-tokenfuse-route"]
-                route: {{ cluster: economy, timeout: {timeout}s }}
-              - match: {{ prefix: "/" }}
-                route: {{ cluster: primary, timeout: {timeout}s }}
-          http_filters:
-{wasm_filter}          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-{primary}{economy}{extra_clusters}{extra_bootstrap}"#,
-        buffer_limit = spec.buffer_limit_bytes,
-        timeout = spec.route_timeout_secs,
-        primary = cluster("primary", spec.primary_port),
-        economy = cluster("economy", spec.economy_port),
-    )
-}
-
 /// A fresh, unique directory for one Envoy's bootstrap and log.
 fn fresh_dir() -> PathBuf {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -304,26 +102,33 @@ fn tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// The bootstrap for `spec` (JSON text), rendered from the shipped `envoy/envoy.yaml`.
+/// Panics with the reason when it cannot be rendered.
+pub fn bootstrap(spec: &EnvoySpec) -> String {
+    let shipped = envoy_config::shipped().unwrap_or_else(|e| panic!("{e}"));
+    let rendered = envoy_config::render(&shipped, spec)
+        .unwrap_or_else(|e| panic!("cannot render the Envoy bootstrap: {e}"));
+    serde_json::to_string_pretty(&rendered).unwrap()
+}
+
 /// Writes the bootstrap for `spec` into a fresh directory and spawns Envoy on it.
 /// Returns (child, dir, log path, admin address file).
 fn spawn(spec: &EnvoySpec) -> (Child, PathBuf, PathBuf, PathBuf) {
     let envoy = envoy_binary();
-    let wasm = if spec.no_filter {
-        None
-    } else {
-        Some(spec.wasm.clone().unwrap_or_else(wasm_path))
-    };
-    if let Some(w) = &wasm {
+    let mut spec = spec.clone();
+    if !spec.no_filter && spec.wasm.is_none() {
+        spec.wasm = Some(wasm_path());
+    }
+    if let Some(w) = &spec.wasm {
         if !w.is_file() {
             panic!("Wasm module not found at {}: run `make build`", w.display());
         }
     }
     let dir = fresh_dir();
-    let config_path = dir.join("envoy.yaml");
+    let config_path = dir.join("envoy.json");
     let log_path = dir.join("envoy.log");
     let admin_path = dir.join("admin.address");
-    let yaml = bootstrap_yaml(spec, wasm.as_deref());
-    fs::write(&config_path, yaml)
+    fs::write(&config_path, bootstrap(&spec))
         .unwrap_or_else(|e| panic!("cannot write {}: {e}", config_path.display()));
     let log = fs::File::create(&log_path)
         .unwrap_or_else(|e| panic!("cannot create {}: {e}", log_path.display()));
@@ -421,7 +226,7 @@ pub struct Envoy {
     pub admin_port: u16,
     /// Envoy's log (its stderr/stdout).
     pub log_path: PathBuf,
-    /// The temp directory holding `envoy.yaml`, `envoy.log` and `admin.address`.
+    /// The temp directory holding `envoy.json`, `envoy.log` and `admin.address`.
     pub dir: PathBuf,
     child: Mutex<Child>,
 }

@@ -1,5 +1,6 @@
 //! Shared helpers for the integration tests in `tests/`: a real Envoy running the
-//! built `tokenfuse.wasm` ([`envoy`]), a small HTTP/1.1 client ([`http`]), a
+//! built `tokenfuse.wasm` ([`envoy`]) on a bootstrap rendered from the shipped
+//! `envoy/envoy.yaml` ([`envoy_config`]), a small HTTP/1.1 client ([`http`]), a
 //! mock OpenAI-compatible upstream ([`mock_upstream`]), and for global budgets a real
 //! `redis-server` ([`redis`]) with the rate-limit test engine on it ([`rls_engine`]).
 //!
@@ -10,6 +11,7 @@
 #![allow(dead_code, clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod envoy;
+pub mod envoy_config;
 pub mod http;
 pub mod mock_upstream;
 pub mod redis;

@@ -9,7 +9,7 @@ use tokenfuse::llm::api::{parse_request, ApiKind};
 use tokenfuse::llm::prompt::{count_prompt, ImageCosts};
 use tokenfuse::tokenizer::{Encoding, ModelMap, Tokenizers};
 
-use super::envoy::{repo_root, Envoy, EnvoySpec};
+use super::envoy::{Envoy, EnvoySpec};
 use super::mock_upstream::MockUpstream;
 
 /// Envoy with the filter, and the `primary` and `economy` upstreams it routes to.
@@ -20,7 +20,8 @@ pub struct Stack {
 }
 
 impl Stack {
-    /// Start a stack whose filter runs `config`, with the shipped `stats_tags`.
+    /// Start a stack whose filter runs `config` (in the shipped bootstrap, so with the
+    /// shipped `stats_tags`: tests read labels exactly as a user of that config would).
     pub fn start(config: &str) -> Stack {
         Stack::start_with(config, |spec| spec)
     }
@@ -29,10 +30,7 @@ impl Stack {
     pub fn start_with(config: &str, adjust: impl FnOnce(EnvoySpec) -> EnvoySpec) -> Stack {
         let primary = MockUpstream::start("primary").expect("start primary mock");
         let economy = MockUpstream::start("economy").expect("start economy mock");
-        let spec = adjust(EnvoySpec {
-            extra_bootstrap_yaml: Some(shipped_stats_tags()),
-            ..EnvoySpec::new(config, primary.port(), economy.port())
-        });
+        let spec = adjust(EnvoySpec::new(config, primary.port(), economy.port()));
         let envoy = Envoy::start(spec).unwrap_or_else(|e| panic!("Envoy did not start: {e}"));
         Stack {
             primary,
@@ -40,24 +38,6 @@ impl Stack {
             envoy,
         }
     }
-}
-
-/// The `stats_config` block of the shipped `envoy/envoy.yaml`, so tests read labels exactly
-/// as a user of that config would.
-pub fn shipped_stats_tags() -> String {
-    let shipped = std::fs::read_to_string(repo_root().join("envoy/envoy.yaml")).unwrap();
-    let mut lines = shipped
-        .lines()
-        .skip_while(|l| !l.starts_with("stats_config:"));
-    let first = lines
-        .next()
-        .expect("envoy/envoy.yaml has a top-level stats_config block");
-    // The block ends at the next top-level key.
-    let body = lines.take_while(|l| !l.starts_with(|c: char| c.is_ascii_alphabetic()));
-    std::iter::once(first)
-        .chain(body)
-        .map(|l| format!("{l}\n"))
-        .collect()
 }
 
 /// Sum of the filter's counters whose name contains every one of `parts` (tag fragments

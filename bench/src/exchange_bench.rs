@@ -115,6 +115,11 @@ const CONFIGS: [(&str, &str); 3] = [
 type Shared = Rc<RefCell<HashMap<String, (Vec<u8>, u32)>>>;
 
 /// The least a host can do: hold one request's headers and bodies, shared data, counters.
+///
+/// Not the tests' `tokenfuse::host::fake::FakeHost`, which does more than Envoy would: it
+/// reports every log level enabled (the filter then formats its debug lines) and keeps every
+/// line, and it allocates a key on every counter update. Measured with it (natively, 1 KB
+/// body): 39 instead of 31 allocations per request counting, 84 instead of 67 with a budget.
 struct BenchHost {
     request_headers: Vec<(String, String)>,
     request_body: Vec<u8>,

@@ -1,5 +1,5 @@
-//! What the benchmark examples (count_bench, exchange_bench) share: medians, and the cache
-//! eviction between timed runs. Included with `#[path]` (not an example of its own).
+//! What the benchmark programs (count_bench, exchange_bench, worst_shapes) share: medians, and
+//! the cache eviction between timed runs. Included with `#[path]` (not a program of its own).
 
 use std::time::Instant;
 
