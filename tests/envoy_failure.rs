@@ -91,7 +91,7 @@ fn panic_the_vm(s: &Stack) {
     assert_eq!(r.status, 503, "{}", r.text());
     let log = s.envoy.log();
     assert!(
-        log.contains("tokenfuse panicked at src/lib.rs:"),
+        log.contains("tokenfuse panicked at src/proxy/mod.rs:"),
         "no panic line in the log"
     );
     assert!(
