@@ -57,5 +57,10 @@ curl -s "http://127.0.0.1:$PORT/tokenfuse/admin?key=acme&budget=tenant-minute" \
   -H "authorization: Bearer $ADMIN_TOKEN"
 echo
 echo
-echo "\$ curl -s localhost:9901/stats/prometheus | grep -E '^tokenfuse_(decisions|tokens)'"
-curl -s "http://127.0.0.1:$ADMIN_PORT/stats/prometheus" | grep -E '^tokenfuse_(decisions|tokens)'
+echo "\$ curl -s 'localhost:10000/tokenfuse/admin/keys?budget=tenant-minute' -H 'authorization: Bearer $ADMIN_TOKEN'"
+curl -s "http://127.0.0.1:$PORT/tokenfuse/admin/keys?budget=tenant-minute" \
+  -H "authorization: Bearer $ADMIN_TOKEN"
+echo
+echo
+echo "\$ curl -s localhost:9901/stats/prometheus | grep -E '^tokenfuse_(decisions|tokens)\\{'"
+curl -s "http://127.0.0.1:$ADMIN_PORT/stats/prometheus" | grep -E '^tokenfuse_(decisions|tokens)\{'

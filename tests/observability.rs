@@ -2139,6 +2139,12 @@ fn the_grafana_dashboard_is_a_well_formed_dashboard() {
         "sum by (model) (rate(tokenfuse_cost_micro_usd",
         "tokenfuse_budget_used",
         "sum by (decision) (rate(tokenfuse_decisions",
+        // Tokens per request as quantiles, retries, sizing next to the configured base.
+        "histogram_quantile(0.95, sum by (le) (rate(tokenfuse_tokens_per_request_bucket",
+        "rate(tokenfuse_retries",
+        "tokenfuse:budget_base:recommended",
+        "tokenfuse:budget_request_cap:recommended",
+        "tokenfuse_budget_base",
     ] {
         assert!(text.contains(needle), "the dashboard lacks {needle}");
     }
