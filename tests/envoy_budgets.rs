@@ -574,6 +574,56 @@ fn an_elastic_top_up_through_the_admin_endpoint_unblocks_a_spent_tenant() {
 }
 
 #[test]
+fn the_admin_key_listing_puts_the_most_used_key_of_a_budget_first() {
+    let s = main_stack();
+    let auth = admin_auth();
+    // Two keys of their own: one spends 109 then settles to 18, the other twice that.
+    away_from_window_end(DAY, 120);
+    let (light, heavy) = ("listing-light", "listing-heavy");
+    let request = hello(100);
+    for (tenant, times) in [(light, 1), (heavy, 2)] {
+        for _ in 0..times {
+            let r = chat(s, &[("x-tenant", tenant)], &request);
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+    }
+    wait_used(s, heavy, "tenant-day", 36);
+    wait_used(s, light, "tenant-day", 18);
+    let r = s
+        .envoy
+        .get(
+            &format!("{ADMIN_PATH}/keys?budget=tenant-day&limit=1000"),
+            &[("authorization", &auth)],
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let keys: Vec<&str> = v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["key"].as_str().unwrap())
+        .collect();
+    let at = |key: &str| keys.iter().position(|k| *k == key).unwrap();
+    assert!(at(heavy) < at(light), "{keys:?}");
+    let ratios: Vec<f64> = v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["used_ratio"].as_f64().unwrap())
+        .collect();
+    assert!(ratios.windows(2).all(|w| w[0] >= w[1]), "{ratios:?}");
+    assert_eq!(v["keys"][at(heavy)]["used"], 36);
+    assert_eq!(v["next_from"], Value::Null);
+    // Without the token: 401, as every admin path.
+    let r = s
+        .envoy
+        .get(&format!("{ADMIN_PATH}/keys?budget=tenant-day"), &[])
+        .unwrap();
+    assert_eq!(r.status, 401);
+}
+
+#[test]
 fn the_admin_endpoint_refuses_missing_or_wrong_tokens_and_never_reaches_the_upstream() {
     let s = main_stack();
     let path = format!("{ADMIN_PATH}?key=admin-auth&budget=tenant-day");
