@@ -27,7 +27,9 @@
 // the test that was running when the trap hit, reruns that test alone with
 // --nocapture so its panic message is shown, then runs the tests that had not
 // run yet, and so on until all have run. It ends with a line
-// `wasi-run: N passed, M failed` and exits 101 if anything failed.
+// `wasi-run: N passed, M failed` and exits 101 if anything failed. A crash of
+// Node itself (the child running the module dies of a signal) is not a test result
+// and is not retried: it fails the run.
 //
 // Node crashes, their cause and the fix. Node 20 registers node:wasi's functions
 // as V8 "fast API" functions, and its V8 (11.3) calls them from Wasm directly. No
@@ -94,7 +96,8 @@ if (!modulePath) {
 // Each run of the module happens in a child Node process (this script again, with
 // WASI_RUN_CHILD set, same node binary and flags, plus CHILD_FLAGS below) that exits as soon
 // as the module has returned; this process only reads what the child wrote. A child that dies
-// of a signal counts as a trap.
+// of a signal is a crash of Node itself, told apart from a trap (a panic) by its exit status,
+// and fails the run.
 //
 // Node's own flags for the child: --no-turbo-fast-api-calls for test binaries (modules
 // under `…/deps/`), the fix for the crashes described at the top. Other modules (the
@@ -164,14 +167,12 @@ function runOnce(args, { capture }) {
     stdio: ['inherit', outFd, 'inherit'],
     env: { ...process.env, WASI_RUN_CHILD: capture ? 'capture' : 'plain' },
   });
-  let trapped = child.status === TRAP_EXIT;
-  let code = trapped ? 101 : child.status ?? 101; // 101: what a panicking Rust test binary exits with
-  // Node itself died (V8 crash), as opposed to the module trapping.
+  const trapped = child.status === TRAP_EXIT;
+  const code = trapped ? 101 : child.status ?? 101; // 101: what a panicking Rust test binary exits with
+  // Node itself died (a V8 crash), as opposed to the module trapping.
   const crashed = Boolean(child.error || child.signal);
   if (crashed) {
     process.stderr.write(`wasi-run: node running ${modulePath} ended by ${child.signal ?? child.error}\n`);
-    trapped = true;
-    code = 101;
   }
   let out = '';
   if (capture) {
@@ -179,7 +180,7 @@ function runOnce(args, { capture }) {
     out = readFileSync(outPath, 'utf8');
     if (capture !== 'quiet') {
       process.stdout.write(out);
-      if (trapped && !out.endsWith('\n')) process.stdout.write('\n');
+      if ((trapped || crashed) && !out.endsWith('\n')) process.stdout.write('\n');
     }
   }
   return { code, trapped, crashed, out };
@@ -235,49 +236,41 @@ async function main() {
   const baseArgs = dropTerse(userArgs);
   const options = optionsOnly(baseArgs);
   const aborted = [];
-  const crashes = [];
   const done = new Set();
   let passed = 0;
+  let crashed = false;
   let args = baseArgs;
   for (;;) {
     const run = await runOnce(args, { capture: true });
     passed += passedIn(run.out);
     for (const name of finished(run.out)) done.add(name);
-    if (!run.trapped) {
-      if (aborted.length === 0 && crashes.length === 0) return run.code;
+    const running = run.out.match(/^test (\S+) \.\.\. $/m);
+    if (run.crashed) {
+      // Not a test result and not retried: the run fails, and the tests that had not run
+      // yet are not run. (The crash this runner once retried around: see the top.)
+      process.stdout.write(
+        `\nwasi-run: node crashed${running ? ` while ${running[1]} ran` : ''} (a Node/V8 crash,` +
+          ' not a wasm trap); the run fails\n',
+      );
+      crashed = true;
       break;
     }
-    const running = run.out.match(/^test (\S+) \.\.\. $/m);
+    if (!run.trapped) {
+      if (aborted.length === 0) return run.code;
+      break;
+    }
     if (!running) {
       process.stderr.write('wasi-run: the test binary trapped, and no running test was found in its output\n');
       return 101;
     }
     const failed = running[1];
     done.add(failed);
-    if (run.crashed) {
-      // Node 20's V8 sometimes dies in its garbage collector while a wasm memory grows
-      // (seen here: `V8_Fatal … MarkCompactCollector::ProcessEphemerons` under
-      // `WasmMemoryObject::Grow`), a host crash rather than a test failing. The test is
-      // judged by a run of its own: it passes or fails on that.
-      process.stdout.write(
-        `\nwasi-run: node crashed while ${failed} ran (a V8 crash, not a wasm trap);` +
-          ' judging it by a run of its own:\n',
-      );
-      const alone = await runOnce([...options, '--exact', failed], { capture: true });
-      if (alone.code === 0 && passedIn(alone.out) === 1) {
-        passed += 1;
-        crashes.push(failed);
-      } else {
-        aborted.push(failed);
-      }
-    } else {
-      aborted.push(failed);
-      process.stdout.write(
-        `\nwasi-run: ${failed} aborted the test binary (a panic, which cannot unwind on wasm32-wasip1,` +
-          ' or a trap); rerunning it alone to show why:\n',
-      );
-      await runOnce([...options, '--exact', '--nocapture', failed], { capture: false });
-    }
+    aborted.push(failed);
+    process.stdout.write(
+      `\nwasi-run: ${failed} aborted the test binary (a panic, which cannot unwind on wasm32-wasip1,` +
+        ' or a trap); rerunning it alone to show why:\n',
+    );
+    await runOnce([...options, '--exact', '--nocapture', failed], { capture: false });
 
     // The tests the user's arguments select that have not run yet.
     const list = await runOnce([...baseArgs, '--list', '--format', 'terse'], {
@@ -288,14 +281,11 @@ async function main() {
     process.stdout.write(`\nwasi-run: continuing with the ${remaining.length} test(s) that had not run\n`);
     args = [...options, '--exact', ...remaining];
   }
-  if (crashes.length > 0) {
-    process.stdout.write(`\nwasi-run: node crashed during, then passed alone: ${crashes.join(', ')}\n`);
-  }
   if (aborted.length > 0) {
     process.stdout.write(`\nwasi-run: tests that failed: ${aborted.join(', ')}\n`);
   }
-  process.stdout.write(`wasi-run: ${passed} passed, ${aborted.length} failed\n`);
-  return aborted.length > 0 ? 101 : 0;
+  process.stdout.write(`wasi-run: ${passed} passed, ${aborted.length} failed${crashed ? ', node crashed' : ''}\n`);
+  return aborted.length > 0 || crashed ? 101 : 0;
 }
 
 let code;
