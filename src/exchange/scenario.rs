@@ -422,6 +422,13 @@ pub fn play(data: &[u8]) {
             (6, _) => {
                 let step = b.pick(&[0i64, 1_000, 59_000, 3_600_000, 86_400_000, 4_000_000]);
                 now.set(now.get().saturating_add(step));
+                // The root context's tick: gauges of known keys re-read.
+                let mut tick = FakeHost {
+                    shared: Rc::clone(&shared),
+                    ..FakeHost::default()
+                };
+                tick.now_ms.set(now.get());
+                filter.refresh_gauges(&mut tick, b.below(80));
             }
             (_, None) => {
                 *entry = Some(start(&mut b, &filter, &shared, now.get(), next_id));
@@ -465,7 +472,7 @@ fn start(
     now: i64,
     id: u32,
 ) -> Flow {
-    let path = match b.below(12) {
+    let path = match b.below(13) {
         0 => "/v1/completions".to_string(),
         1 => "/v1/embeddings".to_string(),
         2 => "/v1/responses".to_string(),
@@ -484,6 +491,13 @@ fn start(
         ),
         6 => "/tokenfuse/admin/topup".to_string(),
         7 => String::from_utf8_lossy(b.raw(30)).into_owned(),
+        8 => format!(
+            "/tokenfuse/admin/keys?budget=b{}&limit={}&offset={}&from={}{MARKER}",
+            b.below(4),
+            b.pick(&["0", "2", "1000", "99999999999999999999", "x"]),
+            b.pick(&["0", "1", "18446744073709551615", "-1"]),
+            b.pick(&["0", "1", "64", "18446744073709551615"]),
+        ),
         _ => "/v1/chat/completions".to_string(),
     };
     let method = b.pick(&["POST", "POST", "POST", "GET", "PUT", "post"]);
