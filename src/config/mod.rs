@@ -110,6 +110,8 @@ pub struct Config {
     pub on_store_failure: FailureMode,
     /// `x-should-retry: false` is sent when the reset is further away than this.
     pub should_retry_max_secs: u64,
+    /// The response cache, when configured.
+    pub cache: Option<crate::cache::Cache>,
 }
 
 /// Where a request's priority comes from: a trusted header, else the route, else a default.
@@ -212,6 +214,7 @@ impl Default for Config {
             cas_retries: 32,
             on_store_failure: FailureMode::Open,
             should_retry_max_secs: 60,
+            cache: None,
         }
     }
 }
@@ -503,7 +506,13 @@ impl Config {
             None => defaults.tenant_tag_limit,
         };
 
+        let cache = match raw.cache {
+            Some(c) => Some(compile::compile_cache(c, tenant_tag.as_ref())?),
+            None => None,
+        };
+
         Ok(Config {
+            cache,
             tenant_tag,
             tenant_tag_limit,
             budgets,

@@ -824,7 +824,7 @@ fn completions_json(model: &str, text: &str, usage: Option<Usage>) -> String {
 
 fn responses_json(model: &str, text: &str, usage: Option<Usage>) -> String {
     format!(
-        r#"{{"id":"resp_mock","object":"response","model":{},"status":"completed","output":[{{"type":"message","role":"assistant","content":[{{"type":"output_text","text":{}}}]}}]{}}}"#,
+        r#"{{"id":"resp_mock","object":"response","model":{},"status":"completed","output":[{{"id":"msg_mock","type":"message","status":"completed","role":"assistant","content":[{{"type":"output_text","text":{},"annotations":[]}}]}}]{}}}"#,
         js(model),
         js(text),
         usage_field(usage, responses_usage)
@@ -975,7 +975,8 @@ fn responses_stream(
     events.push(named_event(
         "response.completed",
         &format!(
-            r#"{{"type":"response.completed","response":{{"id":"resp_mock","status":"completed","model":{model}{}}}}}"#,
+            r#"{{"type":"response.completed","response":{{"id":"resp_mock","status":"completed","model":{model},"output":[{{"id":"msg_mock","type":"message","status":"completed","role":"assistant","content":[{{"type":"output_text","text":{},"annotations":[]}}]}}]{}}}}}"#,
+            js(text),
             usage_field(usage, responses_usage)
         ),
     ));
