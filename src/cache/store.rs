@@ -498,8 +498,13 @@ pub fn fill(
             Err(SharedError::Failed) => break,
         }
     }
-    // The way is someone else's now (or the write failed): the answer written above is
-    // theirs to overwrite; its bytes are no longer ours.
+    // The way is someone else's now (or the write failed): take the answer written above
+    // back out unless its new owner has replaced it already, and give back its bytes.
+    if let Some((bytes, cas)) = host.shared_get(&way_key(set, at)) {
+        if decode_entry(&bytes, key, generation).is_some() {
+            let _ = host.shared_set(&way_key(set, at), &[], cas);
+        }
+    }
     add_bytes(
         host,
         Bytes::Free(u64::from(size)),
@@ -617,6 +622,48 @@ pub fn sweep(
         set = set.wrapping_add(1).checked_rem(sets).unwrap_or(0);
     }
     set
+}
+
+/// What the store holds, read whole (tests and the hostile-exchange player).
+#[cfg(any(test, feature = "testkit"))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Audit {
+    /// Ways claimed by a request in flight (and not expired).
+    pub pending: usize,
+    pub ready: usize,
+    /// Bytes of the answer keys that hold something.
+    pub payload_bytes: u64,
+    /// What the byte counter says.
+    pub counted_bytes: u64,
+    /// Shared-data keys of the cache.
+    pub keys: usize,
+}
+
+/// Read every set and answer key of the store at `now_ms`.
+#[cfg(any(test, feature = "testkit"))]
+pub fn audit(host: &dyn Host, bounds: &Bounds, now_ms: i64) -> Audit {
+    let mut a = Audit {
+        counted_bytes: bytes_held(host),
+        ..Audit::default()
+    };
+    for set in 0..bounds.sets {
+        let (ways, cas) = read_set(host, set);
+        if cas != CREATE_CAS {
+            a.keys = a.keys.saturating_add(1);
+        }
+        for (i, w) in ways.iter().enumerate() {
+            match w.state {
+                State::Pending if w.until_ms > now_ms => a.pending = a.pending.saturating_add(1),
+                State::Ready => a.ready = a.ready.saturating_add(1),
+                _ => {}
+            }
+            if let Some((bytes, _)) = host.shared_get(&way_key(set, i)) {
+                a.keys = a.keys.saturating_add(1);
+                a.payload_bytes = a.payload_bytes.saturating_add(bytes.len() as u64);
+            }
+        }
+    }
+    a
 }
 
 #[cfg(test)]

@@ -398,6 +398,7 @@ pub(super) fn compile_priority(raw: Option<&RawPriority>) -> Result<PrioritySour
             header: None,
             routes: HashMap::new(),
             default: Priority::P1,
+            retries: None,
         });
     };
     let parse = |field: String, v: &str| {
@@ -413,6 +414,10 @@ pub(super) fn compile_priority(raw: Option<&RawPriority>) -> Result<PrioritySour
         default: match &raw.default {
             Some(d) => parse("priority.default".into(), d)?,
             None => Priority::P1,
+        },
+        retries: match &raw.retries {
+            Some(r) => Some(parse("priority.retries".into(), r)?),
+            None => None,
         },
     })
 }

@@ -120,6 +120,9 @@ pub struct PrioritySource {
     pub header: Option<String>,
     pub routes: HashMap<String, Priority>,
     pub default: Priority,
+    /// The class of requests an SDK marks as retries (`x-stainless-retry-count` above 0),
+    /// whatever else they say: `p2` sheds retries first.
+    pub retries: Option<Priority>,
 }
 
 /// Rerouting: the header that selects the economy route, and cheaper models.
@@ -203,6 +206,7 @@ impl Default for Config {
                 header: None,
                 routes: HashMap::new(),
                 default: Priority::P1,
+                retries: None,
             },
             prices: PriceList::default(),
             reroute: Reroute {

@@ -118,6 +118,7 @@ pub(super) struct RawPriority {
     #[serde(default)]
     pub(super) routes: BTreeMap<String, String>,
     pub(super) default: Option<String>,
+    pub(super) retries: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -866,11 +866,7 @@ impl Exchange {
 /// A request the official SDKs mark as a retry (`x-stainless-retry-count`, sent by the
 /// OpenAI and Anthropic SDKs): paid for again, so worth a counter of its own.
 fn count_retry(host: &mut dyn Host, kind: ApiKind, tenant: Option<&str>) {
-    let retried = host
-        .request_header("x-stainless-retry-count")
-        .and_then(|v| v.trim().parse::<u32>().ok())
-        .is_some_and(|n| n > 0);
-    if retried {
+    if crate::budget::plan::is_retry(host) {
         let mut stat = Stat::new(catalog::RETRIES);
         if let Some(t) = tenant {
             stat = stat.tag("tenant", t);

@@ -1647,3 +1647,34 @@ fn answers_never_cross_tenants_by_default() {
     let mut ex = Exchange::new(f.clone(), 3);
     assert_eq!(send_request(&mut ex, &mut same, 1 << 20), Action::Pause);
 }
+
+#[test]
+fn sdk_retries_take_the_configured_priority_class() {
+    let f = filter(r#"{"api":"v1","priority":{"header":"x-p","retries":"p2"}}"#);
+    let mut host = FakeHost::post("/v1/chat/completions", DETERMINISTIC.as_bytes());
+    host.request_headers.push(("x-p".into(), "p0".into()));
+    assert_eq!(
+        crate::budget::plan::priority(&host, &f.config),
+        Priority::P0
+    );
+    host.request_headers
+        .push(("x-stainless-retry-count".into(), "0".into()));
+    assert_eq!(
+        crate::budget::plan::priority(&host, &f.config),
+        Priority::P0
+    );
+    host.request_headers
+        .retain(|(k, _)| k != "x-stainless-retry-count");
+    host.request_headers
+        .push(("x-stainless-retry-count".into(), "2".into()));
+    assert_eq!(
+        crate::budget::plan::priority(&host, &f.config),
+        Priority::P2
+    );
+    // Not configured: a retry keeps the class its other headers give it.
+    let plain = filter(r#"{"api":"v1","priority":{"header":"x-p"}}"#);
+    assert_eq!(
+        crate::budget::plan::priority(&host, &plain.config),
+        Priority::P0
+    );
+}
