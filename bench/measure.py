@@ -59,6 +59,8 @@ CONFIGS = {
     "floor": "Wasm floor (holds and reads bodies, counts nothing)",
     "count": "tokenfuse, counting only",
     "budget": "tokenfuse, counting + budget",
+    "cache_hit": "tokenfuse, budget + cache, every request a hit",
+    "cache_miss": "tokenfuse, budget + cache, every request a miss",
     "lua": "Lua filter, bytes/4 estimate",
 }
 
@@ -69,8 +71,18 @@ BUDGET_CONFIG = {
         {"name": "bench", "key": "header:x-tenant", "window": "minute", "base": 1e15}
     ],
 }
+# The response cache on every request of the pools (`deterministic_only: false`): room for
+# every body of a pool, so after the first pass every request is a hit; or four entries for
+# pools of 64 and more distinct bodies, so every request misses, goes upstream, and keeps
+# its answer (evicting another) — the whole miss path.
+CACHE_HIT_CONFIG = dict(BUDGET_CONFIG, cache={
+    "scope": "shared", "deterministic_only": False, "ttl_secs": 3600,
+    "max_entries": 65536, "max_entry_bytes": 65536, "max_bytes": 1 << 30})
+CACHE_MISS_CONFIG = dict(BUDGET_CONFIG, cache={
+    "scope": "shared", "deterministic_only": False, "ttl_secs": 3600, "max_entries": 4})
 # The plugin configuration of each configuration of the load runs (None: no tokenfuse).
-PLUGINS = {"none": None, "lua": None, "floor": None, "count": COUNT_CONFIG, "budget": BUDGET_CONFIG}
+PLUGINS = {"none": None, "lua": None, "floor": None, "count": COUNT_CONFIG, "budget": BUDGET_CONFIG,
+           "cache_hit": CACHE_HIT_CONFIG, "cache_miss": CACHE_MISS_CONFIG}
 O200K_ONLY_CONFIG = {
     "api": "v1",
     "tokenizer": {"builtin_models": False, "fallback_encoding": "o200k_base"},
@@ -429,7 +441,8 @@ def sanity(port: int, kind: str, body: bytes) -> dict:
     if status != 200:
         sys.exit(f"{kind}: sanity request got {status}: {payload[:300]!r}")
     want = {"count": "x-tokenfuse-prompt-tokens", "budget": "x-ratelimit-remaining-tokens",
-            "floor": "x-floor-body-bytes"}.get(kind)
+            "floor": "x-floor-body-bytes", "cache_hit": "x-tokenfuse-cache",
+            "cache_miss": "x-tokenfuse-cache"}.get(kind)
     if want and want not in headers:
         sys.exit(f"{kind}: response lacks {want}: {headers}")
     return {k: v for k, v in headers.items() if k.startswith(("x-tokenfuse", "x-ratelimit", "x-floor"))}

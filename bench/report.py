@@ -131,7 +131,12 @@ def render_md(data: dict) -> str:
               "point, over the requests served (under load, so it includes the cost of contention). "
               "The Wasm floor is a filter that holds each request until its body is complete, reads the "
               "body, adds a response header and reads the response body — what any body-reading Wasm "
-              "filter costs (`bench/src/floor_filter.rs`); tokenfuse's own work is what it adds beyond it."]
+              "filter costs (`bench/src/floor_filter.rs`); tokenfuse's own work is what it adds beyond it. "
+              "The cache configurations add the response cache (docs/cache.md) to the budget one, on "
+              "every request of the pools: with room for every body, every request after the first pass "
+              "is answered by the filter (a hit: the upstream is not asked, so the ratio can pass 1); "
+              "with four entries for 64 and more distinct bodies, every request misses, goes upstream and "
+              "keeps its answer (the whole miss path: lookup, claim, copy of the answer, store, eviction)."]
     mock = data.get("mock_direct")
     if mock:
         lines += ["", f"Mock upstream alone (wrk straight at it, 1 KB case): {mock['rps']:.0f} requests/s, "
@@ -345,8 +350,9 @@ def targets(data: dict) -> list[dict]:
 def render_svg(data: dict) -> str:
     s = data["summary"]
     kinds = [k for k in data["configs"] if k != "none"]
-    colours = {"floor": "#bab0ac", "count": "#4e79a7", "budget": "#e15759", "lua": "#76b7b2"}
-    w, h, left, top, bottom = 720, 360, 60, 40, 60
+    colours = {"floor": "#bab0ac", "count": "#4e79a7", "budget": "#e15759", "cache_hit": "#59a14f",
+               "cache_miss": "#edc948", "lua": "#76b7b2"}
+    w, h, left, top, bottom = max(720, 80 + 150 * len(kinds)), 360, 60, 40, 60
     plot_h = h - top - bottom
     group_w = (w - left - 20) / len(CASES)
     bar_w = group_w * 0.8 / len(kinds)
@@ -372,8 +378,9 @@ def render_svg(data: dict) -> str:
     lx = left
     for kind in kinds:
         parts.append(f'<rect x="{lx}" y="{h - 22}" width="12" height="12" fill="{colours[kind]}"/>')
-        parts.append(f'<text x="{lx + 16}" y="{h - 12}">{CONFIGS[kind].split(" (")[0]}</text>')
-        lx += 180
+        label = CONFIGS[kind].split(" (")[0].replace("tokenfuse, budget + cache, every request a ", "cache ")
+        parts.append(f'<text x="{lx + 16}" y="{h - 12}">{label}</text>')
+        lx += (w - left) / len(kinds)
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
 

@@ -124,7 +124,8 @@ def main() -> None:
         scripts[case] = wrk_script(workdir, slug, pool, args.threads)
         log(f"{case}: {len(pool)} distinct bodies, {sum(map(len, pool)) / len(pool) / 1024:.1f} KB on average")
 
-    configs = ["none", "floor", "count", "budget"] + ([] if args.no_lua else ["lua"])
+    configs = (["none", "floor", "count", "budget", "cache_hit", "cache_miss"]
+               + ([] if args.no_lua else ["lua"]))
     data: dict = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),

@@ -257,8 +257,8 @@ mod tests {
         assert_ne!(k(&a), key(ApiKind::AnthropicMessages, "m", "t1", &a));
         // A key material boundary cannot be shifted by the parts themselves.
         assert_ne!(
-            key(ApiKind::ChatCompletions, "m\0t", "1", &a),
-            key(ApiKind::ChatCompletions, "m", "t\01", &a)
+            key(ApiKind::ChatCompletions, "m\u{0}t", "1", &a),
+            key(ApiKind::ChatCompletions, "m", "t\u{0}1", &a)
         );
     }
 

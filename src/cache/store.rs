@@ -452,7 +452,7 @@ pub fn fill(
         }
         let sets = bounds.sets.max(1);
         let from = set
-            .wrapping_add(attempt / WAYS as u32)
+            .wrapping_add(attempt.checked_div(WAYS as u32).unwrap_or(0))
             .checked_rem(sets)
             .unwrap_or(0);
         evict_one(host, bounds, from, now_ms, activity);

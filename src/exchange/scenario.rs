@@ -568,7 +568,7 @@ fn start(
     previous: &Option<Previous>,
 ) -> Flow {
     if let Some((headers, body)) = previous.as_ref().filter(|_| b.chance(128)) {
-        let mut host = FakeHost {
+        let host = FakeHost {
             request_headers: headers.clone(),
             shared: Rc::clone(shared),
             ..FakeHost::default()
