@@ -57,6 +57,8 @@ pub struct Cache {
     pub coalesce: bool,
     /// The longest a request waits for an identical one in flight, ms.
     pub coalesce_wait_ms: u64,
+    /// Charge hits to the local budgets as if the upstream had answered (default: free).
+    pub charge_hits: bool,
 }
 
 impl Cache {
@@ -233,6 +235,7 @@ mod tests {
             deterministic_only: true,
             coalesce: true,
             coalesce_wait_ms: 30_000,
+            charge_hits: false,
         }
     }
 

@@ -595,5 +595,6 @@ pub(super) fn compile_cache(
         deterministic_only: raw.deterministic_only.unwrap_or(true),
         coalesce: raw.coalesce.unwrap_or(true),
         coalesce_wait_ms,
+        charge_hits: raw.charge_hits.unwrap_or(false),
     })
 }

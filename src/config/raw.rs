@@ -57,6 +57,7 @@ pub(super) struct RawCache {
     pub(super) deterministic_only: Option<bool>,
     pub(super) coalesce: Option<bool>,
     pub(super) coalesce_wait_ms: Option<u64>,
+    pub(super) charge_hits: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

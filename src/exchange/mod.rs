@@ -317,6 +317,7 @@ impl Exchange {
         if let (Some(c), Some(h)) = (&considered, &pending.cache) {
             match cached::begin(&filter, host, pending.kind, &counted.model, h, c, may_wait) {
                 Some(cached::Begin::Hit(entry)) => {
+                    let charged = filter.config.cache.as_ref().is_some_and(|c| c.charge_hits);
                     let who = cached::Answered {
                         kind: pending.kind,
                         prompt_tokens: counted.prompt.tokens,
@@ -325,8 +326,49 @@ impl Exchange {
                         tenant_tag: pending.who.tenant_tag.as_deref(),
                         priority: pending.who.priority,
                     };
-                    if cached::serve(&filter, host, c, &entry, cached::Served::Hit, &who) {
-                        return Action::Pause;
+                    if !charged {
+                        if cached::serve(&filter, host, c, &entry, cached::Served::Hit, &who) {
+                            return Action::Pause;
+                        }
+                    } else {
+                        // `charge_hits`: the local budgets judge it as if it went upstream,
+                        // and are charged what the answer cost when it was made.
+                        let mut admitted =
+                            match admit::local(&filter, host, self.id, &pending, &counted) {
+                                Ok(admission) => admission.admitted,
+                                Err(refused) => {
+                                    let tenant = pending.who.tenant_tag.as_deref();
+                                    return self.refuse(
+                                        host,
+                                        pending.kind,
+                                        Some(counted.prompt),
+                                        tenant,
+                                        pending.who.priority,
+                                        refused,
+                                    );
+                                }
+                            };
+                        if cached::serve(&filter, host, c, &entry, cached::Served::Hit, &who) {
+                            // Charged as the model whose answer it is, never a reroute's.
+                            admitted.served_model = counted.model.clone();
+                            admitted.model_tag = filter.model_tag(&counted.model);
+                            admitted.rerouted = false;
+                            let billed = meter::Billed::Usage {
+                                source: meter::Source::Provider,
+                                usage: entry.usage,
+                            };
+                            settle::exchange(
+                                &filter,
+                                host,
+                                self.id,
+                                &admitted,
+                                "cache",
+                                &billed,
+                                &[],
+                            );
+                            return Action::Pause;
+                        }
+                        settle::refund(&filter, host, self.id, &admitted.reservations);
                     }
                 }
                 Some(cached::Begin::Wait { key, until_ms }) => {
@@ -657,7 +699,8 @@ impl Exchange {
             until_ms,
             ..
         } = *w;
-        if let Some(crate::cache::Found::Hit(entry)) = &found {
+        let charged = filter.config.cache.as_ref().is_some_and(|c| c.charge_hits);
+        if let Some(crate::cache::Found::Hit(entry)) = found.as_ref().filter(|_| !charged) {
             let who = cached::Answered {
                 kind: pending.kind,
                 prompt_tokens,
@@ -678,12 +721,15 @@ impl Exchange {
             }
         }
         // Not answered: the wait is over, or the first request failed (its claim is gone).
-        let why = if now >= until_ms {
-            "waited_out"
-        } else {
-            "first_failed"
-        };
-        cached::lookup_stat(host, pending.kind, pending.who.tenant_tag.as_deref(), why);
+        // (With `charge_hits` the answer is served through the budgets, as a hit.)
+        if !matches!(found, Some(crate::cache::Found::Hit(_))) {
+            let why = if now >= until_ms {
+                "waited_out"
+            } else {
+                "first_failed"
+            };
+            cached::lookup_stat(host, pending.kind, pending.who.tenant_tag.as_deref(), why);
+        }
         match self.request_complete(host, pending, size, false) {
             Action::Continue => Wake::Resume,
             Action::Pause => Wake::Done,

@@ -1678,3 +1678,42 @@ fn sdk_retries_take_the_configured_priority_class() {
         Priority::P0
     );
 }
+
+#[test]
+fn with_charge_hits_a_hit_is_charged_what_its_answer_cost() {
+    let f = filter(
+        r#"{"api":"v1","cache":{"scope":"shared","charge_hits":true},
+        "budgets":[{"name":"daily","key":"header:x-tenant","window":"day","base":100000}]}"#,
+    );
+    let shared = Rc::new(RefCell::new(Default::default()));
+    let mut host = cache_request(&shared, DETERMINISTIC);
+    let mut ex = Exchange::new(f.clone(), 1);
+    send_request(&mut ex, &mut host, 1 << 20);
+    respond(
+        &mut ex,
+        &mut host,
+        "200",
+        "application/json",
+        CHAT_ANSWER.as_bytes(),
+        64,
+    );
+    let after_miss = used(&f, &mut host);
+    assert_eq!(after_miss, 12);
+    let mut host = cache_request(&shared, DETERMINISTIC);
+    let mut ex = Exchange::new(f.clone(), 2);
+    assert_eq!(send_request(&mut ex, &mut host, 1 << 20), Action::Pause);
+    assert_eq!(
+        host.reply.as_ref().unwrap().header(CACHE_HEADER),
+        Some("hit")
+    );
+    ex.on_done(&mut host);
+    assert_eq!(
+        used(&f, &mut host),
+        24,
+        "the hit is charged its answer's 9 + 3 tokens"
+    );
+    assert_eq!(
+        host.counter_sum("tokenfuse_requests", &["cluster=.=cache;"]),
+        1
+    );
+}
