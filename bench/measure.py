@@ -521,6 +521,47 @@ def host_calls(envoy: str, workdir: Path, upstream: int, script: Path, args: arg
             "us": {k: statistics.median(r["us"][k] for r in reports) for k in kinds}}
 
 
+# The cache flood: distinct cacheable requests whose answers (~64 KB each, the mock's
+# completion repeated) would need far more than the cache's byte bound.
+FLOOD_CACHE = {"api": "v1", "cache": {"scope": "shared", "deterministic_only": False,
+               "max_entries": 1024, "max_entry_bytes": 262144, "max_bytes": 16 << 20}}
+FLOOD_POINTS = [0, 250, 500, 1000, 2000, 3000]
+FLOOD_REPEAT = "2000"  # x 32-byte completion: 64 KB answers
+
+
+def cache_flood(envoy: str, workdir: Path, upstream: int, points: list[int]) -> list[dict]:
+    """Envoy RSS (MB) after each count in `points` of distinct cacheable requests, with the
+    cache bounded at 16 MiB and without a cache (the same filter, `cache` left out), so the
+    growth beyond the filter's own is the cache's."""
+    rows = []
+    for name, plugin in (("no cache", {"api": "v1"}), ("cache, 16 MiB bound", FLOOD_CACHE)):
+        e = Envoy(envoy, workdir, "flood-" + name.split(",")[0].replace(" ", ""), upstream, plugin)
+        try:
+            sent = 0
+            for point in points:
+                while sent < point:
+                    body = json.dumps({"model": "gpt-4o", "max_tokens": 16, "messages": [
+                        {"role": "user", "content": f"flood {sent}"}]}).encode()
+                    status, headers, payload = http_post(e.listener, PATH_CHAT, body, {
+                        "content-type": "application/json", "x-mock-repeat": FLOOD_REPEAT})
+                    if status != 200:
+                        sys.exit(f"cache flood: {status}: {payload[:200]!r}")
+                    sent += 1
+                time.sleep(1.2)  # answers are kept when Envoy ends each stream; the tick reports
+                held = 0
+                if plugin.get("cache"):
+                    _, text = http_get(e.admin, "/stats?filter=tokenfuse_cache_bytes")
+                    m = re.search(r"tokenfuse_cache_bytes: (\d+)", text)
+                    held = int(m.group(1)) if m else 0
+                rows.append({"variant": name, "requests": point, "rss_mb": e.rss_mb(),
+                             "cache_bytes": held})
+                log(f"cache flood: {name}, {point} requests: {rows[-1]['rss_mb']:.1f} MB, "
+                    f"cache holds {held / (1 << 20):.1f} MiB")
+        finally:
+            e.stop()
+    return rows
+
+
 def memory(envoy: str, workdir: Path, upstream: int, body: bytes, concurrencies: list[int]) -> list[dict]:
     rows = []
     variants = [("none", None), ("both", COUNT_CONFIG), ("o200k", O200K_ONLY_CONFIG),

@@ -279,6 +279,28 @@ def render_md(data: dict) -> str:
         row = [next((r["ready_s"] for r in mem if r["variant"] == variant and r["concurrency"] == c), float("nan"))
                for c in data["concurrencies"]]
         lines.append(f"| {label} | " + " | ".join(f"{x:.2f}" for x in row) + " |")
+    flood = data.get("cache_flood") or []
+    if flood:
+        points = sorted({r["requests"] for r in flood})
+        lines += ["", "Response cache memory under a flood (`bench/measure.py` `cache_flood`): Envoy RSS (MB) "
+                  "after N distinct cacheable requests whose ~64 KB answers would need far more than the "
+                  "cache's bound (`max_bytes` 16 MiB, 1,024 entries), against the same filter without a "
+                  "cache; in brackets the bytes the cache holds (`tokenfuse_cache_bytes`, MiB). RSS "
+                  "grows by less than the cache holds (the allocator reuses memory Envoy freed after "
+                  "start); what the flood shows is that it stops growing once the bound is reached:", "",
+                  "| | " + " | ".join(str(p) for p in points) + " |",
+                  "|---|" + "---:|" * len(points)]
+        for variant in dict.fromkeys(r["variant"] for r in flood):
+            cells = []
+            for p in points:
+                r = next((x for x in flood if x["variant"] == variant and x["requests"] == p), None)
+                if r is None:
+                    cells.append("")
+                elif r["cache_bytes"]:
+                    cells.append(f"{r['rss_mb']:.0f} ({r['cache_bytes'] / (1 << 20):.1f})")
+                else:
+                    cells.append(f"{r['rss_mb']:.0f}")
+            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     lines += ["", "Targets (from the performance issue):", "",
               "| target | measured | met |", "|---|---|---|"]
     for t in data["targets"]:
