@@ -889,6 +889,15 @@ mod tests {
     }
 
     #[test]
+    fn numbers_survive_being_kept_and_served_again() {
+        // Found by the cache_shapes fuzz target: without serde_json's float_roundtrip, this
+        // number read back 1 ULP away from itself.
+        let body = br#"{"id":"c","object":"chat.completion","kreated":9999999990000000000000000000000000000000000000000000002107684625609392108,"model":"m","choices":[{"index":5,"message":{"content":"Hi"},"logprobs":null,"finish_reason":"stop"}]}"#;
+        let kept = assemble(ApiKind::ChatCompletions, body, false).unwrap();
+        assert_eq!(assemble(ApiKind::ChatCompletions, &json_body(&kept), false), Ok(kept));
+    }
+
+    #[test]
     fn hostile_streams_are_refused_not_panicked_on() {
         let cases: [&[u8]; 6] = [
             b"data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":7}]}}]}\n\ndata: [DONE]\n\n",
