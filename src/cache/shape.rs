@@ -894,7 +894,10 @@ mod tests {
         // number read back 1 ULP away from itself.
         let body = br#"{"id":"c","object":"chat.completion","kreated":9999999990000000000000000000000000000000000000000000002107684625609392108,"model":"m","choices":[{"index":5,"message":{"content":"Hi"},"logprobs":null,"finish_reason":"stop"}]}"#;
         let kept = assemble(ApiKind::ChatCompletions, body, false).unwrap();
-        assert_eq!(assemble(ApiKind::ChatCompletions, &json_body(&kept), false), Ok(kept));
+        assert_eq!(
+            assemble(ApiKind::ChatCompletions, &json_body(&kept), false),
+            Ok(kept)
+        );
     }
 
     #[test]

@@ -128,6 +128,8 @@ pub(super) struct Caching {
     pub kind: ApiKind,
     /// The response so far, while it may still be kept.
     capture: Vec<u8>,
+    /// This VM's bytes in captures like this one (see [`crate::filter::CAPTURE_LIMIT`]).
+    captured_in_vm: std::rc::Rc<std::cell::Cell<usize>>,
     /// `Some(streamed)` once 2xx response headers were seen; `None`: not kept.
     streamed: Option<bool>,
     given_up: bool,
@@ -168,6 +170,7 @@ pub(super) fn begin(
             claim,
             kind,
             capture: Vec::new(),
+            captured_in_vm: std::rc::Rc::clone(&filter.cache_capture),
             streamed: None,
             given_up: false,
         })
@@ -227,13 +230,27 @@ impl Caching {
 
     /// A body chunk, as it passed.
     pub fn on_body(&mut self, chunk: &[u8], max_entry_bytes: usize) {
+        let in_vm = self.captured_in_vm.get();
         // An event stream is larger than the JSON it becomes; twice the bound is plenty.
-        if self.capture.len().saturating_add(chunk.len()) > max_entry_bytes.saturating_mul(2) {
+        if self.capture.len().saturating_add(chunk.len()) > max_entry_bytes.saturating_mul(2)
+            || in_vm.saturating_add(chunk.len()) > crate::filter::CAPTURE_LIMIT
+        {
             self.given_up = true;
+            self.captured_in_vm
+                .set(in_vm.saturating_sub(self.capture.len()));
             self.capture = Vec::new();
         } else {
             self.capture.extend_from_slice(chunk);
+            self.captured_in_vm.set(in_vm.saturating_add(chunk.len()));
         }
+    }
+}
+
+impl Drop for Caching {
+    fn drop(&mut self) {
+        let in_vm = self.captured_in_vm.get();
+        self.captured_in_vm
+            .set(in_vm.saturating_sub(self.capture.len()));
     }
 }
 

@@ -1717,3 +1717,50 @@ fn with_charge_hits_a_hit_is_charged_what_its_answer_cost() {
         1
     );
 }
+
+#[test]
+fn answers_copied_for_the_cache_are_bounded_per_vm() {
+    let f = filter(CACHED);
+    let shared = Rc::new(RefCell::new(Default::default()));
+    // Another exchange of this VM holds nearly all of the copy allowance.
+    let busy = crate::filter::CAPTURE_LIMIT - 10;
+    f.cache_capture.set(busy);
+    let mut host = cache_request(&shared, DETERMINISTIC);
+    let mut ex = Exchange::new(f.clone(), 1);
+    send_request(&mut ex, &mut host, 1 << 20);
+    respond(
+        &mut ex,
+        &mut host,
+        "200",
+        "application/json",
+        CHAT_ANSWER.as_bytes(),
+        8,
+    );
+    assert_eq!(
+        host.counter("tokenfuse_cache_stores.api=.=chat;.;result=.=incomplete;.;"),
+        1
+    );
+    assert_eq!(
+        f.cache_capture.get(),
+        busy,
+        "the copy's bytes were given back"
+    );
+    // With room, the same request's answer is kept, and its copy given back too.
+    f.cache_capture.set(0);
+    let mut host = cache_request(&shared, DETERMINISTIC);
+    let mut ex = Exchange::new(f.clone(), 2);
+    send_request(&mut ex, &mut host, 1 << 20);
+    respond(
+        &mut ex,
+        &mut host,
+        "200",
+        "application/json",
+        CHAT_ANSWER.as_bytes(),
+        8,
+    );
+    assert_eq!(
+        host.counter("tokenfuse_cache_stores.api=.=chat;.;result=.=stored;.;"),
+        1
+    );
+    assert_eq!(f.cache_capture.get(), 0);
+}
