@@ -59,6 +59,8 @@ CONFIGS = {
     "floor": "Wasm floor (holds and reads bodies, counts nothing)",
     "count": "tokenfuse, counting only",
     "budget": "tokenfuse, counting + budget",
+    "cache_hit": "tokenfuse, budget + cache, every request a hit",
+    "cache_miss": "tokenfuse, budget + cache, every request a miss",
     "lua": "Lua filter, bytes/4 estimate",
 }
 
@@ -69,8 +71,18 @@ BUDGET_CONFIG = {
         {"name": "bench", "key": "header:x-tenant", "window": "minute", "base": 1e15}
     ],
 }
+# The response cache on every request of the pools (`deterministic_only: false`): room for
+# every body of a pool, so after the first pass every request is a hit; or four entries for
+# pools of 64 and more distinct bodies, so every request misses, goes upstream, and keeps
+# its answer (evicting another) — the whole miss path.
+CACHE_HIT_CONFIG = dict(BUDGET_CONFIG, cache={
+    "scope": "shared", "deterministic_only": False, "ttl_secs": 3600,
+    "max_entries": 65536, "max_entry_bytes": 65536, "max_bytes": 1 << 30})
+CACHE_MISS_CONFIG = dict(BUDGET_CONFIG, cache={
+    "scope": "shared", "deterministic_only": False, "ttl_secs": 3600, "max_entries": 4})
 # The plugin configuration of each configuration of the load runs (None: no tokenfuse).
-PLUGINS = {"none": None, "lua": None, "floor": None, "count": COUNT_CONFIG, "budget": BUDGET_CONFIG}
+PLUGINS = {"none": None, "lua": None, "floor": None, "count": COUNT_CONFIG, "budget": BUDGET_CONFIG,
+           "cache_hit": CACHE_HIT_CONFIG, "cache_miss": CACHE_MISS_CONFIG}
 O200K_ONLY_CONFIG = {
     "api": "v1",
     "tokenizer": {"builtin_models": False, "fallback_encoding": "o200k_base"},
@@ -429,7 +441,8 @@ def sanity(port: int, kind: str, body: bytes) -> dict:
     if status != 200:
         sys.exit(f"{kind}: sanity request got {status}: {payload[:300]!r}")
     want = {"count": "x-tokenfuse-prompt-tokens", "budget": "x-ratelimit-remaining-tokens",
-            "floor": "x-floor-body-bytes"}.get(kind)
+            "floor": "x-floor-body-bytes", "cache_hit": "x-tokenfuse-cache",
+            "cache_miss": "x-tokenfuse-cache"}.get(kind)
     if want and want not in headers:
         sys.exit(f"{kind}: response lacks {want}: {headers}")
     return {k: v for k, v in headers.items() if k.startswith(("x-tokenfuse", "x-ratelimit", "x-floor"))}
@@ -506,6 +519,47 @@ def host_calls(envoy: str, workdir: Path, upstream: int, script: Path, args: arg
     kinds = list(reports[0]["us"])
     return {"reports": len(reports), "requests_per_report": reports[0]["requests"],
             "us": {k: statistics.median(r["us"][k] for r in reports) for k in kinds}}
+
+
+# The cache flood: distinct cacheable requests whose answers (~64 KB each, the mock's
+# completion repeated) would need far more than the cache's byte bound.
+FLOOD_CACHE = {"api": "v1", "cache": {"scope": "shared", "deterministic_only": False,
+               "max_entries": 1024, "max_entry_bytes": 262144, "max_bytes": 16 << 20}}
+FLOOD_POINTS = [0, 250, 500, 1000, 2000, 3000]
+FLOOD_REPEAT = "2000"  # x 32-byte completion: 64 KB answers
+
+
+def cache_flood(envoy: str, workdir: Path, upstream: int, points: list[int]) -> list[dict]:
+    """Envoy RSS (MB) after each count in `points` of distinct cacheable requests, with the
+    cache bounded at 16 MiB and without a cache (the same filter, `cache` left out), so the
+    growth beyond the filter's own is the cache's."""
+    rows = []
+    for name, plugin in (("no cache", {"api": "v1"}), ("cache, 16 MiB bound", FLOOD_CACHE)):
+        e = Envoy(envoy, workdir, "flood-" + name.split(",")[0].replace(" ", ""), upstream, plugin)
+        try:
+            sent = 0
+            for point in points:
+                while sent < point:
+                    body = json.dumps({"model": "gpt-4o", "max_tokens": 16, "messages": [
+                        {"role": "user", "content": f"flood {sent}"}]}).encode()
+                    status, headers, payload = http_post(e.listener, PATH_CHAT, body, {
+                        "content-type": "application/json", "x-mock-repeat": FLOOD_REPEAT})
+                    if status != 200:
+                        sys.exit(f"cache flood: {status}: {payload[:200]!r}")
+                    sent += 1
+                time.sleep(1.2)  # answers are kept when Envoy ends each stream; the tick reports
+                held = 0
+                if plugin.get("cache"):
+                    _, text = http_get(e.admin, "/stats?filter=tokenfuse_cache_bytes")
+                    m = re.search(r"tokenfuse_cache_bytes: (\d+)", text)
+                    held = int(m.group(1)) if m else 0
+                rows.append({"variant": name, "requests": point, "rss_mb": e.rss_mb(),
+                             "cache_bytes": held})
+                log(f"cache flood: {name}, {point} requests: {rows[-1]['rss_mb']:.1f} MB, "
+                    f"cache holds {held / (1 << 20):.1f} MiB")
+        finally:
+            e.stop()
+    return rows
 
 
 def memory(envoy: str, workdir: Path, upstream: int, body: bytes, concurrencies: list[int]) -> list[dict]:

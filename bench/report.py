@@ -131,7 +131,12 @@ def render_md(data: dict) -> str:
               "point, over the requests served (under load, so it includes the cost of contention). "
               "The Wasm floor is a filter that holds each request until its body is complete, reads the "
               "body, adds a response header and reads the response body — what any body-reading Wasm "
-              "filter costs (`bench/src/floor_filter.rs`); tokenfuse's own work is what it adds beyond it."]
+              "filter costs (`bench/src/floor_filter.rs`); tokenfuse's own work is what it adds beyond it. "
+              "The cache configurations add the response cache (docs/cache.md) to the budget one, on "
+              "every request of the pools: with room for every body, every request after the first pass "
+              "is answered by the filter (a hit: the upstream is not asked, so the ratio can pass 1); "
+              "with four entries for 64 and more distinct bodies, every request misses, goes upstream and "
+              "keeps its answer (the whole miss path: lookup, claim, copy of the answer, store, eviction)."]
     mock = data.get("mock_direct")
     if mock:
         lines += ["", f"Mock upstream alone (wrk straight at it, 1 KB case): {mock['rps']:.0f} requests/s, "
@@ -274,6 +279,28 @@ def render_md(data: dict) -> str:
         row = [next((r["ready_s"] for r in mem if r["variant"] == variant and r["concurrency"] == c), float("nan"))
                for c in data["concurrencies"]]
         lines.append(f"| {label} | " + " | ".join(f"{x:.2f}" for x in row) + " |")
+    flood = data.get("cache_flood") or []
+    if flood:
+        points = sorted({r["requests"] for r in flood})
+        lines += ["", "Response cache memory under a flood (`bench/measure.py` `cache_flood`): Envoy RSS (MB) "
+                  "after N distinct cacheable requests whose ~64 KB answers would need far more than the "
+                  "cache's bound (`max_bytes` 16 MiB, 1,024 entries), against the same filter without a "
+                  "cache; in brackets the bytes the cache holds (`tokenfuse_cache_bytes`, MiB). RSS "
+                  "grows by less than the cache holds (the allocator reuses memory Envoy freed after "
+                  "start); what the flood shows is that it stops growing once the bound is reached:", "",
+                  "| | " + " | ".join(str(p) for p in points) + " |",
+                  "|---|" + "---:|" * len(points)]
+        for variant in dict.fromkeys(r["variant"] for r in flood):
+            cells = []
+            for p in points:
+                r = next((x for x in flood if x["variant"] == variant and x["requests"] == p), None)
+                if r is None:
+                    cells.append("")
+                elif r["cache_bytes"]:
+                    cells.append(f"{r['rss_mb']:.0f} ({r['cache_bytes'] / (1 << 20):.1f})")
+                else:
+                    cells.append(f"{r['rss_mb']:.0f}")
+            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     lines += ["", "Targets (from the performance issue):", "",
               "| target | measured | met |", "|---|---|---|"]
     for t in data["targets"]:
@@ -345,8 +372,9 @@ def targets(data: dict) -> list[dict]:
 def render_svg(data: dict) -> str:
     s = data["summary"]
     kinds = [k for k in data["configs"] if k != "none"]
-    colours = {"floor": "#bab0ac", "count": "#4e79a7", "budget": "#e15759", "lua": "#76b7b2"}
-    w, h, left, top, bottom = 720, 360, 60, 40, 60
+    colours = {"floor": "#bab0ac", "count": "#4e79a7", "budget": "#e15759", "cache_hit": "#59a14f",
+               "cache_miss": "#edc948", "lua": "#76b7b2"}
+    w, h, left, top, bottom = max(720, 80 + 150 * len(kinds)), 360, 60, 40, 60
     plot_h = h - top - bottom
     group_w = (w - left - 20) / len(CASES)
     bar_w = group_w * 0.8 / len(kinds)
@@ -372,8 +400,9 @@ def render_svg(data: dict) -> str:
     lx = left
     for kind in kinds:
         parts.append(f'<rect x="{lx}" y="{h - 22}" width="12" height="12" fill="{colours[kind]}"/>')
-        parts.append(f'<text x="{lx + 16}" y="{h - 12}">{CONFIGS[kind].split(" (")[0]}</text>')
-        lx += 180
+        label = CONFIGS[kind].split(" (")[0].replace("tokenfuse, budget + cache, every request a ", "cache ")
+        parts.append(f'<text x="{lx + 16}" y="{h - 12}">{label}</text>')
+        lx += (w - left) / len(kinds)
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
 

@@ -52,7 +52,8 @@ from pathlib import Path
 from measure import (CASES, COUNT_NATIVE, COUNT_WASM, EXCHANGE_NATIVE, EXCHANGE_WASM, FLOOR_WASM,
                      HOST_CALLS_WASM, MOCK, ONE_CONNECTION, PLUGINS, RENDER_ENVOY, ROOT, WASM,
                      WORST_SHAPES, Envoy, agent_pool, count_bench, envoy_binary, exchange_bench,
-                     free_port, host_calls, log, machine, memory, mixed_text, prompt_pool, run_wrk,
+                     FLOOD_POINTS, cache_flood, free_port, host_calls, log, machine, memory, mixed_text,
+                     prompt_pool, run_wrk,
                      sanity, start_mock, stop, worst_shapes, wrk_script)
 from report import analyse, report
 
@@ -124,7 +125,8 @@ def main() -> None:
         scripts[case] = wrk_script(workdir, slug, pool, args.threads)
         log(f"{case}: {len(pool)} distinct bodies, {sum(map(len, pool)) / len(pool) / 1024:.1f} KB on average")
 
-    configs = ["none", "floor", "count", "budget"] + ([] if args.no_lua else ["lua"])
+    configs = (["none", "floor", "count", "budget", "cache_hit", "cache_miss"]
+               + ([] if args.no_lua else ["lua"]))
     data: dict = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
@@ -173,6 +175,9 @@ def main() -> None:
         concurrencies = [1, 2, 4]
         data["concurrencies"] = concurrencies
         data["memory"] = memory(envoy, workdir, upstream_port, bodies["1 KB"], concurrencies)
+        log("response cache memory under a flood of distinct answers")
+        data["cache_flood"] = cache_flood(envoy, workdir, upstream_port,
+                                          FLOOD_POINTS[:3] if args.quick else FLOOD_POINTS)
     finally:
         stop(mock)
 

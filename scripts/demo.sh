@@ -64,3 +64,22 @@ echo
 echo
 echo "\$ curl -s localhost:9901/stats/prometheus | grep -E '^tokenfuse_(decisions|tokens)\\{'"
 curl -s "http://127.0.0.1:$ADMIN_PORT/stats/prometheus" | grep -E '^tokenfuse_(decisions|tokens)\{'
+echo
+
+# The response cache: a deterministic request (temperature 0) twice. The first goes
+# upstream (miss) and its answer is kept; the second is answered by the filter (hit),
+# charged nothing; what it saved is counted.
+cached='{"model":"gpt-4o","temperature":0,"max_tokens":50,"messages":[{"role":"user","content":"What is a token?"}]}'
+for _ in 1 2; do
+  echo "\$ curl -s -D - localhost:10000/v1/chat/completions -H 'authorization: Bearer demo-key-acme' -d '$cached'"
+  out=$(curl -s -D - "http://127.0.0.1:$PORT/v1/chat/completions" -H 'authorization: Bearer demo-key-acme' \
+    -H 'content-type: application/json' -d "$cached" | tr -d '\r')
+  head=${out%%$'\n\n'*} rest=${out#*$'\n\n'}
+  echo "$head" | grep -viE '^(date|server|x-envoy-upstream-service-time|content-length|transfer-encoding|x-request-id|x-mock-include-usage):'
+  echo
+  echo "${rest:0:60}…"
+  echo
+  sleep 0.3 # the answer is kept when Envoy ends the first stream
+done
+echo "\$ curl -s localhost:9901/stats/prometheus | grep -E '^tokenfuse_cache_(lookups|saved_tokens)\\{'"
+curl -s "http://127.0.0.1:$ADMIN_PORT/stats/prometheus" | grep -E '^tokenfuse_cache_(lookups|saved_tokens)\{'

@@ -16,7 +16,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 FUZZ_SECONDS=${FUZZ_SECONDS:-60}
-FUZZ_TARGETS=${FUZZ_TARGETS:-request_body sse_stream usage_json config bpe_diff exchange}
+FUZZ_TARGETS=${FUZZ_TARGETS:-request_body sse_stream usage_json config bpe_diff exchange cache_shapes}
 CARGO=${CARGO:-cargo}
 # -timeout: an input slower than this counts as a crash (a hang), so a run lasts at most
 # FUZZ_SECONDS + 10 s. No -jobs/-workers: one process, its report on stderr.

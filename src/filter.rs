@@ -31,6 +31,9 @@ pub struct Filter {
     tenant_tags: RefCell<TagLimiter>,
     /// Global-budget settlements waiting for the root context's next tick.
     pub settlements: RefCell<SettleQueue>,
+    /// Bytes of answers this VM's exchanges are copying for the response cache (bounded by
+    /// [`CAPTURE_LIMIT`]; see `exchange/cached.rs`).
+    pub cache_capture: Rc<Cell<usize>>,
     /// Per budget, the keys this VM has seen: their gauge names and the slot where their
     /// account was last found.
     known_keys: RefCell<Vec<FxHashMap<String, Rc<BudgetKey>>>>,
@@ -42,6 +45,10 @@ pub struct Filter {
     /// When the tick last refreshed gauges (ms since the epoch).
     refreshed_at_ms: Cell<i64>,
 }
+
+/// The most bytes of answers one VM copies for the response cache at a time: beyond it, an
+/// answer in flight is not kept (so many long cacheable streams at once cannot grow a VM).
+pub const CAPTURE_LIMIT: usize = 32 << 20;
 
 /// The least time between two gauge refreshes, whatever the tick period.
 const GAUGE_REFRESH_MS: i64 = 1000;
@@ -64,6 +71,7 @@ impl Filter {
             model_tags,
             tenant_tags,
             settlements: RefCell::new(SettleQueue::default()),
+            cache_capture: Rc::new(Cell::new(0)),
             known_keys: RefCell::new(vec![FxHashMap::default(); config_budgets]),
             gauged: RefCell::new(vec![Vec::new(); config_budgets]),
             refresh_cursor: Cell::new((0, 0)),

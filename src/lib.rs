@@ -12,6 +12,7 @@
 //! - [`budget`]: budgets and their arithmetic, windows, prices, identities, the ledger in
 //!   shared data, planning and settling reservations;
 //! - [`global`]: budgets kept by a rate limit service across proxies;
+//! - [`cache`]: paying once — the response cache and the coalescing of identical requests;
 //! - [`config`]: the plugin configuration, checked at load; [`filter`]: the per-VM state;
 //!   [`stats`]: metric names and tags.
 
@@ -30,6 +31,7 @@
 )]
 
 pub mod budget;
+pub mod cache;
 pub mod config;
 pub mod exchange;
 pub mod filter;

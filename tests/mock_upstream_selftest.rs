@@ -474,11 +474,19 @@ fn responses_and_anthropic_streams_have_their_event_sequences() {
         names(&responses),
         [
             "response.created",
+            "response.output_item.added",
+            "response.content_part.added",
             "response.output_text.delta",
             "response.output_text.delta",
             "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
             "response.completed"
         ]
+    );
+    assert_eq!(
+        data(&responses, "response.completed")["response"]["output"][0]["content"][0]["text"],
+        "abcdefgh"
     );
     assert_eq!(
         data(&responses, "response.completed")["response"]["usage"]["output_tokens"],

@@ -757,7 +757,8 @@ const SCRAPE_CONFIG: &str = r#"{
     "gpt-4o-mini*": {"input": 0.15, "cached_input": 0.075, "output": 0.6},
     "gpt-4.1*":     {"input": 2.0,  "cached_input": 0.5,   "output": 8.0}
   },
-  "reroute": {"models": {"gpt-4o": "gpt-4o-mini"}}
+  "reroute": {"models": {"gpt-4o": "gpt-4o-mini"}},
+  "cache": {"ttl_secs": 300, "max_entries": 4}
 }"#;
 
 struct Stack {
@@ -834,6 +835,34 @@ fn drive_traffic(envoy: &Envoy) {
         &chat("gpt-4o", 10),
         200,
     );
+    // a deterministic request, then the same again: a cache miss, then a hit (once the
+    // first answer is kept, when Envoy ends its stream)
+    let deterministic = json!({"model": "gpt-4o", "temperature": 0, "max_tokens": 10,
+        "messages": [{"role": "user", "content": "Hello, cache!"}]})
+    .to_string();
+    let r = post("cached", &[], &deterministic, 200);
+    assert_eq!(r.header("x-tokenfuse-cache"), Some("miss"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let r = post("cached", &[], &deterministic, 200);
+        if r.header("x-tokenfuse-cache") == Some("hit") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no cache hit: {:?}",
+            r.headers
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // more distinct answers than the cache's four entries: one is evicted
+    for i in 0..5 {
+        let body = json!({"model": "gpt-4o", "temperature": 0, "max_tokens": 10,
+            "messages": [{"role": "user", "content": format!("Hello, cache {i}!")}]})
+        .to_string();
+        post("flood", &[], &body, 200);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     // not an LLM call
     let r = envoy.get("/healthz", &[]).unwrap();
     assert_eq!(r.status, 200);
@@ -867,6 +896,10 @@ const EXPECTED: &[(&str, &str, &str)] = &[
     ("tokenfuse_retries", "tenant", "acme"),
     ("tokenfuse_tokens_per_request_count", "kind", "completion"),
     ("tokenfuse_budget_consumed", "window", "hour"),
+    ("tokenfuse_decisions", "decision", "cache_hit"),
+    ("tokenfuse_cache_lookups", "result", "hit"),
+    ("tokenfuse_cache_saved_tokens", "kind", "completion"),
+    ("tokenfuse_cache_evictions", "reason", "evicted"),
 ];
 
 /// Series that must also have counted something: values reach Envoy on the filter's tick

@@ -78,3 +78,50 @@ fn each_sdk_raises_its_own_exceptions_for_tokenfuse_refusals() {
     );
     assert_eq!(refused, 2, "the spent tenant's requests were retried");
 }
+
+#[test]
+fn each_sdk_parses_the_streams_the_cache_serves() {
+    let python = repo_root().join(".venv/bin/python");
+    let s = Stack::start(
+        &json!({
+            "api": "v1",
+            "cache": {"ttl_secs": 300},
+            "budgets": [{"name": "day", "key": "header:x-tenant", "window": "day", "base": 100000}],
+        })
+        .to_string(),
+    );
+    let out = Command::new(&python)
+        .arg(repo_root().join("tests/sdk/cache.py"))
+        .arg(s.envoy.listener_port.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cache.py failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for (case, marker) in [
+        ("openai_chat", "sdk cache chat"),
+        ("openai_responses", "sdk cache responses"),
+        ("anthropic_messages", "sdk cache anthropic"),
+    ] {
+        let texts = got[case]["texts"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{case}: {}", got[case]));
+        assert_eq!(texts.len(), 3, "{case}: {texts:?}");
+        assert!(
+            texts[0].as_str().is_some_and(|t| !t.is_empty()),
+            "{case}: {texts:?}"
+        );
+        assert!(texts.iter().all(|t| t == &texts[0]), "{case}: {texts:?}");
+        // The second and third were answered by the filter: one upstream call.
+        let calls = s
+            .primary
+            .requests()
+            .iter()
+            .filter(|r| String::from_utf8_lossy(&r.body).contains(marker))
+            .count();
+        assert_eq!(calls, 1, "{case}: {calls} upstream calls");
+    }
+}

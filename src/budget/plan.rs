@@ -196,6 +196,9 @@ pub enum Plan {
 /// The request's priority: the trusted header, else the route, else the default.
 pub fn priority(host: &dyn Host, config: &Config) -> Priority {
     let source = &config.priority;
+    if let Some(p) = source.retries.filter(|_| is_retry(host)) {
+        return p;
+    }
     if let Some(p) = source
         .header
         .as_deref()
@@ -213,6 +216,14 @@ pub fn priority(host: &dyn Host, config: &Config) -> Priority {
         }
     }
     source.default
+}
+
+/// A request an SDK marks as a retry (`x-stainless-retry-count` above 0, sent by the
+/// OpenAI and Anthropic SDKs).
+pub fn is_retry(host: &dyn Host) -> bool {
+    host.request_header("x-stainless-retry-count")
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .is_some_and(|n| n > 0)
 }
 
 /// The cheaper model `model` is rerouted to, if the map has one (and it differs).

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::raw::{RawBudget, RawPrice, RawPriority, RawRateLimitService, RawReroute};
+use super::raw::{RawBudget, RawCache, RawPrice, RawPriority, RawRateLimitService, RawReroute};
 use super::{ConfigError, FailureMode, GlobalBudget, PrioritySource, RateLimitService, Reroute};
 use crate::budget::price::{usd_to_micro, Price, PriceList};
 use crate::budget::window::{PeakHours, Window};
@@ -398,6 +398,7 @@ pub(super) fn compile_priority(raw: Option<&RawPriority>) -> Result<PrioritySour
             header: None,
             routes: HashMap::new(),
             default: Priority::P1,
+            retries: None,
         });
     };
     let parse = |field: String, v: &str| {
@@ -413,6 +414,10 @@ pub(super) fn compile_priority(raw: Option<&RawPriority>) -> Result<PrioritySour
         default: match &raw.default {
             Some(d) => parse("priority.default".into(), d)?,
             None => Priority::P1,
+        },
+        retries: match &raw.retries {
+            Some(r) => Some(parse("priority.retries".into(), r)?),
+            None => None,
         },
     })
 }
@@ -475,4 +480,121 @@ pub(super) fn describe_serde_error(e: &serde_json::Error) -> String {
             }
         }
     }
+}
+
+/// The `cache` section. `tenant` is the tenant tag's source, the default scope key.
+pub(super) fn compile_cache(
+    raw: RawCache,
+    tenant: Option<&KeySource>,
+) -> Result<crate::cache::Cache, ConfigError> {
+    use crate::cache::{Cache, Scope};
+    use crate::llm::api::ApiKind;
+    let all = [
+        ApiKind::ChatCompletions,
+        ApiKind::Completions,
+        ApiKind::Responses,
+        ApiKind::Embeddings,
+        ApiKind::AnthropicMessages,
+    ];
+    let apis = match raw.apis {
+        None => vec![
+            ApiKind::ChatCompletions,
+            ApiKind::Completions,
+            ApiKind::Responses,
+            ApiKind::AnthropicMessages,
+        ],
+        Some(names) => {
+            let mut apis = Vec::new();
+            for (i, name) in names.iter().enumerate() {
+                let kind = all.iter().find(|k| k.tag() == name).ok_or_else(|| {
+                    ConfigError::new(
+                        format!("cache.apis[{i}]"),
+                        "must be one of `chat`, `completions`, `responses`, `embeddings`, `anthropic`",
+                    )
+                })?;
+                apis.push(*kind);
+            }
+            apis
+        }
+    };
+    let mut models = Vec::new();
+    for (i, m) in raw.models.iter().enumerate() {
+        models.push(
+            Pattern::parse(m).map_err(|why| ConfigError::new(format!("cache.models[{i}]"), why))?,
+        );
+    }
+    let ttl_secs = raw.ttl_secs.unwrap_or(300);
+    if !(1..=7 * 86_400).contains(&ttl_secs) {
+        return Err(ConfigError::new(
+            "cache.ttl_secs",
+            "must be between 1 and 604800 (a week)",
+        ));
+    }
+    let max_entries = raw.max_entries.unwrap_or(1024);
+    if !(4..=1 << 20).contains(&max_entries) {
+        return Err(ConfigError::new(
+            "cache.max_entries",
+            "must be between 4 and 1048576 (each entry is a shared-data key)",
+        ));
+    }
+    let max_entry_bytes = byte_limit("cache.max_entry_bytes", raw.max_entry_bytes, 256 << 10)?;
+    let max_bytes = raw.max_bytes.unwrap_or(64 << 20);
+    if !(1024..=16 << 30).contains(&max_bytes) {
+        return Err(ConfigError::new(
+            "cache.max_bytes",
+            "must be between 1024 and 17179869184 (16 GiB)",
+        ));
+    }
+    if (max_entry_bytes as u64) > max_bytes {
+        return Err(ConfigError::new(
+            "cache.max_entry_bytes",
+            "must not exceed cache.max_bytes",
+        ));
+    }
+    let scope = match (raw.scope.as_deref(), raw.key.as_deref()) {
+        (Some("shared"), None) => Scope::Shared,
+        (Some("shared"), Some(_)) => {
+            return Err(ConfigError::new(
+                "cache.key",
+                "has no meaning with scope: shared (answers cross every identity)",
+            ))
+        }
+        (None | Some("tenant"), Some(source)) => Scope::PerIdentity(parse_key("cache.key", source)?),
+        (None | Some("tenant"), None) => match tenant {
+            Some(source) => Scope::PerIdentity(source.clone()),
+            None => {
+                return Err(ConfigError::new(
+                    "cache.key",
+                    "is needed: a per-tenant cache needs to know the tenant (set `cache.key`, `stats.tenant` or a budget), or set `scope: shared`",
+                ))
+            }
+        },
+        (Some(_), _) => {
+            return Err(ConfigError::new(
+                "cache.scope",
+                "must be `tenant` (answers never cross identities) or `shared`",
+            ))
+        }
+    };
+    let coalesce_wait_ms = raw.coalesce_wait_ms.unwrap_or(30_000);
+    if !(10..=600_000).contains(&coalesce_wait_ms) {
+        return Err(ConfigError::new(
+            "cache.coalesce_wait_ms",
+            "must be between 10 and 600000",
+        ));
+    }
+    Ok(Cache {
+        apis,
+        models,
+        routes: raw.routes,
+        ttl_ms: ttl_secs.saturating_mul(1000),
+        max_entries: u32::try_from(max_entries).unwrap_or(u32::MAX),
+        max_entry_bytes,
+        max_bytes,
+        scope,
+        deterministic_only: raw.deterministic_only.unwrap_or(true),
+        coalesce: raw.coalesce.unwrap_or(true),
+        coalesce_wait_ms,
+        charge_hits: raw.charge_hits.unwrap_or(false),
+    })
 }

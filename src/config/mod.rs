@@ -110,6 +110,8 @@ pub struct Config {
     pub on_store_failure: FailureMode,
     /// `x-should-retry: false` is sent when the reset is further away than this.
     pub should_retry_max_secs: u64,
+    /// The response cache, when configured.
+    pub cache: Option<crate::cache::Cache>,
 }
 
 /// Where a request's priority comes from: a trusted header, else the route, else a default.
@@ -118,6 +120,9 @@ pub struct PrioritySource {
     pub header: Option<String>,
     pub routes: HashMap<String, Priority>,
     pub default: Priority,
+    /// The class of requests an SDK marks as retries (`x-stainless-retry-count` above 0),
+    /// whatever else they say: `p2` sheds retries first.
+    pub retries: Option<Priority>,
 }
 
 /// Rerouting: the header that selects the economy route, and cheaper models.
@@ -201,6 +206,7 @@ impl Default for Config {
                 header: None,
                 routes: HashMap::new(),
                 default: Priority::P1,
+                retries: None,
             },
             prices: PriceList::default(),
             reroute: Reroute {
@@ -212,6 +218,7 @@ impl Default for Config {
             cas_retries: 32,
             on_store_failure: FailureMode::Open,
             should_retry_max_secs: 60,
+            cache: None,
         }
     }
 }
@@ -503,7 +510,13 @@ impl Config {
             None => defaults.tenant_tag_limit,
         };
 
+        let cache = match raw.cache {
+            Some(c) => Some(compile::compile_cache(c, tenant_tag.as_ref())?),
+            None => None,
+        };
+
         Ok(Config {
+            cache,
             tenant_tag,
             tenant_tag_limit,
             budgets,

@@ -37,6 +37,27 @@ pub struct RawConfig {
     pub(super) shared_data: Option<RawSharedData>,
     pub(super) rate_limit_service: Option<RawRateLimitService>,
     pub(super) should_retry_max_secs: Option<u64>,
+    pub(super) cache: Option<RawCache>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCache {
+    pub(super) apis: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) models: Vec<String>,
+    #[serde(default)]
+    pub(super) routes: Vec<String>,
+    pub(super) ttl_secs: Option<u64>,
+    pub(super) max_entries: Option<u64>,
+    pub(super) max_entry_bytes: Option<u64>,
+    pub(super) max_bytes: Option<u64>,
+    pub(super) scope: Option<String>,
+    pub(super) key: Option<String>,
+    pub(super) deterministic_only: Option<bool>,
+    pub(super) coalesce: Option<bool>,
+    pub(super) coalesce_wait_ms: Option<u64>,
+    pub(super) charge_hits: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,6 +119,7 @@ pub(super) struct RawPriority {
     #[serde(default)]
     pub(super) routes: BTreeMap<String, String>,
     pub(super) default: Option<String>,
+    pub(super) retries: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

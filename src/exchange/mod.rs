@@ -20,6 +20,7 @@
 
 pub mod admin;
 mod admit;
+mod cached;
 mod meter;
 pub mod reply;
 mod request;
@@ -47,7 +48,19 @@ use crate::llm::rewrite;
 use crate::stats::{catalog, Stat};
 use crate::tokenizer::ModelCounting;
 
+pub use self::cached::{upkeep as cache_upkeep, CACHE_HEADER};
 pub use self::reply::{PROMPT_TOKENS_HEADER, REROUTED_HEADER, WARNING_HEADER};
+
+/// What a request waiting for an identical one became when the root tick looked again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// Still waiting.
+    Waiting,
+    /// Answered, or handed on to a later callback: nothing for the glue to do.
+    Done,
+    /// Admitted to go upstream itself: the glue resumes the request.
+    Resume,
+}
 
 /// What the glue tells Envoy after a callback.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +78,22 @@ pub struct Exchange {
     phase: Phase,
     /// Request body bytes buffered so far (for trailers, which end the body without a size).
     buffered: usize,
+    /// The response cache's interest in this exchange's answer.
+    caching: Option<cached::Caching>,
+    /// What `x-tokenfuse-cache` says on the forwarded answer (`miss`, `refresh`, `bypass`).
+    cache_status: Option<&'static str>,
+}
+
+/// A request waiting for the answer of an identical one in flight.
+struct Waiting {
+    pending: Box<Pending>,
+    size: usize,
+    key: crate::cache::Key,
+    considered: cached::Considered,
+    prompt_tokens: u64,
+    model: String,
+    /// When it stops waiting and goes upstream itself.
+    until_ms: i64,
 }
 
 enum Phase {
@@ -83,6 +112,8 @@ enum Phase {
     Forwarded(Box<Forwarded>),
     /// An admin top-up whose body is still arriving.
     AdminBody,
+    /// Held until an identical request in flight answers (the root tick looks).
+    Waiting(Box<Waiting>),
 }
 
 /// An admitted request, as it went upstream: what its response is metered against and
@@ -159,6 +190,8 @@ impl Exchange {
             id,
             phase: Phase::Idle,
             buffered: 0,
+            caching: None,
+            cache_status: None,
         }
     }
 
@@ -200,7 +233,18 @@ impl Exchange {
         host.set_request_header("accept-encoding", None);
         let who = Identity::read(host, &self.filter);
         count_retry(host, kind, who.tenant_tag.as_deref());
-        self.phase = Phase::Body(Box::new(Pending { kind, path, who }));
+        let cache = self
+            .filter
+            .config
+            .cache
+            .as_ref()
+            .map(|c| cached::CacheHeaders::read(host, c));
+        self.phase = Phase::Body(Box::new(Pending {
+            kind,
+            path,
+            who,
+            cache,
+        }));
         if self.filter.config.hold_request_headers {
             Action::Pause
         } else {
@@ -230,17 +274,24 @@ impl Exchange {
                 let Phase::Body(pending) = std::mem::replace(&mut self.phase, Phase::Idle) else {
                     return Action::Continue;
                 };
-                self.request_complete(host, &pending, body_size)
+                self.request_complete(host, pending, body_size, true)
             }
             _ => Action::Continue,
         }
     }
 
-    /// The whole request body is here: count it, admit it (or refuse it), edit it.
-    fn request_complete(&mut self, host: &mut dyn Host, pending: &Pending, size: usize) -> Action {
+    /// The whole request body is here: count it, answer it from the cache (or wait for an
+    /// identical one, when `may_wait`), admit it (or refuse it), edit it.
+    fn request_complete(
+        &mut self,
+        host: &mut dyn Host,
+        pending: Box<Pending>,
+        size: usize,
+        may_wait: bool,
+    ) -> Action {
         let filter = Rc::clone(&self.filter);
         let original = host.request_body(size).unwrap_or_default();
-        let counted = match request::count(&filter, pending, &original) {
+        let counted = match request::count(&filter, &pending, &original) {
             Ok(counted) => counted,
             Err(NotCounted::Unreadable(e)) => return self.unreadable(host, pending.kind, e),
             Err(NotCounted::NoTokenizer) => {
@@ -257,6 +308,106 @@ impl Exchange {
                 return Action::Continue;
             }
         };
+        let considered = pending.cache.as_ref().and_then(|h| {
+            cached::consider(&filter, host, pending.kind, &counted.model, h, &original)
+        });
+        if considered.is_none() && pending.cache.is_some() {
+            self.cache_status = Some("bypass");
+        }
+        if let (Some(c), Some(h)) = (&considered, &pending.cache) {
+            match cached::begin(&filter, host, pending.kind, &counted.model, h, c, may_wait) {
+                Some(cached::Begin::Hit(entry)) => {
+                    let charged = filter.config.cache.as_ref().is_some_and(|c| c.charge_hits);
+                    let who = cached::Answered {
+                        kind: pending.kind,
+                        prompt_tokens: counted.prompt.tokens,
+                        model: &counted.model,
+                        model_tag: &filter.model_tag(&counted.model),
+                        tenant_tag: pending.who.tenant_tag.as_deref(),
+                        priority: pending.who.priority,
+                    };
+                    if !charged {
+                        if cached::serve(&filter, host, c, &entry, cached::Served::Hit, &who) {
+                            return Action::Pause;
+                        }
+                    } else {
+                        // `charge_hits`: the local budgets judge it as if it went upstream,
+                        // and are charged what the answer cost when it was made.
+                        let mut admitted =
+                            match admit::local(&filter, host, self.id, &pending, &counted) {
+                                Ok(admission) => admission.admitted,
+                                Err(refused) => {
+                                    let tenant = pending.who.tenant_tag.as_deref();
+                                    return self.refuse(
+                                        host,
+                                        pending.kind,
+                                        Some(counted.prompt),
+                                        tenant,
+                                        pending.who.priority,
+                                        refused,
+                                    );
+                                }
+                            };
+                        if cached::serve(&filter, host, c, &entry, cached::Served::Hit, &who) {
+                            // Charged as the model whose answer it is, never a reroute's.
+                            admitted.served_model = counted.model.clone();
+                            admitted.model_tag = filter.model_tag(&counted.model);
+                            admitted.rerouted = false;
+                            let billed = meter::Billed::Usage {
+                                source: meter::Source::Provider,
+                                usage: entry.usage,
+                            };
+                            settle::exchange(
+                                &filter,
+                                host,
+                                self.id,
+                                &admitted,
+                                "cache",
+                                &billed,
+                                &[],
+                            );
+                            return Action::Pause;
+                        }
+                        settle::refund(&filter, host, self.id, &admitted.reservations);
+                    }
+                }
+                Some(cached::Begin::Wait { key, until_ms }) => {
+                    let own = host.now_ms().saturating_add(
+                        filter
+                            .config
+                            .cache
+                            .as_ref()
+                            .map_or(0, |c| i64::try_from(c.coalesce_wait_ms).unwrap_or(0)),
+                    );
+                    let Some(considered) = considered else {
+                        return Action::Continue;
+                    };
+                    self.phase = Phase::Waiting(Box::new(Waiting {
+                        size,
+                        key,
+                        considered,
+                        prompt_tokens: counted.prompt.tokens,
+                        model: counted.model.clone(),
+                        until_ms: until_ms.min(own),
+                        pending,
+                    }));
+                    return Action::Pause;
+                }
+                Some(cached::Begin::Go(caching)) => {
+                    let status = if c.read { "miss" } else { "refresh" };
+                    cached::lookup_stat(
+                        host,
+                        pending.kind,
+                        pending.who.tenant_tag.as_deref(),
+                        status,
+                    );
+                    self.cache_status = Some(status);
+                    self.caching = Some(caching);
+                }
+                None => {}
+            }
+        }
+        let pending = &*pending;
         let admission = match admit::local(&filter, host, self.id, pending, &counted) {
             Ok(admission) => admission,
             Err(refused) => {
@@ -277,6 +428,39 @@ impl Exchange {
             edits,
             path,
         } = admission;
+        // Rerouted to another model: its answer is another one; look that up instead.
+        if admitted.served_model != counted.model {
+            if let (Some(c), Some(h)) = (&considered, &pending.cache) {
+                self.release_claim(host);
+                match cached::begin(
+                    &filter,
+                    host,
+                    pending.kind,
+                    &admitted.served_model,
+                    h,
+                    c,
+                    false,
+                ) {
+                    Some(cached::Begin::Hit(entry)) => {
+                        let who = cached::Answered {
+                            kind: pending.kind,
+                            prompt_tokens: counted.prompt.tokens,
+                            model: &admitted.served_model,
+                            model_tag: &admitted.model_tag,
+                            tenant_tag: admitted.tenant_tag.as_deref(),
+                            priority: admitted.priority,
+                        };
+                        if cached::serve(&filter, host, c, &entry, cached::Served::Hit, &who) {
+                            settle::refund(&filter, host, self.id, &admitted.reservations);
+                            self.phase = Phase::Idle;
+                            return Action::Pause;
+                        }
+                    }
+                    Some(cached::Begin::Go(caching)) => self.caching = Some(caching),
+                    _ => {}
+                }
+            }
+        }
         // The body as it goes upstream, edited once.
         match rewrite::apply(&original, &counted.parsed, &edits) {
             Ok(Some(body)) => {
@@ -443,6 +627,7 @@ impl Exchange {
         refused: Refused,
     ) -> Action {
         self.phase = Phase::Idle;
+        self.release_claim(host);
         settle::refund(&self.filter, host, self.id, &refused.refund);
         decision_stat(
             host,
@@ -469,6 +654,86 @@ impl Exchange {
             should_retry_max_secs: self.filter.config.should_retry_max_secs,
         };
         reply::refuse(host, &asked, refusal);
+    }
+
+    /// Give up the cache claim, if any: identical requests waiting for it go upstream.
+    fn release_claim(&mut self, host: &mut dyn Host) {
+        if let Some(caching) = self.caching.take() {
+            if let (Some(generation), Some(cache)) = (caching.claim, &self.filter.config.cache) {
+                let bounds = cache.bounds(self.filter.config.cas_retries);
+                crate::cache::store::release(host, &bounds, &caching.key, generation);
+            }
+        }
+    }
+
+    /// Whether the request waits for an identical one in flight (the glue asks the root
+    /// tick to call [`Exchange::on_wake`] until it no longer does).
+    pub fn waiting(&self) -> bool {
+        matches!(self.phase, Phase::Waiting(_))
+    }
+
+    /// The root tick looks again for the answer this request waits for: serve it, keep
+    /// waiting, or — the first request failed, or the wait is over — go upstream.
+    pub fn on_wake(&mut self, host: &mut dyn Host) -> Wake {
+        let Phase::Waiting(w) = &self.phase else {
+            return Wake::Done;
+        };
+        let filter = Rc::clone(&self.filter);
+        let now = host.now_ms();
+        let found = cached::recheck(&filter, host, &w.key);
+        match found {
+            Some(crate::cache::Found::Pending { .. }) if now < w.until_ms => {
+                return Wake::Waiting;
+            }
+            _ => {}
+        }
+        let Phase::Waiting(w) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+            return Wake::Done;
+        };
+        let Waiting {
+            pending,
+            size,
+            considered,
+            prompt_tokens,
+            model,
+            until_ms,
+            ..
+        } = *w;
+        let charged = filter.config.cache.as_ref().is_some_and(|c| c.charge_hits);
+        if let Some(crate::cache::Found::Hit(entry)) = found.as_ref().filter(|_| !charged) {
+            let who = cached::Answered {
+                kind: pending.kind,
+                prompt_tokens,
+                model: &model,
+                model_tag: &filter.model_tag(&model),
+                tenant_tag: pending.who.tenant_tag.as_deref(),
+                priority: pending.who.priority,
+            };
+            if cached::serve(
+                &filter,
+                host,
+                &considered,
+                entry,
+                cached::Served::Coalesced,
+                &who,
+            ) {
+                return Wake::Done;
+            }
+        }
+        // Not answered: the wait is over, or the first request failed (its claim is gone).
+        // (With `charge_hits` the answer is served through the budgets, as a hit.)
+        if !matches!(found, Some(crate::cache::Found::Hit(_))) {
+            let why = if now >= until_ms {
+                "waited_out"
+            } else {
+                "first_failed"
+            };
+            cached::lookup_stat(host, pending.kind, pending.who.tenant_tag.as_deref(), why);
+        }
+        match self.request_complete(host, pending, size, false) {
+            Action::Continue => Wake::Resume,
+            Action::Pause => Wake::Done,
+        }
     }
 
     /// An LLM request whose body cannot be read: the configured policy applies.
@@ -539,6 +804,12 @@ impl Exchange {
         if a.rerouted {
             host.set_response_header(REROUTED_HEADER, Some(&a.served_model));
         }
+        if let Some(status) = self.cache_status {
+            host.set_response_header(CACHE_HEADER, Some(status));
+        }
+        if let Some(caching) = &mut self.caching {
+            caching.on_response_headers(host);
+        }
         f.cluster = host.upstream_cluster();
         f.meter = Meter::start(host, &self.filter.config, a.kind);
         if end_of_stream {
@@ -560,6 +831,13 @@ impl Exchange {
         let counter = self.filter.tokenizers.counter(f.admitted.counting.encoding);
         let max_json = self.filter.config.max_response_body_bytes;
         f.meter.feed(host, body_size, max_json, counter);
+        if let (Some(caching), Some(cache)) = (&mut self.caching, &self.filter.config.cache) {
+            if caching.capturing() && body_size > 0 {
+                if let Some(chunk) = host.response_body(body_size) {
+                    caching.on_body(&chunk, cache.max_entry_bytes);
+                }
+            }
+        }
         if end_of_stream {
             self.settle(host, true);
         }
@@ -585,7 +863,10 @@ impl Exchange {
                 },
                 false,
             ),
-            _ => return,
+            _ => {
+                self.release_claim(host);
+                return;
+            }
         };
         let filter = &self.filter;
         let Forwarded {
@@ -607,6 +888,9 @@ impl Exchange {
         };
         let (billed, notes) = meter.finish(&end);
         settle::exchange(filter, host, self.id, &admitted, &cluster, &billed, &notes);
+        if let Some(caching) = self.caching.take() {
+            cached::finish(filter, host, self.id, caching, &billed, &notes, ended);
+        }
         if host.log_enabled(Level::Debug) {
             let (prompt, completion, source) = match &billed {
                 meter::Billed::Usage { source, usage } => (usage.input, usage.output, source.tag()),
@@ -628,11 +912,7 @@ impl Exchange {
 /// A request the official SDKs mark as a retry (`x-stainless-retry-count`, sent by the
 /// OpenAI and Anthropic SDKs): paid for again, so worth a counter of its own.
 fn count_retry(host: &mut dyn Host, kind: ApiKind, tenant: Option<&str>) {
-    let retried = host
-        .request_header("x-stainless-retry-count")
-        .and_then(|v| v.trim().parse::<u32>().ok())
-        .is_some_and(|n| n > 0);
-    if retried {
+    if crate::budget::plan::is_retry(host) {
         let mut stat = Stat::new(catalog::RETRIES);
         if let Some(t) = tenant {
             stat = stat.tag("tenant", t);

@@ -60,6 +60,10 @@ pub enum Decision {
     Unavailable,
     /// Refused: the body could not be edited (500).
     Unrewritable,
+    /// Answered from the response cache (charged nothing).
+    CacheHit,
+    /// Answered with the answer of an identical request in flight (charged nothing).
+    Coalesced,
 }
 
 impl Decision {
@@ -75,6 +79,8 @@ impl Decision {
             Decision::Oversize => "oversize",
             Decision::Unavailable => "unavailable",
             Decision::Unrewritable => "unrewritable",
+            Decision::CacheHit => "cache_hit",
+            Decision::Coalesced => "coalesced",
         }
     }
 }

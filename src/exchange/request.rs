@@ -54,6 +54,8 @@ pub(super) struct Pending {
     pub kind: ApiKind,
     pub path: String,
     pub who: Identity,
+    /// What the headers said about caching, when the cache is configured.
+    pub cache: Option<super::cached::CacheHeaders>,
 }
 
 /// A request body read and counted.

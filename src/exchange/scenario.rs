@@ -48,7 +48,7 @@ pub const MARKER: &str = "Qz7marker";
 
 const START_MS: i64 = 1_800_000_000_000;
 const ADMIN_TOKEN: &str = "0123456789abcdef-admin";
-const MAX_STEPS: usize = 96;
+const MAX_STEPS: usize = 256;
 
 /// A cursor over the fuzzer's bytes; once they run out, every choice is the first one.
 struct Bytes<'a> {
@@ -188,6 +188,25 @@ fn config(b: &mut Bytes<'_>) -> String {
         if b.chance(32) {
             obj.insert("tenant_tag".into(), "header:x-tenant".into());
         }
+        if b.chance(112) {
+            let mut cache = serde_json::json!({
+                "ttl_secs": b.pick(&[1, 60, 3600]),
+                "max_entries": b.pick(&[4, 8, 64]),
+                "max_entry_bytes": b.pick(&[1024, 4096]),
+                "max_bytes": b.pick(&[4096, 8192, 65536]),
+                "coalesce": b.chance(200),
+                "coalesce_wait_ms": b.pick(&[10, 1000, 60000]),
+                "deterministic_only": b.chance(160),
+            });
+            if let Some(c) = cache.as_object_mut() {
+                if b.chance(100) {
+                    c.insert("scope".into(), "shared".into());
+                } else {
+                    c.insert("key".into(), "header:x-tenant".into());
+                }
+            }
+            obj.insert("cache".into(), cache);
+        }
     }
     doc.to_string()
 }
@@ -287,12 +306,21 @@ fn response_body(b: &mut Bytes<'_>, stream: bool, anthropic: bool) -> Vec<u8> {
     let content = text(b);
     let usage = b.pick(&[0u64, 1, 7, 1000, u64::MAX / 2]);
     let with_usage = b.chance(160);
+    // Finished answers (a finish reason, a stop reason): what the cache keeps.
+    let finished = b.chance(160);
     if !stream {
         let mut v = if anthropic {
             serde_json::json!({"content": [{"type": "text", "text": content}]})
         } else {
             serde_json::json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]})
         };
+        if finished {
+            if anthropic {
+                v["stop_reason"] = "end_turn".into();
+            } else {
+                v["choices"][0]["finish_reason"] = "stop".into();
+            }
+        }
         if with_usage {
             if let Some(obj) = v.as_object_mut() {
                 let u = if anthropic {
@@ -315,10 +343,15 @@ fn response_body(b: &mut Bytes<'_>, stream: bool, anthropic: bool) -> Vec<u8> {
             "event: content_block_delta\ndata: {}\n\n",
             serde_json::json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": content}})
         ));
-        if with_usage {
+        if with_usage || finished {
+            let delta = if finished {
+                serde_json::json!({"stop_reason": "end_turn"})
+            } else {
+                serde_json::json!({})
+            };
             out.push_str(&format!(
                 "event: message_delta\ndata: {}\n\n",
-                serde_json::json!({"type": "message_delta", "usage": {"output_tokens": usage}})
+                serde_json::json!({"type": "message_delta", "delta": delta, "usage": {"output_tokens": usage}})
             ));
         }
         out.push_str("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n");
@@ -328,6 +361,12 @@ fn response_body(b: &mut Bytes<'_>, stream: bool, anthropic: bool) -> Vec<u8> {
             out.push_str(&format!(
                 "data: {}\r\n\r\n",
                 serde_json::json!({"choices": [{"index": index, "delta": {"content": piece}}]})
+            ));
+        }
+        if finished {
+            out.push_str(&format!(
+                "data: {}\n\n",
+                serde_json::json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
             ));
         }
         if with_usage {
@@ -393,15 +432,38 @@ fn ceiling(priority: Priority, ceilings: [f64; 3]) -> f64 {
     }
 }
 
+/// What a played scenario did, so a run can show it reached the paths it is meant to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Played {
+    /// Requests answered from the cache, and with an identical request's answer.
+    pub cache_hits: u32,
+    pub coalesced: u32,
+}
+
+impl Played {
+    fn saw(&mut self, host: &FakeHost) {
+        match host
+            .reply
+            .as_ref()
+            .and_then(|r| r.header(crate::exchange::CACHE_HEADER))
+        {
+            Some("hit") => self.cache_hits += 1,
+            Some("coalesced") => self.coalesced += 1,
+            _ => {}
+        }
+    }
+}
+
 /// Play the exchanges `data` describes; panics when an invariant breaks.
-pub fn play(data: &[u8]) {
+pub fn play(data: &[u8]) -> Played {
+    let mut played = Played::default();
     let mut b = Bytes { data };
     let doc = config(&mut b);
     let Ok(config) = Config::parse(doc.as_bytes()) else {
-        return;
+        return played;
     };
     let Ok(filter) = Filter::new(config) else {
-        return;
+        return played;
     };
     let filter = Rc::new(filter);
     let shared = Rc::new(RefCell::new(FakeShared::default()));
@@ -409,6 +471,8 @@ pub fn play(data: &[u8]) {
     let mut flows: Vec<Option<Flow>> = (0..4).map(|_| None).collect();
     let mut logs: Vec<String> = Vec::new();
     let mut next_id = 1u32;
+    // The last request started: agents and retrying clients send the same one again.
+    let mut previous: Option<Previous> = None;
     for _ in 0..MAX_STEPS {
         if b.is_empty() {
             break;
@@ -429,9 +493,12 @@ pub fn play(data: &[u8]) {
                 };
                 tick.now_ms.set(now.get());
                 filter.refresh_gauges(&mut tick, b.below(80));
+                let _ = crate::exchange::cache_upkeep(&filter, &mut tick, b.below(64) as u32, 8);
             }
             (_, None) => {
-                *entry = Some(start(&mut b, &filter, &shared, now.get(), next_id));
+                let flow = start(&mut b, &filter, &shared, now.get(), next_id, &previous);
+                previous = Some((flow.host.request_headers.clone(), flow.body.clone()));
+                *entry = Some(flow);
                 next_id = next_id.wrapping_add(1);
             }
             (7, Some(_)) => {
@@ -440,6 +507,7 @@ pub fn play(data: &[u8]) {
                     flow.ex.on_done(&mut flow.host);
                     // Envoy calls both on_log and on_done: settling twice must not.
                     flow.ex.on_done(&mut flow.host);
+                    played.saw(&flow.host);
                     logs.extend(flow.host.logs.borrow().iter().map(|(_, l)| l.clone()));
                 }
             }
@@ -452,6 +520,7 @@ pub fn play(data: &[u8]) {
     for mut flow in flows.into_iter().flatten() {
         flow.host.now_ms.set(now.get());
         flow.ex.on_done(&mut flow.host);
+        played.saw(&flow.host);
         logs.extend(flow.host.logs.borrow().iter().map(|(_, l)| l.clone()));
     }
     // Every reservation was settled or refunded.
@@ -463,7 +532,32 @@ pub fn play(data: &[u8]) {
     for line in &logs {
         assert!(!line.contains(MARKER), "request data in a log line: {line}");
     }
+    // The cache: no claim outlives its request, the byte count is exact and in bounds, and
+    // the store never grows past its fixed keys.
+    if let Some(cache) = &filter.config.cache {
+        let bounds = cache.bounds(filter.config.cas_retries);
+        let probe = FakeHost {
+            shared: Rc::clone(&shared),
+            ..FakeHost::default()
+        };
+        let a = crate::cache::store::audit(&probe, &bounds, now.get());
+        assert_eq!(a.pending, 0, "a cache claim outlived its request: {a:?}");
+        assert_eq!(
+            a.counted_bytes, a.payload_bytes,
+            "cache bytes miscounted: {a:?}"
+        );
+        assert!(
+            a.counted_bytes <= bounds.max_bytes,
+            "cache over its bound: {a:?}"
+        );
+        let ways = bounds.sets as usize * crate::cache::store::WAYS;
+        assert!(a.keys <= bounds.sets as usize + ways, "cache keys: {a:?}");
+    }
+    played
 }
+
+/// A request's headers and body, to send again.
+type Previous = (Vec<(String, String)>, Vec<u8>);
 
 fn start(
     b: &mut Bytes<'_>,
@@ -471,7 +565,17 @@ fn start(
     shared: &Rc<RefCell<FakeShared>>,
     now: i64,
     id: u32,
+    previous: &Option<Previous>,
 ) -> Flow {
+    if let Some((headers, body)) = previous.as_ref().filter(|_| b.chance(128)) {
+        let host = FakeHost {
+            request_headers: headers.clone(),
+            shared: Rc::clone(shared),
+            ..FakeHost::default()
+        };
+        host.now_ms.set(now);
+        return begin(b, filter, host, body.clone(), id);
+    }
     let path = match b.below(13) {
         0 => "/v1/completions".to_string(),
         1 => "/v1/embeddings".to_string(),
@@ -512,6 +616,14 @@ fn start(
     } else {
         request_body(b, &path)
     };
+    // Deterministic requests, which the cache keeps.
+    let body = match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(serde_json::Value::Object(mut fields)) if b.chance(128) => {
+            fields.insert("temperature".into(), 0.into());
+            serde_json::Value::Object(fields).to_string().into_bytes()
+        }
+        _ => body,
+    };
     let mut host = FakeHost::post(&path, &body);
     host.shared = Rc::clone(shared);
     host.now_ms.set(now);
@@ -537,6 +649,16 @@ fn start(
         ("content-encoding", &["identity", "gzip"][..]),
         ("x-request-id", &["r-1", "r-2"][..]),
         ("x-tokenfuse-route", &["economy"][..]),
+        (
+            "cache-control",
+            &[
+                "max-age=60",
+                "no-cache",
+                "no-store",
+                "max-age=0",
+                "max-age=99999999999999999999",
+            ][..],
+        ),
     ] {
         if b.chance(100) {
             let mut value = header_value(b, plausible);
@@ -550,6 +672,18 @@ fn start(
             host.request_headers.push((name.into(), value));
         }
     }
+    begin(b, filter, host, body, id)
+}
+
+/// Send `host`'s request headers for the body `body`.
+fn begin(
+    b: &mut Bytes<'_>,
+    filter: &Rc<Filter>,
+    mut host: FakeHost,
+    body: Vec<u8>,
+    id: u32,
+) -> Flow {
+    let path = host.req_header(":path").unwrap_or_default();
     let mut ex = Exchange::new(Rc::clone(filter), id);
     let empty = body.is_empty() || b.chance(8);
     let _ = ex.on_request_headers(&mut host, empty);
@@ -574,10 +708,22 @@ fn advance(b: &mut Bytes<'_>, flow: &mut Flow, filter: &Filter) {
         // Answered locally: Envoy sends nothing more through the filter but the end.
         return;
     }
+    if flow.ex.waiting() {
+        // The root tick looks again: the answer, more waiting, or upstream after all.
+        let before = snapshot(&flow.host, &filter.config);
+        if flow.ex.on_wake(&mut flow.host) == crate::exchange::Wake::Resume {
+            check_admission(&flow.host, &filter.config, &before);
+        }
+        return;
+    }
     match flow.stage {
         Stage::Body => {
             let left = flow.body.len().saturating_sub(flow.delivered);
-            let chunk = b.below(left.saturating_add(1)).max(1).min(left);
+            let chunk = if b.chance(128) {
+                left
+            } else {
+                b.below(left.saturating_add(1)).max(1).min(left)
+            };
             flow.delivered = flow.delivered.saturating_add(chunk);
             flow.host.request_body = flow.body.get(..flow.delivered).unwrap_or_default().to_vec();
             let end = flow.delivered >= flow.body.len();
@@ -597,7 +743,7 @@ fn advance(b: &mut Bytes<'_>, flow: &mut Flow, filter: &Filter) {
             }
         }
         Stage::Sent => {
-            let status = b.pick(&["200", "200", "200", "429", "500", "x", ""]);
+            let status = b.pick(&["200", "200", "200", "200", "200", "429", "500", "x", ""]);
             let content_type = if flow.stream && b.chance(220) {
                 "text/event-stream"
             } else {
@@ -627,7 +773,11 @@ fn advance(b: &mut Bytes<'_>, flow: &mut Flow, filter: &Filter) {
         }
         Stage::Responding => {
             let left = flow.response.len().saturating_sub(flow.answered);
-            let chunk = b.below(left.saturating_add(1)).max(1).min(left);
+            let chunk = if b.chance(128) {
+                left
+            } else {
+                b.below(left.saturating_add(1)).max(1).min(left)
+            };
             let from = flow.answered;
             flow.answered = flow.answered.saturating_add(chunk);
             flow.host.response_chunk = flow
@@ -715,11 +865,20 @@ mod tests {
             seed ^= seed << 17;
             seed
         };
+        let mut hits = 0;
+        let mut coalesced = 0;
         for _ in 0..3_000 {
-            let len = 64 + (next() % 512) as usize;
+            let len = 64 + (next() % 2048) as usize;
             let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
-            play(&data);
+            let played = play(&data);
+            hits += played.cache_hits;
+            coalesced += played.coalesced;
         }
+        // The run reaches the cache's answers, not only its bypasses.
+        assert!(
+            hits > 0 && coalesced > 0,
+            "hits {hits}, coalesced {coalesced}"
+        );
     }
 
     #[test]

@@ -1383,3 +1383,384 @@ fn a_refund_that_loses_its_write_race_is_counted_and_logged() {
     );
     assert!(h.log_text().contains("could not settle budget wide"));
 }
+
+// ---- The response cache ----------------------------------------------------------------
+
+const CACHED: &str = r#"{"api":"v1","cache":{"scope":"shared","ttl_secs":60},
+    "budgets":[{"name":"daily","key":"header:x-tenant","window":"day","base":100000}]}"#;
+const DETERMINISTIC: &str =
+    r#"{"model":"gpt-4o","temperature":0,"messages":[{"role":"user","content":"hello"}]}"#;
+const CHAT_ANSWER: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"Hi!"},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":3,"total_tokens":12}}"#;
+
+fn cache_request(shared: &Rc<RefCell<crate::host::fake::FakeShared>>, body: &str) -> FakeHost {
+    let mut host = FakeHost::post("/v1/chat/completions", body.as_bytes());
+    host.request_headers
+        .push(("x-tenant".into(), "acme".into()));
+    host.shared = Rc::clone(shared);
+    host.now_ms.set(1_000_000);
+    host
+}
+
+fn used(f: &Filter, host: &mut FakeHost) -> u64 {
+    let b = f.config.budget_for(0, "acme").unwrap();
+    let now = host.now_ms() / 1000;
+    crate::budget::ledger::find(host, &b, "acme", now)
+        .map(|(_, a)| b.standing(&a, now).used)
+        .unwrap_or(0)
+}
+
+use std::cell::RefCell;
+
+#[test]
+fn a_repeated_deterministic_request_is_answered_once_and_costs_nothing() {
+    let f = filter(CACHED);
+    let shared = Rc::new(RefCell::new(Default::default()));
+    // Miss: goes upstream, its answer is kept.
+    let mut host = cache_request(&shared, DETERMINISTIC);
+    let mut ex = Exchange::new(f.clone(), 1);
+    assert_eq!(send_request(&mut ex, &mut host, 1 << 20), Action::Continue);
+    respond(
+        &mut ex,
+        &mut host,
+        "200",
+        "application/json",
+        CHAT_ANSWER.as_bytes(),
+        17,
+    );
+    assert_eq!(host.resp_header(CACHE_HEADER).as_deref(), Some("miss"));
+    assert_eq!(
+        host.counter("tokenfuse_cache_stores.api=.=chat;.;result=.=stored;.;"),
+        1
+    );
+    let after_miss = used(&f, &mut host);
+    assert!(after_miss > 0);
+    // Hit, as JSON: the same bytes, charged nothing.
+    let mut host = cache_request(&shared, DETERMINISTIC);
+    host.now_ms.set(1_005_000);
+    let mut ex = Exchange::new(f.clone(), 2);
+    assert_eq!(send_request(&mut ex, &mut host, 1 << 20), Action::Pause);
+    let reply = host.reply.clone().unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header(CACHE_HEADER), Some("hit"));
+    assert_eq!(reply.header("age"), Some("5"));
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    let got: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    let want: serde_json::Value = serde_json::from_str(CHAT_ANSWER).unwrap();
+    assert_eq!(got, want);
+    assert_eq!(used(&f, &mut host), after_miss);
+    assert_eq!(
+        host.counter_sum("tokenfuse_decisions", &["decision=.=cache_hit;"]),
+        1
+    );
+    assert_eq!(
+        host.counter_sum("tokenfuse_cache_saved_tokens", &["kind=.=completion;"]),
+        3
+    );
+    // Hit, streamed: a valid chat stream with the usage chunk the client asked for.
+    let streamed = DETERMINISTIC.replace(
+        "\"temperature\"",
+        "\"stream\":true,\"stream_options\":{\"include_usage\":true},\"temperature\"",
+    );
+    let mut host = cache_request(&shared, &streamed);
+    let mut ex = Exchange::new(f.clone(), 3);
+    assert_eq!(send_request(&mut ex, &mut host, 1 << 20), Action::Pause);
+    let reply = host.reply.clone().unwrap();
+    assert_eq!(reply.header("content-type"), Some("text/event-stream"));
+    let text = String::from_utf8(reply.body.clone()).unwrap();
+    assert!(text.contains("\"content\":\"Hi!\""), "{text}");
+    assert!(text.contains("\"completion_tokens\":3"), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    // Another model, a warmer temperature, or no-store: not this answer.
+    for (body, header) in [
+        (DETERMINISTIC.replace("gpt-4o", "gpt-4o-mini"), None),
+        (
+            DETERMINISTIC.replace("\"temperature\":0", "\"temperature\":1"),
+            None,
+        ),
+        (DETERMINISTIC.to_string(), Some("no-store")),
+    ] {
+        let mut host = cache_request(&shared, &body);
+        if let Some(h) = header {
+            host.request_headers
+                .push(("cache-control".into(), h.into()));
+        }
+        let mut ex = Exchange::new(f.clone(), 4);
+        assert_eq!(
+            send_request(&mut ex, &mut host, 1 << 20),
+            Action::Continue,
+            "{body}"
+        );
+        assert!(host.reply.is_none());
+    }
+}
+
+#[test]
+fn a_streamed_answer_is_kept_and_served_as_json() {
+    let f = filter(CACHED);
+    let shared = Rc::new(RefCell::new(Default::default()));
+    let streamed = DETERMINISTIC.replace("\"temperature\"", "\"stream\":true,\"temperature\"");
+    let answer: serde_json::Value = serde_json::from_str(CHAT_ANSWER).unwrap();
+    let sse = crate::cache::shape::event_stream(ApiKind::ChatCompletions, &answer, true);
+    let mut host = cache_request(&shared, &streamed);
+    let mut ex = Exchange::new(f.clone(), 1);
+    send_request(&mut ex, &mut host, 1 << 20);
+    respond(&mut ex, &mut host, "200", "text/event-stream", &sse, 7);
+    let mut host = cache_request(&shared, DETERMINISTIC);
+    let mut ex = Exchange::new(f.clone(), 2);
+    assert_eq!(send_request(&mut ex, &mut host, 1 << 20), Action::Pause);
+    let got: serde_json::Value = serde_json::from_slice(&host.reply.unwrap().body).unwrap();
+    assert_eq!(got, answer);
+}
+
+#[test]
+fn cut_streams_and_errors_are_never_kept() {
+    let f = filter(CACHED);
+    let shared = Rc::new(RefCell::new(Default::default()));
+    let streamed = DETERMINISTIC.replace("\"temperature\"", "\"stream\":true,\"temperature\"");
+    let answer: serde_json::Value = serde_json::from_str(CHAT_ANSWER).unwrap();
+    let sse = crate::cache::shape::event_stream(ApiKind::ChatCompletions, &answer, true);
+    let mut host = cache_request(&shared, &streamed);
+    let mut ex = Exchange::new(f.clone(), 1);
+    send_request(&mut ex, &mut host, 1 << 20);
+    respond_cut(&mut ex, &mut host, &sse[..sse.len() - 8]);
+    assert_eq!(
+        host.counter("tokenfuse_cache_stores.api=.=chat;.;result=.=incomplete;.;"),
+        1
+    );
+    let mut host = cache_request(&shared, &streamed);
+    let mut ex = Exchange::new(f.clone(), 2);
+    send_request(&mut ex, &mut host, 1 << 20);
+    respond(
+        &mut ex,
+        &mut host,
+        "500",
+        "application/json",
+        br#"{"error":{}}"#,
+        100,
+    );
+    assert_eq!(
+        host.counter("tokenfuse_cache_stores.api=.=chat;.;result=.=incomplete;.;"),
+        1
+    );
+    let mut host = cache_request(&shared, DETERMINISTIC);
+    let mut ex = Exchange::new(f.clone(), 3);
+    assert_eq!(send_request(&mut ex, &mut host, 1 << 20), Action::Continue);
+    assert!(host.reply.is_none());
+}
+
+#[test]
+fn identical_requests_in_flight_wait_for_the_first() {
+    let f = filter(CACHED);
+    let shared = Rc::new(RefCell::new(Default::default()));
+    let mut first_host = cache_request(&shared, DETERMINISTIC);
+    let mut first = Exchange::new(f.clone(), 1);
+    assert_eq!(
+        send_request(&mut first, &mut first_host, 1 << 20),
+        Action::Continue
+    );
+    // Two identical requests arrive while it is in flight: held.
+    let mut waiting = Vec::new();
+    for id in 2..4 {
+        let mut host = cache_request(&shared, DETERMINISTIC);
+        let mut ex = Exchange::new(f.clone(), id);
+        assert_eq!(send_request(&mut ex, &mut host, 1 << 20), Action::Pause);
+        assert!(ex.waiting() && host.reply.is_none());
+        assert_eq!(ex.on_wake(&mut host), Wake::Waiting);
+        waiting.push((ex, host));
+    }
+    respond(
+        &mut first,
+        &mut first_host,
+        "200",
+        "application/json",
+        CHAT_ANSWER.as_bytes(),
+        64,
+    );
+    let before = used(&f, &mut first_host);
+    for (ex, host) in waiting.iter_mut() {
+        assert_eq!(ex.on_wake(host), Wake::Done);
+        let reply = host.reply.clone().unwrap();
+        assert_eq!(reply.header(CACHE_HEADER), Some("coalesced"));
+        assert!(!ex.waiting());
+    }
+    assert_eq!(used(&f, &mut first_host), before);
+    // If the first fails, the waiters go upstream themselves (admitted as usual).
+    let body = DETERMINISTIC.replace("hello", "hello again");
+    let mut first_host = cache_request(&shared, &body);
+    let mut first = Exchange::new(f.clone(), 10);
+    send_request(&mut first, &mut first_host, 1 << 20);
+    let mut host = cache_request(&shared, &body);
+    let mut ex = Exchange::new(f.clone(), 11);
+    assert_eq!(send_request(&mut ex, &mut host, 1 << 20), Action::Pause);
+    respond(
+        &mut first,
+        &mut first_host,
+        "503",
+        "application/json",
+        b"{}",
+        64,
+    );
+    assert_eq!(ex.on_wake(&mut host), Wake::Resume);
+    assert!(host.reply.is_none());
+    // A waiter whose first never answers goes once its wait is over.
+    let body = DETERMINISTIC.replace("hello", "hello, slow");
+    let mut first_host = cache_request(&shared, &body);
+    let mut first = Exchange::new(f.clone(), 20);
+    send_request(&mut first, &mut first_host, 1 << 20);
+    let mut host = cache_request(&shared, &body);
+    let mut ex = Exchange::new(f.clone(), 21);
+    assert_eq!(send_request(&mut ex, &mut host, 1 << 20), Action::Pause);
+    host.now_ms.set(1_000_000 + 30_001);
+    assert_eq!(ex.on_wake(&mut host), Wake::Resume);
+    assert_eq!(
+        host.counter_sum("tokenfuse_cache_lookups", &["result=.=waited_out;"]),
+        1
+    );
+}
+
+#[test]
+fn answers_never_cross_tenants_by_default() {
+    let f = filter(
+        r#"{"api":"v1","cache":{},
+        "budgets":[{"name":"daily","key":"header:x-tenant","window":"day","base":100000}]}"#,
+    );
+    let shared = Rc::new(RefCell::new(Default::default()));
+    let mut host = cache_request(&shared, DETERMINISTIC);
+    let mut ex = Exchange::new(f.clone(), 1);
+    send_request(&mut ex, &mut host, 1 << 20);
+    respond(
+        &mut ex,
+        &mut host,
+        "200",
+        "application/json",
+        CHAT_ANSWER.as_bytes(),
+        64,
+    );
+    let mut other = cache_request(&shared, DETERMINISTIC);
+    other.request_headers.retain(|(k, _)| k != "x-tenant");
+    other
+        .request_headers
+        .push(("x-tenant".into(), "globex".into()));
+    let mut ex = Exchange::new(f.clone(), 2);
+    assert_eq!(send_request(&mut ex, &mut other, 1 << 20), Action::Continue);
+    let mut same = cache_request(&shared, DETERMINISTIC);
+    let mut ex = Exchange::new(f.clone(), 3);
+    assert_eq!(send_request(&mut ex, &mut same, 1 << 20), Action::Pause);
+}
+
+#[test]
+fn sdk_retries_take_the_configured_priority_class() {
+    let f = filter(r#"{"api":"v1","priority":{"header":"x-p","retries":"p2"}}"#);
+    let mut host = FakeHost::post("/v1/chat/completions", DETERMINISTIC.as_bytes());
+    host.request_headers.push(("x-p".into(), "p0".into()));
+    assert_eq!(
+        crate::budget::plan::priority(&host, &f.config),
+        Priority::P0
+    );
+    host.request_headers
+        .push(("x-stainless-retry-count".into(), "0".into()));
+    assert_eq!(
+        crate::budget::plan::priority(&host, &f.config),
+        Priority::P0
+    );
+    host.request_headers
+        .retain(|(k, _)| k != "x-stainless-retry-count");
+    host.request_headers
+        .push(("x-stainless-retry-count".into(), "2".into()));
+    assert_eq!(
+        crate::budget::plan::priority(&host, &f.config),
+        Priority::P2
+    );
+    // Not configured: a retry keeps the class its other headers give it.
+    let plain = filter(r#"{"api":"v1","priority":{"header":"x-p"}}"#);
+    assert_eq!(
+        crate::budget::plan::priority(&host, &plain.config),
+        Priority::P0
+    );
+}
+
+#[test]
+fn with_charge_hits_a_hit_is_charged_what_its_answer_cost() {
+    let f = filter(
+        r#"{"api":"v1","cache":{"scope":"shared","charge_hits":true},
+        "budgets":[{"name":"daily","key":"header:x-tenant","window":"day","base":100000}]}"#,
+    );
+    let shared = Rc::new(RefCell::new(Default::default()));
+    let mut host = cache_request(&shared, DETERMINISTIC);
+    let mut ex = Exchange::new(f.clone(), 1);
+    send_request(&mut ex, &mut host, 1 << 20);
+    respond(
+        &mut ex,
+        &mut host,
+        "200",
+        "application/json",
+        CHAT_ANSWER.as_bytes(),
+        64,
+    );
+    let after_miss = used(&f, &mut host);
+    assert_eq!(after_miss, 12);
+    let mut host = cache_request(&shared, DETERMINISTIC);
+    let mut ex = Exchange::new(f.clone(), 2);
+    assert_eq!(send_request(&mut ex, &mut host, 1 << 20), Action::Pause);
+    assert_eq!(
+        host.reply.as_ref().unwrap().header(CACHE_HEADER),
+        Some("hit")
+    );
+    ex.on_done(&mut host);
+    assert_eq!(
+        used(&f, &mut host),
+        24,
+        "the hit is charged its answer's 9 + 3 tokens"
+    );
+    assert_eq!(
+        host.counter_sum("tokenfuse_requests", &["cluster=.=cache;"]),
+        1
+    );
+}
+
+#[test]
+fn answers_copied_for_the_cache_are_bounded_per_vm() {
+    let f = filter(CACHED);
+    let shared = Rc::new(RefCell::new(Default::default()));
+    // Another exchange of this VM holds nearly all of the copy allowance.
+    let busy = crate::filter::CAPTURE_LIMIT - 10;
+    f.cache_capture.set(busy);
+    let mut host = cache_request(&shared, DETERMINISTIC);
+    let mut ex = Exchange::new(f.clone(), 1);
+    send_request(&mut ex, &mut host, 1 << 20);
+    respond(
+        &mut ex,
+        &mut host,
+        "200",
+        "application/json",
+        CHAT_ANSWER.as_bytes(),
+        8,
+    );
+    assert_eq!(
+        host.counter("tokenfuse_cache_stores.api=.=chat;.;result=.=incomplete;.;"),
+        1
+    );
+    assert_eq!(
+        f.cache_capture.get(),
+        busy,
+        "the copy's bytes were given back"
+    );
+    // With room, the same request's answer is kept, and its copy given back too.
+    f.cache_capture.set(0);
+    let mut host = cache_request(&shared, DETERMINISTIC);
+    let mut ex = Exchange::new(f.clone(), 2);
+    send_request(&mut ex, &mut host, 1 << 20);
+    respond(
+        &mut ex,
+        &mut host,
+        "200",
+        "application/json",
+        CHAT_ANSWER.as_bytes(),
+        8,
+    );
+    assert_eq!(
+        host.counter("tokenfuse_cache_stores.api=.=chat;.;result=.=stored;.;"),
+        1
+    );
+    assert_eq!(f.cache_capture.get(), 0);
+}

@@ -73,6 +73,7 @@ extern "C" {
         headers_size: usize,
         grpc_status: i32,
     ) -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
     fn proxy_continue_stream(stream_type: u32) -> u32;
     fn proxy_get_shared_data(
         key_data: *const u8,
@@ -280,6 +281,14 @@ pub fn send_local_response(status: u32, headers: &[(&str, &str)], body: &[u8]) -
             -1,
         ) == OK
     }
+}
+
+/// Make the HTTP context `id` the one the following host calls act on, for the rest of
+/// this VM call (the root's tick answering a request that waited for a coalesced one).
+/// `false` when the proxy no longer knows the context (its stream is gone).
+pub fn set_effective_context(id: u32) -> bool {
+    // SAFETY: a plain integer argument.
+    unsafe { proxy_set_effective_context(id) == OK }
 }
 
 /// Let a request held in the body phase go on.

@@ -113,7 +113,8 @@ mod fault {
 
 #[cfg(target_arch = "wasm32")]
 mod contexts {
-    use std::rc::Rc;
+    use std::cell::{Cell, RefCell};
+    use std::rc::{Rc, Weak};
 
     use proxy_wasm::traits::{Context, HttpContext, RootContext};
     use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel};
@@ -130,6 +131,27 @@ mod contexts {
     /// Most known budget keys whose gauges one tick refreshes (one shared-data read each);
     /// ticks refresh at most once a second, so a worker reads at most this many a second.
     const GAUGE_REFRESH_PER_TICK: usize = 64;
+    /// Cache sets one tick sweeps for expired answers (ticks sweep at most once a second).
+    const CACHE_SWEEP_PER_TICK: u32 = 64;
+    /// The tick period while requests wait for identical ones in flight: how late, at
+    /// most, a waiting request learns that the answer is there.
+    const WAKE_TICK_MS: u32 = 20;
+
+    thread_local! {
+        /// Requests of this VM waiting for an identical one in flight, by context id.
+        static WAITERS: RefCell<Vec<(u32, Weak<RefCell<Exchange>>)>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Register `exchange` (context `id`) as waiting, and tick fast until none waits.
+    fn wait(id: u32, exchange: &Rc<RefCell<Exchange>>) {
+        WAITERS.with(|w| {
+            let mut w = w.borrow_mut();
+            if w.is_empty() {
+                crate::proxy::abi::set_tick_period(WAKE_TICK_MS);
+            }
+            w.push((id, Rc::downgrade(exchange)));
+        });
+    }
 
     proxy_wasm::main! {{
         proxy_wasm::set_log_level(LogLevel::Trace);
@@ -146,13 +168,63 @@ mod contexts {
             );
         }));
         proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-            Box::new(TokenfuseRoot { filter: None })
+            Box::new(TokenfuseRoot {
+                filter: None,
+                tick_ms: STATS_FLUSH_MS,
+                upkept_at: Cell::new(i64::MIN),
+                sweep_from: Cell::new(0),
+                swept_at: Cell::new(i64::MIN),
+            })
         });
     }}
 
     /// Per-VM root: owns the configured filter.
     struct TokenfuseRoot {
         filter: Option<Rc<Filter>>,
+        /// The tick period the filter's upkeep wants (ms).
+        tick_ms: u64,
+        /// When the upkeep last ran (ms): ticks come faster while requests wait.
+        upkept_at: Cell<i64>,
+        /// Where the next cache sweep starts, and when the last one ran.
+        sweep_from: Cell<u32>,
+        swept_at: Cell<i64>,
+    }
+
+    impl TokenfuseRoot {
+        /// Look again at every waiting request; returns whether any still waits.
+        fn wake_waiters(&self) -> bool {
+            let waiters = WAITERS.with(|w| std::mem::take(&mut *w.borrow_mut()));
+            let mut still = Vec::new();
+            for (id, weak) in waiters {
+                let Some(exchange) = weak.upgrade() else {
+                    continue;
+                };
+                let Ok(mut ex) = exchange.try_borrow_mut() else {
+                    still.push((id, weak));
+                    continue;
+                };
+                if !ex.waiting() {
+                    continue;
+                }
+                // The stream may be gone without its context being deleted yet.
+                if !crate::proxy::abi::set_effective_context(id) {
+                    continue;
+                }
+                let mut host = WasmHost::new();
+                match ex.on_wake(&mut host) {
+                    exchange::Wake::Waiting => still.push((id, weak)),
+                    exchange::Wake::Resume => host.resume_request(),
+                    exchange::Wake::Done => {}
+                }
+            }
+            WAITERS.with(|w| {
+                let mut w = w.borrow_mut();
+                // Requests that started waiting during the wake-ups above come after.
+                still.append(&mut w);
+                *w = still;
+                !w.is_empty()
+            })
+        }
     }
 
     impl Context for TokenfuseRoot {
@@ -206,6 +278,7 @@ mod contexts {
                         .as_ref()
                         .map_or(STATS_FLUSH_MS, |s| s.flush_interval_ms.min(STATS_FLUSH_MS));
                     crate::proxy::abi::set_tick_period(u32::try_from(tick_ms).unwrap_or(u32::MAX));
+                    self.tick_ms = tick_ms;
                     self.filter = Some(Rc::new(filter));
                     true
                 }
@@ -217,6 +290,17 @@ mod contexts {
         }
 
         fn on_tick(&mut self) {
+            let had_waiters = WAITERS.with(|w| !w.borrow().is_empty());
+            if had_waiters && !self.wake_waiters() {
+                // Nobody waits any more: back to the upkeep's pace.
+                crate::proxy::abi::set_tick_period(u32::try_from(self.tick_ms).unwrap_or(u32::MAX));
+            }
+            let now = WasmHost::new().now_ms();
+            let period = i64::try_from(self.tick_ms).unwrap_or(i64::MAX);
+            if had_waiters && now.saturating_sub(self.upkept_at.get()) < period {
+                return;
+            }
+            self.upkept_at.set(now);
             if let Some(filter) = &self.filter {
                 let mut queue = filter.settlements.borrow_mut();
                 if !queue.is_empty() {
@@ -224,6 +308,17 @@ mod contexts {
                 }
                 filter.report_count_cache(&mut WasmHost::new());
                 filter.refresh_gauges(&mut WasmHost::new(), GAUGE_REFRESH_PER_TICK);
+                if filter.config.cache.is_some() && now.saturating_sub(self.swept_at.get()) >= 1000
+                {
+                    self.swept_at.set(now);
+                    let next = exchange::cache_upkeep(
+                        filter,
+                        &mut WasmHost::new(),
+                        self.sweep_from.get(),
+                        CACHE_SWEEP_PER_TICK,
+                    );
+                    self.sweep_from.set(next);
+                }
             }
             flush_metrics();
         }
@@ -231,7 +326,8 @@ mod contexts {
         fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
             let filter = self.filter.clone()?;
             Some(Box::new(TokenfuseHttp {
-                exchange: Exchange::new(filter, context_id),
+                id: context_id,
+                exchange: Rc::new(RefCell::new(Exchange::new(filter, context_id))),
             }))
         }
 
@@ -240,9 +336,11 @@ mod contexts {
         }
     }
 
-    /// Per-stream context: forwards every callback to the exchange.
+    /// Per-stream context: forwards every callback to the exchange (shared with the root's
+    /// list of waiting requests, which holds it weakly).
     struct TokenfuseHttp {
-        exchange: Exchange,
+        id: u32,
+        exchange: Rc<RefCell<Exchange>>,
     }
 
     fn action(a: exchange::Action) -> Action {
@@ -254,7 +352,7 @@ mod contexts {
 
     impl Context for TokenfuseHttp {
         fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
-            self.exchange.on_grpc_response(
+            self.exchange.borrow_mut().on_grpc_response(
                 &mut WasmHost::new(),
                 token_id,
                 status_code,
@@ -263,7 +361,7 @@ mod contexts {
         }
 
         fn on_done(&mut self) -> bool {
-            self.exchange.on_done(&mut WasmHost::new());
+            self.exchange.borrow_mut().on_done(&mut WasmHost::new());
             true
         }
     }
@@ -272,39 +370,50 @@ mod contexts {
         fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
             #[cfg(feature = "fault-injection")]
             super::fault::on_request_headers();
-            let exchange = &mut self.exchange;
+            let exchange = &mut *self.exchange.borrow_mut();
             action(timing::timed(0, || {
                 exchange.on_request_headers(&mut WasmHost::new(), end_of_stream)
             }))
         }
 
         fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-            let exchange = &mut self.exchange;
-            action(timing::timed(1, || {
+            let mut exchange = self.exchange.borrow_mut();
+            let a = timing::timed(1, || {
                 exchange.on_request_body(&mut WasmHost::new(), body_size, end_of_stream)
-            }))
+            });
+            if exchange.waiting() {
+                drop(exchange);
+                wait(self.id, &self.exchange);
+            }
+            action(a)
         }
 
         fn on_http_request_trailers(&mut self, _: usize) -> Action {
-            action(self.exchange.on_request_trailers(&mut WasmHost::new()))
+            let mut exchange = self.exchange.borrow_mut();
+            let a = exchange.on_request_trailers(&mut WasmHost::new());
+            if exchange.waiting() {
+                drop(exchange);
+                wait(self.id, &self.exchange);
+            }
+            action(a)
         }
 
         fn on_http_response_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
-            let exchange = &mut self.exchange;
+            let exchange = &mut *self.exchange.borrow_mut();
             action(timing::timed(2, || {
                 exchange.on_response_headers(&mut WasmHost::new(), end_of_stream)
             }))
         }
 
         fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-            let exchange = &mut self.exchange;
+            let exchange = &mut *self.exchange.borrow_mut();
             action(timing::timed(3, || {
                 exchange.on_response_body(&mut WasmHost::new(), body_size, end_of_stream)
             }))
         }
 
         fn on_log(&mut self) {
-            let exchange = &mut self.exchange;
+            let exchange = &mut *self.exchange.borrow_mut();
             timing::timed(4, || exchange.on_done(&mut WasmHost::new()));
         }
     }

@@ -91,6 +91,27 @@ pub const GLOBAL_SETTLE_ERRORS: &str = "global_settle_errors";
 /// Settlement hits given up. Tags: budget, reason.
 pub const GLOBAL_SETTLE_DROPPED: &str = "global_settle_dropped";
 
+// The response cache.
+/// Cache lookups by result (`hit`, `miss`, `coalesced`, `refresh`, `waited_out`). Tags:
+/// `[tenant]`, api, result.
+pub const CACHE_LOOKUPS: &str = "cache_lookups";
+/// Requests the cache does not consider, by reason (`api`, `model`, `route`,
+/// `nondeterministic`, `no_store`, `unreadable`). Tags: api, reason.
+pub const CACHE_BYPASSED: &str = "cache_bypassed";
+/// Answers offered to the cache, by result (`stored`, `too_large`, `full`, `lost`,
+/// `incomplete`, `unreadable`, `unsupported`). Tags: api, result.
+pub const CACHE_STORES: &str = "cache_stores";
+/// Answers removed before a new one could take their way (`evicted`) or once expired
+/// (`expired`). Tags: reason.
+pub const CACHE_EVICTIONS: &str = "cache_evictions";
+/// Bytes of answers the cache holds (process-wide; each worker reports it).
+pub const CACHE_BYTES: &str = "cache_bytes";
+/// Tokens the cache saved (what the answers it served had cost). Tags: `[tenant]`, kind
+/// (prompt/completion), model.
+pub const CACHE_SAVED_TOKENS: &str = "cache_saved_tokens";
+/// Spend the cache saved, micro-USD, for priced models. Tags: `[tenant]`, model.
+pub const CACHE_SAVED_COST_MICRO_USD: &str = "cache_saved_cost_micro_usd";
+
 // The count cache.
 /// Long prompt texts counted, by where the count came from. Tags: source.
 pub const COUNT_CACHE_TEXTS: &str = "count_cache_texts";

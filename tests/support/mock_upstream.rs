@@ -824,7 +824,7 @@ fn completions_json(model: &str, text: &str, usage: Option<Usage>) -> String {
 
 fn responses_json(model: &str, text: &str, usage: Option<Usage>) -> String {
     format!(
-        r#"{{"id":"resp_mock","object":"response","model":{},"status":"completed","output":[{{"type":"message","role":"assistant","content":[{{"type":"output_text","text":{}}}]}}]{}}}"#,
+        r#"{{"id":"resp_mock","object":"response","model":{},"status":"completed","output":[{{"id":"msg_mock","type":"message","status":"completed","role":"assistant","content":[{{"type":"output_text","text":{},"annotations":[]}}]}}]{}}}"#,
         js(model),
         js(text),
         usage_field(usage, responses_usage)
@@ -942,7 +942,9 @@ fn completions_stream(
     events
 }
 
-/// Responses API events; usage rides on `response.completed`. No `[DONE]`.
+/// Responses API events, as OpenAI sends them (the output item and its content part
+/// opened, text deltas, everything closed); usage rides on `response.completed`. No
+/// `[DONE]`.
 fn responses_stream(
     model: &str,
     text: &str,
@@ -950,32 +952,66 @@ fn responses_stream(
     usage: Option<Usage>,
 ) -> Vec<String> {
     let model = js(model);
-    let mut events = vec![named_event(
-        "response.created",
-        &format!(
-            r#"{{"type":"response.created","response":{{"id":"resp_mock","status":"in_progress","model":{model}}}}}"#
+    let text = js(text);
+    let at = r#""item_id":"msg_mock","output_index":0,"content_index":0"#;
+    let mut events = vec![
+        named_event(
+            "response.created",
+            &format!(
+                r#"{{"type":"response.created","sequence_number":0,"response":{{"id":"resp_mock","object":"response","status":"in_progress","model":{model},"output":[]}}}}"#
+            ),
         ),
-    )];
+        named_event(
+            "response.output_item.added",
+            r#"{"type":"response.output_item.added","sequence_number":1,"output_index":0,"item":{"id":"msg_mock","type":"message","status":"in_progress","role":"assistant","content":[]}}"#,
+        ),
+        named_event(
+            "response.content_part.added",
+            &format!(
+                r#"{{"type":"response.content_part.added","sequence_number":2,{at},"part":{{"type":"output_text","text":"","annotations":[]}}}}"#
+            ),
+        ),
+    ];
+    let mut seq = 3;
     for delta in deltas {
         events.push(named_event(
             "response.output_text.delta",
             &format!(
-                r#"{{"type":"response.output_text.delta","delta":{}}}"#,
+                r#"{{"type":"response.output_text.delta","sequence_number":{seq},{at},"delta":{}}}"#,
                 js(delta)
             ),
         ));
+        seq += 1;
     }
+    let part = format!(r#"{{"type":"output_text","text":{text},"annotations":[]}}"#);
+    let item = format!(
+        r#"{{"id":"msg_mock","type":"message","status":"completed","role":"assistant","content":[{part}]}}"#
+    );
     events.push(named_event(
         "response.output_text.done",
         &format!(
-            r#"{{"type":"response.output_text.done","text":{}}}"#,
-            js(text)
+            r#"{{"type":"response.output_text.done","sequence_number":{seq},{at},"text":{text}}}"#
+        ),
+    ));
+    events.push(named_event(
+        "response.content_part.done",
+        &format!(
+            r#"{{"type":"response.content_part.done","sequence_number":{},{at},"part":{part}}}"#,
+            seq + 1
+        ),
+    ));
+    events.push(named_event(
+        "response.output_item.done",
+        &format!(
+            r#"{{"type":"response.output_item.done","sequence_number":{},"output_index":0,"item":{item}}}"#,
+            seq + 2
         ),
     ));
     events.push(named_event(
         "response.completed",
         &format!(
-            r#"{{"type":"response.completed","response":{{"id":"resp_mock","status":"completed","model":{model}{}}}}}"#,
+            r#"{{"type":"response.completed","sequence_number":{},"response":{{"id":"resp_mock","object":"response","status":"completed","model":{model},"output":[{item}]{}}}}}"#,
+            seq + 3,
             usage_field(usage, responses_usage)
         ),
     ));
