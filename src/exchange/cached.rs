@@ -371,7 +371,6 @@ pub(super) enum Served {
 /// Who was answered, for the stats.
 pub(super) struct Answered<'a> {
     pub kind: ApiKind,
-    pub prompt_tokens: u64,
     pub model: &'a str,
     pub model_tag: &'a str,
     pub tenant_tag: Option<&'a str>,
@@ -403,7 +402,8 @@ pub(super) fn serve(
     };
     let now = host.now_ms();
     let age = (now.saturating_sub(entry.created_ms).max(0) / 1000).to_string();
-    let prompt = who.prompt_tokens.to_string();
+    // The prompt as it was billed when the answer was made: a hit is not counted again.
+    let prompt = entry.usage.input.to_string();
     let how = match served {
         Served::Hit => "hit",
         Served::Coalesced => "coalesced",

@@ -90,7 +90,6 @@ struct Waiting {
     size: usize,
     key: crate::cache::Key,
     considered: cached::Considered,
-    prompt_tokens: u64,
     model: String,
     /// When it stops waiting and goes upstream itself.
     until_ms: i64,
@@ -291,84 +290,36 @@ impl Exchange {
     ) -> Action {
         let filter = Rc::clone(&self.filter);
         let original = host.request_body(size).unwrap_or_default();
-        let counted = match request::count(&filter, &pending, &original) {
-            Ok(counted) => counted,
-            Err(NotCounted::Unreadable(e)) => return self.unreadable(host, pending.kind, e),
-            Err(NotCounted::NoTokenizer) => {
-                // Cannot happen with a validated config (its encodings are all built); if
-                // it does, the request is not worth failing for it.
-                host.log(
-                    Level::Error,
-                    &format!(
-                        "#{} no tokenizer for the request's model; passing through",
-                        self.id
-                    ),
-                );
-                passthrough(host, "internal");
-                return Action::Continue;
-            }
+        let read = match request::read(&pending, &original) {
+            Ok(read) => read,
+            Err(e) => return self.not_counted(host, pending.kind, e),
         };
-        let considered = pending.cache.as_ref().and_then(|h| {
-            cached::consider(&filter, host, pending.kind, &counted.model, h, &original)
-        });
+        // The cache first: a hit is answered without counting the prompt.
+        let model = read.model.clone();
+        let considered = pending
+            .cache
+            .as_ref()
+            .and_then(|h| cached::consider(&filter, host, pending.kind, &model, h, &original));
         if considered.is_none() && pending.cache.is_some() {
             self.cache_status = Some("bypass");
         }
+        let charge_hits = filter.config.cache.as_ref().is_some_and(|c| c.charge_hits);
+        let mut charged_hit = None;
         if let (Some(c), Some(h)) = (&considered, &pending.cache) {
-            match cached::begin(&filter, host, pending.kind, &counted.model, h, c, may_wait) {
+            match cached::begin(&filter, host, pending.kind, &model, h, c, may_wait) {
                 Some(cached::Begin::Hit(entry)) => {
-                    let charged = filter.config.cache.as_ref().is_some_and(|c| c.charge_hits);
                     let who = cached::Answered {
                         kind: pending.kind,
-                        prompt_tokens: counted.prompt.tokens,
-                        model: &counted.model,
-                        model_tag: &filter.model_tag(&counted.model),
+                        model: &model,
+                        model_tag: &filter.model_tag(&model),
                         tenant_tag: pending.who.tenant_tag.as_deref(),
                         priority: pending.who.priority,
                     };
-                    if !charged {
-                        if cached::serve(&filter, host, c, &entry, cached::Served::Hit, &who) {
-                            return Action::Pause;
-                        }
-                    } else {
-                        // `charge_hits`: the local budgets judge it as if it went upstream,
-                        // and are charged what the answer cost when it was made.
-                        let mut admitted =
-                            match admit::local(&filter, host, self.id, &pending, &counted) {
-                                Ok(admission) => admission.admitted,
-                                Err(refused) => {
-                                    let tenant = pending.who.tenant_tag.as_deref();
-                                    return self.refuse(
-                                        host,
-                                        pending.kind,
-                                        Some(counted.prompt),
-                                        tenant,
-                                        pending.who.priority,
-                                        refused,
-                                    );
-                                }
-                            };
-                        if cached::serve(&filter, host, c, &entry, cached::Served::Hit, &who) {
-                            // Charged as the model whose answer it is, never a reroute's.
-                            admitted.served_model = counted.model.clone();
-                            admitted.model_tag = filter.model_tag(&counted.model);
-                            admitted.rerouted = false;
-                            let billed = meter::Billed::Usage {
-                                source: meter::Source::Provider,
-                                usage: entry.usage,
-                            };
-                            settle::exchange(
-                                &filter,
-                                host,
-                                self.id,
-                                &admitted,
-                                "cache",
-                                &billed,
-                                &[],
-                            );
-                            return Action::Pause;
-                        }
-                        settle::refund(&filter, host, self.id, &admitted.reservations);
+                    if charge_hits {
+                        // Judged by the local budgets below, once counted.
+                        charged_hit = Some(entry);
+                    } else if cached::serve(&filter, host, c, &entry, cached::Served::Hit, &who) {
+                        return Action::Pause;
                     }
                 }
                 Some(cached::Begin::Wait { key, until_ms }) => {
@@ -386,8 +337,7 @@ impl Exchange {
                         size,
                         key,
                         considered,
-                        prompt_tokens: counted.prompt.tokens,
-                        model: counted.model.clone(),
+                        model,
                         until_ms: until_ms.min(own),
                         pending,
                     }));
@@ -406,6 +356,48 @@ impl Exchange {
                 }
                 None => {}
             }
+        }
+        let counted = match request::count(&filter, read) {
+            Ok(counted) => counted,
+            Err(e) => return self.not_counted(host, pending.kind, e),
+        };
+        if let (Some(entry), Some(c)) = (charged_hit, &considered) {
+            // `charge_hits`: the local budgets judge it as if it went upstream, and are
+            // charged what the answer cost when it was made.
+            let mut admitted = match admit::local(&filter, host, self.id, &pending, &counted) {
+                Ok(admission) => admission.admitted,
+                Err(refused) => {
+                    let tenant = pending.who.tenant_tag.as_deref();
+                    return self.refuse(
+                        host,
+                        pending.kind,
+                        Some(counted.prompt),
+                        tenant,
+                        pending.who.priority,
+                        refused,
+                    );
+                }
+            };
+            let who = cached::Answered {
+                kind: pending.kind,
+                model: &counted.model,
+                model_tag: &filter.model_tag(&counted.model),
+                tenant_tag: pending.who.tenant_tag.as_deref(),
+                priority: pending.who.priority,
+            };
+            if cached::serve(&filter, host, c, &entry, cached::Served::Hit, &who) {
+                // Charged as the model whose answer it is, never a reroute's.
+                admitted.served_model = counted.model.clone();
+                admitted.model_tag = filter.model_tag(&counted.model);
+                admitted.rerouted = false;
+                let billed = meter::Billed::Usage {
+                    source: meter::Source::Provider,
+                    usage: entry.usage,
+                };
+                settle::exchange(&filter, host, self.id, &admitted, "cache", &billed, &[]);
+                return Action::Pause;
+            }
+            settle::refund(&filter, host, self.id, &admitted.reservations);
         }
         let pending = &*pending;
         let admission = match admit::local(&filter, host, self.id, pending, &counted) {
@@ -444,7 +436,6 @@ impl Exchange {
                     Some(cached::Begin::Hit(entry)) => {
                         let who = cached::Answered {
                             kind: pending.kind,
-                            prompt_tokens: counted.prompt.tokens,
                             model: &admitted.served_model,
                             model_tag: &admitted.model_tag,
                             tenant_tag: admitted.tenant_tag.as_deref(),
@@ -656,6 +647,26 @@ impl Exchange {
         reply::refuse(host, &asked, refusal);
     }
 
+    /// A body that could not be read or counted: the malformed-request policy, or (no
+    /// tokenizer for its model, which a validated configuration rules out) passed through.
+    fn not_counted(&mut self, host: &mut dyn Host, kind: ApiKind, why: NotCounted) -> Action {
+        match why {
+            NotCounted::Unreadable(e) => self.unreadable(host, kind, e),
+            NotCounted::NoTokenizer => {
+                self.release_claim(host);
+                host.log(
+                    Level::Error,
+                    &format!(
+                        "#{} no tokenizer for the request's model; passing through",
+                        self.id
+                    ),
+                );
+                passthrough(host, "internal");
+                Action::Continue
+            }
+        }
+    }
+
     /// Give up the cache claim, if any: identical requests waiting for it go upstream.
     fn release_claim(&mut self, host: &mut dyn Host) {
         if let Some(caching) = self.caching.take() {
@@ -694,7 +705,6 @@ impl Exchange {
             pending,
             size,
             considered,
-            prompt_tokens,
             model,
             until_ms,
             ..
@@ -703,7 +713,6 @@ impl Exchange {
         if let Some(crate::cache::Found::Hit(entry)) = found.as_ref().filter(|_| !charged) {
             let who = cached::Answered {
                 kind: pending.kind,
-                prompt_tokens,
                 model: &model,
                 model_tag: &filter.model_tag(&model),
                 tenant_tag: pending.who.tenant_tag.as_deref(),

@@ -77,19 +77,28 @@ pub(super) enum NotCounted {
     NoTokenizer,
 }
 
-/// Parse and count `body` of the call `pending` announced.
-pub(super) fn count<'b>(
-    filter: &Filter,
-    pending: &Pending,
-    body: &'b [u8],
-) -> Result<Counted<'b>, NotCounted> {
+/// A request body read, not yet counted.
+pub(super) struct Read<'b> {
+    pub parsed: RequestBody<'b>,
+    /// The model that is billed: the Azure deployment on such a path, else the body's.
+    pub model: String,
+}
+
+/// Parse `body` of the call `pending` announced (cheap: the reader borrows the body).
+pub(super) fn read<'b>(pending: &Pending, body: &'b [u8]) -> Result<Read<'b>, NotCounted> {
     let parsed = api::parse_request(pending.kind, body).map_err(NotCounted::Unreadable)?;
     // On an Azure path the deployment is what is served and billed, whatever the body
-    // says; elsewhere the body's model.
+    // says; elsewhere the body's.
     let model = api::azure_deployment(&pending.path)
         .or_else(|| parsed.model())
         .unwrap_or("unknown")
         .to_string();
+    Ok(Read { parsed, model })
+}
+
+/// Count a read body: its prompt (the tokenizer's work) and its output reservation.
+pub(super) fn count<'b>(filter: &Filter, read: Read<'b>) -> Result<Counted<'b>, NotCounted> {
+    let Read { parsed, model } = read;
     let config = &filter.config;
     let counting = config.models.resolve(&model);
     let counter = filter
