@@ -351,6 +351,55 @@ fn stream_without_usage_is_counted_from_its_deltas() {
 }
 
 #[test]
+fn a_stream_longer_than_the_text_cap_without_usage_is_counted_exactly() {
+    // 1.3 MB of streamed text, more than `max_stream_text_bytes` (1 MiB): counted as it
+    // arrives, piece by piece, the same count as the whole text's.
+    let s = shared();
+    let unit = "It's 2024, and we're here.\n\n  Numbers 1234567 and   spaces!? ";
+    let repeat = 1_300_000 / unit.len() + 1;
+    let text = unit.repeat(repeat);
+    let body = chat_body("gpt-4o-long-stream", "hi", true);
+    let r = s
+        .envoy
+        .post_json(
+            "/v1/chat/completions",
+            &[
+                ("x-mock-usage", "absent"),
+                // `unit` in base64 (a header cannot carry its newlines).
+                (
+                    "x-mock-completion",
+                    "b64:SXQncyAyMDI0LCBhbmQgd2UncmUgaGVyZS4KCiAgTnVtYmVycyAxMjM0NTY3IGFuZCAgIHNwYWNlcyE/IA==",
+                ),
+                ("x-mock-repeat", &repeat.to_string()),
+                ("x-mock-delta-chars", "37"),
+            ],
+            &body,
+        )
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert!(text.len() > 1 << 20);
+    let m = model_tag("gpt-4o-long-stream");
+    let expected = native_text_tokens(Encoding::O200kBase, &text);
+    assert_eq!(
+        counter_sum(
+            &s.envoy,
+            &[&m, "kind=.=completion;", "source=.=counted;"],
+            expected
+        ),
+        expected
+    );
+    assert_eq!(
+        counter_sum(
+            &s.envoy,
+            &["tokenfuse_parse_failures", "stream_text_cut"],
+            0
+        ),
+        0,
+        "nothing cut"
+    );
+}
+
+#[test]
 fn responses_and_anthropic_streams_report_usage() {
     let s = shared();
     let r = s

@@ -197,6 +197,11 @@ impl Meter {
                 if outcome.bad_events > 0 {
                     notes.push(Note::ParseFailure("sse_event"));
                 }
+                if outcome.text_cuts > 0 {
+                    // Held text passed `max_stream_text_bytes` (one endless piece, or many
+                    // choices) and was counted in parts: the count may be a little high.
+                    notes.push(Note::ParseFailure("stream_text_cut"));
+                }
                 if !outcome.complete {
                     notes.push(Note::Incomplete);
                 }

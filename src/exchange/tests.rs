@@ -2,6 +2,7 @@ use super::*;
 use crate::config::Config;
 use crate::global::rls;
 use crate::host::fake::FakeHost;
+use crate::tokenizer::Encoding;
 
 fn filter(config: &str) -> Rc<Filter> {
     Rc::new(Filter::new(Config::parse(config.as_bytes()).unwrap()).unwrap())
@@ -1763,4 +1764,66 @@ fn answers_copied_for_the_cache_are_bounded_per_vm() {
         1
     );
     assert_eq!(f.cache_capture.get(), 0);
+}
+
+/// An SSE stream of chat deltas, one event per item of `deltas`, without usage or `[DONE]`.
+fn chat_deltas(deltas: &[String]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for d in deltas {
+        let data = serde_json::json!({"choices":[{"index":0,"delta":{"content":d}}]});
+        out.extend_from_slice(format!("data: {data}\n\n").as_bytes());
+    }
+    out.extend_from_slice(b"data: [DONE]\n\n");
+    out
+}
+
+#[test]
+fn a_long_stream_without_usage_is_counted_exactly_as_it_passes() {
+    // 1.5 MB of streamed text, more than `max_stream_text_bytes` (1 MiB): counted piece by
+    // piece as it arrives, the same count as the whole text's, nothing cut.
+    let f = default_filter();
+    let words = [
+        "It", " is", " 2024", ",", " and", " we", "'re", " here", ".\n\n", "  x",
+    ];
+    let deltas: Vec<String> = (0..400_000)
+        .map(|i| words[i % words.len()].to_string())
+        .collect();
+    let text = deltas.concat();
+    let mut host = FakeHost::post("/v1/chat/completions", CHAT.as_bytes());
+    let mut ex = Exchange::new(f.clone(), 1);
+    send_request(&mut ex, &mut host, 64);
+    respond(
+        &mut ex,
+        &mut host,
+        "200",
+        "text/event-stream",
+        &chat_deltas(&deltas),
+        4096,
+    );
+    let counter = f.tokenizers.counter(Encoding::O200kBase).unwrap();
+    assert!(text.len() > 1 << 20);
+    assert_eq!(tokens(&host, "completion", "counted"), counter.count(&text));
+    assert_eq!(host.counter_sum("tokenfuse_parse_failures", &[]), 0);
+}
+
+#[test]
+fn an_endless_piece_past_the_cap_is_counted_in_parts_and_said_so() {
+    let f = filter(r#"{"api":"v1","max_stream_text_bytes":4096}"#);
+    let deltas: Vec<String> = (0..100).map(|_| "a".repeat(100)).collect();
+    let mut host = FakeHost::post("/v1/chat/completions", CHAT.as_bytes());
+    let mut ex = Exchange::new(f.clone(), 1);
+    send_request(&mut ex, &mut host, 64);
+    respond(
+        &mut ex,
+        &mut host,
+        "200",
+        "text/event-stream",
+        &chat_deltas(&deltas),
+        512,
+    );
+    assert!(tokens(&host, "completion", "counted") > 0);
+    assert_eq!(
+        host.counter_sum("tokenfuse_parse_failures", &["reason=.=stream_text_cut;"]),
+        1
+    );
 }

@@ -6,7 +6,9 @@
 //! whole, and decodes text only once a line is complete (so a split character is whole by
 //! then). [`StreamMeter`] turns events into usage: the final usage chunk of OpenAI streams,
 //! `response.completed` of the Responses API, `message_start`/`message_delta` of Anthropic;
-//! and, for streams that carry no usage, the streamed text to count with the tokenizer.
+//! and, for streams that carry no usage (or are cut before it), the streamed text, counted
+//! with the tokenizer as it arrives ([`StreamedText`]: only the last pieces, which more text
+//! could still change, are held).
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -17,6 +19,7 @@ use serde::Deserialize;
 use crate::llm::api::ApiKind;
 use crate::llm::json::{self, Reader};
 use crate::llm::usage::{RawUsage, UsageReport};
+use crate::tokenizer::streamed::StreamedText;
 use crate::tokenizer::TextCounter;
 
 /// Incremental SSE parser (the WHATWG event-stream format: `field: value` lines, events
@@ -146,13 +149,16 @@ pub struct StreamOutcome {
     /// Usage the provider reported in the stream, if it did.
     pub reported: Option<UsageReport>,
     /// Output tokens counted from the streamed text, unless the stream completed with its usage
-    /// reported (then only what was counted while the stream passed the hold cap): a cut
-    /// stream is charged at least for what it delivered, usage or not.
+    /// reported (then only what was counted while the stream passed, the held tail left
+    /// uncounted): a cut stream is charged at least for what it delivered, usage or not.
     pub counted_output: u64,
     /// The stream reached its API's terminal event (`[DONE]`, `response.completed`, …).
     pub complete: bool,
     /// Events whose data was not the JSON the API sends.
     pub bad_events: u64,
+    /// Times the held text passed the cap and was counted as if the stream ended there
+    /// (a piece straddling such a cut counts as two; `StreamMeter::new`).
+    pub text_cuts: u64,
 }
 
 /// Reads usage and output text from the events of one response stream.
@@ -162,64 +168,111 @@ pub struct StreamMeter {
     /// Usage seen so far; later events override earlier ones (Anthropic sends input in
     /// `message_start` and the final output in `message_delta`).
     usage: Option<UsageReport>,
-    /// Streamed text per choice index, not yet counted.
-    text: BTreeMap<u32, String>,
-    text_bytes: usize,
+    /// Streamed text per choice index, counted as it arrives.
+    text: BTreeMap<u32, StreamedText>,
+    /// Bytes `text` holds: each text's allocation and [`ENTRY_BYTES`] per choice.
+    held_bytes: usize,
     max_text_bytes: usize,
+    /// Tokens of the texts let go at a cut.
     counted: u64,
     complete: bool,
     bad_events: u64,
+    text_cuts: u64,
 }
 
+/// What one choice's entry costs besides its text's allocation.
+const ENTRY_BYTES: usize = std::mem::size_of::<(u32, StreamedText)>();
+
 impl StreamMeter {
-    /// A meter for a stream of `kind`, holding at most `max_text_bytes` of uncounted text.
+    /// A meter for a stream of `kind`, holding at most `max_text_bytes` of uncounted text
+    /// after each event. Ordinary text holds far less: its pieces are counted as soon as
+    /// they are final. Only an unfinished piece (a run of letters, spaces or punctuation
+    /// with no end) or many choices at once can reach the cap; then every choice's held
+    /// text is counted as if the stream ended there and let go.
     pub fn new(kind: ApiKind, max_text_bytes: usize) -> Self {
         StreamMeter {
             kind,
             usage: None,
             text: BTreeMap::new(),
-            text_bytes: 0,
+            held_bytes: 0,
             max_text_bytes,
             counted: 0,
             complete: false,
             bad_events: 0,
+            text_cuts: 0,
         }
+    }
+
+    /// Bytes held for the streamed text (allocations, one entry per choice): what a stream
+    /// costs beyond its fixed state, at most `max_text_bytes` after each event.
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes
     }
 
     /// Account for one event.
     pub fn on_event(&mut self, event: &str, data: &str, counter: TextCounter<'_>) {
         let ok = match self.kind {
-            ApiKind::ChatCompletions | ApiKind::Completions => self.openai_chunk(data),
-            ApiKind::Responses => self.responses_event(data),
-            ApiKind::AnthropicMessages => self.anthropic_event(event, data),
+            ApiKind::ChatCompletions | ApiKind::Completions => self.openai_chunk(data, counter),
+            ApiKind::Responses => self.responses_event(data, counter),
+            ApiKind::AnthropicMessages => self.anthropic_event(event, data, counter),
             // Embeddings do not stream; anything arriving here is not ours to read.
             ApiKind::Embeddings => false,
         };
         if !ok {
             self.bad_events = self.bad_events.saturating_add(1);
         }
-        if self.text_bytes > self.max_text_bytes {
-            // Count what is held and let it go: streams are never held whole. A token that
-            // straddles this cut may be counted as two.
-            self.flush(counter);
+        if self.held_bytes > self.max_text_bytes {
+            self.over_cap(counter);
         }
     }
 
-    fn flush(&mut self, counter: TextCounter<'_>) {
-        // The texts are dropped, not cleared: a cleared string keeps its allocation, and a
-        // hostile stream spread over many choices would keep all of them.
-        for text in std::mem::take(&mut self.text).into_values() {
-            self.counted = self.counted.saturating_add(counter.count(&text));
+    /// More is held than the cap allows: count every piece that is final and give back
+    /// spare allocations; if that does not bring the held bytes under half the cap (so
+    /// this does not run again at the next event), cut.
+    fn over_cap(&mut self, counter: TextCounter<'_>) {
+        let mut held = 0usize;
+        for text in self.text.values_mut() {
+            text.settle(counter);
+            text.shrink();
+            held = held
+                .saturating_add(text.allocated_bytes())
+                .saturating_add(ENTRY_BYTES);
         }
-        self.text_bytes = 0;
+        self.held_bytes = held;
+        if held > self.max_text_bytes / 2 {
+            self.cut(counter);
+            self.text_cuts = self.text_cuts.saturating_add(1);
+        }
     }
 
-    fn push_text(&mut self, index: u32, text: &str) {
+    /// Count every held text as if the stream ended here, and let the texts go.
+    fn cut(&mut self, counter: TextCounter<'_>) {
+        // The texts are dropped, not kept empty: a hostile stream spread over many choices
+        // would otherwise keep an entry for each.
+        for mut text in std::mem::take(&mut self.text).into_values() {
+            text.cut(counter);
+            self.counted = self.counted.saturating_add(text.counted());
+        }
+        self.held_bytes = 0;
+    }
+
+    fn push_text(&mut self, index: u32, text: &str, counter: TextCounter<'_>) {
         if text.is_empty() {
             return;
         }
-        self.text_bytes = self.text_bytes.saturating_add(text.len());
-        self.text.entry(index).or_default().push_str(text);
+        let streamed = match self.text.entry(index) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                self.held_bytes = self.held_bytes.saturating_add(ENTRY_BYTES);
+                e.insert(StreamedText::new())
+            }
+        };
+        let before = streamed.allocated_bytes();
+        streamed.push(text, counter);
+        self.held_bytes = self
+            .held_bytes
+            .saturating_sub(before)
+            .saturating_add(streamed.allocated_bytes());
     }
 
     fn merge_usage(&mut self, raw: &RawUsage) {
@@ -246,7 +299,7 @@ impl StreamMeter {
         self.usage = Some(merged);
     }
 
-    fn openai_chunk(&mut self, data: &str) -> bool {
+    fn openai_chunk(&mut self, data: &str, counter: TextCounter<'_>) -> bool {
         if data.trim() == "[DONE]" {
             self.complete = true;
             return true;
@@ -256,11 +309,11 @@ impl StreamMeter {
         };
         for choice in chunk.choices.iter() {
             if let Some(t) = &choice.text {
-                self.push_text(choice.index, t);
+                self.push_text(choice.index, t, counter);
             }
             if let Some(d) = &choice.delta {
                 for t in [&d.content, &d.refusal].into_iter().flatten() {
-                    self.push_text(choice.index, t);
+                    self.push_text(choice.index, t, counter);
                 }
                 let calls = d
                     .tool_calls
@@ -269,7 +322,7 @@ impl StreamMeter {
                     .chain(&d.function_call);
                 for f in calls {
                     for t in [&f.name, &f.arguments].into_iter().flatten() {
-                        self.push_text(choice.index, t);
+                        self.push_text(choice.index, t, counter);
                     }
                 }
             }
@@ -280,7 +333,7 @@ impl StreamMeter {
         true
     }
 
-    fn responses_event(&mut self, data: &str) -> bool {
+    fn responses_event(&mut self, data: &str, counter: TextCounter<'_>) -> bool {
         let Ok(ev) = read_event(data, responses_event) else {
             return false;
         };
@@ -289,7 +342,7 @@ impl StreamMeter {
             | "response.refusal.delta"
             | "response.function_call_arguments.delta" => {
                 if let Some(d) = &ev.delta {
-                    self.push_text(0, d);
+                    self.push_text(0, d, counter);
                 }
             }
             "response.completed" | "response.incomplete" | "response.failed" => {
@@ -303,7 +356,7 @@ impl StreamMeter {
         true
     }
 
-    fn anthropic_event(&mut self, event: &str, data: &str) -> bool {
+    fn anthropic_event(&mut self, event: &str, data: &str, counter: TextCounter<'_>) -> bool {
         let Ok(ev) = read_event(data, anthropic_event) else {
             return false;
         };
@@ -319,7 +372,7 @@ impl StreamMeter {
                     .into_iter()
                     .flatten()
                 {
-                    self.push_text(ev.index.unwrap_or(0), t);
+                    self.push_text(ev.index.unwrap_or(0), t, counter);
                 }
             }
             "message_delta" => {
@@ -337,13 +390,15 @@ impl StreamMeter {
     /// reported (which bills the exchange: counting would be wasted), and report.
     pub fn finish(&mut self, counter: TextCounter<'_>) -> StreamOutcome {
         if self.usage.is_none() || !self.complete {
-            self.flush(counter);
+            self.cut(counter);
         }
+        let held = (self.text.values()).fold(0u64, |n, t| n.saturating_add(t.counted()));
         StreamOutcome {
             reported: self.usage,
-            counted_output: self.counted,
+            counted_output: self.counted.saturating_add(held),
             complete: self.complete,
             bad_events: self.bad_events,
+            text_cuts: self.text_cuts,
         }
     }
 }
@@ -1046,24 +1101,82 @@ mod tests {
         assert!(o.counted_output > 0);
     }
 
+    fn chat_event(index: u32, text: &str) -> String {
+        format!(
+            "{{\"choices\":[{{\"index\":{index},\"delta\":{{\"content\":{}}}}}]}}",
+            serde_json::to_string(text).unwrap()
+        )
+    }
+
     #[test]
-    fn held_text_is_flushed_at_the_cap_and_still_counted() {
+    fn long_ordinary_text_is_counted_exactly_holding_a_few_kilobytes() {
         let counter = shared().counter(Encoding::O200kBase).unwrap();
-        let mut m = StreamMeter::new(ApiKind::ChatCompletions, 64);
-        for _ in 0..100 {
-            m.on_event(
-                "",
-                "{\"choices\":[{\"index\":0,\"delta\":{\"content\":\"word word word \"}}]}",
-                counter,
-            );
-            assert!(m.text_bytes <= 64 + 15);
+        let mut m = StreamMeter::new(ApiKind::ChatCompletions, 1 << 20);
+        let words = [
+            "The",
+            " quick",
+            " brown",
+            " fox",
+            " jumps",
+            " over",
+            " 12345",
+            " lazy",
+            " dog's",
+            " back.\n\n",
+        ];
+        let mut text = String::new();
+        let mut most = 0;
+        while text.len() < 2 << 20 {
+            let w = words[text.len() % words.len()];
+            text.push_str(w);
+            m.on_event("", &chat_event(0, w), counter);
+            most = most.max(m.held_bytes());
         }
         let o = m.finish(counter);
-        let exact = counter.count(&"word word word ".repeat(100));
-        assert!(
-            o.counted_output.abs_diff(exact) <= 25,
-            "{} vs {exact}",
-            o.counted_output
+        // 2 MiB, twice the cap, counted as if whole: nothing was cut.
+        assert_eq!((o.counted_output, o.text_cuts), (counter.count(&text), 0));
+        println!(
+            "{} bytes of prose streamed: at most {most} bytes held",
+            text.len()
         );
+        assert!(most <= 4096, "held {most} bytes");
+    }
+
+    #[test]
+    fn an_endless_piece_is_cut_at_the_cap_and_still_counted() {
+        let counter = shared().counter(Encoding::O200kBase).unwrap();
+        let mut m = StreamMeter::new(ApiKind::ChatCompletions, 4096);
+        let chunk = "abcdefghij".repeat(10);
+        for _ in 0..1000 {
+            m.on_event("", &chat_event(0, &chunk), counter);
+            assert!(m.held_bytes() <= 4096, "{}", m.held_bytes());
+        }
+        let o = m.finish(counter);
+        let exact = counter.count(&chunk.repeat(1000));
+        // 100 KB of one piece: cut about every 2 to 4 KB, each cut splitting one piece in
+        // two (a token or two more at each, for this text), and said so.
+        println!(
+            "{} cuts, {} tokens counted, {exact} whole",
+            o.text_cuts, o.counted_output
+        );
+        assert!(o.text_cuts >= 25, "{o:?}");
+        assert!(o.counted_output >= exact, "{o:?} vs {exact}");
+        assert!(
+            o.counted_output <= exact + 2 * o.text_cuts,
+            "{o:?} vs {exact}"
+        );
+    }
+
+    #[test]
+    fn many_choices_are_held_within_the_cap() {
+        let counter = shared().counter(Encoding::O200kBase).unwrap();
+        let mut m = StreamMeter::new(ApiKind::ChatCompletions, 4096);
+        for i in 0..10_000 {
+            m.on_event("", &chat_event(i, "x"), counter);
+            assert!(m.held_bytes() <= 4096, "{}", m.held_bytes());
+        }
+        let o = m.finish(counter);
+        assert_eq!(o.counted_output, 10_000);
+        assert!(o.text_cuts > 0);
     }
 }

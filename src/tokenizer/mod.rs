@@ -13,6 +13,7 @@
 
 pub mod bpe;
 pub mod count_cache;
+pub mod streamed;
 
 use std::fmt;
 use std::sync::Mutex;
@@ -346,6 +347,14 @@ impl TextCounter<'_> {
             Ok(mut cache) => cache.count(self.encoding, text, count),
             Err(_) => count(text),
         }
+    }
+
+    /// The tokens of the pieces of `text` that no continuation can change, and where the
+    /// rest starts (see [`Bpe::count_settled`]; [`streamed::StreamedText`] uses it). Not
+    /// cached: these are texts seen once.
+    pub fn count_settled(&self, text: &str) -> (u64, usize) {
+        let (tokens, tail) = self.bpe.count_settled(text);
+        (tokens as u64, tail)
     }
 
     /// The tokens of `text` (tiktoken's `encode_ordinary`).

@@ -105,6 +105,18 @@ impl Bpe {
         self.walk(text, &mut |_| {})
     }
 
+    /// The tokens of every piece of `text` except the last two, and where the last two
+    /// start (0 when there are fewer than three pieces): the pieces that no continuation
+    /// of the text can change, and the tail that one could. For any `rest`, `count(text +
+    /// rest)` is the returned count plus `count(&text[tail..] + rest)` (the proof is in
+    /// `split.rs`, "Which pieces are final"; `streamed.rs` relies on it).
+    pub fn count_settled(&self, text: &str) -> (usize, usize) {
+        match self.split {
+            Split::O200k => settled(self.vocab, &self.joins, text, split::o200k_piece_end),
+            Split::Cl100k => settled(self.vocab, &self.joins, text, split::cl100k_piece_end),
+        }
+    }
+
     /// The tokens (ranks) of `text`, as tiktoken's `encode_ordinary` returns them.
     pub fn encode(&self, text: &str) -> Vec<u32> {
         let mut out = Vec::with_capacity(text.len() / 3);
@@ -155,4 +167,50 @@ fn walk(
         p = end;
     }
     count
+}
+
+/// [`Bpe::count_settled`]: the pieces are found as [`walk`] finds them, and each is counted
+/// once two more have been found after it. Plain arithmetic for the same reasons as
+/// [`walk`]'s (positions below `b.len()`, a count at most the bytes walked).
+#[allow(clippy::arithmetic_side_effects)]
+fn settled(
+    vocab: &Vocab,
+    joins: &Joins,
+    text: &str,
+    piece_end: impl Fn(&[u8], usize) -> usize,
+) -> (usize, usize) {
+    let b = text.as_bytes();
+    let mut scratch = Scratch::new();
+    let mut count = 0;
+    // Where the last two pieces found so far start, the older first; `found` counts the
+    // pieces up to two.
+    let (mut older, mut newer) = (0, 0);
+    let mut found = 0;
+    let mut p = 0;
+    while p < b.len() {
+        let end = match piece_end(b, p) {
+            end if end > p && end <= b.len() => end,
+            _ => p + 1,
+        };
+        if found == 2 {
+            // The piece at `older` now has two pieces after it: final.
+            if vocab.info_in(b, older, newer).is_some() {
+                count += 1;
+            } else if let Some(piece) = b.get(older..newer) {
+                count += merge::merge(
+                    vocab,
+                    joins,
+                    piece,
+                    merge::Start::Chars,
+                    &mut scratch,
+                    &mut |_| {},
+                );
+            }
+        } else {
+            found += 1;
+        }
+        (older, newer) = if found == 1 { (p, p) } else { (newer, p) };
+        p = end;
+    }
+    (count, if found == 2 { older } else { 0 })
 }

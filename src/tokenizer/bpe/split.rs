@@ -38,6 +38,40 @@
 //! Every position starts a match (each character is a letter, mark, number, white space or
 //! in `[^\s\p{L}\p{N}]`), so the pieces tile the text. Unicode classes: `classes.rs`.
 //!
+//! # Which pieces are final
+//!
+//! Streamed text is counted as it arrives (`Bpe::count_settled`, `tokenizer/streamed.rs`):
+//! the pieces of the text so far, `B`, except the last two, are counted and let go. That
+//! is exact because every piece but the last two is a piece of `B + X` for any `X`:
+//!
+//! * Matching at `p` reads only `B[p..]` (no look-behind; `$` is the end of the text), so
+//!   the pieces from a position that is a boundary of both texts agree as long as each
+//!   match is decided without looking at the end of `B`: a match that never asks "is
+//!   there a character at `|B|`?" reads the same characters in `B + X` and ends at the
+//!   same place.
+//! * Lemma: if the match of a piece asks about `|B|`, the piece after it (if any) is the
+//!   last. Each way a match reads past its own end: (1) one character to end a run, or
+//!   the space of `\s+(?!\S)` and `A7`'s test, or the third digit of `\p{N}{1,3}`: asking
+//!   about `|B|` there means the piece ends at `|B|`. (2) A1 giving back the end of an
+//!   upper-case run (after its last `U`∩`W` character): it read the run to its end, so
+//!   asking about `|B|` means the run reaches `|B|`; the rest of the run (upper-case
+//!   letters only, none in `W`) is then one A2 piece to `|B|`. (3) A5 ending after the
+//!   last newline of a white-space run it read to its end: the rest of the run (no
+//!   newline) reaching `|B|` is one A6 piece (cl100k's B6 is reached only when B5 `\s++$`
+//!   failed, so its run does not reach `|B|`). (4) A contraction test after a word
+//!   (`'` then one or two letters): asking about `|B|` leaves `'` or `'` and one letter
+//!   at the end, one A1/A2 (`P?` letters), A4 or B2/B4 piece to `|B|`. (5) A1/A2 tried
+//!   with the prefix `P` and failing: they read one character, or an upper-case run whose
+//!   reaching `|B|` makes the piece that matches instead (A1 without the prefix, which is
+//!   case 2, or A2 with it) reach `|B|` or leave one A2 piece to it. The cl100k
+//!   contraction B1 at `'` reads at most two letters and falls to B2/B4, which then run
+//!   to `|B|`.
+//! * So the third piece from the end, and every one before it, is decided without the
+//!   end of `B`, and its boundaries stand whatever follows; each piece's tokens depend on
+//!   the piece alone. The tests check this at every split point of the corpus and on
+//!   every short string over an alphabet of one character per class; `fuzz/`'s `bpe_diff`
+//!   on random chunkings.
+//!
 //! Most pieces of real prompts are ASCII: a word with an optional space or punctuation
 //! before it, a few digits, a punctuation run. [`o200k_piece_end`] and [`cl100k_piece_end`]
 //! first try an ASCII fast path that decides such pieces from a 256-entry byte class table

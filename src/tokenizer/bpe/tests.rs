@@ -967,3 +967,132 @@ fn white_space_runs_past_the_regex_backtrack_limit_are_counted() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Streamed text: which pieces are final (`split.rs`, "Which pieces are final")
+// ---------------------------------------------------------------------------------------
+
+/// At every character boundary `k` of `text`, the pieces of `text[..k]` but the last two
+/// are pieces of `text` (what `Bpe::count_settled` counts and lets go can no longer
+/// change), and `count_settled` counts exactly them. `from_start`: split `text[..k]` from
+/// its start at every `k` (quadratic, for short texts); otherwise from the boundary the
+/// previous `k` settled, which is how a stream is scanned (matching at `p` reads only
+/// `text[p..]`), linear.
+fn assert_settled_pieces_stand(pair: &Pair, text: &str, from_start: bool) {
+    let whole = split::pieces(text, pair.piece_end);
+    // Byte offset where each piece of the whole text starts -> its index.
+    let mut starts = HashMap::new();
+    let mut at = 0;
+    for (i, piece) in whole.iter().enumerate() {
+        starts.insert(at, i);
+        at += piece.len();
+    }
+    let mut from = 0; // a boundary of `whole`, settled at an earlier k
+    for (k, _) in text.char_indices().skip(1).chain([(text.len(), ' ')]) {
+        let base = if from_start { 0 } else { from };
+        let head = &text[base..k];
+        let pieces = split::pieces(head, pair.piece_end);
+        let settled = pieces.len().saturating_sub(2);
+        let first = starts[&base];
+        assert_eq!(
+            &pieces[..settled],
+            &whole[first..first + settled],
+            "{}: {:?} then {:?}",
+            pair.name,
+            &text[..k],
+            &text[k..]
+        );
+        let (tokens, tail) = pair.ours.count_settled(head);
+        let want: usize = pieces[..settled].iter().map(|p| pair.ours.count(p)).sum();
+        let want_tail: usize = pieces[..settled].iter().map(|p| p.len()).sum();
+        assert_eq!((tokens, tail), (want, want_tail), "{}: {head:?}", pair.name);
+        from = base + tail;
+    }
+}
+
+#[test]
+fn settled_pieces_stand_whatever_follows_at_every_split_of_the_corpus() {
+    // The full corpus natively, the reduced one in V8.
+    let corpus = corpus(if cfg!(target_family = "wasm") { 1 } else { 12 });
+    for pair in pairs() {
+        for text in &corpus {
+            assert_settled_pieces_stand(&pair, text, text.len() <= 256);
+        }
+    }
+}
+
+/// Every string of up to four characters over an alphabet of one character of each kind
+/// the patterns tell apart (upper, lower, title case, modifier and other letters, a mark,
+/// digits and other numbers, white space of each kind, punctuation, `/`, `'` and the
+/// letters of contractions), and of five over a smaller one, split at every boundary.
+#[test]
+fn settled_pieces_stand_on_every_short_string_of_every_class() {
+    const WIDE: &[char] = &[
+        'a', 'A', '\u{1c5}', '\u{2b0}', '\u{4e2d}', '\u{301}', '1', '\u{bd}', ' ', '\n', '\r',
+        '\t', '\u{a0}', '!', '/', '\'', '\u{2019}', 's', 'l', 'L', 'e', 'r',
+    ];
+    const NARROW: &[char] = &[
+        'a', 'A', '\u{4e2d}', '\u{301}', '1', ' ', '\n', '!', '\'', 'l',
+    ];
+    // Compiled to wasm the unit tests run in V8 (`make wasm-test`), slower: length 3 and 4.
+    let (wide, narrow) = if cfg!(target_family = "wasm") {
+        (3, 4)
+    } else {
+        (4, 5)
+    };
+    let pairs = pairs();
+    let mut text = String::new();
+    for (alphabet, len) in [(WIDE, wide), (NARROW, narrow)] {
+        let n = alphabet.len();
+        for mut code in 0..n.pow(len) {
+            text.clear();
+            for _ in 0..len {
+                text.push(alphabet[code % n]);
+                code /= n;
+            }
+            for pair in &pairs {
+                assert_settled_pieces_stand(pair, &text, true);
+            }
+        }
+    }
+}
+
+/// The corpus streamed through `StreamedText`: one character at a time with a scan after
+/// each, and in random chunks at the batching's own pace; both count like the whole text.
+#[test]
+fn streamed_text_counts_like_the_whole_text_on_the_corpus() {
+    use crate::tokenizer::streamed::StreamedText;
+    use crate::tokenizer::tests_support::shared;
+    use crate::tokenizer::Encoding;
+    let corpus = corpus(1);
+    let mut rng = Rng(0x73_74_72_65_61_6d); // "stream"
+    for encoding in [Encoding::O200kBase, Encoding::Cl100kBase] {
+        let counter = shared().counter(encoding).unwrap();
+        for text in &corpus {
+            let whole = counter.count(text);
+            let mut eager = StreamedText::new();
+            let mut buf = [0u8; 4];
+            for c in text.chars() {
+                eager.push(c.encode_utf8(&mut buf), counter);
+                eager.settle(counter);
+            }
+            eager.cut(counter);
+            assert_eq!(eager.counted(), whole, "{encoding} char by char: {text:?}");
+            for _ in 0..3 {
+                let mut batched = StreamedText::new();
+                let mut rest = text.as_str();
+                while !rest.is_empty() {
+                    let mut at = 1 + rng.below(rest.len().min(64));
+                    while !rest.is_char_boundary(at) {
+                        at += 1;
+                    }
+                    let (chunk, more) = rest.split_at(at);
+                    batched.push(chunk, counter);
+                    rest = more;
+                }
+                batched.cut(counter);
+                assert_eq!(batched.counted(), whole, "{encoding} in chunks: {text:?}");
+            }
+        }
+    }
+}
