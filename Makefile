@@ -55,6 +55,15 @@ RLS_ENGINE_TARGET_DIR := $(CURDIR)/target/rls-engine
 RLS_ENGINE_CARGO_ARGS := --manifest-path $(RLS_ENGINE_MANIFEST) --target-dir $(RLS_ENGINE_TARGET_DIR) --locked
 REDIS_SERVER ?= redis-server
 export TOKENFUSE_RLS_ENGINE := $(RLS_ENGINE_TARGET_DIR)/debug/rls-engine
+# The engine depends on the published `limitador` crate, whose Redis storage does not
+# compile without its disk storage (RocksDB). librocksdb-sys' documented build variables
+# point it at the system's RocksDB and Snappy (Debian librocksdb-dev, libsnappy-dev) instead
+# of compiling RocksDB's C++ sources; bindgen reads the crate's headers with libclang
+# (libclang-dev). Exported, so every cargo call on the engine (build, test, clippy) sees
+# the same values: a change would make librocksdb-sys rebuild.
+ROCKSDB_LIB_DIR ?= $(shell pkg-config --variable=libdir rocksdb 2>/dev/null)
+SNAPPY_LIB_DIR ?= $(shell pkg-config --variable=libdir snappy 2>/dev/null)
+export ROCKSDB_LIB_DIR SNAPPY_LIB_DIR
 export TOKENFUSE_REDIS_SERVER := $(REDIS_SERVER)
 
 # Checks (as root on Debian/Ubuntu: installs) the named tools, all of `make test`'s when
@@ -134,7 +143,7 @@ fault-wasm:
 
 ## rls-engine: the global-budget test engine (tools/rls-engine), $(TOKENFUSE_RLS_ENGINE)
 rls-engine:
-	@$(PREREQUISITES) cc openssl
+	@$(PREREQUISITES) cc openssl rocksdb
 	$(CARGO) build $(RLS_ENGINE_CARGO_ARGS)
 	@ls -l $(TOKENFUSE_RLS_ENGINE)
 
@@ -156,7 +165,7 @@ wasm-test:
 
 ## lint: formatting and clippy (the filter and tools/rls-engine), warnings are errors
 lint:
-	@$(PREREQUISITES) wasm-target rustfmt clippy cc openssl
+	@$(PREREQUISITES) wasm-target rustfmt clippy cc openssl rocksdb
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets --features testkit -- -D warnings
 	$(CARGO) clippy --target $(WASM_TARGET) --lib -- -D warnings
