@@ -449,9 +449,10 @@ pub(super) fn conclude_global(
             Refused::new(Refusal::ServiceUnavailable, name_of(budget))
         }
     };
-    // Refused: what the service already took cannot be given back.
+    // Refused: a Limitador reservation is committed at 0 (given back whole); hits charged
+    // over ShouldRateLimit cannot be given back.
     for hold in &folded.holds {
-        settle::unreturned(filter, host, hold, hold.hits);
+        settle::give_back(filter, host, hold);
     }
     Err(Refused {
         refund: std::mem::take(&mut admitted.reservations),

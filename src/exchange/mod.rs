@@ -37,7 +37,7 @@ use self::request::{Identity, NotCounted, Pending};
 use crate::budget::plan::{RateHeaders, Reservation};
 use crate::budget::window::go_duration;
 use crate::budget::Priority;
-use crate::config::MalformedPolicy;
+use crate::config::{MalformedPolicy, Protocol};
 use crate::filter::Filter;
 use crate::global;
 use crate::host::{Host, Level};
@@ -368,7 +368,13 @@ impl Exchange {
         } else {
             None
         };
-        check.outcome = Some(global::outcome(grpc_status, body.as_deref()));
+        let protocol = self
+            .filter
+            .config
+            .rate_limit_service
+            .as_ref()
+            .map_or(Protocol::Envoy, |s| s.protocol);
+        check.outcome = Some(global::outcome(protocol, grpc_status, body.as_deref()));
         if checks.iter().any(|c| c.outcome.is_none()) {
             return;
         }

@@ -2,7 +2,8 @@
 //! decision beside the local [`crate::budget::plan::Plan`], pure so it is tested alone.
 //!
 //! Every answered reservation the service counted becomes a [`Hold`] (to settle or, on a
-//! refusal, to report as unreturned: the protocol cannot give hits back). The first
+//! refusal, to give back: a Limitador reservation is committed at 0, hits charged over
+//! `ShouldRateLimit` are reported as unreturned, that protocol cannot give them back). The first
 //! over-limit answer refuses the request. A call without an answer is an error to count;
 //! under `on_failure: closed` the first one makes the request unavailable, under `open` it
 //! is let through (and counted as failing open).
@@ -53,11 +54,18 @@ pub fn fold(checks: &[Check], budgets: &[GlobalBudget], mode: FailureMode) -> Fo
             continue;
         };
         match &check.outcome {
+            Some(Outcome::Reserved(id)) => holds.push(Hold {
+                budget: check.budget,
+                key: check.key.clone(),
+                hits: check.hits,
+                reservation: Some(id.clone()),
+            }),
             Some(Outcome::Ok(status)) => {
                 holds.push(Hold {
                     budget: check.budget,
                     key: check.key.clone(),
                     hits: check.hits,
+                    reservation: None,
                 });
                 if let (Unit::Tokens, Some(s)) = (budget.unit, status) {
                     if let Some(limit) = s.limit {
