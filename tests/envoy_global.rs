@@ -164,6 +164,40 @@ fn two_proxies_share_one_global_budget_where_local_budgets_double_it() {
 }
 
 #[test]
+fn two_proxies_share_one_limitador_budget_request_by_request() {
+    const BUDGET: u64 = 10_000;
+    const RESERVE: u64 = 500;
+    let redis = Redis::start();
+    let engine = RlsEngine::start(&redis, &budget_limit_yaml("shared", BUDGET, 86_400));
+    let (body, prompt) = chat_reserving(RESERVE);
+    let config = json!({
+        "api": "v1",
+        "rate_limit_service": {"cluster": "ratelimit", "timeout_ms": 1000, "on_failure": "closed",
+                               "protocol": "limitador", "flush_interval_ms": 50},
+        "budgets": [{"name": "shared", "key": "header:x-tenant", "backend": "global"}],
+    })
+    .to_string();
+    let (a, b) = (stack_on(&engine, &config), stack_on(&engine, &config));
+    let g = alternate([&a, &b], 60, &body, prompt, RESERVE - prompt);
+    println!(
+        "\nlimitador: 60 requests of {RESERVE} tokens alternating over two Envoys, budget \
+         {BUDGET}: A {}/{}, B {}/{} admitted/refused",
+        g[0].0, g[0].1, g[1].0, g[1].1
+    );
+    assert_eq!(u64::from(g[0].0 + g[1].0) * RESERVE, BUDGET);
+    assert!(
+        g[0].0 > 0 && g[1].0 > 0,
+        "both proxies admitted some: {g:?}"
+    );
+    for stack in [&a, &b] {
+        assert_eq!(
+            counter_sum(&stack.envoy, &["tokenfuse_global_errors"], 0),
+            0
+        );
+    }
+}
+
+#[test]
 fn output_beyond_the_reservation_is_settled_with_the_service() {
     const BUDGET: u64 = 1_000;
     let redis = Redis::start();
