@@ -290,7 +290,6 @@ pub(super) fn compile_global_budget(i: usize, rb: &RawBudget) -> Result<GlobalBu
         ("base", rb.base.is_some()),
         ("elastic", rb.elastic.is_some()),
         ("burst", rb.burst.is_some()),
-        ("warn_at", rb.warn_at.is_some()),
         ("degrade_from", rb.degrade_from.is_some()),
         ("priority_ceilings", rb.priority_ceilings.is_some()),
         ("max_keys", rb.max_keys.is_some()),
@@ -330,6 +329,7 @@ pub(super) fn compile_global_budget(i: usize, rb: &RawBudget) -> Result<GlobalBu
         unit: budget_unit(i, rb)?,
         max_request_tokens,
         oversize: oversize_action(i, rb)?,
+        warn_at: ratio(&f("warn_at"), rb.warn_at, 0.8)?,
     })
 }
 

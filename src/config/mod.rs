@@ -148,6 +148,9 @@ pub struct GlobalBudget {
     /// Largest prompt + completion reservation one request may carry, in tokens.
     pub max_request_tokens: Option<u64>,
     pub oversize: OversizeAction,
+    /// Usage ratio from which admitted requests carry the warning header, when the service
+    /// reports the limit and what remains (envoyproxy/ratelimit's descriptor status).
+    pub warn_at: f64,
 }
 
 /// Where global budgets are kept, and what happens when it cannot answer.
@@ -875,6 +878,7 @@ mod tests {
                 "budgets[0].priority_ceilings",
             ),
             (r#""action":"reroute""#, "budgets[0].action"),
+            (r#""warn_at":1.5"#, "budgets[0].warn_at"),
             (
                 r#""max_request_tokens":0.5"#,
                 "budgets[0].max_request_tokens",

@@ -427,6 +427,13 @@ pub(super) fn conclude_global(
                 }
             }
             admitted.holds = folded.holds;
+            for budget in folded.warnings {
+                if let Some(name) = name_of(budget) {
+                    if !admitted.warnings.contains(&name) {
+                        admitted.warnings.push(name);
+                    }
+                }
+            }
             return Ok(());
         }
         verdict::Verdict::Refuse {

@@ -402,6 +402,14 @@ impl Exchange {
         let filter = Rc::clone(&self.filter);
         match admit::conclude_global(&filter, host, self.id, &mut admitted, checks) {
             Ok(()) => {
+                // A global budget's reported usage can turn an allowed request into a
+                // warned one.
+                let decision = match decision {
+                    Some(Decision::Allowed) if !admitted.warnings.is_empty() => {
+                        Some(Decision::Warned)
+                    }
+                    other => other,
+                };
                 self.forward(host, *admitted, decision);
                 Action::Continue
             }

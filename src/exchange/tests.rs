@@ -1166,6 +1166,43 @@ fn a_cost_below_the_hold_is_counted_as_unreturned() {
 }
 
 #[test]
+fn the_services_reported_usage_sets_the_rate_headers_and_the_warning() {
+    let shared = FakeHost::default();
+    let (_f, mut ex, mut h) = global_request(GLOBAL, &shared);
+    send_request(&mut ex, &mut h, 1 << 20);
+    // OK with a status (envoyproxy/ratelimit): limit 5000, 500 left (90% used), resets in
+    // 120 s; warn_at defaults to 0.8.
+    let limit = [0x08, 0x88, 0x27, 0x10, 4];
+    let status = [
+        &[0x08, 1, 0x12, limit.len() as u8][..],
+        &limit,
+        &[0x18, 0xf4, 0x03, 0x22, 2, 0x08, 120],
+    ]
+    .concat();
+    let body = [&[0x08, 1, 0x12, status.len() as u8][..], &status].concat();
+    rls_answer(&mut ex, &mut h, 0, 0, &body);
+    assert_eq!(h.resumed, 1);
+    respond(
+        &mut ex,
+        &mut h,
+        "200",
+        "application/json",
+        br#"{"usage":{"prompt_tokens":8,"completion_tokens":2}}"#,
+        7,
+    );
+    assert_eq!(h.resp_header(WARNING_HEADER).as_deref(), Some("daily"));
+    // The tighter of the local minute budget (892 left) and the service's 500.
+    assert_eq!(
+        h.resp_header("x-ratelimit-remaining-tokens").as_deref(),
+        Some("500")
+    );
+    assert_eq!(
+        h.counter_sum("tokenfuse_decisions", &["decision=.=warned;"]),
+        1
+    );
+}
+
+#[test]
 fn over_limit_answers_429_and_gives_the_local_reservation_back() {
     let shared = FakeHost::default();
     let (f, mut ex, mut h) = global_request(GLOBAL, &shared);

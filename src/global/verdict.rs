@@ -40,6 +40,8 @@ pub struct Folded {
     pub rate: Option<RateHeaders>,
     /// Calls without an answer: (budget index, reason).
     pub errors: Vec<(usize, &'static str)>,
+    /// Budgets (indexes) whose reported usage is at or past their `warn_at`.
+    pub warnings: Vec<usize>,
 }
 
 /// Fold the answered `checks` of one request.
@@ -47,6 +49,7 @@ pub fn fold(checks: &[Check], budgets: &[GlobalBudget], mode: FailureMode) -> Fo
     let mut holds = Vec::new();
     let mut rate: Option<RateHeaders> = None;
     let mut errors = Vec::new();
+    let mut warnings = Vec::new();
     let mut refusal = None;
     let mut failure = None;
     for check in checks {
@@ -67,6 +70,9 @@ pub fn fold(checks: &[Check], budgets: &[GlobalBudget], mode: FailureMode) -> Fo
                     hits: check.hits,
                     reservation: None,
                 });
+                if status.is_some_and(|s| past_warning(&s, budget.warn_at)) {
+                    warnings.push(check.budget);
+                }
                 if let (Unit::Tokens, Some(s)) = (budget.unit, status) {
                     if let Some(limit) = s.limit {
                         let h = RateHeaders {
@@ -103,6 +109,20 @@ pub fn fold(checks: &[Check], budgets: &[GlobalBudget], mode: FailureMode) -> Fo
         holds,
         rate,
         errors,
+        warnings,
+    }
+}
+
+/// Whether a reported status puts the budget's usage (limit minus remaining, this request
+/// counted) at or past `warn_at` of its limit. No limit reported, or a zero one, says
+/// nothing; a remaining above the limit (a broken service) is no usage.
+fn past_warning(status: &DescriptorStatus, warn_at: f64) -> bool {
+    match status.limit {
+        Some(limit) if limit > 0 => {
+            let used = limit.saturating_sub(status.remaining);
+            f64::from(used) >= warn_at * f64::from(limit)
+        }
+        _ => false,
     }
 }
 
@@ -124,6 +144,7 @@ mod tests {
                 },
                 max_request_tokens: None,
                 oversize: crate::budget::OversizeAction::Reject,
+                warn_at: 0.8,
             })
             .collect()
     }
@@ -178,6 +199,48 @@ mod tests {
         assert!(matches!(f.verdict, Verdict::Refuse { budget: 1, .. }));
         assert_eq!(f.holds.len(), 1);
         assert_eq!(f.errors, vec![(0, "timeout")]);
+    }
+
+    #[test]
+    fn reported_usage_past_warn_at_warns_whatever_the_unit() {
+        let f = fold(
+            &[
+                check(0, Outcome::Ok(status(30))),
+                check(1, Outcome::Ok(status(10))),
+            ],
+            &budgets(),
+            FailureMode::Closed,
+        );
+        // 70 of 100 used: under 0.8; 90 of 100: past it.
+        assert_eq!(f.warnings, vec![1]);
+        let edge = fold(
+            &[check(0, Outcome::Ok(status(20)))],
+            &budgets(),
+            FailureMode::Open,
+        );
+        assert_eq!(edge.warnings, vec![0], "exactly at warn_at warns");
+        let hostile = DescriptorStatus {
+            limit: Some(0),
+            ..status(0).unwrap()
+        };
+        let over = DescriptorStatus {
+            remaining: 500,
+            ..status(0).unwrap()
+        };
+        for s in [hostile, over] {
+            let f = fold(
+                &[check(0, Outcome::Ok(Some(s)))],
+                &budgets(),
+                FailureMode::Open,
+            );
+            assert!(f.warnings.is_empty(), "{s:?}");
+        }
+        let none = fold(
+            &[check(0, Outcome::Ok(None))],
+            &budgets(),
+            FailureMode::Open,
+        );
+        assert!(none.warnings.is_empty());
     }
 
     #[test]
