@@ -314,6 +314,79 @@ fn the_service_stopped_mid_run_applies_the_failure_mode_and_enforcement_resumes(
     assert!(open.envoy.alive() && closed.envoy.alive());
 }
 
+#[test]
+fn a_commit_the_stopped_service_missed_is_sent_once_it_is_back() {
+    const BUDGET: u64 = 1_000;
+    let redis = Redis::start();
+    let engine = RlsEngine::start(&redis, &budget_limit_yaml("shared", BUDGET, 86_400));
+    let config = json!({
+        "api": "v1",
+        "rate_limit_service": {"cluster": "ratelimit", "timeout_ms": 300, "on_failure": "closed",
+                               "protocol": "limitador", "flush_interval_ms": 50},
+        "budgets": [{"name": "shared", "key": "header:x-tenant", "backend": "global"}],
+    })
+    .to_string();
+    let stack = stack_on(&engine, &config);
+    let (body, prompt) = chat_reserving(500);
+    let billed = (100 - prompt).to_string();
+    let p = prompt.to_string();
+    // Reserved while the service is up; the upstream takes 1.5 s, and the service is
+    // stopped meanwhile, so the commit (billed 100) finds it gone.
+    let first = std::thread::scope(|s| {
+        let request = s.spawn(|| {
+            stack
+                .envoy
+                .post_json(
+                    "/v1/chat/completions",
+                    &[
+                        ("x-tenant", "acme"),
+                        ("x-mock-prompt-tokens", &p),
+                        ("x-mock-completion-tokens", &billed),
+                        ("x-mock-delay-ms", "1500"),
+                    ],
+                    &body,
+                )
+                .unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(engine.stop().success());
+        request.join().unwrap()
+    });
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert!(
+        counter_sum(
+            &stack.envoy,
+            &["tokenfuse_global_settle_errors", "budget=.=shared;"],
+            1
+        ) >= 1,
+        "the commit failed while the service was down"
+    );
+    assert_eq!(
+        counter_sum(&stack.envoy, &["tokenfuse_global_settled"], 0),
+        0
+    );
+    // Back (Redis kept the hold): the retried commit charges 100 and releases the 500.
+    engine.start_again();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while counter_sum(&stack.envoy, &["tokenfuse_global_settled"], 100) < 100 {
+        assert!(Instant::now() < deadline, "the commit was never retried");
+    }
+    assert_eq!(
+        counter_sum(&stack.envoy, &["tokenfuse_global_returned"], 400),
+        400
+    );
+    assert_eq!(
+        counter_sum(&stack.envoy, &["tokenfuse_global_settle_dropped"], 0),
+        0
+    );
+    // 100 used of 1,000: 900 fit, then nothing more.
+    let (big, big_prompt) = chat_reserving(900);
+    let r = ask(&stack, "acme", &big, big_prompt, 900 - big_prompt);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (one, one_prompt) = chat_reserving(big_prompt + 1);
+    assert_eq!(ask(&stack, "acme", &one, one_prompt, 1).status, 429);
+}
+
 /// A port nothing listens on.
 fn closed_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
