@@ -55,6 +55,16 @@ RLS_ENGINE_TARGET_DIR := $(CURDIR)/target/rls-engine
 RLS_ENGINE_CARGO_ARGS := --manifest-path $(RLS_ENGINE_MANIFEST) --target-dir $(RLS_ENGINE_TARGET_DIR) --locked
 REDIS_SERVER ?= redis-server
 export TOKENFUSE_RLS_ENGINE := $(RLS_ENGINE_TARGET_DIR)/debug/rls-engine
+# The engine depends on the published `limitador` crate, whose Redis storage does not
+# compile without its disk storage (RocksDB). librocksdb-sys' documented build variables
+# point it at the system's RocksDB and Snappy (Debian librocksdb-dev, libsnappy-dev) instead
+# of compiling RocksDB's C++ sources; bindgen reads the crate's headers with libclang
+# (libclang-dev). Every cargo call that builds the engine (build, test, clippy) runs with
+# the same values — a change would make librocksdb-sys rebuild — read when the recipe
+# runs (after its prerequisites step may have installed the packages); values already in
+# the environment win.
+RLS_ENGINE_ENV = ROCKSDB_LIB_DIR="$${ROCKSDB_LIB_DIR:-$$(pkg-config --variable=libdir rocksdb)}" \
+	SNAPPY_LIB_DIR="$${SNAPPY_LIB_DIR:-$$(pkg-config --variable=libdir snappy)}"
 export TOKENFUSE_REDIS_SERVER := $(REDIS_SERVER)
 
 # Checks (as root on Debian/Ubuntu: installs) the named tools, all of `make test`'s when
@@ -117,7 +127,7 @@ test: prerequisites
 ## rls-engine's own tests
 cargo-test: promtool redis-server rls-engine fault-wasm sdk-clients
 	$(CARGO) test
-	$(CARGO) test $(RLS_ENGINE_CARGO_ARGS)
+	$(RLS_ENGINE_ENV) $(CARGO) test $(RLS_ENGINE_CARGO_ARGS)
 
 ## sdk-clients: the official OpenAI and Anthropic Python SDKs in .venv, for
 ## tests/sdk_clients.rs (pinned: the versions the test was written against)
@@ -134,8 +144,8 @@ fault-wasm:
 
 ## rls-engine: the global-budget test engine (tools/rls-engine), $(TOKENFUSE_RLS_ENGINE)
 rls-engine:
-	@$(PREREQUISITES) cc openssl
-	$(CARGO) build $(RLS_ENGINE_CARGO_ARGS)
+	@$(PREREQUISITES) cc openssl rocksdb
+	$(RLS_ENGINE_ENV) $(CARGO) build $(RLS_ENGINE_CARGO_ARGS)
 	@ls -l $(TOKENFUSE_RLS_ENGINE)
 
 ## redis-server: redis-server present (or installed, see prerequisites)
@@ -156,13 +166,13 @@ wasm-test:
 
 ## lint: formatting and clippy (the filter and tools/rls-engine), warnings are errors
 lint:
-	@$(PREREQUISITES) wasm-target rustfmt clippy cc openssl
+	@$(PREREQUISITES) wasm-target rustfmt clippy cc openssl rocksdb
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets --features testkit -- -D warnings
 	$(CARGO) clippy --target $(WASM_TARGET) --lib -- -D warnings
 	$(CARGO) check --manifest-path fuzz/Cargo.toml --bins
 	$(CARGO) fmt --manifest-path $(RLS_ENGINE_MANIFEST) --check
-	$(CARGO) clippy $(RLS_ENGINE_CARGO_ARGS) --all-targets -- -D warnings
+	$(RLS_ENGINE_ENV) $(CARGO) clippy $(RLS_ENGINE_CARGO_ARGS) --all-targets -- -D warnings
 
 ## validate: Envoy accepts every envoy/*.yaml, Wasm module included (the Istio
 ## manifests' Envoy config is validated by tests/observability.rs)

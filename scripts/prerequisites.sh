@@ -6,7 +6,7 @@
 #                                       what they use; `wrk` is only checked when named)
 #
 # Checks: make curl cc wasm-target rustfmt clippy python-venv node promtool redis-server
-# openssl wrk. All checks run first and everything missing is collected; then
+# openssl rocksdb wrk. All checks run first and everything missing is collected; then
 #   - the Rust pieces are added with rustup (per user, no root needed);
 #   - the system packages go in one apt-get transaction when run as root on Debian/Ubuntu
 #     (apt-get update once, --no-install-recommends, and a temporary
@@ -25,7 +25,7 @@ NODE=${NODE:-node}
 PROMTOOL=${PROMTOOL:-promtool}
 REDIS_SERVER=${REDIS_SERVER:-redis-server}
 WASM_TARGET=wasm32-wasip1
-ALL_CHECKS=(make curl cc wasm-target rustfmt clippy python-venv node promtool redis-server openssl)
+ALL_CHECKS=(make curl cc wasm-target rustfmt clippy python-venv node promtool redis-server openssl rocksdb)
 
 say() { echo "prerequisites: $*" >&2; }
 
@@ -114,6 +114,21 @@ check() {
       if ! { have pkg-config && pkg-config --exists openssl; }; then
         missing+=("pkg-config + OpenSSL headers")
         packages+=(pkg-config libssl-dev)
+      fi
+      ;;
+    # tools/rls-engine depends on the published limitador crate with its default
+    # features (its Redis storage needs the disk storage's key code): librocksdb-sys links
+    # the system's RocksDB and Snappy (the Makefile sets ROCKSDB_LIB_DIR/SNAPPY_LIB_DIR
+    # from their pkg-config files) and runs bindgen, which loads libclang.
+    rocksdb)
+      if ! { have pkg-config && pkg-config --exists rocksdb snappy; }; then
+        missing+=("RocksDB + Snappy libraries")
+        packages+=(pkg-config librocksdb-dev libsnappy-dev)
+      fi
+      if ! compgen -G '/usr/lib/llvm-*/lib/libclang.so' >/dev/null &&
+        ! compgen -G '/usr/lib/*/libclang.so' >/dev/null; then
+        missing+=("libclang (bindgen)")
+        packages+=(libclang-dev)
       fi
       ;;
     wrk) have wrk || { missing+=(wrk); packages+=(wrk); } ;;

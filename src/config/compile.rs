@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::raw::{RawBudget, RawCache, RawPrice, RawPriority, RawRateLimitService, RawReroute};
-use super::{ConfigError, FailureMode, GlobalBudget, PrioritySource, RateLimitService, Reroute};
+use super::{
+    ConfigError, FailureMode, GlobalBudget, PrioritySource, Protocol, RateLimitService, Reroute,
+};
 use crate::budget::price::{usd_to_micro, Price, PriceList};
 use crate::budget::window::{PeakHours, Window};
 use crate::budget::{Budget, Burst, KeySource, OversizeAction, Priority, TripAction, Unit};
@@ -288,7 +290,6 @@ pub(super) fn compile_global_budget(i: usize, rb: &RawBudget) -> Result<GlobalBu
         ("base", rb.base.is_some()),
         ("elastic", rb.elastic.is_some()),
         ("burst", rb.burst.is_some()),
-        ("warn_at", rb.warn_at.is_some()),
         ("degrade_from", rb.degrade_from.is_some()),
         ("priority_ceilings", rb.priority_ceilings.is_some()),
         ("max_keys", rb.max_keys.is_some()),
@@ -328,6 +329,7 @@ pub(super) fn compile_global_budget(i: usize, rb: &RawBudget) -> Result<GlobalBu
         unit: budget_unit(i, rb)?,
         max_request_tokens,
         oversize: oversize_action(i, rb)?,
+        warn_at: ratio(&f("warn_at"), rb.warn_at, 0.8)?,
     })
 }
 
@@ -355,7 +357,32 @@ pub(super) fn compile_rate_limit_service(
             format!("must be between {lo} and {hi}"),
         )),
     };
+    let protocol = match raw.protocol.as_deref() {
+        None | Some("envoy") => Protocol::Envoy,
+        Some("limitador") => Protocol::Limitador,
+        Some(_) => {
+            return Err(ConfigError::new(
+                "rate_limit_service.protocol",
+                "must be \"envoy\" (ShouldRateLimit: envoyproxy/ratelimit, Limitador) or \
+                 \"limitador\" (Limitador's Reserve/Commit, limitador-server 0.14 or later)",
+            ))
+        }
+    };
+    if protocol == Protocol::Envoy && raw.reservation_ttl_secs.is_some() {
+        return Err(ConfigError::new(
+            "rate_limit_service.reservation_ttl_secs",
+            "only with \"protocol\": \"limitador\" (ShouldRateLimit holds nothing to expire)",
+        ));
+    }
     Ok(RateLimitService {
+        protocol,
+        reservation_ttl_secs: bounded(
+            "reservation_ttl_secs",
+            raw.reservation_ttl_secs,
+            60,
+            1,
+            86_400,
+        )?,
         cluster: raw.cluster,
         domain,
         timeout_ms: bounded("timeout_ms", raw.timeout_ms, 100, 1, 60_000)?,

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use serde::Deserialize;
 
 use crate::budget::price::PriceList;
+use crate::budget::window::WindowKind;
 use crate::budget::{Budget, KeySource, OversizeAction, Priority, TripAction, Unit};
 use crate::tokenizer::{Encoding, ModelMap, ModelRule, Pattern};
 
@@ -152,6 +153,9 @@ pub struct GlobalBudget {
     /// Largest prompt + completion reservation one request may carry, in tokens.
     pub max_request_tokens: Option<u64>,
     pub oversize: OversizeAction,
+    /// Usage ratio from which admitted requests carry the warning header, when the service
+    /// reports the limit and what remains (envoyproxy/ratelimit's descriptor status).
+    pub warn_at: f64,
 }
 
 /// Where global budgets are kept, and what happens when it cannot answer.
@@ -169,6 +173,21 @@ pub struct RateLimitService {
     pub flush_interval_ms: u64,
     /// How long a settlement the service cannot take is retried before it is dropped.
     pub settle_retry_secs: u64,
+    /// The protocol spoken to the service.
+    pub protocol: Protocol,
+    /// How long Limitador keeps a reservation nobody commits (`Protocol::Limitador`).
+    pub reservation_ttl_secs: u64,
+}
+
+/// How global budgets talk to the rate limit service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// Envoy's `ShouldRateLimit` with `hits_addend` (envoyproxy/ratelimit, Limitador): a
+    /// reservation is a charge, and what a request does not use is never given back.
+    Envoy,
+    /// Limitador's `Reserve` / `Commit` (limitador-server 0.14 and later): an atomic hold,
+    /// settled with the real cost, the unused rest given back.
+    Limitador,
 }
 
 /// Behaviour when a budget cannot be read or updated (CAS retries exhausted).
@@ -588,6 +607,31 @@ impl Config {
         local.chain(global)
     }
 
+    /// What the operator should know at load about a configuration that is valid: one line
+    /// per local budget whose window is a day or longer, since shared data lives in one
+    /// Envoy process and starts from zero when Envoy restarts.
+    pub fn load_warnings(&self) -> Vec<String> {
+        self.budgets
+            .iter()
+            .filter(|b| {
+                matches!(
+                    b.window.kind,
+                    WindowKind::Day | WindowKind::Week | WindowKind::Month
+                )
+            })
+            .map(|b| {
+                format!(
+                    "budget {}: a local {} budget lives in this Envoy's shared data and starts \
+                     from zero when Envoy restarts (and counts per Envoy, not across replicas); \
+                     for a budget that must outlive restarts use \"backend\": \"global\" \
+                     (docs/global-budgets.md)",
+                    b.name,
+                    b.window.kind.as_str()
+                )
+            })
+            .collect()
+    }
+
     /// The encodings this configuration can ask for: exactly the tokenizers to build.
     pub fn encodings(&self) -> Vec<Encoding> {
         self.models.encodings()
@@ -847,6 +891,7 @@ mod tests {
                 "budgets[0].priority_ceilings",
             ),
             (r#""action":"reroute""#, "budgets[0].action"),
+            (r#""warn_at":1.5"#, "budgets[0].warn_at"),
             (
                 r#""max_request_tokens":0.5"#,
                 "budgets[0].max_request_tokens",
@@ -880,5 +925,67 @@ mod tests {
             let doc = format!(r#"{{"api":"v1","rate_limit_service":{service}}}"#);
             assert_eq!(err(&doc).field, format!("rate_limit_service.{field}"));
         }
+    }
+
+    #[test]
+    fn the_protocol_defaults_to_envoy_and_limitador_takes_a_reservation_ttl() {
+        let parse = |service: &str| {
+            Config::parse(format!(r#"{{"api":"v1","rate_limit_service":{service}}}"#).as_bytes())
+        };
+        let s = parse(r#"{"cluster":"rls"}"#)
+            .unwrap()
+            .rate_limit_service
+            .unwrap();
+        assert_eq!((s.protocol, s.reservation_ttl_secs), (Protocol::Envoy, 60));
+        let s = parse(r#"{"cluster":"rls","protocol":"limitador"}"#)
+            .unwrap()
+            .rate_limit_service
+            .unwrap();
+        assert_eq!(
+            (s.protocol, s.reservation_ttl_secs),
+            (Protocol::Limitador, 60)
+        );
+        let s = parse(r#"{"cluster":"rls","protocol":"limitador","reservation_ttl_secs":600}"#)
+            .unwrap()
+            .rate_limit_service
+            .unwrap();
+        assert_eq!(s.reservation_ttl_secs, 600);
+        for (service, field) in [
+            (r#"{"cluster":"rls","protocol":"redis"}"#, "protocol"),
+            (
+                r#"{"cluster":"rls","protocol":"limitador","reservation_ttl_secs":0}"#,
+                "reservation_ttl_secs",
+            ),
+            (
+                r#"{"cluster":"rls","reservation_ttl_secs":30}"#,
+                "reservation_ttl_secs",
+            ),
+        ] {
+            let doc = format!(r#"{{"api":"v1","rate_limit_service":{service}}}"#);
+            assert_eq!(err(&doc).field, format!("rate_limit_service.{field}"));
+        }
+    }
+
+    #[test]
+    fn local_budgets_of_a_day_or_longer_warn_that_a_restart_starts_them_from_zero() {
+        let c = Config::parse(
+            br#"{"api":"v1","rate_limit_service":{"cluster":"rls"},
+                 "budgets":[{"name":"m","key":"header:x","window":"minute","base":10},
+                            {"name":"h","key":"header:x","window":"hour","base":10},
+                            {"name":"d","key":"header:x","window":"day","base":10},
+                            {"name":"mo","key":"header:x","window":"month","base":10},
+                            {"name":"g","key":"header:x","backend":"global"}]}"#,
+        )
+        .unwrap();
+        let w = c.load_warnings();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].starts_with("budget d: a local day budget"), "{}", w[0]);
+        assert!(w[0].contains("starts from zero when Envoy restarts"));
+        assert!(w[0].contains(r#""backend": "global""#));
+        assert!(w[1].starts_with("budget mo: a local month budget"));
+        assert!(Config::parse(br#"{"api":"v1"}"#)
+            .unwrap()
+            .load_warnings()
+            .is_empty());
     }
 }

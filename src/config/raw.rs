@@ -69,6 +69,8 @@ pub(super) struct RawRateLimitService {
     pub(super) on_failure: Option<FailureMode>,
     pub(super) flush_interval_ms: Option<u64>,
     pub(super) settle_retry_secs: Option<u64>,
+    pub(super) protocol: Option<String>,
+    pub(super) reservation_ttl_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

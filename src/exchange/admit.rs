@@ -427,6 +427,13 @@ pub(super) fn conclude_global(
                 }
             }
             admitted.holds = folded.holds;
+            for budget in folded.warnings {
+                if let Some(name) = name_of(budget) {
+                    if !admitted.warnings.contains(&name) {
+                        admitted.warnings.push(name);
+                    }
+                }
+            }
             return Ok(());
         }
         verdict::Verdict::Refuse {
@@ -449,9 +456,10 @@ pub(super) fn conclude_global(
             Refused::new(Refusal::ServiceUnavailable, name_of(budget))
         }
     };
-    // Refused: what the service already took cannot be given back.
+    // Refused: a Limitador reservation is committed at 0 (given back whole); hits charged
+    // over ShouldRateLimit cannot be given back.
     for hold in &folded.holds {
-        settle::unreturned(filter, host, hold, hold.hits);
+        settle::give_back(filter, host, hold);
     }
     Err(Refused {
         refund: std::mem::take(&mut admitted.reservations),

@@ -38,7 +38,7 @@ use self::request::{Identity, NotCounted, Pending};
 use crate::budget::plan::{RateHeaders, Reservation};
 use crate::budget::window::go_duration;
 use crate::budget::Priority;
-use crate::config::MalformedPolicy;
+use crate::config::{MalformedPolicy, Protocol};
 use crate::filter::Filter;
 use crate::global;
 use crate::host::{Host, Level};
@@ -543,7 +543,13 @@ impl Exchange {
         } else {
             None
         };
-        check.outcome = Some(global::outcome(grpc_status, body.as_deref()));
+        let protocol = self
+            .filter
+            .config
+            .rate_limit_service
+            .as_ref()
+            .map_or(Protocol::Envoy, |s| s.protocol);
+        check.outcome = Some(global::outcome(protocol, grpc_status, body.as_deref()));
         if checks.iter().any(|c| c.outcome.is_none()) {
             return;
         }
@@ -571,6 +577,14 @@ impl Exchange {
         let filter = Rc::clone(&self.filter);
         match admit::conclude_global(&filter, host, self.id, &mut admitted, checks) {
             Ok(()) => {
+                // A global budget's reported usage can turn an allowed request into a
+                // warned one.
+                let decision = match decision {
+                    Some(Decision::Allowed) if !admitted.warnings.is_empty() => {
+                        Some(Decision::Warned)
+                    }
+                    other => other,
+                };
                 self.forward(host, *admitted, decision);
                 Action::Continue
             }

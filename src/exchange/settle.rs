@@ -188,8 +188,9 @@ fn settle_budgets(
     }
 }
 
-/// Queue what the global budgets are owed beyond their holds; count what they keep beyond
-/// the cost (the protocol cannot give hits back).
+/// Queue the global budgets' settlements: a commit of the real cost per Limitador
+/// reservation; over `ShouldRateLimit`, what is owed beyond the hold (what it keeps beyond
+/// the cost is counted: that protocol cannot give hits back).
 fn settle_global(filter: &Filter, host: &mut dyn Host, admitted: &Admitted, billed: &Billed) {
     let config = &filter.config;
     for hold in &admitted.holds {
@@ -203,7 +204,13 @@ fn settle_global(filter: &Filter, host: &mut dyn Host, admitted: &Admitted, bill
             }
             Billed::Unknown => hold.hits,
         };
-        if cost > hold.hits {
+        if hold.reservation.is_some() {
+            // Limitador: the commit charges the real cost and gives the rest back.
+            filter
+                .settlements
+                .borrow_mut()
+                .commit(host, config, hold, cost);
+        } else if cost > hold.hits {
             filter.settlements.borrow_mut().add(
                 host,
                 config,
@@ -214,6 +221,19 @@ fn settle_global(filter: &Filter, host: &mut dyn Host, admitted: &Admitted, bill
         } else {
             unreturned(filter, host, hold, hold.hits.saturating_sub(cost));
         }
+    }
+}
+
+/// Give a refused request's `hold` back: commit a Limitador reservation at 0, or count
+/// hits charged over `ShouldRateLimit` as unreturned.
+pub(super) fn give_back(filter: &Filter, host: &mut dyn Host, hold: &Hold) {
+    if hold.reservation.is_some() {
+        filter
+            .settlements
+            .borrow_mut()
+            .commit(host, &filter.config, hold, 0);
+    } else {
+        unreturned(filter, host, hold, hold.hits);
     }
 }
 

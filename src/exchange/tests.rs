@@ -1167,6 +1167,43 @@ fn a_cost_below_the_hold_is_counted_as_unreturned() {
 }
 
 #[test]
+fn the_services_reported_usage_sets_the_rate_headers_and_the_warning() {
+    let shared = FakeHost::default();
+    let (_f, mut ex, mut h) = global_request(GLOBAL, &shared);
+    send_request(&mut ex, &mut h, 1 << 20);
+    // OK with a status (envoyproxy/ratelimit): limit 5000, 500 left (90% used), resets in
+    // 120 s; warn_at defaults to 0.8.
+    let limit = [0x08, 0x88, 0x27, 0x10, 4];
+    let status = [
+        &[0x08, 1, 0x12, limit.len() as u8][..],
+        &limit,
+        &[0x18, 0xf4, 0x03, 0x22, 2, 0x08, 120],
+    ]
+    .concat();
+    let body = [&[0x08, 1, 0x12, status.len() as u8][..], &status].concat();
+    rls_answer(&mut ex, &mut h, 0, 0, &body);
+    assert_eq!(h.resumed, 1);
+    respond(
+        &mut ex,
+        &mut h,
+        "200",
+        "application/json",
+        br#"{"usage":{"prompt_tokens":8,"completion_tokens":2}}"#,
+        7,
+    );
+    assert_eq!(h.resp_header(WARNING_HEADER).as_deref(), Some("daily"));
+    // The tighter of the local minute budget (892 left) and the service's 500.
+    assert_eq!(
+        h.resp_header("x-ratelimit-remaining-tokens").as_deref(),
+        Some("500")
+    );
+    assert_eq!(
+        h.counter_sum("tokenfuse_decisions", &["decision=.=warned;"]),
+        1
+    );
+}
+
+#[test]
 fn over_limit_answers_429_and_gives_the_local_reservation_back() {
     let shared = FakeHost::default();
     let (f, mut ex, mut h) = global_request(GLOBAL, &shared);
@@ -1346,6 +1383,142 @@ fn every_global_budget_is_asked_and_any_refusal_wins() {
         108,
         "the admitting budget keeps its hits"
     );
+}
+
+const LIMITADOR: &str = r#"{"api":"v1",
+        "rate_limit_service":{"cluster":"rls","domain":"tf","timeout_ms":80,"on_failure":"closed",
+                              "protocol":"limitador","reservation_ttl_secs":120},
+        "budgets":[{"name":"minute","key":"header:x-tenant","window":"minute","base":1000},
+                   {"name":"daily","key":"header:x-tenant","backend":"global"}]}"#;
+
+fn reserved(id: &str) -> Vec<u8> {
+    [&[0x08, 1, 0x12, id.len() as u8][..], id.as_bytes()].concat()
+}
+
+#[test]
+fn a_limitador_reservation_is_committed_at_the_real_cost_and_the_rest_comes_back() {
+    let shared = FakeHost::default();
+    let (f, mut ex, mut h) = global_request(LIMITADOR, &shared);
+    assert_eq!(send_request(&mut ex, &mut h, 1 << 20), Action::Pause);
+    let call = &h.grpc_calls[0];
+    assert_eq!(
+        (call.service.as_str(), call.method.as_str()),
+        (global::limitador::SERVICE, global::limitador::RESERVE)
+    );
+    let service = f.config.rate_limit_service.as_ref().unwrap();
+    assert_eq!(
+        call.message,
+        global::reserve_message(service, "daily", "acme", 108)
+    );
+    assert_eq!(service.reservation_ttl_secs, 120);
+    rls_answer(&mut ex, &mut h, 0, 0, &reserved("r-1"));
+    assert_eq!(h.resumed, 1);
+    respond(
+        &mut ex,
+        &mut h,
+        "200",
+        "application/json",
+        br#"{"usage":{"prompt_tokens":8,"completion_tokens":2}}"#,
+        7,
+    );
+    // Nothing unreturned: the commit of 10 gives the other 98 back.
+    assert_eq!(
+        h.counter("tokenfuse_global_unreturned.budget=.=daily;.;"),
+        0
+    );
+    let mut queue = f.settlements.borrow_mut();
+    assert_eq!(queue.len(), 1);
+    let before = h.grpc_calls.len();
+    queue.flush(&mut h, &f.config);
+    let commit = &h.grpc_calls[before];
+    assert_eq!(commit.method, global::limitador::COMMIT);
+    assert_eq!(
+        commit.message,
+        global::commit_message(service, "daily", "acme", "r-1", 10)
+    );
+    let token = commit.token;
+    assert!(queue.on_response(&mut h, &f.config, token, 0, Some(&[0x08, 1])));
+    assert_eq!(h.counter("tokenfuse_global_returned.budget=.=daily;.;"), 98);
+    assert_eq!(h.counter("tokenfuse_global_settled.budget=.=daily;.;"), 10);
+}
+
+#[test]
+fn a_limitador_reservation_above_the_cost_is_committed_in_one_call_too() {
+    let shared = FakeHost::default();
+    let (f, mut ex, mut h) = global_request(LIMITADOR, &shared);
+    send_request(&mut ex, &mut h, 1 << 20);
+    rls_answer(&mut ex, &mut h, 0, 0, &reserved("r-2"));
+    respond(
+        &mut ex,
+        &mut h,
+        "200",
+        "application/json",
+        br#"{"usage":{"prompt_tokens":8,"completion_tokens":300}}"#,
+        7,
+    );
+    let mut queue = f.settlements.borrow_mut();
+    let before = h.grpc_calls.len();
+    queue.flush(&mut h, &f.config);
+    let service = f.config.rate_limit_service.as_ref().unwrap();
+    assert_eq!(
+        h.grpc_calls.len(),
+        before + 1,
+        "one commit, no extra hits call"
+    );
+    assert_eq!(
+        h.grpc_calls[before].message,
+        global::commit_message(service, "daily", "acme", "r-2", 308)
+    );
+}
+
+#[test]
+fn a_limitador_refusal_answers_429_and_holds_taken_by_other_budgets_are_committed_at_zero() {
+    let config = r#"{"api":"v1","rate_limit_service":{"cluster":"rls","protocol":"limitador"},
+            "prices":{"*":{"input":1,"output":1}},
+            "budgets":[{"name":"tok","key":"header:x-tenant","backend":"global"},
+                       {"name":"usd","key":"constant:all","backend":"global","unit":"usd"}]}"#;
+    let shared = FakeHost::default();
+    let (f, mut ex, mut h) = global_request(config, &shared);
+    send_request(&mut ex, &mut h, 1 << 20);
+    rls_answer(&mut ex, &mut h, 1, 0, &reserved("usd-hold"));
+    rls_answer(&mut ex, &mut h, 0, 0, &[0x08, 2]);
+    assert_eq!(h.reply.as_ref().map(|r| r.status), Some(429));
+    assert_eq!(h.counter("tokenfuse_global_unreturned.budget=.=usd;.;"), 0);
+    let mut queue = f.settlements.borrow_mut();
+    let before = h.grpc_calls.len();
+    queue.flush(&mut h, &f.config);
+    let service = f.config.rate_limit_service.as_ref().unwrap();
+    assert_eq!(
+        h.grpc_calls[before].message,
+        global::commit_message(service, "usd", "all", "usd-hold", 0)
+    );
+}
+
+#[test]
+fn hostile_limitador_answers_apply_the_failure_mode() {
+    let long_id = [&[0x08, 1, 0x12, 200, 1][..], &[b'a'; 200]].concat();
+    for (mode, want) in [("closed", Some(503)), ("open", None)] {
+        for body in [
+            &[0x08][..],                     // truncated
+            &[0x08, 1, 0x12, 2, 0xc3, 0x28], // id not UTF-8
+            &long_id,                        // id too long
+            &[],                             // UNKNOWN
+            &[0x08, 7],                      // no such code
+        ] {
+            let config = LIMITADOR.replace("\"closed\"", &format!("\"{mode}\""));
+            let shared = FakeHost::default();
+            let (f, mut ex, mut h) = global_request(&config, &shared);
+            send_request(&mut ex, &mut h, 1 << 20);
+            rls_answer(&mut ex, &mut h, 0, 0, body);
+            assert_eq!(h.reply.as_ref().map(|r| r.status), want, "{mode} {body:?}");
+            if want.is_none() {
+                assert_eq!(h.resumed, 1);
+            }
+            // Nothing to commit: no reservation was read.
+            assert!(f.settlements.borrow().is_empty());
+            assert_eq!(h.counter_sum("tokenfuse_global_errors", &[]), 1);
+        }
+    }
 }
 
 #[test]

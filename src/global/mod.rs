@@ -1,41 +1,52 @@
 //! Global budgets: reserve-then-settle through a rate limit service shared by every proxy.
 //!
 //! A local budget lives in one Envoy's shared data; with N replicas a tenant gets N times
-//! its budget. A global budget is kept by a rate limit service instead (envoyproxy/ratelimit
-//! or Limitador over Redis), spoken to in Envoy's own protocol ([`crate::global::rls`]):
+//! its budget. A global budget is kept by a rate limit service instead, spoken to in one of
+//! two protocols (`rate_limit_service.protocol`):
+//!
+//! - **`envoy`**: Envoy's own `ShouldRateLimit` ([`rls`]), which envoyproxy/ratelimit and
+//!   Limitador both serve. The reservation is a charge of `hits_addend`; the protocol has
+//!   no negative hits, so a cost *below* the reservation cannot be given back (counted in
+//!   `tokenfuse_global_unreturned`) and a cost above it is charged as more hits.
+//! - **`limitador`**: Limitador's `Reserve` / `Commit` ([`limitador`]). The reservation is
+//!   an atomic hold (counter + outstanding holds + the new one checked and recorded in one
+//!   Redis script), and settlement commits the real cost: the unused rest comes back.
+//!
+//! The steps are the same for both:
 //!
 //! 1. **Reserve.** Once the prompt is counted (and local budgets have admitted it), the
-//!    exchange asks `ShouldRateLimit` with `hits_addend` = what the request may cost (prompt
-//!    plus its output cap, in tokens or micro-USD) on the descriptor
-//!    `budget=<name>, key=<identity>`, and holds the request until the verdict: `OK` lets it
-//!    go, `OVER_LIMIT` answers 429, a failure or timeout applies the configured failure
-//!    mode. Nothing waits longer than `rate_limit_service.timeout_ms`.
-//! 2. **Settle.** When the response is known, a cost above the reservation is queued here,
-//!    in the VM's [`SettleQueue`], and sent as more hits by the root context on its next tick
-//!    (coalesced per budget and key, retried while the service is down). Settlement never
-//!    runs on the request's own context: Envoy cancels a context's calls when the stream
-//!    ends, which would lose the charge.
-//!
-//! The protocol has no negative hits, so a cost *below* the reservation cannot be given
-//! back: the service keeps the whole reservation (counted in `tokenfuse_global_unreturned`).
-//! That keeps the budget safe (never more admitted than the limit), and is why requests
-//! under a global budget should carry a realistic `max_tokens`.
+//!    exchange asks for what the request may cost (prompt plus its output cap, in tokens or
+//!    micro-USD) on the descriptor `budget=<name>, key=<identity>`, and holds the request
+//!    until the verdict: admitted lets it go, over the limit answers 429, a failure or
+//!    timeout applies the configured failure mode. Nothing waits longer than
+//!    `rate_limit_service.timeout_ms`.
+//! 2. **Settle.** When the response is known, the settlement is queued here, in the VM's
+//!    [`SettleQueue`], and sent by the root context on its next tick (retried while the
+//!    service is down): on `envoy` the cost above the reservation (coalesced per budget and
+//!    key), on `limitador` one `Commit` per reservation with the real cost (0 for a request
+//!    refused after the hold was taken). Settlement never runs on the request's own
+//!    context: Envoy cancels a context's calls when the stream ends, which would lose it.
 
+pub mod limitador;
 pub mod rls;
 pub mod verdict;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use self::rls::{Code, DescriptorStatus, RateLimitRequest, RateLimitResponse};
-use crate::config::{Config, RateLimitService};
+use crate::config::{Config, Protocol, RateLimitService};
 use crate::host::{Host, Level};
 use crate::stats::{add, catalog, Stat};
 
 /// gRPC status code `OK`; Envoy passes the call's status to the response callback.
 const GRPC_OK: u32 = 0;
 
-/// Most (budget, key) settlements a VM queues while the service is away.
+/// Most settlements a VM queues while the service is away: (budget, key) entries on
+/// `envoy`, commits on `limitador`.
 pub const MAX_QUEUED: usize = 100_000;
+
+/// Most commits one tick sends (the rest wait for the next tick).
+pub const MAX_COMMITS_PER_FLUSH: usize = 2_000;
 
 /// The `ShouldRateLimit` message charging `hits` to `budget` for `key`.
 pub fn request_message(service: &RateLimitService, budget: &str, key: &str, hits: u32) -> Vec<u8> {
@@ -47,39 +58,92 @@ pub fn request_message(service: &RateLimitService, budget: &str, key: &str, hits
     .encode()
 }
 
+/// The `Reserve` message holding `amount` on `budget` for `key`.
+pub fn reserve_message(
+    service: &RateLimitService,
+    budget: &str,
+    key: &str,
+    amount: u64,
+) -> Vec<u8> {
+    limitador::ReserveRequest {
+        domain: &service.domain,
+        descriptors: vec![vec![("budget", budget), ("key", key)]],
+        amount,
+        ttl_secs: service.reservation_ttl_secs,
+    }
+    .encode()
+}
+
+/// The `Commit` message settling reservation `reservation_id` of `budget` for `key` at
+/// `actual`.
+pub fn commit_message(
+    service: &RateLimitService,
+    budget: &str,
+    key: &str,
+    reservation_id: &str,
+    actual: u64,
+) -> Vec<u8> {
+    limitador::CommitRequest {
+        domain: &service.domain,
+        descriptors: vec![vec![("budget", budget), ("key", key)]],
+        reservation_id,
+        actual_amount: actual,
+    }
+    .encode()
+}
+
 /// How one call to the service ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// The service counted the hits.
+    /// The service counted the hits (`envoy`).
     Ok(Option<DescriptorStatus>),
+    /// The service holds the reservation with this id (`limitador`; empty: it holds
+    /// nothing, because no limit applies).
+    Reserved(String),
     /// The limit is reached.
     OverLimit(Option<DescriptorStatus>),
     /// No verdict: the reason is a stat tag.
     Failed(&'static str),
 }
 
-/// Interpret the service's answer: the gRPC status Envoy reports and, on `OK`, the body.
-pub fn outcome(grpc_status: u32, body: Option<&[u8]>) -> Outcome {
+/// The failure a non-`OK` gRPC status stands for.
+fn grpc_failure(grpc_status: u32) -> &'static str {
+    match grpc_status {
+        4 => "timeout",
+        14 => "unavailable",
+        _ => "grpc_error",
+    }
+}
+
+/// Interpret the service's answer to a reservation: the gRPC status Envoy reports and, on
+/// `OK`, the body, in the configured protocol.
+pub fn outcome(protocol: Protocol, grpc_status: u32, body: Option<&[u8]>) -> Outcome {
     if grpc_status != GRPC_OK {
-        return Outcome::Failed(match grpc_status {
-            4 => "timeout",
-            14 => "unavailable",
-            _ => "grpc_error",
-        });
+        return Outcome::Failed(grpc_failure(grpc_status));
     }
     let Some(body) = body else {
         return Outcome::Failed("empty");
     };
-    match RateLimitResponse::decode(body) {
-        Err(_) => Outcome::Failed("malformed"),
-        Ok(r) => {
-            let status = r.statuses.first().copied();
-            match r.overall_code {
-                Code::Ok => Outcome::Ok(status),
-                Code::OverLimit => Outcome::OverLimit(status),
-                Code::Unknown => Outcome::Failed("unknown_code"),
+    match protocol {
+        Protocol::Envoy => match RateLimitResponse::decode(body) {
+            Err(_) => Outcome::Failed("malformed"),
+            Ok(r) => {
+                let status = r.statuses.first().copied();
+                match r.overall_code {
+                    Code::Ok => Outcome::Ok(status),
+                    Code::OverLimit => Outcome::OverLimit(status),
+                    Code::Unknown => Outcome::Failed("unknown_code"),
+                }
             }
-        }
+        },
+        Protocol::Limitador => match limitador::ReserveResponse::decode(body) {
+            Err(_) => Outcome::Failed("malformed"),
+            Ok(r) => match r.code {
+                Code::Ok => Outcome::Reserved(r.reservation_id),
+                Code::OverLimit => Outcome::OverLimit(None),
+                Code::Unknown => Outcome::Failed("unknown_code"),
+            },
+        },
     }
 }
 
@@ -100,11 +164,14 @@ pub struct Hold {
     pub budget: usize,
     pub key: String,
     pub hits: u64,
+    /// `Some(id)`: a Limitador reservation, settled by a commit that gives the unused rest
+    /// back. `None`: hits charged over `ShouldRateLimit`, which nothing gives back.
+    pub reservation: Option<String>,
 }
 
-/// Ask the service to charge `hits` (at most `u32::MAX`) for `key` on the global budget
-/// `name`: a reservation, or a settlement. `Err` carries the failure reason when the call
-/// could not even be sent.
+/// Ask the service to reserve `hits` for `key` on the global budget `name`: a
+/// `ShouldRateLimit` charge (at most `u32::MAX`, checked by the caller) or a Limitador
+/// `Reserve`. `Err` carries the failure reason when the call could not even be sent.
 pub fn dispatch_check(
     host: &mut dyn Host,
     service: &RateLimitService,
@@ -112,8 +179,39 @@ pub fn dispatch_check(
     key: &str,
     hits: u64,
 ) -> Result<u32, &'static str> {
-    // Checked by the caller: more than u32::MAX can never pass.
-    let hits = u32::try_from(hits).unwrap_or(u32::MAX);
+    let (grpc_service, method, message) = match service.protocol {
+        Protocol::Envoy => {
+            let hits = u32::try_from(hits).unwrap_or(u32::MAX);
+            (
+                rls::SERVICE,
+                rls::METHOD,
+                request_message(service, name, key, hits),
+            )
+        }
+        Protocol::Limitador => (
+            limitador::SERVICE,
+            limitador::RESERVE,
+            reserve_message(service, name, key, hits),
+        ),
+    };
+    host.grpc_call(
+        &service.cluster,
+        grpc_service,
+        method,
+        &message,
+        service.timeout_ms,
+    )
+    .map_err(|_| "dispatch")
+}
+
+/// Charge `hits` more for `key` on `name` over `ShouldRateLimit` (an `envoy` settlement).
+fn dispatch_hits(
+    host: &mut dyn Host,
+    service: &RateLimitService,
+    name: &str,
+    key: &str,
+    hits: u32,
+) -> Result<u32, &'static str> {
     let message = request_message(service, name, key, hits);
     host.grpc_call(
         &service.cluster,
@@ -133,15 +231,32 @@ struct Queued {
     since_ms: i64,
 }
 
-/// Settlements waiting to be sent, per VM: extra hits per (budget, key), coalesced.
+/// One Limitador reservation to settle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Commit {
+    budget: usize,
+    key: String,
+    reservation_id: String,
+    /// What the reservation held.
+    reserved: u64,
+    /// The real cost, charged by the commit.
+    actual: u64,
+    /// When it was queued (Unix ms), for `settle_retry_secs`.
+    since_ms: i64,
+}
+
+/// Settlements waiting to be sent, per VM: on `envoy`, extra hits per (budget, key),
+/// coalesced; on `limitador`, one commit per reservation.
 #[derive(Debug, Default)]
 pub struct SettleQueue {
     queued: BTreeMap<(usize, String), Queued>,
     in_flight: HashMap<u32, ((usize, String), Queued)>,
+    commits: VecDeque<Commit>,
+    commits_in_flight: HashMap<u32, Commit>,
 }
 
 impl SettleQueue {
-    /// Queue `hits` more for `key` on global budget `budget`.
+    /// Queue `hits` more for `key` on global budget `budget` (`envoy`).
     pub fn add(
         &mut self,
         host: &mut dyn Host,
@@ -172,16 +287,42 @@ impl SettleQueue {
         );
     }
 
+    /// Queue the commit of Limitador reservation `hold` at `actual` (`limitador`).
+    pub fn commit(&mut self, host: &mut dyn Host, config: &Config, hold: &Hold, actual: u64) {
+        let Some(reservation_id) = &hold.reservation else {
+            return;
+        };
+        if self.commits.len() >= MAX_QUEUED {
+            // The hold expires by itself after `reservation_ttl_secs`; only the charge is
+            // lost.
+            drop_hits(host, config, hold.budget, actual, "queue_full");
+            return;
+        }
+        self.commits.push_back(Commit {
+            budget: hold.budget,
+            key: hold.key.clone(),
+            reservation_id: reservation_id.clone(),
+            reserved: hold.hits,
+            actual,
+            since_ms: host.now_ms(),
+        });
+    }
+
     /// Settlements queued or on their way.
     pub fn len(&self) -> usize {
-        self.queued.len().saturating_add(self.in_flight.len())
+        self.queued
+            .len()
+            .saturating_add(self.in_flight.len())
+            .saturating_add(self.commits.len())
+            .saturating_add(self.commits_in_flight.len())
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Send every queued settlement (one call per budget and key). Called on the root
+    /// Send queued settlements: one call per budget and key (`envoy`), one per reservation
+    /// (`limitador`, at most [`MAX_COMMITS_PER_FLUSH`] a tick). Called on the root
     /// context's tick, so the calls outlive any request.
     pub fn flush(&mut self, host: &mut dyn Host, config: &Config) {
         let Some(service) = &config.rate_limit_service else {
@@ -194,7 +335,8 @@ impl SettleQueue {
             };
             // One call carries at most u32::MAX hits; the rest waits for the next tick.
             let now = q.hits.min(u64::from(u32::MAX));
-            match dispatch_check(host, service, &b.name, &key, now) {
+            let hits = u32::try_from(now).unwrap_or(u32::MAX);
+            match dispatch_hits(host, service, &b.name, &key, hits) {
                 Ok(token) => {
                     let rest = q.hits.saturating_sub(now);
                     q.hits = now;
@@ -212,6 +354,32 @@ impl SettleQueue {
                 Err(_) => self.retry(host, config, (budget, key), q, "dispatch"),
             }
         }
+        let mut failed = Vec::new();
+        for _ in 0..MAX_COMMITS_PER_FLUSH {
+            let Some(c) = self.commits.pop_front() else {
+                break;
+            };
+            let Some(b) = config.global_budgets.get(c.budget) else {
+                continue;
+            };
+            let message = commit_message(service, &b.name, &c.key, &c.reservation_id, c.actual);
+            match host.grpc_call(
+                &service.cluster,
+                limitador::SERVICE,
+                limitador::COMMIT,
+                &message,
+                service.timeout_ms,
+            ) {
+                Ok(token) => {
+                    self.commits_in_flight.insert(token, c);
+                }
+                Err(_) => failed.push(c),
+            }
+        }
+        // Put back after the loop, so one tick does not try a refused call twice.
+        for c in failed {
+            self.retry_commit(host, config, c, "dispatch");
+        }
     }
 
     /// The service answered settlement call `token` (`grpc_status` as Envoy reports it).
@@ -224,16 +392,16 @@ impl SettleQueue {
         grpc_status: u32,
         body: Option<&[u8]>,
     ) -> bool {
+        if let Some(c) = self.commits_in_flight.remove(&token) {
+            self.on_commit_response(host, config, c, grpc_status, body);
+            return true;
+        }
         let Some((id, q)) = self.in_flight.remove(&token) else {
             return false;
         };
-        let name = config
-            .global_budgets
-            .get(id.0)
-            .map(|b| b.name.as_str())
-            .unwrap_or("unknown");
-        match outcome(grpc_status, body) {
-            Outcome::Ok(_) => add(
+        let name = budget_name(config, id.0);
+        match outcome(Protocol::Envoy, grpc_status, body) {
+            Outcome::Ok(_) | Outcome::Reserved(_) => add(
                 host,
                 &Stat::new(catalog::GLOBAL_SETTLED).tag("budget", name),
                 q.hits,
@@ -249,17 +417,56 @@ impl SettleQueue {
                 );
             }
             Outcome::Failed(reason) => {
-                host.counter_add(
-                    Stat::new(catalog::GLOBAL_SETTLE_ERRORS)
-                        .tag("budget", name)
-                        .tag("reason", reason)
-                        .name(),
-                    1,
-                );
+                settle_error(host, name, reason);
                 self.retry(host, config, id, q, reason);
             }
         }
         true
+    }
+
+    /// A commit's answer. Any gRPC `OK` means Limitador applied it, so only a failed call
+    /// is sent again (an unreadable `OK` body is counted, not resent: that would charge
+    /// twice).
+    fn on_commit_response(
+        &mut self,
+        host: &mut dyn Host,
+        config: &Config,
+        c: Commit,
+        grpc_status: u32,
+        body: Option<&[u8]>,
+    ) {
+        let name = budget_name(config, c.budget);
+        if grpc_status != GRPC_OK {
+            let reason = grpc_failure(grpc_status);
+            settle_error(host, name, reason);
+            self.retry_commit(host, config, c, reason);
+            return;
+        }
+        add(
+            host,
+            &Stat::new(catalog::GLOBAL_SETTLED).tag("budget", name),
+            c.actual,
+        );
+        add(
+            host,
+            &Stat::new(catalog::GLOBAL_RETURNED).tag("budget", name),
+            c.reserved.saturating_sub(c.actual),
+        );
+        match body.map(limitador::decode_commit_response) {
+            Some(Ok(true)) => {}
+            // An empty body is proto3's `reservation_released: false`.
+            Some(Ok(false)) | None => {
+                if !c.reservation_id.is_empty() {
+                    host.counter_add(
+                        Stat::new(catalog::GLOBAL_RESERVATIONS_EXPIRED)
+                            .tag("budget", name)
+                            .name(),
+                        1,
+                    );
+                }
+            }
+            Some(Err(_)) => settle_error(host, name, "malformed"),
+        }
     }
 
     /// Put a failed settlement back in the queue, unless it is too old.
@@ -271,11 +478,7 @@ impl SettleQueue {
         q: Queued,
         reason: &str,
     ) {
-        let retry_ms = config
-            .rate_limit_service
-            .as_ref()
-            .map_or(0, |s| (s.settle_retry_secs as i64).saturating_mul(1000));
-        if host.now_ms().saturating_sub(q.since_ms) >= retry_ms {
+        if too_old(host, config, q.since_ms) {
             drop_hits(host, config, id.0, q.hits, reason);
             return;
         }
@@ -289,14 +492,48 @@ impl SettleQueue {
             }
         }
     }
+
+    /// Put a failed commit back in the queue, unless it is too old (its hold then expires
+    /// in the service by itself; the charge is lost and counted).
+    fn retry_commit(&mut self, host: &mut dyn Host, config: &Config, c: Commit, reason: &str) {
+        if too_old(host, config, c.since_ms) || self.commits.len() >= MAX_QUEUED {
+            drop_hits(host, config, c.budget, c.actual, reason);
+            return;
+        }
+        self.commits.push_back(c);
+    }
 }
 
-fn drop_hits(host: &mut dyn Host, config: &Config, budget: usize, hits: u64, reason: &str) {
-    let name = config
+/// Whether a settlement queued at `since_ms` has been retried for `settle_retry_secs`.
+fn too_old(host: &dyn Host, config: &Config, since_ms: i64) -> bool {
+    let retry_ms = config.rate_limit_service.as_ref().map_or(0, |s| {
+        i64::try_from(s.settle_retry_secs)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000)
+    });
+    host.now_ms().saturating_sub(since_ms) >= retry_ms
+}
+
+fn budget_name(config: &Config, budget: usize) -> &str {
+    config
         .global_budgets
         .get(budget)
         .map(|b| b.name.as_str())
-        .unwrap_or("unknown");
+        .unwrap_or("unknown")
+}
+
+fn settle_error(host: &mut dyn Host, name: &str, reason: &str) {
+    host.counter_add(
+        Stat::new(catalog::GLOBAL_SETTLE_ERRORS)
+            .tag("budget", name)
+            .tag("reason", reason)
+            .name(),
+        1,
+    );
+}
+
+fn drop_hits(host: &mut dyn Host, config: &Config, budget: usize, hits: u64, reason: &str) {
+    let name = budget_name(config, budget);
     add(
         host,
         &Stat::new(catalog::GLOBAL_SETTLE_DROPPED).tag("budget", name),
@@ -328,14 +565,35 @@ mod tests {
 
     #[test]
     fn outcome_maps_grpc_status_and_codes() {
-        assert_eq!(outcome(0, Some(&[0x08, 1])), Outcome::Ok(None));
-        assert_eq!(outcome(0, Some(&[0x08, 2])), Outcome::OverLimit(None));
-        assert_eq!(outcome(0, Some(&[])), Outcome::Failed("unknown_code"));
-        assert_eq!(outcome(0, None), Outcome::Failed("empty"));
-        assert_eq!(outcome(0, Some(&[0x12, 9])), Outcome::Failed("malformed"));
-        assert_eq!(outcome(4, None), Outcome::Failed("timeout"));
-        assert_eq!(outcome(14, None), Outcome::Failed("unavailable"));
-        assert_eq!(outcome(13, Some(&[0x08, 1])), Outcome::Failed("grpc_error"));
+        assert_eq!(
+            outcome(Protocol::Envoy, 0, Some(&[0x08, 1])),
+            Outcome::Ok(None)
+        );
+        assert_eq!(
+            outcome(Protocol::Envoy, 0, Some(&[0x08, 2])),
+            Outcome::OverLimit(None)
+        );
+        assert_eq!(
+            outcome(Protocol::Envoy, 0, Some(&[])),
+            Outcome::Failed("unknown_code")
+        );
+        assert_eq!(outcome(Protocol::Envoy, 0, None), Outcome::Failed("empty"));
+        assert_eq!(
+            outcome(Protocol::Envoy, 0, Some(&[0x12, 9])),
+            Outcome::Failed("malformed")
+        );
+        assert_eq!(
+            outcome(Protocol::Envoy, 4, None),
+            Outcome::Failed("timeout")
+        );
+        assert_eq!(
+            outcome(Protocol::Envoy, 14, None),
+            Outcome::Failed("unavailable")
+        );
+        assert_eq!(
+            outcome(Protocol::Envoy, 13, Some(&[0x08, 1])),
+            Outcome::Failed("grpc_error")
+        );
     }
 
     #[test]
@@ -480,5 +738,170 @@ mod tests {
         };
         assert_eq!(cost_in(prices, t.unit, "m", &usage), 120);
         assert_eq!(cost_in(prices, u.unit, "m", &usage), 450);
+    }
+
+    fn limitador_config() -> Config {
+        Config::parse(
+            br#"{"api":"v1",
+                 "rate_limit_service":{"cluster":"rls","domain":"tf","timeout_ms":50,"settle_retry_secs":10,
+                                       "protocol":"limitador","reservation_ttl_secs":90},
+                 "budgets":[{"name":"g","key":"header:x-tenant","backend":"global"}]}"#,
+        )
+        .unwrap()
+    }
+
+    fn hold(id: &str, hits: u64) -> Hold {
+        Hold {
+            budget: 0,
+            key: "acme".into(),
+            hits,
+            reservation: Some(id.into()),
+        }
+    }
+
+    #[test]
+    fn limitador_answers_become_reservations() {
+        let l = Protocol::Limitador;
+        let ok = [&[0x08, 1, 0x12, 2][..], b"r7"].concat();
+        assert_eq!(outcome(l, 0, Some(&ok)), Outcome::Reserved("r7".into()));
+        assert_eq!(
+            outcome(l, 0, Some(&[0x08, 1])),
+            Outcome::Reserved(String::new())
+        );
+        assert_eq!(outcome(l, 0, Some(&[0x08, 2])), Outcome::OverLimit(None));
+        assert_eq!(outcome(l, 0, Some(&[])), Outcome::Failed("unknown_code"));
+        assert_eq!(
+            outcome(l, 0, Some(&[0x12, 9])),
+            Outcome::Failed("malformed")
+        );
+        assert_eq!(outcome(l, 0, None), Outcome::Failed("empty"));
+        assert_eq!(outcome(l, 4, None), Outcome::Failed("timeout"));
+        // A ShouldRateLimit answer read as a ReserveResponse: the code field is the same,
+        // the statuses are an unknown field, so it is a reservation of nothing.
+        assert_eq!(
+            outcome(l, 0, Some(&[0x08, 2, 0x12, 0])),
+            Outcome::OverLimit(None)
+        );
+    }
+
+    #[test]
+    fn a_reservation_is_sent_as_reserve_with_the_ttl() {
+        let config = limitador_config();
+        let service = config.rate_limit_service.as_ref().unwrap();
+        let mut host = FakeHost::default();
+        dispatch_check(&mut host, service, "g", "acme", 5_000_000_000).unwrap();
+        let call = &host.grpc_calls[0];
+        assert_eq!(call.service, limitador::SERVICE);
+        assert_eq!(call.method, limitador::RESERVE);
+        // Reserve carries a uint64: no u32 clamp on this protocol.
+        assert_eq!(
+            call.message,
+            limitador::ReserveRequest {
+                domain: "tf",
+                descriptors: vec![vec![("budget", "g"), ("key", "acme")]],
+                amount: 5_000_000_000,
+                ttl_secs: 90,
+            }
+            .encode()
+        );
+    }
+
+    #[test]
+    fn commits_go_out_one_per_reservation_and_count_what_came_back() {
+        let config = limitador_config();
+        let service = config.rate_limit_service.as_ref().unwrap();
+        let mut host = FakeHost::default();
+        let mut q = SettleQueue::default();
+        q.commit(&mut host, &config, &hold("r1", 500), 100);
+        q.commit(&mut host, &config, &hold("r2", 500), 0);
+        // An envoy-protocol hold has nothing to commit.
+        q.commit(
+            &mut host,
+            &config,
+            &Hold {
+                reservation: None,
+                ..hold("", 5)
+            },
+            5,
+        );
+        assert_eq!(q.len(), 2);
+        q.flush(&mut host, &config);
+        assert_eq!(host.grpc_calls.len(), 2);
+        let c = &host.grpc_calls[0];
+        assert_eq!(
+            (c.service.as_str(), c.method.as_str()),
+            (limitador::SERVICE, limitador::COMMIT)
+        );
+        assert_eq!(c.message, commit_message(service, "g", "acme", "r1", 100));
+        let tokens: Vec<u32> = host.grpc_calls.iter().map(|c| c.token).collect();
+        assert!(q.on_response(&mut host, &config, tokens[0], 0, Some(&[0x08, 1])));
+        // Released false: the hold had expired before the commit.
+        assert!(q.on_response(&mut host, &config, tokens[1], 0, Some(&[])));
+        assert!(q.is_empty());
+        assert_eq!(host.counter("tokenfuse_global_settled.budget=.=g;.;"), 100);
+        assert_eq!(host.counter("tokenfuse_global_returned.budget=.=g;.;"), 900);
+        assert_eq!(
+            host.counter("tokenfuse_global_reservations_expired.budget=.=g;.;"),
+            1
+        );
+    }
+
+    #[test]
+    fn a_failed_commit_is_retried_then_dropped_and_an_unreadable_ok_is_not_resent() {
+        let config = limitador_config();
+        let mut host = FakeHost::default();
+        host.now_ms.set(1_000);
+        let mut q = SettleQueue::default();
+        q.commit(&mut host, &config, &hold("r1", 500), 70);
+        q.flush(&mut host, &config);
+        let t = host.grpc_calls[0].token;
+        assert!(q.on_response(&mut host, &config, t, 14, None));
+        assert_eq!(q.len(), 1, "back in the queue");
+        host.now_ms.set(5_000);
+        q.flush(&mut host, &config);
+        assert_eq!(host.grpc_calls.len(), 2);
+        assert_eq!(host.grpc_calls[1].message, host.grpc_calls[0].message);
+        // gRPC OK with a body that does not decode: Limitador applied it; resending would
+        // charge twice.
+        let t = host.grpc_calls[1].token;
+        assert!(q.on_response(&mut host, &config, t, 0, Some(&[0x08])));
+        assert!(q.is_empty());
+        assert_eq!(host.counter("tokenfuse_global_settled.budget=.=g;.;"), 70);
+        assert_eq!(
+            host.counter_sum("tokenfuse_global_settle_errors", &["reason=.=malformed"]),
+            1
+        );
+        // Past settle_retry_secs: dropped and counted.
+        q.commit(&mut host, &config, &hold("r2", 500), 30);
+        q.flush(&mut host, &config);
+        host.now_ms.set(20_000);
+        let t = host.grpc_calls[2].token;
+        q.on_response(&mut host, &config, t, 4, None);
+        assert!(q.is_empty());
+        assert_eq!(
+            host.counter("tokenfuse_global_settle_dropped.budget=.=g;.;"),
+            30
+        );
+    }
+
+    #[test]
+    fn commits_that_cannot_be_sent_wait_and_a_tick_sends_a_bounded_number() {
+        let config = limitador_config();
+        let mut host = FakeHost {
+            grpc_broken: true,
+            ..FakeHost::default()
+        };
+        let mut q = SettleQueue::default();
+        q.commit(&mut host, &config, &hold("r1", 5), 5);
+        q.flush(&mut host, &config);
+        assert_eq!(q.len(), 1);
+        host.grpc_broken = false;
+        for i in 0..MAX_COMMITS_PER_FLUSH {
+            q.commit(&mut host, &config, &hold(&format!("x{i}"), 5), 5);
+        }
+        q.flush(&mut host, &config);
+        assert_eq!(host.grpc_calls.len(), MAX_COMMITS_PER_FLUSH);
+        q.flush(&mut host, &config);
+        assert_eq!(host.grpc_calls.len(), MAX_COMMITS_PER_FLUSH + 1);
     }
 }

@@ -29,19 +29,7 @@ impl RateLimitRequest<'_> {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64);
         put_bytes(&mut out, 1, self.domain.as_bytes());
-        for descriptor in &self.descriptors {
-            // RateLimitDescriptor { repeated Entry entries = 1; }
-            let mut d = Vec::with_capacity(48);
-            for (key, value) in descriptor {
-                // Entry { string key = 1; string value = 2; }
-                let mut e =
-                    Vec::with_capacity(key.len().saturating_add(value.len()).saturating_add(4));
-                put_bytes(&mut e, 1, key.as_bytes());
-                put_bytes(&mut e, 2, value.as_bytes());
-                put_bytes(&mut d, 1, &e);
-            }
-            put_bytes(&mut out, 2, &d);
-        }
+        put_descriptors(&mut out, 2, &self.descriptors);
         if self.hits_addend > 0 {
             put_varint_field(&mut out, 3, u64::from(self.hits_addend));
         }
@@ -58,7 +46,7 @@ pub enum Code {
 }
 
 impl Code {
-    fn from_wire(v: u64) -> Code {
+    pub(super) fn from_wire(v: u64) -> Code {
         match v {
             1 => Code::Ok,
             2 => Code::OverLimit,
@@ -150,6 +138,22 @@ fn decode_status(bytes: &[u8]) -> Result<DescriptorStatus, DecodeError> {
     Ok(status)
 }
 
+/// `descriptors` as repeated `envoy.extensions.common.ratelimit.v3.RateLimitDescriptor`
+/// (field `field`), each `{ repeated Entry entries = 1; }` with `Entry { string key = 1;
+/// string value = 2; }`.
+pub(super) fn put_descriptors(out: &mut Vec<u8>, field: u32, descriptors: &[Vec<(&str, &str)>]) {
+    for descriptor in descriptors {
+        let mut d = Vec::with_capacity(48);
+        for (key, value) in descriptor {
+            let mut e = Vec::with_capacity(key.len().saturating_add(value.len()).saturating_add(4));
+            put_bytes(&mut e, 1, key.as_bytes());
+            put_bytes(&mut e, 2, value.as_bytes());
+            put_bytes(&mut d, 1, &e);
+        }
+        put_bytes(out, field, &d);
+    }
+}
+
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
@@ -158,31 +162,31 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-fn put_varint_field(out: &mut Vec<u8>, field: u32, v: u64) {
+pub(super) fn put_varint_field(out: &mut Vec<u8>, field: u32, v: u64) {
     put_varint(out, u64::from(field) << 3);
     put_varint(out, v);
 }
 
-fn put_bytes(out: &mut Vec<u8>, field: u32, bytes: &[u8]) {
+pub(super) fn put_bytes(out: &mut Vec<u8>, field: u32, bytes: &[u8]) {
     put_varint(out, (u64::from(field) << 3) | 2);
     put_varint(out, bytes.len() as u64);
     out.extend_from_slice(bytes);
 }
 
-enum Value<'a> {
+pub(super) enum Value<'a> {
     Varint(u64),
     Bytes(&'a [u8]),
     Fixed,
 }
 
 /// A protobuf wire-format reader over a byte slice.
-struct Reader<'a> {
+pub(super) struct Reader<'a> {
     bytes: &'a [u8],
     at: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn new(bytes: &'a [u8]) -> Self {
+    pub(super) fn new(bytes: &'a [u8]) -> Self {
         Reader { bytes, at: 0 }
     }
 
@@ -211,7 +215,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The next (field number, value), or `None` at the end.
-    fn next_field(&mut self) -> Result<Option<(u64, Value<'a>)>, DecodeError> {
+    pub(super) fn next_field(&mut self) -> Result<Option<(u64, Value<'a>)>, DecodeError> {
         if self.at >= self.bytes.len() {
             return Ok(None);
         }

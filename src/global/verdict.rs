@@ -2,7 +2,8 @@
 //! decision beside the local [`crate::budget::plan::Plan`], pure so it is tested alone.
 //!
 //! Every answered reservation the service counted becomes a [`Hold`] (to settle or, on a
-//! refusal, to report as unreturned: the protocol cannot give hits back). The first
+//! refusal, to give back: a Limitador reservation is committed at 0, hits charged over
+//! `ShouldRateLimit` are reported as unreturned, that protocol cannot give them back). The first
 //! over-limit answer refuses the request. A call without an answer is an error to count;
 //! under `on_failure: closed` the first one makes the request unavailable, under `open` it
 //! is let through (and counted as failing open).
@@ -39,6 +40,8 @@ pub struct Folded {
     pub rate: Option<RateHeaders>,
     /// Calls without an answer: (budget index, reason).
     pub errors: Vec<(usize, &'static str)>,
+    /// Budgets (indexes) whose reported usage is at or past their `warn_at`.
+    pub warnings: Vec<usize>,
 }
 
 /// Fold the answered `checks` of one request.
@@ -46,6 +49,7 @@ pub fn fold(checks: &[Check], budgets: &[GlobalBudget], mode: FailureMode) -> Fo
     let mut holds = Vec::new();
     let mut rate: Option<RateHeaders> = None;
     let mut errors = Vec::new();
+    let mut warnings = Vec::new();
     let mut refusal = None;
     let mut failure = None;
     for check in checks {
@@ -53,12 +57,22 @@ pub fn fold(checks: &[Check], budgets: &[GlobalBudget], mode: FailureMode) -> Fo
             continue;
         };
         match &check.outcome {
+            Some(Outcome::Reserved(id)) => holds.push(Hold {
+                budget: check.budget,
+                key: check.key.clone(),
+                hits: check.hits,
+                reservation: Some(id.clone()),
+            }),
             Some(Outcome::Ok(status)) => {
                 holds.push(Hold {
                     budget: check.budget,
                     key: check.key.clone(),
                     hits: check.hits,
+                    reservation: None,
                 });
+                if status.is_some_and(|s| past_warning(&s, budget.warn_at)) {
+                    warnings.push(check.budget);
+                }
                 if let (Unit::Tokens, Some(s)) = (budget.unit, status) {
                     if let Some(limit) = s.limit {
                         let h = RateHeaders {
@@ -95,6 +109,20 @@ pub fn fold(checks: &[Check], budgets: &[GlobalBudget], mode: FailureMode) -> Fo
         holds,
         rate,
         errors,
+        warnings,
+    }
+}
+
+/// Whether a reported status puts the budget's usage (limit minus remaining, this request
+/// counted) at or past `warn_at` of its limit. No limit reported, or a zero one, says
+/// nothing; a remaining above the limit (a broken service) is no usage.
+fn past_warning(status: &DescriptorStatus, warn_at: f64) -> bool {
+    match status.limit {
+        Some(limit) if limit > 0 => {
+            let used = limit.saturating_sub(status.remaining);
+            f64::from(used) >= warn_at * f64::from(limit)
+        }
+        _ => false,
     }
 }
 
@@ -116,6 +144,7 @@ mod tests {
                 },
                 max_request_tokens: None,
                 oversize: crate::budget::OversizeAction::Reject,
+                warn_at: 0.8,
             })
             .collect()
     }
@@ -170,6 +199,48 @@ mod tests {
         assert!(matches!(f.verdict, Verdict::Refuse { budget: 1, .. }));
         assert_eq!(f.holds.len(), 1);
         assert_eq!(f.errors, vec![(0, "timeout")]);
+    }
+
+    #[test]
+    fn reported_usage_past_warn_at_warns_whatever_the_unit() {
+        let f = fold(
+            &[
+                check(0, Outcome::Ok(status(30))),
+                check(1, Outcome::Ok(status(10))),
+            ],
+            &budgets(),
+            FailureMode::Closed,
+        );
+        // 70 of 100 used: under 0.8; 90 of 100: past it.
+        assert_eq!(f.warnings, vec![1]);
+        let edge = fold(
+            &[check(0, Outcome::Ok(status(20)))],
+            &budgets(),
+            FailureMode::Open,
+        );
+        assert_eq!(edge.warnings, vec![0], "exactly at warn_at warns");
+        let hostile = DescriptorStatus {
+            limit: Some(0),
+            ..status(0).unwrap()
+        };
+        let over = DescriptorStatus {
+            remaining: 500,
+            ..status(0).unwrap()
+        };
+        for s in [hostile, over] {
+            let f = fold(
+                &[check(0, Outcome::Ok(Some(s)))],
+                &budgets(),
+                FailureMode::Open,
+            );
+            assert!(f.warnings.is_empty(), "{s:?}");
+        }
+        let none = fold(
+            &[check(0, Outcome::Ok(None))],
+            &budgets(),
+            FailureMode::Open,
+        );
+        assert!(none.warnings.is_empty());
     }
 
     #[test]

@@ -258,6 +258,9 @@ mod contexts {
                     return false;
                 }
             };
+            for warning in config.load_warnings() {
+                WasmHost::new().log(Level::Warn, &warning);
+            }
             let started = WasmHost::new().now_ms();
             let encodings: Vec<String> = config.encodings().iter().map(|e| e.to_string()).collect();
             match Filter::new(config) {

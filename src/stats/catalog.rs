@@ -90,6 +90,11 @@ pub const GLOBAL_SETTLE_REFUSED: &str = "global_settle_refused";
 pub const GLOBAL_SETTLE_ERRORS: &str = "global_settle_errors";
 /// Settlement hits given up. Tags: budget, reason.
 pub const GLOBAL_SETTLE_DROPPED: &str = "global_settle_dropped";
+/// Reserved hits the service gave back on commit (`"protocol": "limitador"`). Tags: budget.
+pub const GLOBAL_RETURNED: &str = "global_returned";
+/// Commits whose reservation had already expired (it outlived `reservation_ttl_secs`).
+/// Tags: budget.
+pub const GLOBAL_RESERVATIONS_EXPIRED: &str = "global_reservations_expired";
 
 // The response cache.
 /// Cache lookups by result (`hit`, `miss`, `coalesced`, `refresh`, `waited_out`). Tags:

@@ -8,7 +8,10 @@ use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
-use crate::proto::{RateLimitRequest, RateLimitResponse, SHOULD_RATE_LIMIT_PATH};
+use crate::proto::{
+    CommitRequest, CommitResponse, RateLimitRequest, RateLimitResponse, ReserveRequest,
+    ReserveResponse, COMMIT_PATH, RESERVE_PATH, SHOULD_RATE_LIMIT_PATH,
+};
 
 /// One HTTP/2 connection to a rate limit service.
 #[derive(Clone)]
@@ -38,12 +41,31 @@ impl RlsClient {
         self.call(SHOULD_RATE_LIMIT_PATH, request).await
     }
 
+    /// Calls Limitador's `Reserve`.
+    pub async fn reserve(&mut self, request: ReserveRequest) -> Result<ReserveResponse, Status> {
+        self.unary(RESERVE_PATH, request).await
+    }
+
+    /// Calls Limitador's `Commit`.
+    pub async fn commit(&mut self, request: CommitRequest) -> Result<CommitResponse, Status> {
+        self.unary(COMMIT_PATH, request).await
+    }
+
     /// Sends `request` to the method at gRPC `path` (`/package.Service/Method`).
     pub async fn call(
         &mut self,
         path: &'static str,
         request: RateLimitRequest,
     ) -> Result<RateLimitResponse, Status> {
+        self.unary(path, request).await
+    }
+
+    /// One unary call of any of the service's methods.
+    async fn unary<Req, Resp>(&mut self, path: &'static str, request: Req) -> Result<Resp, Status>
+    where
+        Req: prost::Message + Send + Sync + 'static,
+        Resp: prost::Message + Default + Send + Sync + 'static,
+    {
         self.grpc
             .ready()
             .await

@@ -1,8 +1,15 @@
 //! rls-engine: the rate limit service tokenfuse's integration tests run against — the
-//! real Limitador counter library (the `limitador` crate 0.14.0, vendored with a one-line
-//! build fix, see `vendor/limitador/VENDORED.md`) with its Redis storage, served over
-//! Envoy's `envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit` gRPC API by a
-//! thin adapter that does what limitador-server's `envoy_rls` service does.
+//! real Limitador counter library (the `limitador` crate 0.14.0 as published on crates.io)
+//! with its Redis storage, served by a thin adapter that does what limitador-server's gRPC
+//! port does: Envoy's `envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit` ([`rls`])
+//! and Limitador's own `kuadrant.service.ratelimit.v1.RateLimitService/Reserve` and
+//! `/Commit` ([`reserve`]). Every count, check, hold and release is the library's.
+//!
+//! The crate's `redis_storage` feature alone does not compile in 0.14.0 (nor 0.13.0):
+//! `src/storage/keys.rs` uses its `bin` key encoding, declared only under `disk_storage`.
+//! So the default features stay on, and RocksDB (which the engine never opens) is linked
+//! from the system (Debian `librocksdb-dev`, through librocksdb-sys' `ROCKSDB_LIB_DIR`,
+//! which the Makefile sets) rather than compiled from its C++ sources.
 //!
 //! # What is mirrored from limitador-server
 //!
@@ -44,16 +51,26 @@
 //!   `check_rate_limited_and_update` of limitador ≤ 0.13, with a fourth `load_counters`
 //!   flag (set when headers are on); 0.14's has no flag and always loads the counters.
 //!   Same verdicts and counting.
-//! - Not here: the HTTP API, Prometheus metrics, tracing, the `kuadrant` RLS v1 service,
-//!   gRPC reflection, reloading the limits file when it changes.
+//! - Not here: the HTTP API, Prometheus metrics, tracing, the `kuadrant` RLS v1 service's
+//!   `CheckRateLimit` and `Report`, gRPC reflection, reloading the limits file when it
+//!   changes.
+//! - `Reserve` and `Commit` follow `kuadrant_service.rs` of PR #515 as merged, written
+//!   against the published 0.14.0 library (`reserve(…, ttl: Option<Duration>)`); the
+//!   server's `--max-reservation-ttl` / `--max-reservation-fraction` are the engine's
+//!   flags of the same names (Limitador's `ReservationLimits`).
 //! - The storage error's message names the cause (`Service unavailable: …`) where
 //!   limitador-server says only `Service unavailable`; the code is the same.
 //!
 //! # Limitador behaviours to know (kept, not fixed)
 //!
-//! - Check then charge are two Redis round trips, not one script: concurrent calls on
-//!   one counter can each pass the check and together overshoot by up to one
-//!   `hits_addend` per racing caller. Serial calls, from any number of engines, are exact.
+//! - `ShouldRateLimit`'s check then charge are two Redis round trips, not one script:
+//!   concurrent calls on one counter can each pass the check and together overshoot by up
+//!   to one `hits_addend` per racing caller. Serial calls, from any number of engines, are
+//!   exact. `Reserve` checks and holds in one Lua script: no overshoot.
+//! - Holds are invisible to `ShouldRateLimit` (it checks the counter alone): a budget's
+//!   counters should be spoken to over one protocol, not both.
+//! - A hold nobody commits lasts until its ttl (at most `--max-reservation-ttl`); a commit
+//!   always charges its `actual_amount`, so committing twice charges twice.
 //! - A condition indexing past the request's last descriptor panics inside limitador
 //!   (`Limit::applies` unwraps the evaluation error); the call's stream breaks and the
 //!   engine keeps serving. Guard with `size(descriptors) > N && …`.
@@ -64,5 +81,6 @@
 pub mod client;
 pub mod limits;
 pub mod proto;
+pub mod reserve;
 pub mod rls;
 pub mod service;

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! rls-engine --redis redis://127.0.0.1:6379 --limits limits.yaml [--listen 127.0.0.1:0]
-//!            [--rate-limit-headers NONE|DRAFT_VERSION_03] [--verbose]
+//!            [--rate-limit-headers NONE|DRAFT_VERSION_03] [--max-reservation-ttl SECS]
+//!            [--max-reservation-fraction F] [--verbose]
 //! rls-engine --validate --limits limits.yaml
 //! ```
 //!
@@ -11,7 +12,9 @@
 //! goes to stderr. SIGTERM or SIGINT stops it: it stops accepting, lets calls in flight
 //! finish (at most [`DRAIN`]) and exits 0. Exit 1: bad arguments, unreadable limits
 //! file, Redis unreachable at start, or the address in use. `--validate` only parses the
-//! limits file, as limitador-server's `--validate` does.
+//! limits file, as limitador-server's `--validate` does. `--max-reservation-ttl` (default
+//! 60) and `--max-reservation-fraction` (default 1.0) are Limitador's `ReservationLimits`:
+//! the longest a `Reserve` hold lasts, and the most of a limit one hold may take.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -19,8 +22,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use limitador::reservation::ReservationLimits;
 use limitador::storage::redis::AsyncRedisStorage;
-use limitador::AsyncRateLimiter;
+use limitador::storage::AsyncStorage;
+use limitador::AsyncRateLimiterBuilder;
 use tokio::signal::unix::{signal, SignalKind};
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
@@ -33,7 +38,8 @@ use rls_engine::service::RateLimitService;
 const DRAIN: Duration = Duration::from_secs(5);
 
 const USAGE: &str = "usage: rls-engine --redis URL --limits FILE [--listen ADDR] \
-[--rate-limit-headers NONE|DRAFT_VERSION_03] [--verbose]\n       rls-engine --validate --limits FILE";
+[--rate-limit-headers NONE|DRAFT_VERSION_03] [--max-reservation-ttl SECS] \
+[--max-reservation-fraction F] [--verbose]\n       rls-engine --validate --limits FILE";
 
 /// The command line.
 struct Args {
@@ -41,6 +47,7 @@ struct Args {
     redis: Option<String>,
     limits: PathBuf,
     headers: RateLimitHeaders,
+    reservations: ReservationLimits,
     verbose: bool,
     validate: bool,
 }
@@ -51,6 +58,7 @@ impl Args {
         let mut redis = None;
         let mut limits = None;
         let mut headers = RateLimitHeaders::None;
+        let mut reservations = ReservationLimits::default();
         let mut verbose = false;
         let mut validate = false;
         while let Some(arg) = args.next() {
@@ -70,6 +78,23 @@ impl Args {
                         "--rate-limit-headers {text:?}: expected NONE or DRAFT_VERSION_03"
                     ))?;
                 }
+                "--max-reservation-ttl" => {
+                    let text = value("--max-reservation-ttl")?;
+                    let secs: u64 = text.parse().ok().filter(|s| *s > 0).ok_or(format!(
+                        "--max-reservation-ttl {text:?}: expected whole seconds, at least 1"
+                    ))?;
+                    reservations.max_ttl = Duration::from_secs(secs);
+                }
+                "--max-reservation-fraction" => {
+                    let text = value("--max-reservation-fraction")?;
+                    reservations.max_fraction = text
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|f| *f > 0.0 && *f <= 1.0)
+                        .ok_or(format!(
+                            "--max-reservation-fraction {text:?}: expected a number in (0, 1]"
+                        ))?;
+                }
                 "-v" | "--verbose" => verbose = true,
                 "--validate" => validate = true,
                 other => return Err(format!("unknown argument {other:?}")),
@@ -84,6 +109,7 @@ impl Args {
             redis,
             limits,
             headers,
+            reservations,
             verbose,
             validate,
         })
@@ -144,7 +170,11 @@ async fn run(args: Args) -> Result<(), String> {
     let storage = AsyncRedisStorage::new(&redis)
         .await
         .map_err(|e| format!("cannot use Redis at {redis}: {e}"))?;
-    let limiter = Limiter::Async(AsyncRateLimiter::new_with_storage(Box::new(storage)));
+    let limiter = Limiter::Async(
+        AsyncRateLimiterBuilder::new(AsyncStorage::with_counter_storage(Box::new(storage)))
+            .reservation_limits(args.reservations)
+            .build(),
+    );
     limiter
         .configure_with(limits)
         .await
@@ -215,6 +245,8 @@ mod tests {
         let args = parse(&["--redis", "redis://127.0.0.1:6379", "--limits", "l.yaml"]).unwrap();
         assert_eq!(args.listen, SocketAddr::from(([127, 0, 0, 1], 0)));
         assert_eq!(args.headers, RateLimitHeaders::None);
+        assert_eq!(args.reservations.max_ttl, Duration::from_secs(60));
+        assert_eq!(args.reservations.max_fraction, 1.0);
         assert!(!args.verbose && !args.validate);
     }
 
@@ -229,6 +261,10 @@ mod tests {
             "l.yaml",
             "--rate-limit-headers",
             "DRAFT_VERSION_03",
+            "--max-reservation-ttl",
+            "300",
+            "--max-reservation-fraction",
+            "0.5",
             "-v",
         ])
         .unwrap();
@@ -236,6 +272,8 @@ mod tests {
         assert_eq!(args.redis.as_deref(), Some("redis://r:1"));
         assert_eq!(args.limits, PathBuf::from("l.yaml"));
         assert_eq!(args.headers, RateLimitHeaders::DraftVersion03);
+        assert_eq!(args.reservations.max_ttl, Duration::from_secs(300));
+        assert_eq!(args.reservations.max_fraction, 0.5);
         assert!(args.verbose);
     }
 
@@ -261,6 +299,14 @@ mod tests {
         assert_eq!(
             parse(&["--rate-limit-headers", "ON"]).err().as_deref(),
             Some("--rate-limit-headers \"ON\": expected NONE or DRAFT_VERSION_03")
+        );
+        assert_eq!(
+            parse(&["--max-reservation-ttl", "0"]).err().as_deref(),
+            Some("--max-reservation-ttl \"0\": expected whole seconds, at least 1")
+        );
+        assert_eq!(
+            parse(&["--max-reservation-fraction", "2"]).err().as_deref(),
+            Some("--max-reservation-fraction \"2\": expected a number in (0, 1]")
         );
         assert_eq!(
             parse(&["--bogus"]).err().as_deref(),

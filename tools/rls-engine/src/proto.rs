@@ -1,6 +1,9 @@
-//! The messages of Envoy's rate limit service API, derived by hand with `prost` so the
-//! build needs no `protoc`: `envoy.service.ratelimit.v3.RateLimitRequest` /
+//! The messages of Envoy's rate limit service API and of Limitador's reservation methods,
+//! derived by hand with `prost` so the build needs no `protoc`:
+//! `envoy.service.ratelimit.v3.RateLimitRequest` /
 //! `RateLimitResponse` (api/envoy/service/ratelimit/v3/rls.proto),
+//! `kuadrant.service.ratelimit.v1.{Reserve,Commit}{Request,Response}`
+//! (Kuadrant/limitador `limitador-server/proto/kuadrantrls.proto`),
 //! `envoy.extensions.common.ratelimit.v3.RateLimitDescriptor`
 //! (api/envoy/extensions/common/ratelimit/v3/ratelimit.proto) and the two small messages
 //! they embed, `envoy.config.core.v3.HeaderValue` and `google.protobuf.Duration`.
@@ -164,6 +167,63 @@ pub const SERVICE_NAME: &str = "envoy.service.ratelimit.v3.RateLimitService";
 pub const SHOULD_RATE_LIMIT_PATH: &str =
     "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit";
 
+/// `kuadrant.service.ratelimit.v1.ReserveRequest` (limitador-server
+/// `proto/kuadrantrls.proto`, Limitador 0.14): hold `amount` on every counter the
+/// descriptors match, for at most `ttl`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReserveRequest {
+    #[prost(string, tag = "1")]
+    pub domain: String,
+    #[prost(message, repeated, tag = "2")]
+    pub descriptors: Vec<RateLimitDescriptor>,
+    #[prost(uint64, tag = "3")]
+    pub amount: u64,
+    /// Unset: the server's ceiling; set: clamped to it.
+    #[prost(message, optional, tag = "4")]
+    pub ttl: Option<Duration>,
+}
+
+/// `kuadrant.service.ratelimit.v1.ReserveResponse`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReserveResponse {
+    /// A [`Code`].
+    #[prost(enumeration = "Code", tag = "1")]
+    pub code: i32,
+    /// Set only on `OK` (and empty when nothing was held): passed back to `Commit`.
+    #[prost(string, tag = "2")]
+    pub reservation_id: String,
+}
+
+/// `kuadrant.service.ratelimit.v1.CommitRequest`: charge `actual_amount`, release the
+/// hold `reservation_id` if it is still live.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CommitRequest {
+    #[prost(string, tag = "1")]
+    pub domain: String,
+    #[prost(message, repeated, tag = "2")]
+    pub descriptors: Vec<RateLimitDescriptor>,
+    #[prost(string, tag = "3")]
+    pub reservation_id: String,
+    #[prost(uint64, tag = "4")]
+    pub actual_amount: u64,
+}
+
+/// `kuadrant.service.ratelimit.v1.CommitResponse`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CommitResponse {
+    #[prost(bool, tag = "1")]
+    pub reservation_released: bool,
+}
+
+/// Limitador's own gRPC service, beside Envoy's on the same port.
+pub const KUADRANT_SERVICE_NAME: &str = "kuadrant.service.ratelimit.v1.RateLimitService";
+
+/// The path of `Reserve`.
+pub const RESERVE_PATH: &str = "/kuadrant.service.ratelimit.v1.RateLimitService/Reserve";
+
+/// The path of `Commit`.
+pub const COMMIT_PATH: &str = "/kuadrant.service.ratelimit.v1.RateLimitService/Commit";
+
 impl RateLimitDescriptor {
     /// A descriptor of `(key, value)` entries, in order, without a limit override.
     pub fn of(entries: &[(&str, &str)]) -> Self {
@@ -251,6 +311,45 @@ mod tests {
             RateLimitResponse::decode(bytes.as_slice()).unwrap(),
             response
         );
+    }
+
+    #[test]
+    fn reservation_messages_have_limitadors_numbers_and_wire_types() {
+        let reserve = ReserveRequest {
+            domain: "tf".into(),
+            descriptors: vec![RateLimitDescriptor::of(&[("k", "v")])],
+            amount: 500,
+            ttl: Some(Duration {
+                seconds: 60,
+                nanos: 0,
+            }),
+        };
+        let expected: Vec<u8> = vec![
+            0x0a, 2, b't', b'f', // 1: domain
+            0x12, 8, 0x0a, 6, 0x0a, 1, b'k', 0x12, 1, b'v', // 2: descriptors
+            0x18, 0xf4, 0x03, // 3: amount, varint 500
+            0x22, 2, 0x08, 60, // 4: ttl { seconds: 60 }
+        ];
+        assert_eq!(reserve.encode_to_vec(), expected);
+        let answer = ReserveResponse {
+            code: Code::Ok as i32,
+            reservation_id: "id".into(),
+        };
+        assert_eq!(answer.encode_to_vec(), vec![0x08, 1, 0x12, 2, b'i', b'd']);
+        let commit = CommitRequest {
+            domain: "tf".into(),
+            descriptors: Vec::new(),
+            reservation_id: "id".into(),
+            actual_amount: 100,
+        };
+        assert_eq!(
+            commit.encode_to_vec(),
+            vec![0x0a, 2, b't', b'f', 0x1a, 2, b'i', b'd', 0x20, 100]
+        );
+        let released = CommitResponse {
+            reservation_released: true,
+        };
+        assert_eq!(released.encode_to_vec(), vec![0x08, 1]);
     }
 
     #[test]

@@ -23,10 +23,11 @@ use std::collections::HashMap;
 
 use limitador::errors::LimitadorError;
 use limitador::limit::{Context, Limit, Namespace};
+use limitador::reservation::{CommitResult, ReservationId, ReserveResult};
 use limitador::{AsyncRateLimiter, CheckResult, RateLimiter};
 use tonic::Status;
 
-use crate::proto::{Code, HeaderValue, RateLimitRequest, RateLimitResponse};
+use crate::proto::{Code, HeaderValue, RateLimitDescriptor, RateLimitRequest, RateLimitResponse};
 
 /// Limitador's limiter: blocking for its in-memory storage (tests), async for Redis.
 pub enum Limiter {
@@ -40,6 +41,37 @@ impl Limiter {
         match self {
             Limiter::Blocking(l) => l.configure_with(limits),
             Limiter::Async(l) => l.configure_with(limits).await,
+        }
+    }
+
+    /// Limitador's `reserve` (the hold and its check in one storage step).
+    pub async fn reserve(
+        &self,
+        namespace: &Namespace,
+        ctx: &Context<'_>,
+        amount: u64,
+        ttl: Option<std::time::Duration>,
+    ) -> Result<ReserveResult, LimitadorError> {
+        match self {
+            Limiter::Blocking(l) => l.reserve(namespace, ctx, amount, ttl),
+            Limiter::Async(l) => l.reserve(namespace, ctx, amount, ttl).await,
+        }
+    }
+
+    /// Limitador's `commit_reservation`: charges `actual`, releases the hold if live.
+    pub async fn commit_reservation(
+        &self,
+        namespace: &Namespace,
+        ctx: &Context<'_>,
+        reservation_id: Option<&ReservationId>,
+        actual: u64,
+    ) -> Result<CommitResult, LimitadorError> {
+        match self {
+            Limiter::Blocking(l) => l.commit_reservation(namespace, ctx, reservation_id, actual),
+            Limiter::Async(l) => {
+                l.commit_reservation(namespace, ctx, reservation_id, actual)
+                    .await
+            }
         }
     }
 
@@ -101,8 +133,13 @@ pub fn hits(request: &RateLimitRequest) -> u64 {
 
 /// The CEL context of a request: its descriptors as the list `descriptors`.
 pub fn context(request: &RateLimitRequest) -> Context<'static> {
-    let descriptors: Vec<HashMap<String, String>> = request
-        .descriptors
+    descriptors_context(&request.descriptors)
+}
+
+/// The CEL context of `descriptors` (of any of the service's requests), as the list
+/// `descriptors`.
+pub fn descriptors_context(descriptors: &[RateLimitDescriptor]) -> Context<'static> {
+    let descriptors: Vec<HashMap<String, String>> = descriptors
         .iter()
         .map(|d| {
             d.entries

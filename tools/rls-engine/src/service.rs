@@ -1,9 +1,10 @@
-//! The gRPC face of the engine: `envoy.service.ratelimit.v3.RateLimitService`, written
-//! against tonic's server building blocks instead of `tonic-build` output. A
-//! [`RateLimitService`] is a `tower::Service` over HTTP requests that routes
-//! `/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit` through
-//! `tonic::server::Grpc::unary` (prost codec from `tonic-prost`) to [`rls`], and answers
-//! any other path `UNIMPLEMENTED`, as generated servers do.
+//! The gRPC face of the engine, written against tonic's server building blocks instead of
+//! `tonic-build` output. A [`RateLimitService`] is a `tower::Service` over HTTP requests
+//! that routes, through `tonic::server::Grpc::unary` (prost codec from `tonic-prost`),
+//! `/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit` to [`rls`] and
+//! `/kuadrant.service.ratelimit.v1.RateLimitService/Reserve` and `…/Commit` to
+//! [`reserve`] — the paths limitador-server serves on its one gRPC port — and answers any
+//! other path `UNIMPLEMENTED`, as generated servers do.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,8 +16,10 @@ use tonic::server::{Grpc, NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 
 use crate::proto::{
-    Code, RateLimitRequest, RateLimitResponse, SERVICE_NAME, SHOULD_RATE_LIMIT_PATH,
+    Code, CommitRequest, CommitResponse, RateLimitRequest, RateLimitResponse, ReserveRequest,
+    ReserveResponse, COMMIT_PATH, RESERVE_PATH, SERVICE_NAME, SHOULD_RATE_LIMIT_PATH,
 };
+use crate::reserve;
 use crate::rls::{self, Limiter, RateLimitHeaders};
 
 /// Everything a call needs, shared by all connections.
@@ -63,13 +66,92 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if request.uri().path() != SHOULD_RATE_LIMIT_PATH {
-            return Box::pin(async { Ok(Status::unimplemented("").into_http::<Body>()) });
+        let shared = Arc::clone(&self.shared);
+        match request.uri().path() {
+            SHOULD_RATE_LIMIT_PATH => Box::pin(async move {
+                let mut grpc = Grpc::new(tonic_prost::ProstCodec::default());
+                Ok(grpc.unary(ShouldRateLimit(shared), request).await)
+            }),
+            RESERVE_PATH => Box::pin(async move {
+                let mut grpc = Grpc::new(tonic_prost::ProstCodec::default());
+                Ok(grpc.unary(Reserve(shared), request).await)
+            }),
+            COMMIT_PATH => Box::pin(async move {
+                let mut grpc = Grpc::new(tonic_prost::ProstCodec::default());
+                Ok(grpc.unary(Commit(shared), request).await)
+            }),
+            _ => Box::pin(async { Ok(Status::unimplemented("").into_http::<Body>()) }),
         }
-        let method = ShouldRateLimit(Arc::clone(&self.shared));
+    }
+}
+
+/// Limitador's `Reserve`, as a tonic unary service.
+struct Reserve(Arc<Shared>);
+
+impl UnaryService<ReserveRequest> for Reserve {
+    type Response = ReserveResponse;
+    type Future = BoxFuture<Response<ReserveResponse>, Status>;
+
+    fn call(&mut self, request: Request<ReserveRequest>) -> Self::Future {
+        let shared = Arc::clone(&self.0);
         Box::pin(async move {
-            let mut grpc = Grpc::new(tonic_prost::ProstCodec::default());
-            Ok(grpc.unary(method, request).await)
+            let request = request.into_inner();
+            match reserve::reserve(&shared.limiter, &request).await {
+                Ok(answer) => {
+                    if shared.verbose {
+                        let code =
+                            Code::try_from(answer.response.code).map_or("?", |c| c.as_str_name());
+                        eprintln!(
+                            "rls-engine: Reserve domain {:?}, {} descriptor(s), amount {}: \
+                             {} counter(s), {code}, held {}",
+                            request.domain,
+                            request.descriptors.len(),
+                            request.amount,
+                            answer.counters,
+                            answer.held,
+                        );
+                    }
+                    Ok(Response::new(answer.response))
+                }
+                Err(status) => {
+                    eprintln!("rls-engine: answering UNAVAILABLE: {}", status.message());
+                    Err(status)
+                }
+            }
+        })
+    }
+}
+
+/// Limitador's `Commit`, as a tonic unary service.
+struct Commit(Arc<Shared>);
+
+impl UnaryService<CommitRequest> for Commit {
+    type Response = CommitResponse;
+    type Future = BoxFuture<Response<CommitResponse>, Status>;
+
+    fn call(&mut self, request: Request<CommitRequest>) -> Self::Future {
+        let shared = Arc::clone(&self.0);
+        Box::pin(async move {
+            let request = request.into_inner();
+            match reserve::commit(&shared.limiter, &request).await {
+                Ok(answer) => {
+                    if shared.verbose {
+                        eprintln!(
+                            "rls-engine: Commit domain {:?}, {} descriptor(s), actual {}, \
+                             released {}",
+                            request.domain,
+                            request.descriptors.len(),
+                            request.actual_amount,
+                            answer.reservation_released,
+                        );
+                    }
+                    Ok(Response::new(answer))
+                }
+                Err(status) => {
+                    eprintln!("rls-engine: answering UNAVAILABLE: {}", status.message());
+                    Err(status)
+                }
+            }
         })
     }
 }

@@ -1,5 +1,6 @@
 //! The engine as tokenfuse's tests will use it: the built binary, a real `redis-server`,
-//! and a gRPC client speaking Envoy's RateLimitService, one behaviour per test.
+//! and a gRPC client speaking Envoy's RateLimitService and Limitador's Reserve/Commit, one
+//! behaviour per test.
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -7,7 +8,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use rls_engine::client::RlsClient;
-use rls_engine::proto::{Code, RateLimitDescriptor, RateLimitRequest, RateLimitResponse};
+use rls_engine::proto::{
+    Code, CommitRequest, Duration as ProtoDuration, RateLimitDescriptor, RateLimitRequest,
+    RateLimitResponse, ReserveRequest,
+};
 use support::{Engine, Redis};
 use tonic::Code as GrpcCode;
 
@@ -303,4 +307,113 @@ async fn a_limit_indexing_past_the_descriptors_breaks_that_call_and_the_engine_s
         ..daily("acme", 5)
     };
     assert_eq!(code(&mut fresh, two).await, Code::Ok);
+}
+
+fn reserve_daily(key: &str, amount: u64) -> ReserveRequest {
+    ReserveRequest {
+        domain: "tokenfuse".into(),
+        descriptors: vec![RateLimitDescriptor::of(&[
+            ("budget", "tenant-daily"),
+            ("key", key),
+        ])],
+        amount,
+        ttl: Some(ProtoDuration {
+            seconds: 30,
+            nanos: 0,
+        }),
+    }
+}
+
+fn commit_daily(key: &str, id: &str, actual: u64) -> CommitRequest {
+    CommitRequest {
+        domain: "tokenfuse".into(),
+        descriptors: vec![RateLimitDescriptor::of(&[
+            ("budget", "tenant-daily"),
+            ("key", key),
+        ])],
+        reservation_id: id.into(),
+        actual_amount: actual,
+    }
+}
+
+/// `Reserve`'s code and reservation id.
+async fn reserve(client: &mut RlsClient, request: ReserveRequest) -> (Code, String) {
+    let r = client
+        .reserve(request)
+        .await
+        .unwrap_or_else(|s| panic!("Reserve failed: {s:?}"));
+    (Code::try_from(r.code).unwrap(), r.reservation_id)
+}
+
+#[tokio::test]
+async fn a_reservation_holds_and_its_commit_gives_the_unused_rest_back_over_redis() {
+    let redis = Redis::start();
+    let first = Engine::start(&redis.url(), DAILY);
+    let second = Engine::start(&redis.url(), DAILY);
+    let (mut a, mut b) = (client(&first).await, client(&second).await);
+    let (code, id) = reserve(&mut a, reserve_daily("acme", 6000)).await;
+    assert_eq!(code, Code::Ok);
+    assert_eq!(id.len(), 36, "a UUID: {id:?}");
+    // The hold is in Redis: the other engine sees it before anything is charged.
+    assert_eq!(
+        reserve(&mut b, reserve_daily("acme", 4001)).await,
+        (Code::OverLimit, String::new())
+    );
+    // Billed 1000 of 6000: 5000 come back.
+    let done = b.commit(commit_daily("acme", &id, 1000)).await.unwrap();
+    assert!(done.reservation_released);
+    let (code, _) = reserve(&mut b, reserve_daily("acme", 9000)).await;
+    assert_eq!(code, Code::Ok);
+    assert_eq!(
+        reserve(&mut a, reserve_daily("acme", 1)).await.0,
+        Code::OverLimit
+    );
+    // A second commit of the same id is a plain charge: it releases nothing.
+    let again = a.commit(commit_daily("acme", &id, 0)).await.unwrap();
+    assert!(!again.reservation_released);
+}
+
+#[tokio::test]
+async fn concurrent_reservations_on_two_engines_never_overshoot() {
+    let redis = Redis::start();
+    let engines = [
+        Engine::start(&redis.url(), DAILY),
+        Engine::start(&redis.url(), DAILY),
+    ];
+    for round in 0..3 {
+        let key = format!("race{round}");
+        let mut tasks = Vec::new();
+        for t in 0..32 {
+            let addr = engines[t % 2].addr;
+            let key = key.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut c = RlsClient::connect(addr).await.unwrap();
+                let mut admitted = 0u32;
+                for _ in 0..4 {
+                    if reserve(&mut c, reserve_daily(&key, 500)).await.0 == Code::Ok {
+                        admitted += 1;
+                    }
+                }
+                admitted
+            }));
+        }
+        let mut admitted = 0;
+        for t in tasks {
+            admitted += t.await.unwrap();
+        }
+        // 128 reservations of 500 against 10,000: exactly 20 fit, whatever the interleaving.
+        assert_eq!(admitted, 20, "round {round}");
+    }
+}
+
+#[tokio::test]
+async fn reserve_and_commit_with_redis_down_are_unavailable() {
+    let mut redis = Redis::start();
+    let engine = Engine::start(&redis.url(), DAILY);
+    let mut c = client(&engine).await;
+    redis.stop();
+    let status = c.reserve(reserve_daily("acme", 1)).await.unwrap_err();
+    assert_eq!(status.code(), GrpcCode::Unavailable);
+    let status = c.commit(commit_daily("acme", "x", 1)).await.unwrap_err();
+    assert_eq!(status.code(), GrpcCode::Unavailable);
 }
