@@ -59,7 +59,9 @@
 //!   server's `--max-reservation-ttl` / `--max-reservation-fraction` are the engine's
 //!   flags of the same names (Limitador's `ReservationLimits`).
 //! - The storage error's message names the cause (`Service unavailable: …`) where
-//!   limitador-server says only `Service unavailable`; the code is the same.
+//!   limitador-server says only `Service unavailable`; the code is the same. A call that has
+//!   not been answered within [`CALL_TIMEOUT`] is that error too (with Redis gone
+//!   the Redis client can wait on its reconnection indefinitely).
 //!
 //! # Limitador behaviours to know (kept, not fixed)
 //!
@@ -84,3 +86,20 @@ pub mod proto;
 pub mod reserve;
 pub mod rls;
 pub mod service;
+
+/// The longest the engine works on one call (Limitador's storage included).
+pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// A call's answer, or `UNAVAILABLE` after [`CALL_TIMEOUT`]: with Redis gone, the Redis
+/// client can wait on its reconnection far longer than any caller would, and a caller
+/// (Envoy's gRPC timeout, a test) must get an answer.
+pub async fn in_time<T>(
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(result) => result,
+        Err(_) => Err(tonic::Status::unavailable(format!(
+            "Service unavailable: no answer from the storage within {CALL_TIMEOUT:?}"
+        ))),
+    }
+}

@@ -96,7 +96,7 @@ impl UnaryService<ReserveRequest> for Reserve {
         let shared = Arc::clone(&self.0);
         Box::pin(async move {
             let request = request.into_inner();
-            match reserve::reserve(&shared.limiter, &request).await {
+            match crate::in_time(reserve::reserve(&shared.limiter, &request)).await {
                 Ok(answer) => {
                     if shared.verbose {
                         let code =
@@ -133,7 +133,7 @@ impl UnaryService<CommitRequest> for Commit {
         let shared = Arc::clone(&self.0);
         Box::pin(async move {
             let request = request.into_inner();
-            match reserve::commit(&shared.limiter, &request).await {
+            match crate::in_time(reserve::commit(&shared.limiter, &request)).await {
                 Ok(answer) => {
                     if shared.verbose {
                         eprintln!(
@@ -167,7 +167,13 @@ impl UnaryService<RateLimitRequest> for ShouldRateLimit {
         let shared = Arc::clone(&self.0);
         Box::pin(async move {
             let request = request.into_inner();
-            match rls::should_rate_limit(&shared.limiter, shared.headers, &request).await {
+            match crate::in_time(rls::should_rate_limit(
+                &shared.limiter,
+                shared.headers,
+                &request,
+            ))
+            .await
+            {
                 Ok(answer) => {
                     if shared.verbose {
                         let code = Code::try_from(answer.response.overall_code)
