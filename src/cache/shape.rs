@@ -104,6 +104,13 @@ fn parse(data: &str) -> Result<Value, Unstorable> {
     serde_json::from_str(data).map_err(|_| Unstorable::Unreadable)
 }
 
+/// The array `v.key`, or none.
+fn list<'v>(v: &'v Value, key: &str) -> &'v [Value] {
+    v.get(key)
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice)
+}
+
 fn str_of<'v>(v: &'v Value, key: &str) -> Option<&'v str> {
     v.get(key).and_then(Value::as_str)
 }
@@ -249,11 +256,7 @@ fn openai_chunks(kind: ApiKind, events: &[(String, String)]) -> Result<Value, Un
         if let Some(u) = obj.get("usage").filter(|u| !u.is_null()) {
             usage = Some(u.clone());
         }
-        for c in obj
-            .get("choices")
-            .and_then(Value::as_array)
-            .map_or(&[][..], Vec::as_slice)
-        {
+        for c in list(&chunk, "choices") {
             let index = c
                 .get("index")
                 .and_then(Value::as_u64)
@@ -283,11 +286,7 @@ fn openai_chunks(kind: ApiKind, events: &[(String, String)]) -> Result<Value, Un
             if let Some(t) = str_of(delta, "refusal") {
                 so_far.refusal.get_or_insert_with(String::new).push_str(t);
             }
-            for call in delta
-                .get("tool_calls")
-                .and_then(Value::as_array)
-                .map_or(&[][..], Vec::as_slice)
-            {
+            for call in list(delta, "tool_calls") {
                 let at = call
                     .get("index")
                     .and_then(Value::as_u64)
@@ -393,10 +392,7 @@ fn openai_stream(kind: ApiKind, answer: &Value, include_usage: bool, out: &mut V
         }
         Value::Object(c)
     };
-    let choices = answer
-        .get("choices")
-        .and_then(Value::as_array)
-        .map_or(&[][..], Vec::as_slice);
+    let choices = list(answer, "choices");
     for c in choices {
         let index = c.get("index").cloned().unwrap_or(json!(0));
         let finish = c.get("finish_reason").cloned().unwrap_or(Value::Null);
@@ -570,10 +566,7 @@ fn anthropic_stream(answer: &Value, out: &mut Vec<u8>) {
         "message_start",
         &json!({"type": "message_start", "message": start}),
     );
-    let blocks = answer
-        .get("content")
-        .and_then(Value::as_array)
-        .map_or(&[][..], Vec::as_slice);
+    let blocks = list(answer, "content");
     for (index, block) in blocks.iter().enumerate() {
         let kind = str_of(block, "type").unwrap_or("");
         let mut opening = block.as_object().cloned().unwrap_or_default();
@@ -680,10 +673,7 @@ fn responses_stream(answer: &Value, out: &mut Vec<u8>) {
         "response.in_progress",
         fields(json!({"response": opening})),
     );
-    let items = answer
-        .get("output")
-        .and_then(Value::as_array)
-        .map_or(&[][..], Vec::as_slice);
+    let items = list(answer, "output");
     for (oi, item) in items.iter().enumerate() {
         let item_id = item.get("id").cloned().unwrap_or(Value::Null);
         let mut added = item.as_object().cloned().unwrap_or_default();
@@ -705,10 +695,7 @@ fn responses_stream(answer: &Value, out: &mut Vec<u8>) {
             fields(json!({"output_index": oi, "item": added})),
         );
         if kind == "message" {
-            let parts = item
-                .get("content")
-                .and_then(Value::as_array)
-                .map_or(&[][..], Vec::as_slice);
+            let parts = list(item, "content");
             for (ci, part) in parts.iter().enumerate() {
                 let at = json!({"item_id": item_id, "output_index": oi, "content_index": ci});
                 let with = |extra: Value| {

@@ -308,10 +308,11 @@ pub fn lookup(
     let set = key.set(bounds.sets);
     for _ in 0..=bounds.cas_retries {
         let (mut ways, cas) = read_set(host, set);
-        if let Some(at) = ways
+        // This key's own way, if it has one.
+        let own = ways
             .iter()
-            .position(|w| w.state != State::Empty && w.key == key.0)
-        {
+            .position(|w| w.state != State::Empty && w.key == key.0);
+        if let Some(at) = own {
             let way = ways.get(at).copied().unwrap_or_default();
             match way.state {
                 State::Ready if way.until_ms > now_ms => {
@@ -342,9 +343,7 @@ pub fn lookup(
         // Claim: this key's own way if it has one (expired, or refreshed), else an empty
         // way, else an expired one, else the ready answer expiring soonest. Ways claimed
         // by requests still in flight are never taken: when all are, go without a claim.
-        let victim = ways
-            .iter()
-            .position(|w| w.state != State::Empty && w.key == key.0)
+        let victim = own
             .or_else(|| ways.iter().position(|w| w.state == State::Empty))
             .or_else(|| ways.iter().position(|w| w.until_ms <= now_ms))
             .or_else(|| {

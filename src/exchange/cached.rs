@@ -368,13 +368,11 @@ pub(super) enum Served {
     Coalesced,
 }
 
-/// Who was answered, for the stats.
+/// Who was answered, for the stats: a request as its headers announced it, and the model
+/// whose answer it gets.
 pub(super) struct Answered<'a> {
-    pub kind: ApiKind,
+    pub pending: &'a super::request::Pending,
     pub model: &'a str,
-    pub model_tag: &'a str,
-    pub tenant_tag: Option<&'a str>,
-    pub priority: crate::budget::Priority,
 }
 
 /// Answer from `entry`, in the shape the client asked for. `false` when the entry cannot
@@ -387,15 +385,18 @@ pub(super) fn serve(
     served: Served,
     who: &Answered<'_>,
 ) -> bool {
-    let body = if considered.stream && shape::streams(who.kind) {
+    let api = who.pending.kind;
+    let tenant_tag = who.pending.who.tenant_tag.as_deref();
+    let model_tag = filter.model_tag(who.model);
+    let body = if considered.stream && shape::streams(api) {
         let Ok(answer) = serde_json::from_slice::<Value>(&entry.body) else {
             return false;
         };
-        shape::event_stream(who.kind, &answer, considered.include_usage)
+        shape::event_stream(api, &answer, considered.include_usage)
     } else {
         entry.body.clone()
     };
-    let content_type = if considered.stream && shape::streams(who.kind) {
+    let content_type = if considered.stream && shape::streams(api) {
         "text/event-stream"
     } else {
         "application/json"
@@ -423,11 +424,11 @@ pub(super) fn serve(
         Served::Hit => Decision::CacheHit,
         Served::Coalesced => Decision::Coalesced,
     };
-    super::decision_stat(host, who.tenant_tag, who.priority, decision, None);
-    lookup_stat(host, who.kind, who.tenant_tag, how);
+    super::decision_stat(host, tenant_tag, who.pending.who.priority, decision, None);
+    lookup_stat(host, api, tenant_tag, how);
     let with_tenant = |name: &str| {
         let mut s = Stat::new(name);
-        if let Some(t) = who.tenant_tag {
+        if let Some(t) = tenant_tag {
             s = s.tag("tenant", t);
         }
         s
@@ -440,14 +441,14 @@ pub(super) fn serve(
             host,
             &with_tenant(catalog::CACHE_SAVED_TOKENS)
                 .tag("kind", kind)
-                .tag("model", who.model_tag),
+                .tag("model", &model_tag),
             n,
         );
     }
     if let Some(price) = filter.config.prices.get(who.model) {
         add(
             host,
-            &with_tenant(catalog::CACHE_SAVED_COST_MICRO_USD).tag("model", who.model_tag),
+            &with_tenant(catalog::CACHE_SAVED_COST_MICRO_USD).tag("model", &model_tag),
             price.actual(&entry.usage),
         );
     }

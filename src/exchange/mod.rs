@@ -309,11 +309,8 @@ impl Exchange {
             match cached::begin(&filter, host, pending.kind, &model, h, c, may_wait) {
                 Some(cached::Begin::Hit(entry)) => {
                     let who = cached::Answered {
-                        kind: pending.kind,
+                        pending: &pending,
                         model: &model,
-                        model_tag: &filter.model_tag(&model),
-                        tenant_tag: pending.who.tenant_tag.as_deref(),
-                        priority: pending.who.priority,
                     };
                     if charge_hits {
                         // Judged by the local budgets below, once counted.
@@ -361,44 +358,6 @@ impl Exchange {
             Ok(counted) => counted,
             Err(e) => return self.not_counted(host, pending.kind, e),
         };
-        if let (Some(entry), Some(c)) = (charged_hit, &considered) {
-            // `charge_hits`: the local budgets judge it as if it went upstream, and are
-            // charged what the answer cost when it was made.
-            let mut admitted = match admit::local(&filter, host, self.id, &pending, &counted) {
-                Ok(admission) => admission.admitted,
-                Err(refused) => {
-                    let tenant = pending.who.tenant_tag.as_deref();
-                    return self.refuse(
-                        host,
-                        pending.kind,
-                        Some(counted.prompt),
-                        tenant,
-                        pending.who.priority,
-                        refused,
-                    );
-                }
-            };
-            let who = cached::Answered {
-                kind: pending.kind,
-                model: &counted.model,
-                model_tag: &filter.model_tag(&counted.model),
-                tenant_tag: pending.who.tenant_tag.as_deref(),
-                priority: pending.who.priority,
-            };
-            if cached::serve(&filter, host, c, &entry, cached::Served::Hit, &who) {
-                // Charged as the model whose answer it is, never a reroute's.
-                admitted.served_model = counted.model.clone();
-                admitted.model_tag = filter.model_tag(&counted.model);
-                admitted.rerouted = false;
-                let billed = meter::Billed::Usage {
-                    source: meter::Source::Provider,
-                    usage: entry.usage,
-                };
-                settle::exchange(&filter, host, self.id, &admitted, "cache", &billed, &[]);
-                return Action::Pause;
-            }
-            settle::refund(&filter, host, self.id, &admitted.reservations);
-        }
         let pending = &*pending;
         let admission = match admit::local(&filter, host, self.id, pending, &counted) {
             Ok(admission) => admission,
@@ -414,6 +373,27 @@ impl Exchange {
                 );
             }
         };
+        if let (Some(entry), Some(c)) = (charged_hit, &considered) {
+            // `charge_hits`: admitted by the local budgets as if it went upstream, and
+            // charged what the answer cost when it was made.
+            let who = cached::Answered {
+                pending,
+                model: &counted.model,
+            };
+            if cached::serve(&filter, host, c, &entry, cached::Served::Hit, &who) {
+                // Charged as the model whose answer it is, never a reroute's.
+                let mut admitted = admission.admitted;
+                admitted.served_model = counted.model.clone();
+                admitted.model_tag = filter.model_tag(&counted.model);
+                admitted.rerouted = false;
+                let billed = meter::Billed::Usage {
+                    source: meter::Source::Provider,
+                    usage: entry.usage,
+                };
+                settle::exchange(&filter, host, self.id, &admitted, "cache", &billed, &[]);
+                return Action::Pause;
+            }
+        }
         let admit::Admission {
             mut admitted,
             decision,
@@ -435,11 +415,8 @@ impl Exchange {
                 ) {
                     Some(cached::Begin::Hit(entry)) => {
                         let who = cached::Answered {
-                            kind: pending.kind,
+                            pending,
                             model: &admitted.served_model,
-                            model_tag: &admitted.model_tag,
-                            tenant_tag: admitted.tenant_tag.as_deref(),
-                            priority: admitted.priority,
                         };
                         if cached::serve(&filter, host, c, &entry, cached::Served::Hit, &who) {
                             settle::refund(&filter, host, self.id, &admitted.reservations);
@@ -726,11 +703,8 @@ impl Exchange {
         let charged = filter.config.cache.as_ref().is_some_and(|c| c.charge_hits);
         if let Some(crate::cache::Found::Hit(entry)) = found.as_ref().filter(|_| !charged) {
             let who = cached::Answered {
-                kind: pending.kind,
+                pending: &pending,
                 model: &model,
-                model_tag: &filter.model_tag(&model),
-                tenant_tag: pending.who.tenant_tag.as_deref(),
-                priority: pending.who.priority,
             };
             if cached::serve(
                 &filter,
