@@ -55,7 +55,7 @@ from measure import (CASES, COUNT_NATIVE, COUNT_WASM, EXCHANGE_NATIVE, EXCHANGE_
                      FLOOD_POINTS, cache_flood, free_port, host_calls, log, machine, memory, mixed_text,
                      prompt_pool, run_wrk,
                      sanity, start_mock, stop, worst_shapes, wrk_script)
-from report import analyse, report
+from report import analyse, report, summarise
 
 
 def main() -> None:
@@ -76,7 +76,9 @@ def main() -> None:
     args = p.parse_args()
     if args.render_only:
         out = ROOT / args.out
-        report(json.loads((out / "bench.json").read_text()), out, args.no_docs)
+        data = json.loads((out / "bench.json").read_text())
+        data["summary"] = summarise(data)  # the summary's fields may be newer than the run
+        report(data, out, args.no_docs)
         return
     if args.quick:
         args.rounds, args.duration, args.warmup = 1, 2, 1
