@@ -218,7 +218,7 @@ bench:
 	$(PREREQUISITES) wasm-target cc python-venv node wrk && \
 	$(MAKE) --no-print-directory build envoy && \
 	$(CARGO) build --release --example mock_upstream --example render_envoy \
-	  --example count_bench --example exchange_bench && \
+	  --example count_bench --example exchange_bench --example stream_bench && \
 	$(CARGO) build --release --features testkit --example worst_shapes && \
 	$(CARGO) build --release --target $(WASM_TARGET) \
 	  --example count_bench --example exchange_bench --example floor_filter --example host_calls && \

@@ -15,12 +15,17 @@ import re
 import statistics
 from pathlib import Path
 
-from measure import CASES, CONFIGS, ROOT, log
+from measure import CASES, CONFIGS, ROOT, STREAM_INTERVAL_MS, STREAM_LABELS, STREAM_TEXT_BYTES, log
 
 COMMAND = "make bench"
 # Where the Performance section goes (between the markers; `--no-docs` leaves it alone).
 PERFORMANCE_DOC = ROOT / "docs/performance.md"
 MARKERS = ("<!-- bench:start -->", "<!-- bench:end -->")
+# The many-streams part, inside the section: `bench/run.py --only streams` rewrites it alone.
+STREAM_MARKERS = ("<!-- bench-streams:start -->", "<!-- bench-streams:end -->")
+# The goals of the many-streams scenario (issue 21).
+STREAM_MEMORY_GOAL_KB = 8.0
+STREAM_CPU_GOAL_RATIO = 2.0
 
 
 def slope(points: list[tuple[float, float]]) -> float:
@@ -301,6 +306,8 @@ def render_md(data: dict) -> str:
                 else:
                     cells.append(f"{r['rss_mb']:.0f}")
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    if data.get("streams", {}).get("rows"):
+        lines += ["", STREAM_MARKERS[0], render_streams_md(data["streams"]).rstrip("\n"), STREAM_MARKERS[1]]
     lines += ["", "Targets (from the performance issue):", "",
               "| target | measured | met |", "|---|---|---|"]
     for t in data["targets"]:
@@ -366,7 +373,154 @@ def targets(data: dict) -> list[dict]:
         f["per_worker_mb"]["o200k_enc"] < 16)
     add("memory < 16 MB per worker VM per encoding (cl100k_base)", f"{f['per_worker_mb']['cl100k_enc']:.1f} MB",
         f["per_worker_mb"]["cl100k_enc"] < 16)
+    out += stream_targets(data.get("streams", {}).get("rows") or [])
     return out
+
+
+# ---------------------------------------------------------------------------
+# Many streams
+# ---------------------------------------------------------------------------
+
+
+def stream_figures(rows: list[dict]) -> list[dict]:
+    """Per run and sample, per in-flight stream (KB: growth over idle, over the streams):
+    `rss` (VmRSS), `in_use` (VmRSS less what tcmalloc holds free for reuse: RSS alone hides
+    a configuration's streams in memory its start freed), `heap` (tcmalloc `allocated`) and
+    `wasm` (resident Wasm linear memory); `in_use` beyond the floor's at the same point and
+    fraction; CPU per streamed KB and its ratio to the floor's."""
+    floor = {(r["streams"], r["answer_kb"]): r for r in rows if r["config"] == "floor"}
+
+    def per(r: dict, what: str) -> list[float]:
+        n = r["streams"] / 1024
+        if what == "rss":
+            return [(s["rss_mb"] - r["idle_mb"]) / n for s in r["samples"]]
+        if what == "in_use":
+            return [((s["rss_mb"] - s["heap_free_mb"]) - (r["idle_mb"] - r["idle_heap_free_mb"])) / n
+                    for s in r["samples"]]
+        if what == "heap":
+            return [(s["heap_allocated_mb"] - r["idle_heap_allocated_mb"]) / n for s in r["samples"]]
+        return [(s["wasm_mb"] - r["wasm_idle_mb"]) / n for s in r["samples"]]
+
+    out = []
+    for r in rows:
+        f = floor.get((r["streams"], r["answer_kb"]))
+        mine = {w: per(r, w) for w in ("rss", "in_use", "heap", "wasm")}
+        base = per(f, "in_use") if f else [float("nan")] * len(r["samples"])
+        out.append(dict(r, per_stream_kb=mine, beyond_floor_kb=[a - b for a, b in zip(mine["in_use"], base)],
+                        cpu_ratio_to_floor=r["cpu_us_per_kb"] / f["cpu_us_per_kb"] if f else float("nan")))
+    return out
+
+
+def stream_targets(rows: list[dict]) -> list[dict]:
+    """The scenario's goals, per tokenfuse configuration and answer length: memory per
+    in-flight stream beyond the floor ≤ 8 KB (the worst sample over stream counts and
+    progress) and CPU per streamed KB ≤ 2× the floor's (the worst stream count)."""
+    figures = stream_figures(rows)
+    out = []
+    for name in ("budget", "budget_nousage"):
+        for kb in sorted({r["answer_kb"] for r in figures}):
+            mine = [r for r in figures if r["config"] == name and r["answer_kb"] == kb]
+            if not mine:
+                continue
+            label = f"{STREAM_LABELS[name]}, {kb} KB answers"
+            mem = max(x for r in mine for x in r["beyond_floor_kb"])
+            out.append({"target": f"memory per in-flight stream beyond the floor ≤ {STREAM_MEMORY_GOAL_KB:.0f} KB "
+                                  f"({label})", "measured": f"{mem:.1f} KB", "met": mem <= STREAM_MEMORY_GOAL_KB})
+            cpu = max(r["cpu_ratio_to_floor"] for r in mine)
+            out.append({"target": f"Envoy CPU per streamed KB ≤ {STREAM_CPU_GOAL_RATIO:.0f}× the floor's ({label})",
+                        "measured": f"{cpu:.2f}×", "met": cpu <= STREAM_CPU_GOAL_RATIO})
+    return out
+
+
+def render_streams_md(streams: dict) -> str:
+    figures = stream_figures(streams["rows"])
+    if not figures:
+        return ""
+    fracs = [s["fraction"] for s in figures[0]["samples"]]
+    shape = figures[0]["shape"]
+    lines = [f"Many streams (`bench/src/stream_bench.rs`; `python3 bench/run.py --only streams` runs it "
+             f"alone): N chat completion streams held open through Envoy at once (`--concurrency 2`, a "
+             f"fresh Envoy per row, warmed with 20 short streams), each answer {STREAM_TEXT_BYTES}-byte "
+             f"text deltas (~218 bytes of SSE per event) written every {STREAM_INTERVAL_MS} ms by a mock "
+             f"that streams them slowly ({shape['ticks']} ticks, ~{shape['duration_s']:.0f} s per answer; "
+             "a longer answer writes more events per tick), with the usage chunk (the client asks for it) "
+             "or without it (the filter must count the streamed text). Envoy's memory idle, then with all "
+             "N in flight at " + " and ".join(f"{f:.0%}" for f in fracs) + " of the answer, per stream "
+             "(growth over idle / N, KB): RSS is `VmRSS`; in use is RSS less what tcmalloc holds free for "
+             "reuse (admin `/memory`: free page heap and thread caches) — RSS alone hides a "
+             "configuration's streams in memory its own start freed (tokenfuse builds its tokenizers); "
+             "beyond the floor is in use minus the Wasm floor's at the same point; of which C++ heap is "
+             "tcmalloc's `allocated` and Wasm the resident Wasm linear memory of the VMs (V8 never "
+             "returns it). Envoy CPU (user + system) from the moment every stream has its headers to the "
+             "last byte, over the KB streamed meanwhile. The bench config raises the clusters' circuit "
+             "breakers (1,024 requests by default) and the route timeout.", "",
+             "| configuration | streams | answer | RSS idle MB | RSS KB/stream | in use KB/stream | "
+             "beyond floor KB/stream | of which C++ heap / Wasm KB/stream | Envoy CPU µs/KB | ratio to floor | ok |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def both(xs: list[float]) -> str:
+        return " / ".join(f"{x:.1f}" for x in xs)
+
+    for r in sorted(figures, key=lambda r: (r["answer_kb"], r["streams"], list(STREAM_LABELS).index(r["config"]))):
+        p = r["per_stream_kb"]
+        dagger = "" if all(s["in_flight"] for s in r["samples"]) else " †"
+        beyond = " / ".join(f"{b:+.1f}" for b in r["beyond_floor_kb"]) if r["config"] != "floor" else "—"
+        ratio = f"{r['cpu_ratio_to_floor']:.2f}" if r["config"] != "floor" else "—"
+        answer = f"{r['answer_kb']} KB" if r["answer_kb"] < 1024 else f"{r['answer_kb'] // 1024} MB"
+        lines.append(f"| {STREAM_LABELS[r['config']]} | {r['streams']} | {answer} | {r['idle_mb']:.0f} | "
+                     f"{both(p['rss'])}{dagger} | {both(p['in_use'])} | {beyond} | "
+                     f"{p['heap'][-1]:.1f} / {p['wasm'][-1]:.1f} | {r['cpu_us_per_kb']:.2f} | {ratio} | "
+                     f"{r['ok']}/{r['streams']} |")
+    lines += ["", "Two figures per cell: at " + " and at ".join(f"{f:.0%}" for f in fracs) +
+              " of the answer; C++ heap and Wasm at the last."]
+    if any(not s["in_flight"] for r in figures for s in r["samples"]):
+        lines += ["† a sample taken after the first stream had ended."]
+    return "\n".join(lines) + "\n"
+
+
+def report_streams(streams: dict, out: Path, no_docs: bool) -> None:
+    """The many-streams scenario run alone: kept in results/bench.json with the rest when there
+    is one (the whole report re-rendered), else in results/streams.{json,md}; its part of the
+    Performance section rewritten either way."""
+    md = render_streams_md(streams)
+    targets = stream_targets(streams["rows"])
+    md_targets = md + "\n" + "\n".join(
+        ["| target | measured | met |", "|---|---|---|"]
+        + [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |" for t in targets]) + "\n"
+    bench = out / "bench.json"
+    if bench.exists():
+        data = json.loads(bench.read_text())
+        data["streams"] = streams
+        report(data, out, no_docs)
+        return
+    (out / "streams.json").write_text(json.dumps(streams, indent=1))
+    (out / "streams.md").write_text("# tokenfuse benchmark: many streams\n\n"
+                                    f"Measured {streams['date']} with `python3 bench/run.py --only streams`.\n\n"
+                                    + md_targets)
+    if not no_docs:
+        update_streams_section(PERFORMANCE_DOC, md)
+    print()
+    print(md_targets)
+    log(f"done in {streams['runtime_s']:.0f} s: {out}/streams.md, streams.json"
+        + ("" if no_docs else f", {PERFORMANCE_DOC.relative_to(ROOT)}"))
+
+
+def update_streams_section(doc: Path, md: str) -> None:
+    """Writes `md` between the stream markers inside the Performance section: in their place
+    when they are there, else before the section's Targets table (or at its end)."""
+    start, end = STREAM_MARKERS
+    block = f"{start}\n{md.rstrip(chr(10))}\n{end}"
+    text = doc.read_text()
+    if start in text and end in text:
+        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    elif "\nTargets (from the performance issue):" in text:
+        text = text.replace("\nTargets (from the performance issue):",
+                            "\n" + block + "\n\nTargets (from the performance issue):", 1)
+    elif MARKERS[1] in text:
+        text = text.replace(MARKERS[1], block + "\n" + MARKERS[1], 1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    doc.write_text(text)
 
 
 def render_svg(data: dict) -> str:
