@@ -643,11 +643,11 @@ STREAM_LABELS = {
 }
 # An answer: content events of STREAM_TEXT_BYTES bytes of English text (about ten tokens;
 # each event ~217 bytes of SSE), a tick every STREAM_INTERVAL_MS. A long answer streams
-# faster (more events per tick), so each lasts about STREAM_TICKS ticks (~30 s).
+# faster (more events per tick), so each lasts about STREAM_TICKS ticks (~20 s).
 STREAM_TEXT_BYTES = 48
 STREAM_EVENT_BYTES = 217
 STREAM_INTERVAL_MS = 100
-STREAM_TICKS = 300
+STREAM_TICKS = 200
 # (streams in flight, answer KB): both lengths at 1,000 streams, and 2,000 streams of the
 # short one for the slope over N.
 STREAM_POINTS = [(1000, 64), (1000, 1024), (2000, 64)]
@@ -658,7 +658,7 @@ STREAM_FRACTIONS = (0.25, 0.9)
 def stream_shape(answer_kb: int, ticks: int = STREAM_TICKS) -> dict:
     """The mock's controls for an answer of about `answer_kb` KB over `ticks` ticks."""
     events = max(1, answer_kb * 1024 // STREAM_EVENT_BYTES)
-    per_tick = max(1, -(-events // ticks))
+    per_tick = max(1, events // ticks)
     return {"events": events, "per_tick": per_tick, "ticks": -(-events // per_tick),
             "duration_s": -(-events // per_tick) * STREAM_INTERVAL_MS / 1e3}
 
@@ -683,7 +683,7 @@ def stream_load(port: int, streams: int, shape: dict, usage: bool) -> subprocess
 
 
 def many_streams(envoy: str, workdir: Path, points: list[tuple[int, int]], configs: list[str],
-                 ticks: int = STREAM_TICKS) -> list[dict]:
+                 ticks: int = STREAM_TICKS, rounds: int = 1) -> list[dict]:
     """For each configuration and (streams, answer KB) point, a fresh Envoy (`--concurrency
     2`, circuit breakers raised past the streams, route timeout past the answers), warmed
     with a few short streams; its RSS idle, then with every stream in flight at
@@ -695,9 +695,9 @@ def many_streams(envoy: str, workdir: Path, points: list[tuple[int, int]], confi
     mock, port = start_stream_mock()
     rows = []
     try:
-        for streams, answer_kb in points:
+        for rnd, (streams, answer_kb) in ((r, p) for r in range(rounds) for p in points):
             shape = stream_shape(answer_kb, ticks)
-            for name in configs:
+            for name in configs[rnd % len(configs):] + configs[:rnd % len(configs)]:
                 kind, plugin, usage = STREAM_CONFIGS[name]
                 e = Envoy(envoy, workdir, kind, port, plugin, spec_extra={
                     "upstream_max_requests": 100_000,
@@ -725,6 +725,8 @@ def many_streams(envoy: str, workdir: Path, points: list[tuple[int, int]], confi
                             for key in ("open", "first_done", "streams"):
                                 if key in msg and key not in events:
                                     events[key] = (t, msg)
+                            if "progress" in msg:
+                                events["progress"] = (t, msg)
 
                     while "open" not in events and client.poll() is None and time.monotonic() - t0 < 120:
                         drain()
@@ -746,7 +748,11 @@ def many_streams(envoy: str, workdir: Path, points: list[tuple[int, int]], confi
                         rss = e.rss_mb()
                         heap = e.heap_mb()
                         wasm_mb, _ = e.wasm_rss_mb()
+                        # How far the client has read: behind the mock's schedule, Envoy
+                        # buffers what it has not written yet (its C++ heap grows).
+                        received = events.get("progress", (0, {"progress": 0}))[1]["progress"]
                         samples.append({"fraction": frac, "rss_mb": rss, "wasm_mb": wasm_mb,
+                                        "received": received / (streams * answer_kb * 1024),
                                         "heap_allocated_mb": heap["allocated"], "heap_free_mb": heap["free"],
                                         "in_flight": "first_done" not in events,
                                         "at_s": time.monotonic() - t0})
@@ -761,7 +767,14 @@ def many_streams(envoy: str, workdir: Path, points: list[tuple[int, int]], confi
                         sys.exit(f"many streams ({name}, {streams}): no summary; "
                                  f"{client.stderr.read()[-1000:] if client.stderr else ''}")
                     kb = (summary["bytes"] - opened["bytes"]) / 1024
-                    row = {"config": name, "streams": streams, "answer_kb": answer_kb,
+                    _, stats = http_get(e.admin, "/stats?filter=(cluster\\.primary\\.upstream_(cx_connect_fail|"
+                                        "cx_connect_timeout|rq_pending_overflow|rq_5xx|cx_overflow|"
+                                        "flow_control_paused_reading_total)|"
+                                        "downstream_flow_control_paused_reading_total)")
+                    envoy_counters = {k.split(".")[-1]: int(v) for k, v in
+                                       re.findall(r"^(\S+): (\d+)$", stats, re.M) if int(v)}
+                    row = {"config": name, "round": rnd, "streams": streams, "answer_kb": answer_kb,
+                           "envoy_counters": envoy_counters,
                            "usage": usage, "shape": shape, "idle_mb": idle_mb,
                            "idle_heap_allocated_mb": idle_heap["allocated"],
                            "idle_heap_free_mb": idle_heap["free"],
@@ -773,7 +786,7 @@ def many_streams(envoy: str, workdir: Path, points: list[tuple[int, int]], confi
                            "cpu_s": cpu_end - cpu_open, "kb": kb,
                            "cpu_us_per_kb": 1e6 * (cpu_end - cpu_open) / kb if kb > 0 else float("nan")}
                     rows.append(row)
-                    per = ", ".join(f"{s['fraction']:.0%}: {s['rss_mb']:.0f} MB "
+                    per = ", ".join(f"{s['fraction']:.0%} (client has {s['received']:.0%}): {s['rss_mb']:.0f} MB "
                                     f"({1024 * (s['rss_mb'] - idle_mb) / streams:.1f} KB/stream, in use "
                                     f"{1024 * (s['rss_mb'] - s['heap_free_mb'] - idle_mb + idle_heap['free']) / streams:.1f}, "
                                     f"C++ heap {1024 * (s['heap_allocated_mb'] - idle_heap['allocated']) / streams:.1f}"
@@ -783,7 +796,8 @@ def many_streams(envoy: str, workdir: Path, points: list[tuple[int, int]], confi
                         f"(wasm {wasm_idle_mb:.1f} MB in {memories}), {per}; "
                         f"{row['ok']}/{streams} ok, {summary['bytes'] / 2**20:.0f} MiB, "
                         f"Envoy {row['cpu_s']:.2f} s CPU = {row['cpu_us_per_kb']:.2f} us/KB"
-                        + (f"; errors {summary['errors']}" if summary["errors"] else ""))
+                        + (f"; errors {summary['errors']}" if summary["errors"] else "")
+                        + (f"; Envoy {envoy_counters}" if envoy_counters else ""))
                 finally:
                     e.stop()
     finally:

@@ -86,6 +86,8 @@ def main() -> None:
                    help="many streams: STREAMSxANSWER_KB points, comma-separated")
     p.add_argument("--stream-ticks", type=int, default=STREAM_TICKS,
                    help="many streams: ticks of 100 ms per answer (its duration)")
+    p.add_argument("--stream-rounds", type=int, default=1,
+                   help="many streams: rounds (configurations in rotated order; medians)")
     p.add_argument("--render-only", action="store_true",
                    help="re-render bench.md/svg and docs/performance.md from an existing results/bench.json")
     args = p.parse_args()
@@ -204,7 +206,7 @@ def main() -> None:
     if not args.no_streams:
         log(f"many streams: {stream_points}, {args.stream_ticks} ticks of 100 ms per answer")
         data["streams"] = {"rows": many_streams(envoy, workdir, stream_points, list(STREAM_CONFIGS),
-                                                args.stream_ticks)}
+                                                args.stream_ticks, args.stream_rounds)}
 
     data["tokenizer"] = count_bench([f for f in prompt_files if "1kb" not in f], rounds=3)
     data["exchange"] = exchange_bench(list(body_files))
@@ -231,8 +233,9 @@ def only_streams(args: argparse.Namespace, points: list[tuple[int, int]]) -> Non
     out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="tokenfuse-bench-"))
     log(f"many streams: {points}, {args.stream_ticks} ticks of 100 ms per answer")
-    rows = many_streams(envoy, workdir, points, list(STREAM_CONFIGS), args.stream_ticks)
-    streams = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    rows = many_streams(envoy, workdir, points, list(STREAM_CONFIGS), args.stream_ticks, args.stream_rounds)
+    streams = {"command": "python3 bench/run.py --only streams"
+               + (f" --stream-rounds {args.stream_rounds}" if args.stream_rounds != 1 else ""), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "machine": machine(), "runtime_s": time.monotonic() - t0, "rows": rows}
     report_streams(streams, out, args.no_docs)
     shutil.rmtree(workdir, ignore_errors=True)

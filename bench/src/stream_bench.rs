@@ -26,7 +26,8 @@
 //! reads every answer to its end (`connection: close`, the chunked body decoded) and checks
 //! it: status 200, `[DONE]` seen, the usage chunk seen when `--usage` asked for it. It prints
 //! one JSON line when every stream has its response headers (`{"open":N,"bytes":B,…}`), one
-//! when the first stream ends (`{"first_done":…}`), and a summary at the end (`{"streams":…,
+//! when the first stream ends (`{"first_done":…}`), the bytes received so far every 250 ms
+//! (`{"progress":B}`), and a summary at the end (`{"streams":…,
 //! "ok":…,"bytes":…}`); exit status 1 if a stream failed. `bytes` are decoded body bytes.
 //!
 //! Standard library only; both halves in one program so the scenario builds one binary.
@@ -415,14 +416,17 @@ fn load(o: &Options) -> Result<bool, String> {
             })
             .map_err(|e| format!("cannot spawn stream thread {i}: {e}"))?;
         handles.push(h);
-        // Connections opened in bursts of 50: the listener's accept queue is not flooded.
-        if i % 50 == 49 {
-            thread::sleep(Duration::from_millis(5));
+        // Connections opened 20 every 10 ms (2,000 a second): the accept queues (Envoy's
+        // listener, and the mock's behind it, 128 deep) are not flooded, or connections wait
+        // for SYN retries past Envoy's upstream connect timeout (2 s) and get 503.
+        if i % 20 == 19 {
+            thread::sleep(Duration::from_millis(10));
         }
     }
     // Every stream with its response headers, or an error: all are in flight.
     let n = o.streams as u64;
     let mut reported_open = false;
+    let mut last_progress = Instant::now();
     loop {
         let finished = outcomes.lock().map(|v| v.len()).unwrap_or(0) as u64;
         if !reported_open && totals.headers.load(Ordering::Relaxed) >= n {
@@ -444,6 +448,11 @@ fn load(o: &Options) -> Result<bool, String> {
         }
         if finished >= n {
             break;
+        }
+        if last_progress.elapsed() >= Duration::from_millis(250) {
+            println!(r#"{{"progress":{}}}"#, totals.bytes.load(Ordering::Relaxed));
+            let _ = std::io::stdout().flush();
+            last_progress = Instant::now();
         }
         thread::sleep(Duration::from_millis(20));
     }
