@@ -467,6 +467,8 @@ def render_streams_md(streams: dict) -> str:
         return ""
     fracs = [s["fraction"] for s in figures[0]["samples"]]
     shape = figures[0]["shape"]
+    when = (f" Measured {streams['date']} with `{streams['command']}` ({streams['runtime_s'] / 60:.0f} min)."
+            if streams.get("command") else "")
     lines = [f"Many streams (`bench/src/stream_bench.rs`; `python3 bench/run.py --only streams` runs it "
              f"alone): N chat completion streams held open through Envoy at once (`--concurrency 2`, a "
              f"fresh Envoy per row, warmed with 20 short streams), each answer {STREAM_TEXT_BYTES}-byte "
@@ -486,7 +488,7 @@ def render_streams_md(streams: dict) -> str:
              "last byte, over the KB streamed meanwhile. The bench config raises the clusters' circuit "
              "breakers (1,024 requests by default) and the route timeout."
              + (f" Medians over {figures[0]['rounds']} rounds (configurations in rotated order)."
-                if figures[0]["rounds"] > 1 else ""), "",
+                if figures[0]["rounds"] > 1 else "") + when, "",
              "| configuration | streams | answer | RSS idle MB | RSS KB/stream | RSS in use KB/stream | "
              "C++ heap KB/stream | Wasm KB/stream | held beyond floor KB/stream | Envoy CPU µs/KB | "
              "ratio to floor | ok |",
@@ -530,16 +532,17 @@ def report_streams(streams: dict, out: Path, no_docs: bool) -> None:
                                     f"Measured {streams['date']} with `python3 bench/run.py --only streams`.\n\n"
                                     + md_targets)
     if not no_docs:
-        update_streams_section(PERFORMANCE_DOC, md)
+        update_streams_section(PERFORMANCE_DOC, md, targets)
     print()
     print(md_targets)
     log(f"done in {streams['runtime_s']:.0f} s: {out}/streams.md, streams.json"
         + ("" if no_docs else f", {PERFORMANCE_DOC.relative_to(ROOT)}"))
 
 
-def update_streams_section(doc: Path, md: str) -> None:
+def update_streams_section(doc: Path, md: str, targets: list[dict]) -> None:
     """Writes `md` between the stream markers inside the Performance section: in their place
-    when they are there, else before the section's Targets table (or at its end)."""
+    when they are there, else before the section's Targets table (or at its end); and the
+    scenario's `targets` into that Targets table, in place of its earlier ones."""
     start, end = STREAM_MARKERS
     block = f"{start}\n{md.rstrip(chr(10))}\n{end}"
     text = doc.read_text()
@@ -552,7 +555,20 @@ def update_streams_section(doc: Path, md: str) -> None:
         text = text.replace(MARKERS[1], block + "\n" + MARKERS[1], 1)
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
-    doc.write_text(text)
+    lines = text.split("\n")
+    head = next((i for i, l in enumerate(lines) if l.startswith("Targets (from the performance issue):")), None)
+    if head is not None:
+        # The table: the rows after its header and separator, up to the first line not a row.
+        end = head + 1
+        while end < len(lines) and not lines[end].startswith("|"):
+            end += 1
+        while end < len(lines) and lines[end].startswith("|"):
+            end += 1
+        theirs = ("| memory per in-flight stream", "| Envoy CPU per streamed KB")
+        table = [l for l in lines[head + 1:end] if not l.startswith(theirs)]
+        table += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |" for t in targets]
+        lines[head + 1:end] = table
+    doc.write_text("\n".join(lines))
 
 
 def render_svg(data: dict) -> str:
