@@ -466,15 +466,16 @@ def render_streams_md(streams: dict) -> str:
     if not figures:
         return ""
     fracs = [s["fraction"] for s in figures[0]["samples"]]
-    shape = figures[0]["shape"]
+    by_kb = {r["answer_kb"]: r["shape"] for r in figures}
+    shapes = "; ".join(f"{kb} KB answers: {sh['events']} events, {sh['per_tick']} per tick (one HTTP chunk), "
+                       f"~{sh['duration_s']:.0f} s" for kb, sh in sorted(by_kb.items()))
     when = (f" Measured {streams['date']} with `{streams['command']}` ({streams['runtime_s'] / 60:.0f} min)."
             if streams.get("command") else "")
     lines = [f"Many streams (`bench/src/stream_bench.rs`; `python3 bench/run.py --only streams` runs it "
              f"alone): N chat completion streams held open through Envoy at once (`--concurrency 2`, a "
              f"fresh Envoy per row, warmed with 20 short streams), each answer {STREAM_TEXT_BYTES}-byte "
              f"text deltas (~218 bytes of SSE per event) written every {STREAM_INTERVAL_MS} ms by a mock "
-             f"that streams them slowly ({shape['ticks']} ticks, ~{shape['duration_s']:.0f} s per answer; "
-             "a longer answer writes more events per tick), with the usage chunk (the client asks for it) "
+             f"that streams them slowly ({shapes}), with the usage chunk (the client asks for it) "
              "or without it (the filter must count the streamed text). Envoy's memory idle, then with all "
              "N in flight at " + " and ".join(f"{f:.0%}" for f in fracs) + " of the answer, per stream "
              "(growth over idle / N, KB): RSS is `VmRSS`; RSS in use is RSS less what tcmalloc holds free "
