@@ -18,7 +18,9 @@
 #   make alerts-test  promtool: check and unit-test envoy/prometheus/ alert rules
 #   make fuzz       each cargo-fuzz target for FUZZ_SECONDS s (default 60); not in test
 #   make bench      Envoy without/with the filter under wrk load, tokenizer and memory
-#                   figures: results/bench.{md,svg,json} + docs/performance.md (~8 min)
+#                   figures, 1,000-2,000 slow SSE streams in flight (memory per stream,
+#                   CPU per streamed KB): results/bench.{md,svg,json} + docs/performance.md
+#                   (~18 min; BENCH_ARGS='--only streams' for the streams alone, ~6 min)
 #   make clean
 
 SHELL := bash
@@ -209,7 +211,8 @@ fuzz:
 ## vs. tokenfuse with a budget vs. a Lua bytes/4 peer under wrk, with Envoy's CPU per
 ## request; the filter's per-request work outside Envoy (native and V8), the cost of each
 ## kind of host call inside Envoy, tokenizer speed (native vs. V8), VM start and memory per
-## worker VM.
+## worker VM; and many streams (bench/src/stream_bench.rs): 1,000 and 2,000 slow SSE answers in
+## flight at once, Envoy's memory per in-flight stream and CPU per streamed KB.
 ## Writes results/bench.{md,svg,json} and the "Performance" section of docs/performance.md.
 ## BENCH_ARGS passes options through, e.g. BENCH_ARGS='--rounds 5' or '--quick --no-docs'.
 BENCH_ARGS ?=
@@ -218,7 +221,7 @@ bench:
 	$(PREREQUISITES) wasm-target cc python-venv node wrk && \
 	$(MAKE) --no-print-directory build envoy && \
 	$(CARGO) build --release --example mock_upstream --example render_envoy \
-	  --example count_bench --example exchange_bench && \
+	  --example count_bench --example exchange_bench --example stream_bench && \
 	$(CARGO) build --release --features testkit --example worst_shapes && \
 	$(CARGO) build --release --target $(WASM_TARGET) \
 	  --example count_bench --example exchange_bench --example floor_filter --example host_calls && \

@@ -35,6 +35,7 @@ WORST_SHAPES = ROOT / "target/release/examples/worst_shapes"
 FLOOR_WASM = ROOT / "target/wasm32-wasip1/release/examples/floor_filter.wasm"
 HOST_CALLS_WASM = ROOT / "target/wasm32-wasip1/release/examples/host_calls.wasm"
 RENDER_ENVOY = ROOT / "target/release/examples/render_envoy"
+STREAM_BENCH = ROOT / "target/release/examples/stream_bench"
 WASI_RUN = ROOT / "scripts/wasi-run.mjs"
 PATH_CHAT = "/v1/chat/completions"
 # Node runs Wasm as Envoy's V8 does: Envoy's host (proxy-wasm-cpp-host) turns Liftoff, V8's
@@ -268,12 +269,14 @@ def render_bootstrap(spec: dict) -> str:
 
 class Envoy:
     def __init__(self, envoy: str, workdir: Path, kind: str, upstream: int, plugin: dict | None,
-                 concurrency: int = 2):
+                 concurrency: int = 2, spec_extra: dict | None = None):
         self.kind = kind
         self.listener = free_port()
         self.admin = free_port()
         cfg = workdir / f"envoy-{kind}-{concurrency}.json"
-        cfg.write_text(render_bootstrap(envoy_spec(kind, self.listener, self.admin, upstream, plugin)))
+        spec = envoy_spec(kind, self.listener, self.admin, upstream, plugin)
+        spec.update(spec_extra or {})
+        cfg.write_text(render_bootstrap(spec))
         self.log_path = workdir / f"envoy-{kind}-{concurrency}.log"
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
@@ -312,6 +315,42 @@ class Envoy:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         return float("nan")
+
+    def wasm_rss_mb(self) -> tuple[float, int]:
+        """The resident part of the Wasm linear memories (MB) and how many there are. V8
+        reserves each memory with its guard region: the accessible pages (read-write,
+        anonymous) right below an inaccessible reservation of 4 GiB and more; nothing else in
+        Envoy maps that shape."""
+        try:
+            text = Path(f"/proc/{self.proc.pid}/smaps").read_text()
+        except OSError:
+            return float("nan"), 0
+        maps = []  # [start, end, perms, rss kB]
+        for line in text.splitlines():
+            head = line.split(maxsplit=2)
+            if head and "-" in head[0] and not head[0].endswith(":"):
+                lo, hi = head[0].split("-")
+                maps.append([int(lo, 16), int(hi, 16), head[1], 0])
+            elif line.startswith("Rss:") and maps:
+                maps[-1][3] = int(line.split()[1])
+        total_kb, count = 0, 0
+        for a, b in zip(maps, maps[1:]):
+            if a[1] == b[0] and a[2].startswith("rw") and b[2] == "---p" and b[1] - b[0] >= 4 << 30:
+                total_kb += a[3]
+                count += 1
+        return total_kb / 1024, count
+
+    def heap_mb(self) -> dict:
+        """tcmalloc's figures from the admin /memory endpoint (MB): `allocated` (in use by
+        Envoy's C++ heap) and `free` (held by the allocator for reuse: the page heap's free
+        pages and the thread caches, resident in RSS but reusable by any later allocation)."""
+        try:
+            _, text = http_get(self.admin, "/memory")
+            m = {k: int(v) for k, v in json.loads(text).items()}
+        except (OSError, ValueError):
+            return {"allocated": float("nan"), "free": float("nan")}
+        return {"allocated": m["allocated"] / 2**20,
+                "free": (m["pageheap_free"] + m["total_thread_cache"]) / 2**20}
 
     def build_times_ms(self) -> list[int]:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -582,6 +621,188 @@ def memory(envoy: str, workdir: Path, upstream: int, body: bytes, concurrencies:
                 f"ready {rows[-1]['ready_s']:.2f} s, builds {rows[-1]['build_ms']}")
     return rows
 
+
+# ---------------------------------------------------------------------------
+# Many streams: thousands of slow SSE answers in flight at once
+# ---------------------------------------------------------------------------
+
+# Configurations of the many-streams scenario: name -> (Envoy kind, plugin config, usage
+# chunk asked for and sent). The last one is the stream whose usage never comes, where the
+# filter must count the streamed text itself.
+STREAM_CONFIGS = {
+    "none": ("none", None, True),
+    "floor": ("floor", None, True),
+    "budget": ("budget", BUDGET_CONFIG, True),
+    "budget_nousage": ("budget", BUDGET_CONFIG, False),
+}
+STREAM_LABELS = {
+    "none": "Envoy, no filter",
+    "floor": "Wasm floor",
+    "budget": "tokenfuse, counting + budget, usage chunk",
+    "budget_nousage": "tokenfuse, counting + budget, no usage chunk (text counted)",
+}
+# An answer: content events of STREAM_TEXT_BYTES bytes of English text (about ten tokens;
+# each event ~217 bytes of SSE), a tick every STREAM_INTERVAL_MS. A long answer streams
+# faster (more events per tick), so each lasts about STREAM_TICKS ticks (~20 s).
+STREAM_TEXT_BYTES = 48
+STREAM_EVENT_BYTES = 217
+STREAM_INTERVAL_MS = 100
+STREAM_TICKS = 200
+# (streams in flight, answer KB): both lengths at 1,000 streams, and 2,000 streams of the
+# short one for the slope over N.
+STREAM_POINTS = [(1000, 64), (1000, 1024), (2000, 64)]
+# Sampled at these fractions of an answer's duration, all streams still in flight.
+STREAM_FRACTIONS = (0.25, 0.9)
+
+
+def stream_shape(answer_kb: int, ticks: int = STREAM_TICKS) -> dict:
+    """The mock's controls for an answer of about `answer_kb` KB over `ticks` ticks."""
+    events = max(1, answer_kb * 1024 // STREAM_EVENT_BYTES)
+    per_tick = max(1, events // ticks)
+    return {"events": events, "per_tick": per_tick, "ticks": -(-events // per_tick),
+            "duration_s": -(-events // per_tick) * STREAM_INTERVAL_MS / 1e3}
+
+
+def start_stream_mock() -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([str(STREAM_BENCH), "mock"], stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline() if proc.stdout else ""
+    m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+    if not m:
+        stop(proc)
+        sys.exit(f"stream mock did not start: {line!r}")
+    return proc, int(m.group(1))
+
+
+def stream_load(port: int, streams: int, shape: dict, usage: bool) -> subprocess.Popen:
+    cmd = [str(STREAM_BENCH), "load", "--port", str(port), "--streams", str(streams),
+           "--events", str(shape["events"]), "--text-bytes", str(STREAM_TEXT_BYTES),
+           "--events-per-tick", str(shape["per_tick"]),
+           "--interval-ms", str(shape.get("interval_ms", STREAM_INTERVAL_MS))]
+    return subprocess.Popen(cmd + (["--usage"] if usage else []), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def many_streams(envoy: str, workdir: Path, points: list[tuple[int, int]], configs: list[str],
+                 ticks: int = STREAM_TICKS, rounds: int = 1) -> list[dict]:
+    """For each configuration and (streams, answer KB) point, a fresh Envoy (`--concurrency
+    2`, circuit breakers raised past the streams, route timeout past the answers), warmed
+    with a few short streams; its RSS idle, then with every stream in flight at
+    STREAM_FRACTIONS of the answer (and the resident Wasm linear memory), and its CPU from
+    the moment every stream has its headers to the end, over the KB streamed meanwhile."""
+    import queue
+    import threading
+
+    mock, port = start_stream_mock()
+    rows = []
+    try:
+        for rnd, (streams, answer_kb) in ((r, p) for r in range(rounds) for p in points):
+            shape = stream_shape(answer_kb, ticks)
+            for name in configs[rnd % len(configs):] + configs[:rnd % len(configs)]:
+                kind, plugin, usage = STREAM_CONFIGS[name]
+                e = Envoy(envoy, workdir, kind, port, plugin, spec_extra={
+                    "upstream_max_requests": 100_000,
+                    "route_timeout_secs": int(shape["duration_s"] * 4 + 60)})
+                try:
+                    warm = stream_load(e.listener, 20, {"events": 20, "per_tick": 1, "interval_ms": 10}, usage)
+                    out, err = warm.communicate(timeout=60)
+                    if warm.returncode != 0:
+                        sys.exit(f"many streams ({name}): warm-up failed: {out[-500:]} {err[-500:]}")
+                    time.sleep(1.0)
+                    idle_mb = e.rss_mb()
+                    idle_heap = e.heap_mb()
+                    wasm_idle_mb, memories = e.wasm_rss_mb()
+                    lines: queue.Queue = queue.Queue()
+                    t0 = time.monotonic()
+                    client = stream_load(e.listener, streams, shape, usage)
+                    threading.Thread(target=lambda: [lines.put((time.monotonic(), json.loads(l)))
+                                                     for l in client.stdout if l.startswith("{")],
+                                     daemon=True).start()
+                    events: dict = {}
+
+                    def drain() -> None:
+                        while not lines.empty():
+                            t, msg = lines.get()
+                            for key in ("open", "first_done", "streams"):
+                                if key in msg and key not in events:
+                                    events[key] = (t, msg)
+                            if "progress" in msg:
+                                events["progress"] = (t, msg)
+
+                    while "open" not in events and client.poll() is None and time.monotonic() - t0 < 120:
+                        drain()
+                        time.sleep(0.02)
+                    drain()
+                    if "open" not in events:
+                        client.kill()
+                        sys.exit(f"many streams ({name}, {streams}): not all streams opened: "
+                                 f"{client.stderr.read()[-1000:] if client.stderr else ''}")
+                    t_open, opened = events["open"]
+                    cpu_open = e.cpu_s()
+                    samples, peak = [], idle_mb
+                    for frac in STREAM_FRACTIONS:
+                        due = max(t_open, t0 + frac * shape["duration_s"])
+                        while time.monotonic() < due:
+                            peak = max(peak, e.rss_mb())
+                            time.sleep(min(0.5, max(0.0, due - time.monotonic())))
+                        drain()
+                        rss = e.rss_mb()
+                        heap = e.heap_mb()
+                        wasm_mb, _ = e.wasm_rss_mb()
+                        # How far the client has read: behind the mock's schedule, Envoy
+                        # buffers what it has not written yet (its C++ heap grows).
+                        received = events.get("progress", (0, {"progress": 0}))[1]["progress"]
+                        samples.append({"fraction": frac, "rss_mb": rss, "wasm_mb": wasm_mb,
+                                        "received": received / (streams * answer_kb * 1024),
+                                        "heap_allocated_mb": heap["allocated"], "heap_free_mb": heap["free"],
+                                        "in_flight": "first_done" not in events,
+                                        "at_s": time.monotonic() - t0})
+                    while client.poll() is None:
+                        peak = max(peak, e.rss_mb())
+                        time.sleep(0.5)
+                    cpu_end = e.cpu_s()
+                    time.sleep(0.1)
+                    drain()
+                    summary = events.get("streams", (0, {}))[1]
+                    if not summary:
+                        sys.exit(f"many streams ({name}, {streams}): no summary; "
+                                 f"{client.stderr.read()[-1000:] if client.stderr else ''}")
+                    kb = (summary["bytes"] - opened["bytes"]) / 1024
+                    _, stats = http_get(e.admin, "/stats?filter=(cluster\\.primary\\.upstream_(cx_connect_fail|"
+                                        "cx_connect_timeout|rq_pending_overflow|rq_5xx|cx_overflow|"
+                                        "flow_control_paused_reading_total)|"
+                                        "downstream_flow_control_paused_reading_total)")
+                    envoy_counters = {k.split(".")[-1]: int(v) for k, v in
+                                       re.findall(r"^(\S+): (\d+)$", stats, re.M) if int(v)}
+                    row = {"config": name, "round": rnd, "streams": streams, "answer_kb": answer_kb,
+                           "envoy_counters": envoy_counters,
+                           "usage": usage, "shape": shape, "idle_mb": idle_mb,
+                           "idle_heap_allocated_mb": idle_heap["allocated"],
+                           "idle_heap_free_mb": idle_heap["free"],
+                           "wasm_idle_mb": wasm_idle_mb, "wasm_memories": memories,
+                           "samples": samples, "peak_mb": peak, "open_s": opened["elapsed_s"],
+                           "ok": summary["ok"], "completed": summary["streams"],
+                           "errors": summary["errors"], "bytes": summary["bytes"],
+                           "min_bytes": summary["min_bytes"], "usage_seen": summary["usage_seen"],
+                           "cpu_s": cpu_end - cpu_open, "kb": kb,
+                           "cpu_us_per_kb": 1e6 * (cpu_end - cpu_open) / kb if kb > 0 else float("nan")}
+                    rows.append(row)
+                    per = ", ".join(f"{s['fraction']:.0%} (client has {s['received']:.0%}): {s['rss_mb']:.0f} MB "
+                                    f"({1024 * (s['rss_mb'] - idle_mb) / streams:.1f} KB/stream, in use "
+                                    f"{1024 * (s['rss_mb'] - s['heap_free_mb'] - idle_mb + idle_heap['free']) / streams:.1f}, "
+                                    f"C++ heap {1024 * (s['heap_allocated_mb'] - idle_heap['allocated']) / streams:.1f}"
+                                    f"{'' if s['in_flight'] else ', NOT all in flight'}; wasm {s['wasm_mb']:.1f} MB)"
+                                    for s in samples)
+                    log(f"many streams: {name:14} {streams} x {answer_kb} KB: idle {idle_mb:.0f} MB "
+                        f"(wasm {wasm_idle_mb:.1f} MB in {memories}), {per}; "
+                        f"{row['ok']}/{streams} ok, {summary['bytes'] / 2**20:.0f} MiB, "
+                        f"Envoy {row['cpu_s']:.2f} s CPU = {row['cpu_us_per_kb']:.2f} us/KB"
+                        + (f"; errors {summary['errors']}" if summary["errors"] else "")
+                        + (f"; Envoy {envoy_counters}" if envoy_counters else ""))
+                finally:
+                    e.stop()
+    finally:
+        stop(mock)
+    return rows
 
 
 # ---------------------------------------------------------------------------

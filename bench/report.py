@@ -15,12 +15,20 @@ import re
 import statistics
 from pathlib import Path
 
-from measure import CASES, CONFIGS, ONE_CONNECTION, ROOT, log
+from measure import (CASES, CONFIGS, ONE_CONNECTION, ROOT, STREAM_INTERVAL_MS, STREAM_LABELS,
+                     STREAM_TEXT_BYTES, log)
 
 COMMAND = "make bench"
+# The Targets table's first words (--only streams finds the table by them).
+TARGETS_HEADING = "Targets (from the performance issue"
 # Where the Performance section goes (between the markers; `--no-docs` leaves it alone).
 PERFORMANCE_DOC = ROOT / "docs/performance.md"
 MARKERS = ("<!-- bench:start -->", "<!-- bench:end -->")
+# The many-streams part, inside the section: `bench/run.py --only streams` rewrites it alone.
+STREAM_MARKERS = ("<!-- bench-streams:start -->", "<!-- bench-streams:end -->")
+# The goals of the many-streams scenario (issue 21).
+STREAM_MEMORY_GOAL_KB = 8.0
+STREAM_CPU_GOAL_RATIO = 2.0
 
 
 def slope(points: list[tuple[float, float]]) -> float:
@@ -334,7 +342,9 @@ def render_md(data: dict) -> str:
                 else:
                     cells.append(f"{r['rss_mb']:.0f}")
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    lines += ["", "Targets (from the performance issues; the per-request CPU goals as issue 21 restated them):", "",
+    if data.get("streams", {}).get("rows"):
+        lines += ["", STREAM_MARKERS[0], render_streams_md(data["streams"]).rstrip("\n"), STREAM_MARKERS[1]]
+    lines += ["", TARGETS_HEADING + "s; the per-request CPU goals as issue 21 restated them):", "",
               "| target | measured | met |", "|---|---|---|"]
     for t in data["targets"]:
         lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |")
@@ -385,7 +395,202 @@ def targets(data: dict) -> list[dict]:
         f["per_worker_mb"]["o200k_enc"] < 16)
     add("memory < 16 MB per worker VM per encoding (cl100k_base)", f"{f['per_worker_mb']['cl100k_enc']:.1f} MB",
         f["per_worker_mb"]["cl100k_enc"] < 16)
+    out += stream_targets(data.get("streams", {}).get("rows") or [])
     return out
+
+
+# ---------------------------------------------------------------------------
+# Many streams
+# ---------------------------------------------------------------------------
+
+
+def stream_figures(rows: list[dict]) -> list[dict]:
+    """Per run and sample, per in-flight stream (KB: growth over idle, over the streams):
+    `rss` (VmRSS), `in_use` (VmRSS less what tcmalloc holds free for reuse: RSS alone hides
+    a configuration's streams in memory its start freed), `heap` (tcmalloc `allocated`) and
+    `wasm` (resident Wasm linear memory), `held` (heap + Wasm: what the streams hold); `held`
+    and `in_use` beyond the floor's at the same point and fraction; CPU per streamed KB and its
+    ratio to the floor's."""
+    floor = {(r.get("round", 0), r["streams"], r["answer_kb"]): r for r in rows if r["config"] == "floor"}
+
+    def per(r: dict, what: str) -> list[float]:
+        n = r["streams"] / 1024
+        if what == "rss":
+            return [(s["rss_mb"] - r["idle_mb"]) / n for s in r["samples"]]
+        if what == "in_use":
+            return [((s["rss_mb"] - s["heap_free_mb"]) - (r["idle_mb"] - r["idle_heap_free_mb"])) / n
+                    for s in r["samples"]]
+        if what == "heap":
+            return [(s["heap_allocated_mb"] - r["idle_heap_allocated_mb"]) / n for s in r["samples"]]
+        if what == "held":
+            return [(s["heap_allocated_mb"] - r["idle_heap_allocated_mb"] + s["wasm_mb"] - r["wasm_idle_mb"]) / n
+                    for s in r["samples"]]
+        return [(s["wasm_mb"] - r["wasm_idle_mb"]) / n for s in r["samples"]]
+
+    out = []
+    for r in rows:
+        f = floor.get((r.get("round", 0), r["streams"], r["answer_kb"]))
+        mine = {w: per(r, w) for w in ("rss", "in_use", "heap", "wasm", "held")}
+        base = per(f, "held") if f else [float("nan")] * len(r["samples"])
+        base_rss = per(f, "in_use") if f else [float("nan")] * len(r["samples"])
+        out.append(dict(r, per_stream_kb=mine, beyond_floor_kb=[a - b for a, b in zip(mine["held"], base)],
+                        beyond_floor_in_use_kb=[a - b for a, b in zip(mine["in_use"], base_rss)],
+                        cpu_ratio_to_floor=r["cpu_us_per_kb"] / f["cpu_us_per_kb"] if f else float("nan")))
+    return medians(out)
+
+
+def medians(figures: list[dict]) -> list[dict]:
+    """One row per configuration and point: each figure the median over the rounds (the
+    ratios and the beyond-the-floor figures are per round first, then the median)."""
+    groups: dict = {}
+    for r in figures:
+        groups.setdefault((r["config"], r["streams"], r["answer_kb"]), []).append(r)
+    out = []
+    for rs in groups.values():
+        m = dict(rs[0], rounds=len(rs), ok=min(r["ok"] for r in rs))
+        for key in ("idle_mb", "cpu_us_per_kb", "cpu_ratio_to_floor", "wasm_idle_mb"):
+            m[key] = statistics.median(r[key] for r in rs)
+        for key in ("beyond_floor_kb", "beyond_floor_in_use_kb"):
+            m[key] = [statistics.median(xs) for xs in zip(*(r[key] for r in rs))]
+        m["per_stream_kb"] = {w: [statistics.median(xs) for xs in zip(*(r["per_stream_kb"][w] for r in rs))]
+                              for w in rs[0]["per_stream_kb"]}
+        m["samples"] = [dict(s, in_flight=all(r["samples"][i]["in_flight"] for r in rs))
+                        for i, s in enumerate(rs[0]["samples"])]
+        out.append(m)
+    return out
+
+
+def stream_targets(rows: list[dict]) -> list[dict]:
+    """The scenario's goals, per tokenfuse configuration and answer length: memory per
+    in-flight stream beyond the floor ≤ 8 KB (the worst sample over stream counts and
+    progress) and CPU per streamed KB ≤ 2× the floor's (the worst stream count)."""
+    figures = stream_figures(rows)
+    out = []
+    for name in ("budget", "budget_nousage"):
+        for kb in sorted({r["answer_kb"] for r in figures}):
+            mine = [r for r in figures if r["config"] == name and r["answer_kb"] == kb]
+            if not mine:
+                continue
+            label = f"{STREAM_LABELS[name]}, {kb} KB answers"
+            mem = max(x for r in mine for x in r["beyond_floor_kb"])
+            rss = max(x for r in mine for x in r["beyond_floor_in_use_kb"])
+            out.append({"target": f"memory per in-flight stream beyond the floor ≤ {STREAM_MEMORY_GOAL_KB:.0f} KB "
+                                  f"({label}; C++ heap + Wasm memory)",
+                        "measured": f"{mem:.1f} KB (RSS in use: {rss:+.1f} KB)", "met": mem <= STREAM_MEMORY_GOAL_KB})
+            cpu = max(r["cpu_ratio_to_floor"] for r in mine)
+            out.append({"target": f"Envoy CPU per streamed KB ≤ {STREAM_CPU_GOAL_RATIO:.0f}× the floor's ({label})",
+                        "measured": f"{cpu:.2f}×", "met": cpu <= STREAM_CPU_GOAL_RATIO})
+    return out
+
+
+def render_streams_md(streams: dict) -> str:
+    figures = stream_figures(streams["rows"])
+    if not figures:
+        return ""
+    fracs = [s["fraction"] for s in figures[0]["samples"]]
+    by_kb = {r["answer_kb"]: r["shape"] for r in figures}
+    shapes = "; ".join(f"{kb} KB answers: {sh['events']} events, {sh['per_tick']} per tick (one HTTP chunk), "
+                       f"~{sh['duration_s']:.0f} s" for kb, sh in sorted(by_kb.items()))
+    when = (f" Measured {streams['date']} with `{streams['command']}` ({streams['runtime_s'] / 60:.0f} min)."
+            if streams.get("command") else "")
+    lines = [f"Many streams (`bench/src/stream_bench.rs`; `python3 bench/run.py --only streams` runs it "
+             f"alone): N chat completion streams held open through Envoy at once (`--concurrency 2`, a "
+             f"fresh Envoy per row, warmed with 20 short streams), each answer {STREAM_TEXT_BYTES}-byte "
+             f"text deltas (~218 bytes of SSE per event) written every {STREAM_INTERVAL_MS} ms by a mock "
+             f"that streams them slowly ({shapes}), with the usage chunk (the client asks for it) "
+             "or without it (the filter must count the streamed text). Envoy's memory idle, then with all "
+             "N in flight at " + " and ".join(f"{f:.0%}" for f in fracs) + " of the answer, per stream "
+             "(growth over idle / N, KB): RSS is `VmRSS`; RSS in use is RSS less what tcmalloc holds free "
+             "for reuse (admin `/memory`: free page heap and thread caches) — RSS alone hides a "
+             "configuration's streams in memory its own start freed (tokenfuse frees ~80 MB it used to "
+             "build its tokenizers, and 1,000 streams fit in it), and RSS in use still moves by several KB "
+             "per stream between runs of one configuration with what the thread caches hold; C++ heap is "
+             "tcmalloc's `allocated` (Envoy's own objects and buffers), Wasm the resident part of the "
+             "VMs' linear memories (V8 never returns it); held beyond the floor is C++ heap + Wasm minus "
+             "the Wasm floor's at the same point — exact, and what the goal is checked on. Envoy CPU (user + system) from the moment every stream has its headers to the "
+             "last byte, over the KB streamed meanwhile. The bench config raises the clusters' circuit "
+             "breakers (1,024 requests by default) and the route timeout."
+             + (f" Medians over {figures[0]['rounds']} rounds (configurations in rotated order)."
+                if figures[0]["rounds"] > 1 else "") + when, "",
+             "| configuration | streams | answer | RSS idle MB | RSS KB/stream | RSS in use KB/stream | "
+             "C++ heap KB/stream | Wasm KB/stream | held beyond floor KB/stream | Envoy CPU µs/KB | "
+             "ratio to floor | ok |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def both(xs: list[float]) -> str:
+        return " / ".join(f"{x:.1f}" for x in xs)
+
+    for r in sorted(figures, key=lambda r: (r["answer_kb"], r["streams"], list(STREAM_LABELS).index(r["config"]))):
+        p = r["per_stream_kb"]
+        dagger = "" if all(s["in_flight"] for s in r["samples"]) else " †"
+        beyond = " / ".join(f"{b:+.1f}" for b in r["beyond_floor_kb"]) if r["config"] != "floor" else "—"
+        ratio = f"{r['cpu_ratio_to_floor']:.2f}" if r["config"] != "floor" else "—"
+        answer = f"{r['answer_kb']} KB" if r["answer_kb"] < 1024 else f"{r['answer_kb'] // 1024} MB"
+        lines.append(f"| {STREAM_LABELS[r['config']]} | {r['streams']} | {answer} | {r['idle_mb']:.0f} | "
+                     f"{both(p['rss'])}{dagger} | {both(p['in_use'])} | {both(p['heap'])} | {both(p['wasm'])} | "
+                     f"{beyond} | {r['cpu_us_per_kb']:.2f} | {ratio} | {r['ok']}/{r['streams']} |")
+    lines += ["", "Two figures per cell: at " + " and at ".join(f"{f:.0%}" for f in fracs) + " of the answer."]
+    if any(not s["in_flight"] for r in figures for s in r["samples"]):
+        lines += ["† a sample taken after the first stream had ended."]
+    return "\n".join(lines) + "\n"
+
+
+def report_streams(streams: dict, out: Path, no_docs: bool) -> None:
+    """The many-streams scenario run alone: kept in results/bench.json with the rest when there
+    is one (the whole report re-rendered), else in results/streams.{json,md}; its part of the
+    Performance section rewritten either way."""
+    md = render_streams_md(streams)
+    targets = stream_targets(streams["rows"])
+    md_targets = md + "\n" + "\n".join(
+        ["| target | measured | met |", "|---|---|---|"]
+        + [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |" for t in targets]) + "\n"
+    bench = out / "bench.json"
+    if bench.exists():
+        data = json.loads(bench.read_text())
+        data["streams"] = streams
+        report(data, out, no_docs)
+        return
+    (out / "streams.json").write_text(json.dumps(streams, indent=1))
+    (out / "streams.md").write_text("# tokenfuse benchmark: many streams\n\n"
+                                    f"Measured {streams['date']} with `python3 bench/run.py --only streams`.\n\n"
+                                    + md_targets)
+    if not no_docs:
+        update_streams_section(PERFORMANCE_DOC, md, targets)
+    print()
+    print(md_targets)
+    log(f"done in {streams['runtime_s']:.0f} s: {out}/streams.md, streams.json"
+        + ("" if no_docs else f", {PERFORMANCE_DOC.relative_to(ROOT)}"))
+
+
+def update_streams_section(doc: Path, md: str, targets: list[dict]) -> None:
+    """Writes `md` between the stream markers inside the Performance section: in their place
+    when they are there, else before the section's Targets table (or at its end); and the
+    scenario's `targets` into that Targets table, in place of its earlier ones."""
+    start, end = STREAM_MARKERS
+    block = f"{start}\n{md.rstrip(chr(10))}\n{end}"
+    text = doc.read_text()
+    if start in text and end in text:
+        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    elif "\n" + TARGETS_HEADING in text:
+        text = text.replace("\n" + TARGETS_HEADING, "\n" + block + "\n\n" + TARGETS_HEADING, 1)
+    elif MARKERS[1] in text:
+        text = text.replace(MARKERS[1], block + "\n" + MARKERS[1], 1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    lines = text.split("\n")
+    head = next((i for i, l in enumerate(lines) if l.startswith(TARGETS_HEADING)), None)
+    if head is not None:
+        # The table: the rows after its header and separator, up to the first line not a row.
+        end = head + 1
+        while end < len(lines) and not lines[end].startswith("|"):
+            end += 1
+        while end < len(lines) and lines[end].startswith("|"):
+            end += 1
+        theirs = ("| memory per in-flight stream", "| Envoy CPU per streamed KB")
+        table = [l for l in lines[head + 1:end] if not l.startswith(theirs)]
+        table += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |" for t in targets]
+        lines[head + 1:end] = table
+    doc.write_text("\n".join(lines))
 
 
 def render_svg(data: dict) -> str:

@@ -26,7 +26,14 @@ into results/bench.{json,md,svg} and the Performance section of docs/performance
 (between `<!-- bench:start -->` and `<!-- bench:end -->`). Timings belong here, never in
 tests.
 
+* Many streams (bench/src/stream_bench.rs): 1,000 and 2,000 chat completion streams held
+  open through Envoy at once, each a long answer (64 KB or 1 MB of SSE over ~30 s) from a mock
+  that streams slowly, with and without the usage chunk: Envoy's RSS per in-flight stream and
+  its CPU per streamed KB, no filter vs the Wasm floor vs tokenfuse. `--only streams` runs
+  this scenario alone (and rewrites only its part of the Performance section).
+
     python3 bench/run.py [--rounds 3] [--duration 5] [--no-lua] [--quick] [--no-docs]
+    python3 bench/run.py --only streams [--stream-points 1000x64,1000x1024,2000x64]
 
 Expects (the Makefile's `bench` target builds them): the filter
 target/wasm32-wasip1/release/tokenfuse.wasm, the release examples mock_upstream,
@@ -49,13 +56,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from measure import (CASES, COUNT_NATIVE, COUNT_WASM, EXCHANGE_NATIVE, EXCHANGE_WASM, FLOOR_WASM,
+from measure import (STREAM_BENCH, STREAM_CONFIGS, STREAM_POINTS, STREAM_TICKS, many_streams,
+                     CASES, COUNT_NATIVE, COUNT_WASM, EXCHANGE_NATIVE, EXCHANGE_WASM, FLOOR_WASM,
                      HOST_CALLS_WASM, MOCK, ONE_CONNECTION, PLUGINS, RENDER_ENVOY, ROOT, WASM,
                      WORST_SHAPES, Envoy, agent_pool, count_bench, envoy_binary, exchange_bench,
                      FLOOD_POINTS, cache_flood, free_port, host_calls, log, machine, memory, mixed_text,
                      prompt_pool, run_wrk,
                      sanity, start_mock, stop, worst_shapes, wrk_script)
-from report import analyse, report, summarise
+from report import analyse, report, report_streams, summarise
 
 
 def main() -> None:
@@ -71,6 +79,15 @@ def main() -> None:
     p.add_argument("--no-docs", "--no-readme", dest="no_docs", action="store_true",
                    help="do not rewrite the Performance section of docs/performance.md")
     p.add_argument("--out", default="results")
+    p.add_argument("--only", choices=["streams"],
+                   help="run one scenario alone: `streams`, the many-streams scenario")
+    p.add_argument("--no-streams", action="store_true", help="leave out the many-streams scenario")
+    p.add_argument("--stream-points", default=",".join(f"{n}x{kb}" for n, kb in STREAM_POINTS),
+                   help="many streams: STREAMSxANSWER_KB points, comma-separated")
+    p.add_argument("--stream-ticks", type=int, default=STREAM_TICKS,
+                   help="many streams: ticks of 100 ms per answer (its duration)")
+    p.add_argument("--stream-rounds", type=int, default=1,
+                   help="many streams: rounds (configurations in rotated order; medians)")
     p.add_argument("--render-only", action="store_true",
                    help="re-render bench.md/svg and docs/performance.md from an existing results/bench.json")
     args = p.parse_args()
@@ -82,12 +99,18 @@ def main() -> None:
         return
     if args.quick:
         args.rounds, args.duration, args.warmup = 1, 2, 1
+    stream_points = [tuple(int(x) for x in p.split("x")) for p in args.stream_points.split(",") if p]
+    if args.quick and args.stream_points == p.get_default("stream_points"):
+        stream_points, args.stream_ticks = [(200, 64)], 100
+    if args.only == "streams":
+        only_streams(args, stream_points)
+        return
     t0 = time.monotonic()
     # `make bench` passes its own start (epoch seconds), so the builds count too.
     make_started = float(os.environ.get("BENCH_STARTED", "0")) or None
     envoy = envoy_binary()
     for need in (WASM, FLOOR_WASM, HOST_CALLS_WASM, MOCK, RENDER_ENVOY, COUNT_NATIVE, COUNT_WASM, EXCHANGE_NATIVE,
-                 EXCHANGE_WASM, WORST_SHAPES, Path(envoy)):
+                 EXCHANGE_WASM, WORST_SHAPES, STREAM_BENCH, Path(envoy)):
         if not need.exists():
             sys.exit(f"missing {need}: run `make bench` (it builds everything first)")
     if not shutil.which("wrk"):
@@ -182,6 +205,10 @@ def main() -> None:
                                           FLOOD_POINTS[:3] if args.quick else FLOOD_POINTS)
     finally:
         stop(mock)
+    if not args.no_streams:
+        log(f"many streams: {stream_points}, {args.stream_ticks} ticks of 100 ms per answer")
+        data["streams"] = {"rows": many_streams(envoy, workdir, stream_points, list(STREAM_CONFIGS),
+                                                args.stream_ticks, args.stream_rounds)}
 
     data["tokenizer"] = count_bench([f for f in prompt_files if "1kb" not in f], rounds=3)
     data["exchange"] = exchange_bench(list(body_files))
@@ -193,6 +220,26 @@ def main() -> None:
     data["total_s"] = time.time() - make_started if make_started else None
     (out / "bench.json").write_text(json.dumps(data, indent=1))
     report(data, out, args.no_docs)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def only_streams(args: argparse.Namespace, points: list[tuple[int, int]]) -> None:
+    """The many-streams scenario alone: its figures go into results/bench.json (kept with the
+    rest when there is one) and its part of the report is rendered on its own."""
+    envoy = envoy_binary()
+    for need in (WASM, FLOOR_WASM, RENDER_ENVOY, STREAM_BENCH, Path(envoy)):
+        if not need.exists():
+            sys.exit(f"missing {need}: run `make bench` (it builds everything first)")
+    t0 = time.monotonic()
+    out = ROOT / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="tokenfuse-bench-"))
+    log(f"many streams: {points}, {args.stream_ticks} ticks of 100 ms per answer")
+    rows = many_streams(envoy, workdir, points, list(STREAM_CONFIGS), args.stream_ticks, args.stream_rounds)
+    streams = {"command": "python3 bench/run.py --only streams"
+               + (f" --stream-rounds {args.stream_rounds}" if args.stream_rounds != 1 else ""), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+               "machine": machine(), "runtime_s": time.monotonic() - t0, "rows": rows}
+    report_streams(streams, out, args.no_docs)
     shutil.rmtree(workdir, ignore_errors=True)
 
 

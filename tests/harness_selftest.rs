@@ -261,6 +261,46 @@ fn the_identity_edge_is_left_out_unless_asked_for_and_the_wasm_filter_comes_firs
 }
 
 #[test]
+fn raised_circuit_breakers_go_on_both_upstream_clusters_and_are_envoys_defaults_otherwise() {
+    let clusters = |spec: &EnvoySpec| -> Vec<(String, Value)> {
+        rendered(spec)["static_resources"]["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["name"].as_str().unwrap().to_string(),
+                    c["circuit_breakers"].clone(),
+                )
+            })
+            .collect()
+    };
+    let base = EnvoySpec {
+        wasm: Some(wasm_path()),
+        ..EnvoySpec::default()
+    };
+    for (name, breakers) in clusters(&base) {
+        assert_eq!(
+            breakers,
+            Value::Null,
+            "{name} has circuit breakers as shipped"
+        );
+    }
+    let raised = clusters(&EnvoySpec {
+        upstream_max_requests: Some(5000),
+        ..base
+    });
+    for name in ["primary", "economy"] {
+        let (_, breakers) = raised.iter().find(|(n, _)| n == name).unwrap();
+        let t = &breakers["thresholds"][0];
+        assert_eq!(t["priority"], "DEFAULT", "{name}");
+        for field in ["max_connections", "max_pending_requests", "max_requests"] {
+            assert_eq!(t[field], 5000, "{name} {field}");
+        }
+    }
+}
+
+#[test]
 fn a_shipped_file_without_what_the_renderer_changes_is_refused_with_its_name() {
     let shipped = envoy_config::shipped().unwrap();
     let spec = EnvoySpec {
@@ -312,6 +352,14 @@ fn every_kind_of_rendered_bootstrap_passes_envoy_validate() {
                 extra_bootstrap_yaml: Some(
                     "stats_config: { use_all_default_tags: false }\n".into(),
                 ),
+                ..base.clone()
+            },
+        ),
+        (
+            "many-streams",
+            EnvoySpec {
+                upstream_max_requests: Some(100_000),
+                route_timeout_secs: 600,
                 ..base.clone()
             },
         ),

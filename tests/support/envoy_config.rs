@@ -11,6 +11,9 @@
 //! - the Wasm module's path (absolute: Envoy runs in a scratch directory), the plugin
 //!   `configuration` string and its `failure_policy`;
 //! - the routes' `timeout` and the listener's `per_connection_buffer_limit_bytes`;
+//! - the circuit breakers of clusters `primary` and `economy`, when the spec sets
+//!   [`EnvoySpec::upstream_max_requests`] (the many-streams benchmark holds more requests in
+//!   flight than Envoy's default thresholds, 1,024, allow);
 //! - the identity edge, the Lua filter in front of the Wasm filter, is dropped unless
 //!   [`EnvoySpec::identity_edge`] keeps it. It removes a client's `x-tenant` and
 //!   `x-tokenfuse-priority` and sets them from the demo's API keys; the tests play that auth
@@ -93,6 +96,10 @@ pub struct EnvoySpec {
     pub buffer_limit_bytes: u32,
     /// Route timeout in seconds. Default 60, as shipped.
     pub route_timeout_secs: u32,
+    /// When set, the circuit breakers of clusters `primary` and `economy` (default priority)
+    /// allow this many connections, pending requests and requests at once, instead of
+    /// Envoy's default 1,024 each (as shipped: `envoy/envoy.yaml` sets none).
+    pub upstream_max_requests: Option<u32>,
     /// `-l` level. Default `$TOKENFUSE_ENVOY_LOG_LEVEL` or `info`.
     pub log_level: String,
     /// More command-line arguments, e.g. `["--component-log-level", "wasm:debug"]`.
@@ -117,6 +124,7 @@ impl Default for EnvoySpec {
             failure_policy: "FAIL_RELOAD".to_string(),
             buffer_limit_bytes: 4 * 1024 * 1024,
             route_timeout_secs: 60,
+            upstream_max_requests: None,
             log_level: std::env::var("TOKENFUSE_ENVOY_LOG_LEVEL")
                 .unwrap_or_else(|_| "info".to_string()),
             extra_args: Vec::new(),
@@ -175,10 +183,13 @@ pub fn render(shipped: &str, spec: &EnvoySpec) -> Result<Value, String> {
         ("primary", spec.primary_port),
         ("economy", spec.economy_port),
     ] {
-        set_cluster_port(
-            named(&mut bootstrap, "/static_resources/clusters", cluster)?,
-            port,
-        )?;
+        let cluster = named(&mut bootstrap, "/static_resources/clusters", cluster)?;
+        set_cluster_port(cluster, port)?;
+        if let Some(max) = spec.upstream_max_requests {
+            cluster["circuit_breakers"] = json!({"thresholds": [{
+                "priority": "DEFAULT", "max_connections": max,
+                "max_pending_requests": max, "max_requests": max}]});
+        }
     }
     if let Some(yaml) = &spec.extra_clusters_yaml {
         let Value::Array(more) = single_document(yaml, "extra_clusters_yaml")? else {
