@@ -261,7 +261,7 @@ fn the_identity_edge_is_left_out_unless_asked_for_and_the_wasm_filter_comes_firs
 }
 
 #[test]
-fn raised_circuit_breakers_go_on_both_upstream_clusters_and_are_envoys_defaults_otherwise() {
+fn raised_circuit_breakers_go_on_both_upstream_clusters_and_are_as_shipped_otherwise() {
     let clusters = |spec: &EnvoySpec| -> Vec<(String, Value)> {
         rendered(spec)["static_resources"]["clusters"]
             .as_array()
@@ -279,12 +279,15 @@ fn raised_circuit_breakers_go_on_both_upstream_clusters_and_are_envoys_defaults_
         wasm: Some(wasm_path()),
         ..EnvoySpec::default()
     };
+    // As shipped: 10,000 connections, pending requests and requests on each LLM cluster
+    // (Envoy's default 1,024 queues long streams past the 1,024th).
     for (name, breakers) in clusters(&base) {
-        assert_eq!(
-            breakers,
-            Value::Null,
-            "{name} has circuit breakers as shipped"
-        );
+        if name == "primary" || name == "economy" {
+            let t = &breakers["thresholds"][0];
+            for field in ["max_connections", "max_pending_requests", "max_requests"] {
+                assert_eq!(t[field], 10_000, "{name} {field} as shipped");
+            }
+        }
     }
     let raised = clusters(&EnvoySpec {
         upstream_max_requests: Some(5000),

@@ -94,11 +94,11 @@ pub struct EnvoySpec {
     pub failure_policy: String,
     /// The listener's `per_connection_buffer_limit_bytes`. Default 4 MiB, as shipped.
     pub buffer_limit_bytes: u32,
-    /// Route timeout in seconds. Default 60, as shipped.
+    /// Route timeout in seconds. Default 600, as shipped.
     pub route_timeout_secs: u32,
     /// When set, the circuit breakers of clusters `primary` and `economy` (default priority)
     /// allow this many connections, pending requests and requests at once, instead of
-    /// Envoy's default 1,024 each (as shipped: `envoy/envoy.yaml` sets none).
+    /// the 10,000 each `envoy/envoy.yaml` ships.
     pub upstream_max_requests: Option<u32>,
     /// `-l` level. Default `$TOKENFUSE_ENVOY_LOG_LEVEL` or `info`.
     pub log_level: String,
@@ -123,7 +123,7 @@ impl Default for EnvoySpec {
             wasm: None,
             failure_policy: "FAIL_RELOAD".to_string(),
             buffer_limit_bytes: 4 * 1024 * 1024,
-            route_timeout_secs: 60,
+            route_timeout_secs: 600,
             upstream_max_requests: None,
             log_level: std::env::var("TOKENFUSE_ENVOY_LOG_LEVEL")
                 .unwrap_or_else(|_| "info".to_string()),
