@@ -126,6 +126,16 @@ impl Bpe {
         self.walk(text, None, &mut |_| {})
     }
 
+    /// Forget every remembered pair merge and piece; the memos stay allocated. The next
+    /// count costs what a VM's first count of text it has never seen costs (benchmarks of
+    /// first-seen text use it; counts are the same either way).
+    pub fn forget(&self) {
+        self.joins.clear();
+        if let Ok(mut memo) = self.pieces.lock() {
+            memo.clear();
+        }
+    }
+
     /// Bytes the memo of merged pieces holds (0 until a count has merged a piece).
     pub fn memo_bytes(&self) -> usize {
         self.pieces.try_lock().map_or(0, |m| m.heap_bytes())

@@ -102,6 +102,13 @@ impl Pieces {
         }
     }
 
+    /// Forget every piece (the slots stay allocated).
+    pub(super) fn clear(&mut self) {
+        for slot in self.slots.iter_mut() {
+            slot.len = 0;
+        }
+    }
+
     /// Bytes the memo holds (0 until a piece is stored).
     pub(super) fn heap_bytes(&self) -> usize {
         self.slots.len().saturating_mul(SLOT_BYTES)
@@ -169,6 +176,15 @@ mod tests {
         memo.remember(slot_of(&b), &a, 7);
         assert_eq!(memo.count_or(&b, || 8), 8);
         assert_eq!(memo.count_or(&b, || unreachable!()), 8);
+    }
+
+    #[test]
+    fn a_cleared_memo_merges_again() {
+        let mut memo = Pieces::new();
+        memo.count_or(b"tokenfuse", || 3);
+        memo.clear();
+        assert_eq!(memo.count_or(b"tokenfuse", || 4), 4);
+        assert_eq!(memo.heap_bytes(), SLOTS * SLOT_BYTES);
     }
 
     #[test]
