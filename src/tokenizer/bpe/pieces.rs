@@ -115,17 +115,21 @@ impl Pieces {
     }
 }
 
-/// The slot of `piece` (1 to [`MAX_PIECE`] bytes).
+/// The slot of `piece` (1 to [`MAX_PIECE`] bytes): a hash of its length and of its first
+/// and last eight bytes (overlapping in pieces shorter than 16), one multiply. Pieces that
+/// share those bytes and their length share a slot and evict each other; they are never
+/// taken for each other (a hit compares every byte).
 #[inline(always)]
 fn slot_of(piece: &[u8]) -> usize {
     use super::hash;
-    let h = if piece.len() <= hash::MEDIUM_MAX {
-        hash::short_hash(hash::load_short(piece), piece.len())
+    let n = piece.len();
+    let key = if n <= hash::MEDIUM_MAX {
+        hash::load_short(piece)
     } else {
-        hash::long_hash(piece)
+        hash::load8(piece, 0) ^ hash::load8(piece, n.saturating_sub(8)).rotate_left(29)
     };
-    // The top bits: the multiply in both hashes mixes every input bit into them.
-    (h >> SLOT_SHIFT) as usize
+    // The top bits: the multiply mixes every input bit into them.
+    (hash::short_hash(key, n) >> SLOT_SHIFT) as usize
 }
 
 #[cfg(test)]
