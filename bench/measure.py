@@ -482,7 +482,9 @@ def peer_bench(rounds: int, encodings: list[str]) -> list[dict]:
     node = os.environ.get("NODE", "node")
     for label, cmd in (
         ("native", [str(PEERS_NATIVE)]),
-        ("wasm32-wasip1 (V8)", [node, *V8_FLAGS, str(WASI_RUN), str(PEERS_WASM)]),
+        # --no-turbo-fast-api-calls: the peers grow the module's memory by hundreds of MB,
+        # which exposes Node 20 to the crash scripts/wasi-run.mjs describes (SIGSEGV here).
+        ("wasm32-wasip1 (V8)", [node, *V8_FLAGS, "--no-turbo-fast-api-calls", str(WASI_RUN), str(PEERS_WASM)]),
     ):
         log(f"tokenizer peers: {label}")
         args = ["--rounds", str(rounds)] + [a for e in encodings for a in ("--encoding", e)]
