@@ -432,11 +432,12 @@ def render_peers(rows: list[dict]) -> list[str]:
                                  + (f" | {lead:.2f}× |" if lead == lead else " | n/a |"))
             if problems:
                 lines += [""] + [f"({n}) {problem}" for problem, n in problems.items()]
-    builds = [r for r in rows if r["kind"] == "peer_build"]
+    builds = {(r["peer"], r["target"], r["encoding"]): r["build_ms"] for r in rows if r["kind"] == "peer_build"}
     if builds:
-        lines += ["", "Build time per instance, ms (native / V8): " + "; ".join(
-            f"{p} " + " / ".join(f"{b['build_ms']:.0f}" for b in builds if b["peer"] == p
-                                 and b["encoding"] == builds[0]["encoding"])
+        enc = next(iter(builds))[2]
+        lines += ["", f"Build time of one instance ({enc}), ms, native / V8: " + "; ".join(
+            f"{p} " + " / ".join(f"{builds[(p, t, enc)]:.0f}" if (p, t, enc) in builds else "n/a"
+                                 for t in ("native", "wasm32-wasip1"))
             for p in peers) + "."]
     return lines
 
