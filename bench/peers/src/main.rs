@@ -74,7 +74,10 @@ fn options() -> Result<Options, String> {
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or(format!("{arg} needs a value"));
-        let number = |v: String| v.parse::<usize>().map_err(|_| format!("{arg}: not a number"));
+        let number = |v: String| {
+            v.parse::<usize>()
+                .map_err(|_| format!("{arg}: not a number"))
+        };
         match arg.as_str() {
             "--rounds" => o.rounds = number(value()?)?.max(1),
             "--passes" => o.passes = number(value()?)?.max(1),
@@ -180,7 +183,13 @@ fn run() -> Result<(), String> {
                 Err(e) => {
                     for (kind, text) in &texts {
                         for mode in ["first-seen", "recurring"] {
-                            row(kind, text.len(), 0, mode, format!("\"error\":{}", quoted(&format!("does not build: {e}"))));
+                            row(
+                                kind,
+                                text.len(),
+                                0,
+                                mode,
+                                format!("\"error\":{}", quoted(&format!("does not build: {e}"))),
+                            );
                         }
                     }
                     continue;
@@ -202,7 +211,13 @@ fn run() -> Result<(), String> {
                 }
                 if let Some(p) = problem {
                     for mode in ["first-seen", "recurring"] {
-                        row(kind, text.len(), want, mode, format!("\"error\":{}", quoted(&p)));
+                        row(
+                            kind,
+                            text.len(),
+                            want,
+                            mode,
+                            format!("\"error\":{}", quoted(&p)),
+                        );
                     }
                     continue;
                 }
@@ -218,7 +233,13 @@ fn run() -> Result<(), String> {
                     }
                     rates.push((text.len() * o.passes) as f64 * 1e3 / ns.max(1) as f64);
                 }
-                row(kind, text.len(), want, "first-seen", format!("\"median_mb_s\":{:.2}", median(rates)));
+                row(
+                    kind,
+                    text.len(),
+                    want,
+                    "first-seen",
+                    format!("\"median_mb_s\":{:.2}", median(rates)),
+                );
                 // Recurring: the same instance, warm.
                 let mut rates = Vec::new();
                 peer.count(text)?;
@@ -235,7 +256,13 @@ fn run() -> Result<(), String> {
                     let ns = start.elapsed().as_nanos().max(1);
                     rates.push((text.len() * n) as f64 * 1e3 / ns as f64);
                 }
-                row(kind, text.len(), want, "recurring", format!("\"median_mb_s\":{:.2}", median(rates)));
+                row(
+                    kind,
+                    text.len(),
+                    want,
+                    "recurring",
+                    format!("\"median_mb_s\":{:.2}", median(rates)),
+                );
             }
         }
     }

@@ -21,11 +21,15 @@ pub const NAMES: [&str; 6] = [
 /// What "first-seen" does to a peer before each timed count.
 pub fn flushed(name: &str) -> &'static str {
     match name {
-        "tokenfuse" => "`Bpe::forget` (its memos of pair merges and of merged pieces emptied, \
-                        kept allocated; the raw counter, so no whole-text count cache)",
+        "tokenfuse" => {
+            "`Bpe::forget` (its memos of pair merges and of merged pieces emptied, \
+                        kept allocated; the raw counter, so no whole-text count cache)"
+        }
         "tokenfuse, no piece memo" => "`Bpe::forget` (its memo of pair merges emptied)",
-        "tiktoken 4.1" => "a fresh `CoreBpe` (a new owner id: its thread-local piece memo, \
-                           kept allocated, holds nothing of it)",
+        "tiktoken 4.1" => {
+            "a fresh `CoreBpe` (a new owner id: its thread-local piece memo, \
+                           kept allocated, holds nothing of it)"
+        }
         "tokenizers 0.22" => "`BPE::clear_cache` (its word cache)",
         _ => "nothing: it keeps no memo between counts",
     }
@@ -102,10 +106,7 @@ impl Peer {
             Peer::TiktokenRs(t) => t.encode_ordinary(text).len(),
             Peer::BpeOpenai(t) => t.count(text),
             Peer::Kitoken(t) => t.encode(text, false).map_err(|e| e.to_string())?.len(),
-            Peer::Tokenizers(t) => t
-                .encode_fast(text, false)
-                .map_err(|e| e.to_string())?
-                .len(),
+            Peer::Tokenizers(t) => t.encode_fast(text, false).map_err(|e| e.to_string())?.len(),
         })
     }
 }
@@ -194,7 +195,8 @@ impl Vocabulary {
             loop {
                 let mut best: Option<(usize, usize)> = None;
                 for i in 0..parts.len().saturating_sub(1) {
-                    let joined = &token[offset(token, parts[i])..offset(token, parts[i + 1]) + parts[i + 1].len()];
+                    let joined = &token
+                        [offset(token, parts[i])..offset(token, parts[i + 1]) + parts[i + 1].len()];
                     if let Some(&r) = ranks.get(joined) {
                         if r < rank && best.is_none_or(|(b, _)| r < b) {
                             best = Some((r, i));

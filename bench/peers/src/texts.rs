@@ -52,9 +52,7 @@ const VOWELS: [&str; 10] = ["a", "e", "i", "o", "u", "ea", "ou", "ai", "io", "y"
 const CODAS: [&str; 14] = [
     "", "", "", "n", "r", "s", "t", "l", "nd", "st", "ck", "ng", "m", "rt",
 ];
-const SUFFIXES: [&str; 10] = [
-    "", "", "", "", "ing", "ed", "ly", "tion", "ment", "ness",
-];
+const SUFFIXES: [&str; 10] = ["", "", "", "", "ing", "ed", "ly", "tion", "ment", "ness"];
 const FUNCTION_WORDS: [&str; 24] = [
     "the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "with", "was", "on",
     "be", "by", "this", "are", "from", "or", "have", "an", "they", "which",
@@ -154,7 +152,9 @@ fn code(size: usize) -> String {
         let arg = ident(&mut rng);
         let ty = rng.pick(&TYPES);
         out.push_str(&format!("/// Returns the {} of `{arg}`.\n", word(&mut rng)));
-        out.push_str(&format!("pub fn {name}({arg}: {ty}, limit: usize) -> Result<{ty}, Error> {{\n"));
+        out.push_str(&format!(
+            "pub fn {name}({arg}: {ty}, limit: usize) -> Result<{ty}, Error> {{\n"
+        ));
         for _ in 0..2 + rng.below(6) {
             let var = ident(&mut rng);
             let n = rng.below(100_000);
