@@ -69,6 +69,11 @@ RLS_ENGINE_ENV = ROCKSDB_LIB_DIR="$${ROCKSDB_LIB_DIR:-$$(pkg-config --variable=l
 	SNAPPY_LIB_DIR="$${SNAPPY_LIB_DIR:-$$(pkg-config --variable=libdir snappy)}"
 export TOKENFUSE_REDIS_SERVER := $(REDIS_SERVER)
 
+# The tokenizer peer table of `make bench` (bench/peers: tokenfuse's counter against the
+# public Rust tokenizers): a package of its own with its own lock file and target dir, so
+# `make test`, `cargo test` and CI never compile the peers.
+PEERS_CARGO_ARGS := --manifest-path bench/peers/Cargo.toml --target-dir $(CURDIR)/target/peers --locked
+
 # Checks (as root on Debian/Ubuntu: installs) the named tools, all of `make test`'s when
 # none are named; silent when everything is there. See scripts/prerequisites.sh.
 PREREQUISITES = PYTHON='$(PYTHON)' NODE='$(NODE)' PROMTOOL='$(PROMTOOL)' \
@@ -225,6 +230,8 @@ bench:
 	$(CARGO) build --release --features testkit --example worst_shapes && \
 	$(CARGO) build --release --target $(WASM_TARGET) \
 	  --example count_bench --example exchange_bench --example floor_filter --example host_calls && \
+	$(CARGO) build --release $(PEERS_CARGO_ARGS) && \
+	$(CARGO) build --release $(PEERS_CARGO_ARGS) --target $(WASM_TARGET) && \
 	BENCH_STARTED=$$start ENVOY='$(ENVOY)' NODE='$(NODE)' $(PYTHON) bench/run.py $(BENCH_ARGS)
 
 ## wrk: the load generator for `make bench` (Debian package wrk), see prerequisites

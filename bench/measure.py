@@ -36,6 +36,9 @@ FLOOR_WASM = ROOT / "target/wasm32-wasip1/release/examples/floor_filter.wasm"
 HOST_CALLS_WASM = ROOT / "target/wasm32-wasip1/release/examples/host_calls.wasm"
 RENDER_ENVOY = ROOT / "target/release/examples/render_envoy"
 STREAM_BENCH = ROOT / "target/release/examples/stream_bench"
+# The tokenizer peer table (bench/peers: a package of its own, built into target/peers).
+PEERS_NATIVE = ROOT / "target/peers/release/peer_bench"
+PEERS_WASM = ROOT / "target/peers/wasm32-wasip1/release/peer_bench.wasm"
 WASI_RUN = ROOT / "scripts/wasi-run.mjs"
 PATH_CHAT = "/v1/chat/completions"
 # Node runs Wasm as Envoy's V8 does: Envoy's host (proxy-wasm-cpp-host) turns Liftoff, V8's
@@ -506,6 +509,28 @@ def count_bench(files: list[str], rounds: int) -> list[dict]:
         for line in out.stdout.splitlines():
             if line.startswith("{"):
                 rows.append(json.loads(line))
+    return rows
+
+
+def peer_bench(rounds: int, encodings: list[str]) -> list[dict]:
+    """tokenfuse's counter against the public Rust tokenizers (bench/peers/src/main.rs): MB/s
+    per text, first-seen (every memo flushed before each timed count) and recurring (warm),
+    natively and in Node's V8 with `--no-liftoff`; a peer whose count differs from
+    tokenfuse's is reported with the reason, untimed."""
+    rows = []
+    node = os.environ.get("NODE", "node")
+    for label, cmd in (
+        ("native", [str(PEERS_NATIVE)]),
+        # --no-turbo-fast-api-calls: the peers grow the module's memory by hundreds of MB,
+        # which exposes Node 20 to the crash scripts/wasi-run.mjs describes (SIGSEGV here).
+        ("wasm32-wasip1 (V8)", [node, *V8_FLAGS, "--no-turbo-fast-api-calls", str(WASI_RUN), str(PEERS_WASM)]),
+    ):
+        log(f"tokenizer peers: {label}")
+        args = ["--rounds", str(rounds)] + [a for e in encodings for a in ("--encoding", e)]
+        out = subprocess.run(cmd + args, capture_output=True, text=True, cwd=ROOT, timeout=1800)
+        if out.returncode != 0:
+            sys.exit(f"peer_bench ({label}) failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+        rows += [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     return rows
 
 

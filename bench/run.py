@@ -14,6 +14,9 @@ Side by side, on this machine, in one run:
   prompt, "stream": true). Configurations run one at a time, in an order rotated every
   round; figures are medians over the rounds, ratios are per-round ratios to the no-filter
   run of the same round (then the median).
+* The tokenizer against its peers (bench/peers: tiktoken 4.1, tiktoken-rs, bpe-openai, kitoken,
+  Hugging Face tokenizers), on generated English, code, CJK, mixed and Zipf-distributed text,
+  first-seen and recurring, natively and in V8.
 * The filter's own figures (bench/src/count_bench.rs): the throughput of its counter
   (`tokenfuse::tokens`, rank tables compiled in) and of tiktoken-rs (the counter it
   replaced, kept as the reference), natively and compiled to wasm32-wasip1 in V8 (Node), on
@@ -35,7 +38,8 @@ tests.
     python3 bench/run.py [--rounds 3] [--duration 5] [--no-lua] [--quick] [--no-docs]
     python3 bench/run.py --only streams [--stream-points 1000x64,1000x1024,2000x64]
 
-Expects (the Makefile's `bench` target builds them): the filter
+Expects (the Makefile's `bench` target builds them): the peer table's peer_bench (bench/peers,
+native and wasm32-wasip1, in target/peers), the filter
 target/wasm32-wasip1/release/tokenfuse.wasm, the release examples mock_upstream,
 render_envoy, count_bench and exchange_bench (native; worst_shapes with --features
 testkit), count_bench, exchange_bench, floor_filter and host_calls (wasm32-wasip1), Envoy
@@ -58,9 +62,11 @@ from pathlib import Path
 
 from measure import (STREAM_BENCH, STREAM_CONFIGS, STREAM_POINTS, STREAM_TICKS, many_streams,
                      CASES, COUNT_NATIVE, COUNT_WASM, EXCHANGE_NATIVE, EXCHANGE_WASM, FLOOR_WASM,
-                     HOST_CALLS_WASM, MOCK, ONE_CONNECTION, PLUGINS, RENDER_ENVOY, ROOT, WASM,
+                     HOST_CALLS_WASM, MOCK, ONE_CONNECTION, PEERS_NATIVE, PEERS_WASM, PLUGINS,
+                     RENDER_ENVOY, ROOT, WASM,
                      WORST_SHAPES, Envoy, agent_pool, count_bench, envoy_binary, exchange_bench,
                      FLOOD_POINTS, cache_flood, free_port, host_calls, log, machine, memory, mixed_text,
+                     peer_bench,
                      prompt_pool, run_wrk,
                      sanity, start_mock, stop, worst_shapes, wrk_script)
 from report import analyse, report, report_streams, summarise
@@ -110,7 +116,7 @@ def main() -> None:
     make_started = float(os.environ.get("BENCH_STARTED", "0")) or None
     envoy = envoy_binary()
     for need in (WASM, FLOOR_WASM, HOST_CALLS_WASM, MOCK, RENDER_ENVOY, COUNT_NATIVE, COUNT_WASM, EXCHANGE_NATIVE,
-                 EXCHANGE_WASM, WORST_SHAPES, STREAM_BENCH, Path(envoy)):
+                 EXCHANGE_WASM, WORST_SHAPES, STREAM_BENCH, PEERS_NATIVE, PEERS_WASM, Path(envoy)):
         if not need.exists():
             sys.exit(f"missing {need}: run `make bench` (it builds everything first)")
     if not shutil.which("wrk"):
@@ -211,6 +217,7 @@ def main() -> None:
                                                 args.stream_ticks, args.stream_rounds)}
 
     data["tokenizer"] = count_bench([f for f in prompt_files if "1kb" not in f], rounds=3)
+    data["peers"] = peer_bench(rounds=3, encodings=["o200k_base"])
     data["exchange"] = exchange_bench(list(body_files))
     data["worst_shapes"] = worst_shapes(1024 if args.quick else 4096)
     for row in data["exchange"]:

@@ -6,7 +6,13 @@
 //! input (so the committed seeds keep their meaning), counted with `Bpe::count_settled` and
 //! with `StreamedText` (scanning after every chunk, and at its own batched pace).
 //!
-//! Invariants: the token ids are identical, and the count is their number; the pieces
+//! `Bpe::count` goes through the memo of merged pieces, which persists from input to input
+//! (a fuzzing process keeps one `Bpe` per encoding): its pieces are counted first merged,
+//! then remembered (the second count below, and the counts of the streamed checks), after
+//! collisions and evictions by every earlier input's pieces.
+//!
+//! Invariants: the token ids are identical, and the count is their number, with the memo
+//! and without it (`count_unremembered`); the pieces
 //! `count_settled` lets go plus the count of the rest make the whole count, at the cut and
 //! over every chunking.
 
@@ -82,6 +88,8 @@ fuzz_target!(|data: &[u8]| {
         let want = pair.reference.encode_ordinary(&text);
         assert_eq!(pair.ours.encode(&text), want, "{text:?}");
         assert_eq!(pair.ours.count(&text), want.len(), "{text:?}");
+        assert_eq!(pair.ours.count(&text), want.len(), "{text:?} remembered");
+        assert_eq!(pair.ours.count_unremembered(&text), want.len(), "{text:?}");
     }
     if text.is_empty() {
         return;

@@ -32,6 +32,13 @@ impl Joins {
         }
     }
 
+    /// Forget every answer (the slots stay allocated).
+    pub(super) fn clear(&self) {
+        for slot in self.slots.iter() {
+            slot.store(0, Relaxed);
+        }
+    }
+
     /// The remembered answer for (`left`, `right`), or `compute`'s, remembered.
     #[inline(always)]
     pub(super) fn get_or(

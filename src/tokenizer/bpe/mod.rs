@@ -29,30 +29,41 @@
 //! that characters of a vocabulary-derived table start whole where a proof (in
 //! `merge.rs`) shows the result cannot differ: a CJK piece then costs about one step per
 //! character instead of three. Pair merges already answered are remembered per VM
-//! (`joins.rs`); nothing about earlier texts is. The tables are ~3.6 MB (`o200k_base`) and
-//! ~1.7 MB (`cl100k_base`) of static data, read in place; a VM builds nothing but the
-//! memo and counts without allocating unless a piece is longer than 64 bytes.
+//! (`joins.rs`), and so are the counts of pieces merged before, up to 62 bytes long, in a
+//! bounded direct-mapped memo that compares a piece's bytes before it answers
+//! (`pieces.rs`; counts only). The tables are ~3.6 MB (`o200k_base`) and ~1.7 MB
+//! (`cl100k_base`) of static data, read in place; a VM builds nothing but the memos and
+//! counts without allocating unless a piece is longer than 64 bytes.
 
 mod classes;
 mod hash;
 mod joins;
 mod merge;
+mod pieces;
 mod split;
 mod table;
 
 #[cfg(test)]
 mod tests;
 
+use std::sync::Mutex;
+
 use joins::Joins;
 use merge::Scratch;
+use pieces::Pieces;
 use table::Vocab;
 
 /// A byte-pair encoder for one encoding. Cheap to create: the vocabulary is static data;
-/// the only allocation is the 128 KiB memo of pair merges ([`Joins`]).
+/// the only allocations are the 128 KiB memo of pair merges ([`Joins`]) and, at the first
+/// piece a count merges, the 512 KiB memo of merged pieces ([`Pieces`]).
 pub struct Bpe {
     vocab: &'static Vocab,
     split: Split,
     joins: Joins,
+    /// Taken once per counted text: a VM is one thread, so it is always free there; where
+    /// threads share a `Bpe` (tests, native tools), a text counted while another holds it
+    /// is counted without the memo.
+    pieces: Mutex<Pieces>,
 }
 
 /// Which pre-tokenizer (a `match` rather than a function pointer, so each is inlined into
@@ -78,6 +89,7 @@ impl Bpe {
             vocab: &table::O200K_BASE,
             split: Split::O200k,
             joins: Joins::new(),
+            pieces: Mutex::new(Pieces::new()),
         }
     }
 
@@ -87,6 +99,7 @@ impl Bpe {
             vocab: &table::CL100K_BASE,
             split: Split::Cl100k,
             joins: Joins::new(),
+            pieces: Mutex::new(Pieces::new()),
         }
     }
 
@@ -100,9 +113,32 @@ impl Bpe {
         self.vocab.tokens
     }
 
-    /// How many tokens `text` encodes to.
+    /// How many tokens `text` encodes to. Pieces merged before are counted from the memo
+    /// of merged pieces ([`Pieces`]).
     pub fn count(&self, text: &str) -> usize {
-        self.walk(text, &mut |_| {})
+        let mut memo = self.pieces.try_lock().ok();
+        self.walk(text, memo.as_deref_mut(), &mut |_| {})
+    }
+
+    /// [`Bpe::count`] without the memo of merged pieces (every piece that is not a token is
+    /// merged): what the memo's tests and benchmarks compare against.
+    pub fn count_unremembered(&self, text: &str) -> usize {
+        self.walk(text, None, &mut |_| {})
+    }
+
+    /// Forget every remembered pair merge and piece; the memos stay allocated. The next
+    /// count costs what a VM's first count of text it has never seen costs (benchmarks of
+    /// first-seen text use it; counts are the same either way).
+    pub fn forget(&self) {
+        self.joins.clear();
+        if let Ok(mut memo) = self.pieces.lock() {
+            memo.clear();
+        }
+    }
+
+    /// Bytes the memo of merged pieces holds (0 until a count has merged a piece).
+    pub fn memo_bytes(&self) -> usize {
+        self.pieces.try_lock().map_or(0, |m| m.heap_bytes())
     }
 
     /// The tokens of every piece of `text` except the last two, and where the last two
@@ -111,25 +147,30 @@ impl Bpe {
     /// rest)` is the returned count plus `count(&text[tail..] + rest)` (the proof is in
     /// `split.rs`, "Which pieces are final"; `streamed.rs` relies on it).
     pub fn count_settled(&self, text: &str) -> (usize, usize) {
+        let mut memo = self.pieces.try_lock().ok();
+        let memo = memo.as_deref_mut();
         match self.split {
-            Split::O200k => settled(self.vocab, &self.joins, text, split::o200k_piece_end),
-            Split::Cl100k => settled(self.vocab, &self.joins, text, split::cl100k_piece_end),
+            Split::O200k => settled(self.vocab, &self.joins, memo, text, split::o200k_piece_end),
+            Split::Cl100k => settled(self.vocab, &self.joins, memo, text, split::cl100k_piece_end),
         }
     }
 
     /// The tokens (ranks) of `text`, as tiktoken's `encode_ordinary` returns them.
     pub fn encode(&self, text: &str) -> Vec<u32> {
         let mut out = Vec::with_capacity(text.len() / 3);
-        self.walk(text, &mut |t| out.push(t));
+        self.walk(text, None, &mut |t| out.push(t));
         out
     }
 
     /// Split `text` into pieces, encode each, hand every token to `emit`; returns the count.
+    /// With a `memo`, a remembered piece is counted and its tokens are not emitted: only for
+    /// callers that want the count alone.
     #[inline]
-    fn walk(&self, text: &str, emit: &mut impl FnMut(u32)) -> usize {
+    fn walk(&self, text: &str, memo: Option<&mut Pieces>, emit: &mut impl FnMut(u32)) -> usize {
+        let (vocab, joins) = (self.vocab, &self.joins);
         match self.split {
-            Split::O200k => walk(self.vocab, &self.joins, text, split::o200k_piece_end, emit),
-            Split::Cl100k => walk(self.vocab, &self.joins, text, split::cl100k_piece_end, emit),
+            Split::O200k => walk(vocab, joins, memo, text, split::o200k_piece_end, emit),
+            Split::Cl100k => walk(vocab, joins, memo, text, split::cl100k_piece_end, emit),
         }
     }
 }
@@ -143,6 +184,7 @@ impl Bpe {
 fn walk(
     vocab: &Vocab,
     joins: &Joins,
+    mut memo: Option<&mut Pieces>,
     text: &str,
     piece_end: impl Fn(&[u8], usize) -> usize,
     emit: &mut impl FnMut(u32),
@@ -162,7 +204,12 @@ fn walk(
             emit(info & hash::RANK_MASK);
             count += 1;
         } else if let Some(piece) = b.get(p..end) {
-            count += merge::merge(vocab, joins, piece, merge::Start::Chars, &mut scratch, emit);
+            let mut merged =
+                || merge::merge(vocab, joins, piece, merge::Start::Chars, &mut scratch, emit);
+            count += match memo.as_deref_mut() {
+                Some(memo) => memo.count_or(piece, merged),
+                None => merged(),
+            };
         }
         p = end;
     }
@@ -176,6 +223,7 @@ fn walk(
 fn settled(
     vocab: &Vocab,
     joins: &Joins,
+    mut memo: Option<&mut Pieces>,
     text: &str,
     piece_end: impl Fn(&[u8], usize) -> usize,
 ) -> (usize, usize) {
@@ -197,14 +245,14 @@ fn settled(
             if vocab.info_in(b, older, newer).is_some() {
                 count += 1;
             } else if let Some(piece) = b.get(older..newer) {
-                count += merge::merge(
-                    vocab,
-                    joins,
-                    piece,
-                    merge::Start::Chars,
-                    &mut scratch,
-                    &mut |_| {},
-                );
+                let mut merged = || {
+                    let start = merge::Start::Chars;
+                    merge::merge(vocab, joins, piece, start, &mut scratch, &mut |_| {})
+                };
+                count += match memo.as_deref_mut() {
+                    Some(memo) => memo.count_or(piece, merged),
+                    None => merged(),
+                };
             }
         } else {
             found += 1;

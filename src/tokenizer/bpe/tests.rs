@@ -30,7 +30,7 @@ use std::sync::OnceLock;
 
 use tiktoken_rs::CoreBPE;
 
-use super::{hash, joins, merge, split, table, Bpe};
+use super::{hash, joins, merge, pieces, split, table, Bpe};
 
 // ---------------------------------------------------------------------------------------
 // The reference
@@ -1092,6 +1092,49 @@ fn streamed_text_counts_like_the_whole_text_on_the_corpus() {
                 }
                 batched.cut(counter);
                 assert_eq!(batched.counted(), whole, "{encoding} in chunks: {text:?}");
+            }
+        }
+    }
+}
+
+/// The memo of merged pieces answers exactly: the reduced corpus counted forward and then
+/// backward, with one memo that fills, collides and evicts along the way (far more
+/// distinct pieces than slots), counts as every piece merged afresh does.
+#[test]
+fn remembered_pieces_count_as_merged_ones_on_the_corpus() {
+    let corpus = corpus(1);
+    for pair in pairs() {
+        for text in corpus.iter().chain(corpus.iter().rev()) {
+            assert_eq!(
+                pair.ours.count(text),
+                pair.ours.count_unremembered(text),
+                "{}: {text:?}",
+                pair.name
+            );
+        }
+        assert_eq!(
+            pair.ours.memo_bytes(),
+            pieces::SLOTS * pieces::SLOT_BYTES,
+            "{}: the memo is its fixed size",
+            pair.name
+        );
+    }
+}
+
+/// Pieces at the memo's length limit and just past it (one run of letters: one piece,
+/// merged) count as tiktoken-rs counts them, first merged and then remembered.
+#[test]
+fn pieces_at_the_memo_limit_count_like_tiktoken() {
+    let mut rng = Rng(21);
+    for pair in pairs() {
+        for len in pieces::MAX_PIECE - 2..=pieces::MAX_PIECE + 2 {
+            for _ in 0..20 {
+                let text: String = (0..len)
+                    .map(|_| char::from(b'a' + rng.below(26) as u8))
+                    .collect();
+                let want = pair.reference.encode_ordinary(&text).len();
+                assert_eq!(pair.ours.count(&text), want, "{}: {text}", pair.name);
+                assert_eq!(pair.ours.count(&text), want, "{}: {text} again", pair.name);
             }
         }
     }
