@@ -294,6 +294,38 @@ fn char_entries(
     Ok(out)
 }
 
+/// The vocabulary's filter (`Vocab::may_be_token`): a bitmap with the bit
+/// (`hash::filter_bit`) of every token of `hash::in_filter_domain` set, 16 bits or more per
+/// such token (a key of the domain that is not a token finds its bit set about 4% of the
+/// time), and the shift that picks a bit from a hash. Checked here: every token of the
+/// domain finds its bit set.
+fn key_filter(tokens: &[Vec<u8>]) -> Result<(Vec<u8>, u32)> {
+    let domain: Vec<&Vec<u8>> = tokens
+        .iter()
+        .filter(|t| {
+            t.first()
+                .is_some_and(|&b| hash::in_filter_domain(b, t.len()))
+        })
+        .collect();
+    let bits = (domain.len() * 16).next_power_of_two().max(1 << 10);
+    let shift = 64 - bits.trailing_zeros();
+    let mut filter = vec![0u8; bits / 8];
+    for t in &domain {
+        let bit = hash::filter_bit(hash::load_short(t), t.len(), shift);
+        filter[bit / 8] |= 1 << (bit % 8);
+    }
+    for t in &domain {
+        let bit = hash::filter_bit(hash::load_short(t), t.len(), shift);
+        if filter
+            .get(bit / 8)
+            .is_none_or(|b| b & (1 << (bit % 8)) == 0)
+        {
+            return Err("a token of the filter's domain is not in the filter".into());
+        }
+    }
+    Ok((filter, shift))
+}
+
 fn homes_for(count: usize, (num, den): (usize, usize)) -> usize {
     (count * num / den).max(1)
 }
@@ -409,6 +441,15 @@ fn write_table(
         pairs[bit / 8] |= 1 << (bit % 8);
     }
     std::fs::write(out.join(format!("{name}.pairs")), &pairs)?;
+    let (filter, filter_shift) = key_filter(tokens)?;
+    let filter_tokens = tokens
+        .iter()
+        .filter(|t| {
+            t.first()
+                .is_some_and(|&b| hash::in_filter_domain(b, t.len()))
+        })
+        .count();
+    std::fs::write(out.join(format!("{name}.filter")), &filter)?;
     let mut doc = String::new();
     for (table, t) in [
         ("short", &short),
@@ -432,7 +473,8 @@ fn write_table(
     writeln!(
         rs,
         "/// `{name}`: {} tokens; {} bytes of long-token tails; {char_count} characters a \
-         merge may start from whole.\n{doc}\
+         merge may start from whole; a filter of {} bytes over the {filter_tokens} tokens of \
+         its domain (`hash::in_filter_domain`).\n{doc}\
          pub(super) static {konst}: Vocab = Vocab {{\n    \
          short: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.short\")),\n    \
          short_homes: {},\n    \
@@ -444,9 +486,12 @@ fn write_table(
          chars: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.chars\")),\n    \
          char_homes: {},\n    \
          pairs: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.pairs\")),\n    \
+         filter: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.filter\")),\n    \
+         filter_shift: {filter_shift},\n    \
          tokens: {},\n    bytes: [{}],\n}};",
         tokens.len(),
         tails.len(),
+        filter.len(),
         short.homes,
         medium.homes,
         long.homes,

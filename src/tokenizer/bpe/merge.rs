@@ -14,7 +14,9 @@
 //!
 //! Whether two parts merge is asked of [`pair_info`]: the parts' prefix/suffix bits (part
 //! of every token's info) rule most pairs out without a lookup, a bitmap answers for two
-//! single bytes, and the [`Joins`] memo remembers the rest.
+//! single bytes, a filter rules out most pairs of 3..=8 bytes that start with a non-ASCII
+//! byte (bytes of a CJK character that is not a token, two CJK characters:
+//! `Vocab::may_be_token`), and the [`Joins`] memo remembers the rest.
 //!
 //! # Starting from whole characters
 //!
@@ -142,6 +144,11 @@ fn pair_info(
             Some(info) => info,
             None => NONE,
         };
+    }
+    // Parts of characters of other scripts than Latin, rarely a token together: the filter
+    // answers most of them before the memo or a table is read.
+    if !vocab.may_be_token(text, start, end - start) {
+        return NONE;
     }
     joins
         .get_or(left & RANK_MASK, right & RANK_MASK, || {

@@ -941,6 +941,80 @@ fn merges_from_whole_characters_give_the_tokens_of_merges_from_bytes() {
     }
 }
 
+/// Text like the peer bench's `cjk` (ideographs, kana and Hangul drawn uniformly, with
+/// full-width punctuation and spaces) encodes like tiktoken: almost every pair of
+/// neighbouring characters, and of characters put together from their bytes, is ruled out
+/// by the vocabulary's filter (`Vocab::may_be_token`), and the few that are tokens must
+/// still merge.
+#[test]
+fn uniformly_drawn_cjk_encodes_like_tiktoken() {
+    let mut rng = Rng(0x63_6a_6b); // "cjk"
+    let strings = if cfg!(target_family = "wasm") {
+        200
+    } else {
+        2_000
+    };
+    let corpus: Vec<String> = (0..strings)
+        .map(|_| {
+            let script = rng.below(3);
+            let chars = 2 + rng.below(60);
+            let mut s = String::new();
+            for i in 0..chars {
+                let cp = match script {
+                    0 => 0x4e00 + rng.below(0x1400) as u32,
+                    1 if rng.below(2) == 0 => 0x3041 + rng.below(0x56) as u32,
+                    1 => 0x4e00 + rng.below(0x1400) as u32,
+                    _ => {
+                        if i > 0 && rng.below(4) == 0 {
+                            s.push(' ');
+                        }
+                        0xac00 + rng.below(2000) as u32
+                    }
+                };
+                s.push(cp_char(cp));
+                if rng.below(10) == 0 {
+                    s.push(*rng.pick(&['、', '，', '。', ',']));
+                }
+            }
+            s
+        })
+        .collect();
+    assert_equivalent(&corpus);
+    // The tokens of two characters, the filter's purpose, each on its own and inside runs.
+    for pair in pairs() {
+        let twos: Vec<String> = table_entries_of_two_characters(&pair);
+        assert!(twos.len() > 100, "{}: {}", pair.name, twos.len());
+        let mut runs = Vec::new();
+        for (i, t) in twos.iter().enumerate() {
+            runs.push(t.clone());
+            runs.push(format!("{t}{}", twos[(i * 7 + 3) % twos.len()]));
+            runs.push(format!("中{t}的"));
+        }
+        for text in &runs {
+            if let Some(m) = pair.mismatch(text) {
+                panic!("{m}");
+            }
+        }
+    }
+}
+
+/// The tokens of an encoding that are two characters of 2 to 4 bytes each, 5 to 8 bytes in
+/// all (those `Vocab::may_be_token` filters).
+fn table_entries_of_two_characters(pair: &Pair) -> Vec<String> {
+    let vocab = if pair.name == "o200k_base" {
+        &table::O200K_BASE
+    } else {
+        &table::CL100K_BASE
+    };
+    vocab
+        .entries()
+        .into_iter()
+        .filter(|(b, _)| (5..=8).contains(&b.len()))
+        .filter_map(|(b, _)| String::from_utf8(b).ok())
+        .filter(|s| s.chars().count() == 2 && s.chars().all(|c| c.len_utf8() > 1))
+        .collect()
+}
+
 /// fancy-regex gives up after a million backtracking steps, and tiktoken-rs 0.12.1 unwraps
 /// its error: it panics on a run of 999,999 or more white-space characters without a newline
 /// (`\s*[\r\n]+` backtracks through the whole run; cl100k's `\s++$` takes such a run first
