@@ -28,12 +28,15 @@
 //! at all (`hash.rs`, `table.rs`). Merges start from single bytes as tiktoken's do, except
 //! that characters of a vocabulary-derived table start whole where a proof (in
 //! `merge.rs`) shows the result cannot differ: a CJK piece then costs about one step per
-//! character instead of three. Pair merges already answered are remembered per VM
-//! (`joins.rs`), and so are the counts of pieces merged before, up to 62 bytes long, in a
-//! bounded direct-mapped memo that compares a piece's bytes before it answers
-//! (`pieces.rs`; counts only). The tables are ~3.6 MB (`o200k_base`) and ~1.7 MB
-//! (`cl100k_base`) of static data, read in place; a VM builds nothing but the memos and
-//! counts without allocating unless a piece is longer than 64 bytes.
+//! character instead of three. A filter of the keys of 3 to 8 bytes that start with a
+//! non-ASCII byte (one bit per hash, set for every such token; `table.rs`) rules out most
+//! merges between characters of other scripts than Latin before any table is read. Pair
+//! merges already answered are remembered per VM (`joins.rs`), and so are the counts of
+//! pieces merged before, up to 62 bytes long, in a bounded direct-mapped memo that
+//! compares a piece's bytes before it answers (`pieces.rs`; counts only). The tables are
+//! ~3.7 MB (`o200k_base`, its filter 64 KiB) and ~1.7 MB (`cl100k_base`, 8 KiB) of static
+//! data, read in place; a VM builds nothing but the memos and counts without allocating
+//! unless a piece is longer than 64 bytes.
 
 mod classes;
 mod hash;
