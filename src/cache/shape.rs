@@ -835,16 +835,16 @@ mod tests {
     #[test]
     fn cut_and_unfinished_answers_are_not_kept() {
         let answer = chat_answer();
+        // Every cut of `stream` ending before its last `tail` bytes is refused.
+        let cuts_refused = |kind: ApiKind, stream: &[u8], tail: usize| {
+            for cut in 0..stream.len().saturating_sub(tail) {
+                let got = assemble(kind, stream.get(..cut).unwrap_or(&[]), true);
+                assert!(got.is_err(), "cut at {cut} was kept");
+            }
+        };
         let stream = event_stream(ApiKind::ChatCompletions, &answer, true);
         // Every cut short of the whole stream is refused.
-        for cut in 0..stream.len().saturating_sub(1) {
-            let got = assemble(
-                ApiKind::ChatCompletions,
-                stream.get(..cut).unwrap_or(&[]),
-                true,
-            );
-            assert!(got.is_err(), "cut at {cut} was kept");
-        }
+        cuts_refused(ApiKind::ChatCompletions, &stream, 1);
         let no_finish = json!({"choices": [{"index": 0, "message": {"content": "x"},
                                             "finish_reason": null}]});
         assert_eq!(
@@ -855,14 +855,7 @@ mod tests {
             "content": [{"type": "text", "text": "x"}], "stop_reason": "end_turn",
             "usage": {"input_tokens": 1, "output_tokens": 1}});
         let stream = event_stream(ApiKind::AnthropicMessages, &anthropic, false);
-        for cut in 0..stream.len().saturating_sub(2) {
-            let got = assemble(
-                ApiKind::AnthropicMessages,
-                stream.get(..cut).unwrap_or(&[]),
-                true,
-            );
-            assert!(got.is_err(), "cut at {cut} was kept");
-        }
+        cuts_refused(ApiKind::AnthropicMessages, &stream, 2);
         assert_eq!(
             assemble(ApiKind::ChatCompletions, b"{not json", false),
             Err(Unstorable::Unreadable)

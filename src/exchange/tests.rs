@@ -1575,6 +1575,28 @@ fn cache_request(shared: &Rc<RefCell<crate::host::fake::FakeShared>>, body: &str
     host
 }
 
+/// Exchange `id` sends [`DETERMINISTIC`] and is answered [`CHAT_ANSWER`] from upstream, in
+/// chunks of `chunk` bytes; its host, to read what it recorded.
+fn answered_upstream(
+    f: &Rc<Filter>,
+    shared: &Rc<RefCell<crate::host::fake::FakeShared>>,
+    id: u32,
+    chunk: usize,
+) -> FakeHost {
+    let mut host = cache_request(shared, DETERMINISTIC);
+    let mut ex = Exchange::new(f.clone(), id);
+    send_request(&mut ex, &mut host, 1 << 20);
+    respond(
+        &mut ex,
+        &mut host,
+        "200",
+        "application/json",
+        CHAT_ANSWER.as_bytes(),
+        chunk,
+    );
+    host
+}
+
 fn used(f: &Filter, host: &mut FakeHost) -> u64 {
     let b = f.config.budget_for(0, "acme").unwrap();
     let now = host.now_ms() / 1000;
@@ -1799,17 +1821,7 @@ fn answers_never_cross_tenants_by_default() {
         "budgets":[{"name":"daily","key":"header:x-tenant","window":"day","base":100000}]}"#,
     );
     let shared = Rc::new(RefCell::new(Default::default()));
-    let mut host = cache_request(&shared, DETERMINISTIC);
-    let mut ex = Exchange::new(f.clone(), 1);
-    send_request(&mut ex, &mut host, 1 << 20);
-    respond(
-        &mut ex,
-        &mut host,
-        "200",
-        "application/json",
-        CHAT_ANSWER.as_bytes(),
-        64,
-    );
+    answered_upstream(&f, &shared, 1, 64);
     let mut other = cache_request(&shared, DETERMINISTIC);
     other.request_headers.retain(|(k, _)| k != "x-tenant");
     other
@@ -1860,17 +1872,7 @@ fn with_charge_hits_a_hit_is_charged_what_its_answer_cost() {
         "budgets":[{"name":"daily","key":"header:x-tenant","window":"day","base":100000}]}"#,
     );
     let shared = Rc::new(RefCell::new(Default::default()));
-    let mut host = cache_request(&shared, DETERMINISTIC);
-    let mut ex = Exchange::new(f.clone(), 1);
-    send_request(&mut ex, &mut host, 1 << 20);
-    respond(
-        &mut ex,
-        &mut host,
-        "200",
-        "application/json",
-        CHAT_ANSWER.as_bytes(),
-        64,
-    );
+    let mut host = answered_upstream(&f, &shared, 1, 64);
     let after_miss = used(&f, &mut host);
     assert_eq!(after_miss, 12);
     let mut host = cache_request(&shared, DETERMINISTIC);
@@ -1899,17 +1901,7 @@ fn answers_copied_for_the_cache_are_bounded_per_vm() {
     // Another exchange of this VM holds nearly all of the copy allowance.
     let busy = crate::filter::CAPTURE_LIMIT - 10;
     f.cache_capture.set(busy);
-    let mut host = cache_request(&shared, DETERMINISTIC);
-    let mut ex = Exchange::new(f.clone(), 1);
-    send_request(&mut ex, &mut host, 1 << 20);
-    respond(
-        &mut ex,
-        &mut host,
-        "200",
-        "application/json",
-        CHAT_ANSWER.as_bytes(),
-        8,
-    );
+    let host = answered_upstream(&f, &shared, 1, 8);
     assert_eq!(
         host.counter("tokenfuse_cache_stores.api=.=chat;.;result=.=incomplete;.;"),
         1
@@ -1921,17 +1913,7 @@ fn answers_copied_for_the_cache_are_bounded_per_vm() {
     );
     // With room, the same request's answer is kept, and its copy given back too.
     f.cache_capture.set(0);
-    let mut host = cache_request(&shared, DETERMINISTIC);
-    let mut ex = Exchange::new(f.clone(), 2);
-    send_request(&mut ex, &mut host, 1 << 20);
-    respond(
-        &mut ex,
-        &mut host,
-        "200",
-        "application/json",
-        CHAT_ANSWER.as_bytes(),
-        8,
-    );
+    let host = answered_upstream(&f, &shared, 2, 8);
     assert_eq!(
         host.counter("tokenfuse_cache_stores.api=.=chat;.;result=.=stored;.;"),
         1
